@@ -1,0 +1,14 @@
+"""cnn_numba: a convolutional-network engine whose kernels are Numba-compiled.
+
+    import cnn_numba as cn
+    import cnn_numba.functional as F
+    x = cn.tensor(images, requires_grad=True)          # (N, C, H, W), float32
+    y = F.conv2d(x, w, b, stride=1, padding="same")
+    y.sum().backward()                                  # x.grad, w.grad, b.grad
+"""
+from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
+from . import functional
+from .tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
+
+__version__ = "0.1.0"
+__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "Function", "functional", "__version__"]

@@ -1,0 +1,48 @@
+"""Device dispatch: every op looks its kernels up by (name, device).
+
+Kernel modules register their launchers here (``@register("conv2d_forward", "cpu")``);
+the autograd and the functional layer only ever call ``kernel(name, device)``, so a
+new device is a new set of registrations, not edits across the code base.
+A launcher takes and returns arrays of its device (numpy on "cpu").
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+DEVICES = ("cpu", "cuda")
+_KERNELS: dict[tuple[str, str], Callable] = {}
+
+
+def check_device(device) -> str:
+    device = str(device)
+    base = device.split(":")[0]
+    if base not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if base == "cuda":
+        _load_cuda()
+    return base
+
+
+def register(name: str, device: str = "cpu"):
+    def deco(fn: Callable) -> Callable:
+        _KERNELS[(name, device)] = fn
+        return fn
+    return deco
+
+
+def kernel(name: str, device: str) -> Callable:
+    try:
+        return _KERNELS[(name, device)]
+    except KeyError:
+        raise RuntimeError(f"op {name!r} has no kernel for device {device!r}") from None
+
+
+def _load_cuda() -> None:
+    """Import the CUDA kernels on first use; a clear error when CUDA is unavailable."""
+    try:
+        from numba import cuda
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("device='cuda' needs numba-cuda: pip install 'cnn_numba[cuda]'") from e
+    if not cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but no CUDA GPU or driver is available")
+    raise RuntimeError("device='cuda': the CUDA backend is not part of this release yet (issue 4)")

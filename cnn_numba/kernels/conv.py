@@ -1,0 +1,324 @@
+"""Convolution kernels: conv2d forward, input-gradient, weight-gradient, bias-gradient.
+
+Layouts (PyTorch's):
+    x   (N, C, H, W)             input            gx  same, its gradient
+    w   (CO, CI/G, KH, KW)       weight           gw  same
+    y   (N, CO, OH, OW)          output           gy  same
+Symbols: n batch, c/co input/output channels, g groups, cig = c/g and cog = co/g
+channels per group, kh/kw kernel, sh/sw stride, ph/pw leading (top/left) padding,
+dh/dw dilation, oh/ow output size. Trailing padding never appears: it only sets
+oh/ow, which the caller computes (shapes.py) and passes as the output's shape.
+
+Contract: every kernel *writes* (=) its output array; none accumulates into what
+the caller passed. The caller allocates outputs; kernels never allocate per
+element.
+
+Dualities (SPEC.md section 1): conv_transpose2d's forward is ``backward_input``,
+its input-gradient is ``forward``, its weight-gradient is ``backward_weight`` with
+the roles of x and gy swapped. So this module has no transposed-conv kernels.
+
+Two algorithms, same signatures:
+    direct   loops over output planes and kernel taps; no unfolded copy.
+    im2col   unfolds receptive fields of a chunk of samples into columns
+             cols (cig*kh*kw, nb*oh*ow) and does one BLAS product per group:
+               forward          y_g   = w_g   @ cols
+               backward_input   cols  = w_g^T @ gy_g,   then col2im (a gather)
+               backward_weight  gw_g += gy_g  @ cols^T
+Parallel loops run over outputs only (an output plane, a weight slice, a column
+row): no two iterations write the same element.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..backend import register
+from .index import out_range, tap
+
+# Reassociation lets LLVM vectorise the reductions; no 'nnan'/'ninf', NaN propagates.
+FASTMATH = {"reassoc", "contract"}
+KERNEL = dict(cache=True, fastmath=FASTMATH)
+
+# Columns per im2col chunk: big enough for an efficient GEMM, small enough for cache.
+IM2COL_COLUMNS = 4096
+
+
+# ----------------------------------------------------------------------------- direct
+
+@njit(parallel=True, **KERNEL)
+def conv2d_forward_direct(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
+    """y[n, o] = b[o] + sum_{ci, a, bb} w[o, ci, a, bb] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)]."""
+    n, c, h, wd = x.shape
+    co, cig, kh, kw = w.shape
+    oh, ow = y.shape[2], y.shape[3]
+    cog = co // g
+    for p in prange(n * co):
+        i, o = p // co, p % co
+        c0 = (o // cog) * cig
+        acc = y[i, o]
+        acc[:, :] = b[o]
+        for ci in range(cig):
+            for a in range(kh):
+                r0, r1 = out_range(a, sh, ph, dh, h, oh)
+                for bb in range(kw):
+                    q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
+                    wv = w[o, ci, a, bb]
+                    for r in range(r0, r1):
+                        xrow = x[i, c0 + ci, tap(r, sh, ph, a, dh)]
+                        for q in range(q0, q1):
+                            acc[r, q] += wv * xrow[tap(q, sw, pw, bb, dw)]
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_input_direct(gy, w, gx, sh, sw, ph, pw, dh, dw, g):
+    """gx[n, c] = sum over the outputs that tap (n, c, ih, iw): gy * w. A gather per gx plane."""
+    n, c, h, wd = gx.shape
+    co, cig, kh, kw = w.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog = co // g
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        gi, ci = cc // cig, cc % cig
+        acc = gx[i, cc]
+        acc[:, :] = 0
+        for o in range(gi * cog, (gi + 1) * cog):
+            for a in range(kh):
+                r0, r1 = out_range(a, sh, ph, dh, h, oh)
+                for bb in range(kw):
+                    q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
+                    wv = w[o, ci, a, bb]
+                    for r in range(r0, r1):
+                        arow = acc[tap(r, sh, ph, a, dh)]
+                        grow = gy[i, o, r]
+                        for q in range(q0, q1):
+                            arow[tap(q, sw, pw, bb, dw)] += wv * grow[q]
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_weight_direct(x, gy, gw, sh, sw, ph, pw, dh, dw, g):
+    """gw[o, ci, a, bb] = sum_{n, oh, ow} gy[n, o, oh, ow] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)]."""
+    n, c, h, wd = x.shape
+    co, cig, kh, kw = gw.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog = co // g
+    for p in prange(co * cig):
+        o, ci = p // cig, p % cig
+        cc = (o // cog) * cig + ci
+        for a in range(kh):
+            r0, r1 = out_range(a, sh, ph, dh, h, oh)
+            for bb in range(kw):
+                q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
+                s = gw.dtype.type(0)
+                for i in range(n):
+                    for r in range(r0, r1):
+                        xrow = x[i, cc, tap(r, sh, ph, a, dh)]
+                        grow = gy[i, o, r]
+                        for q in range(q0, q1):
+                            s += grow[q] * xrow[tap(q, sw, pw, bb, dw)]
+                gw[o, ci, a, bb] = s
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_bias(gy, gb):
+    """gb[o] = sum_{n, oh, ow} gy[n, o, oh, ow]."""
+    n, co = gy.shape[0], gy.shape[1]
+    for o in prange(co):
+        s = gb.dtype.type(0)
+        for i in range(n):
+            s += gy[i, o].sum()
+        gb[o] = s
+
+
+# ----------------------------------------------------------------------------- im2col
+
+@njit(parallel=True, **KERNEL)
+def im2col(x, c0, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
+    """cols[(ci*kh + a)*kw + bb, i*oh*ow + r*ow + q] = x[i, c0 + ci, tap(r, a), tap(q, bb)] (0 in padding).
+
+    x (nb, C, H, W); cols (cig*kh*kw, nb*oh*ow).
+    """
+    nb, h, wd = x.shape[0], x.shape[2], x.shape[3]
+    rows = cols.shape[0]
+    for p in prange(rows * nb):
+        row, i = p // nb, p % nb
+        ci, a, bb = row // (kh * kw), (row // kw) % kh, row % kw
+        dst = cols[row, i * oh * ow:(i + 1) * oh * ow]
+        dst[:] = 0
+        r0, r1 = out_range(a, sh, ph, dh, h, oh)
+        q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
+        for r in range(r0, r1):
+            xrow = x[i, c0 + ci, tap(r, sh, ph, a, dh)]
+            for q in range(q0, q1):
+                dst[r * ow + q] = xrow[tap(q, sw, pw, bb, dw)]
+
+
+@njit(parallel=True, **KERNEL)
+def col2im(cols, gx, c0, cig, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
+    """The adjoint of im2col, as a gather: gx[i, c0+ci] = sum of the columns entries that read it."""
+    nb, h, wd = gx.shape[0], gx.shape[2], gx.shape[3]
+    for p in prange(nb * cig):
+        i, ci = p // cig, p % cig
+        acc = gx[i, c0 + ci]
+        acc[:, :] = 0
+        for a in range(kh):
+            r0, r1 = out_range(a, sh, ph, dh, h, oh)
+            for bb in range(kw):
+                q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
+                src = cols[(ci * kh + a) * kw + bb, i * oh * ow:(i + 1) * oh * ow]
+                for r in range(r0, r1):
+                    arow = acc[tap(r, sh, ph, a, dh)]
+                    for q in range(q0, q1):
+                        arow[tap(q, sw, pw, bb, dw)] += src[r * ow + q]
+
+
+@njit(parallel=True, **KERNEL)
+def planes_to_columns(y, c0, out):
+    """out (cg, nb*oh*ow) = y[:, c0:c0+cg] with the batch moved next to the pixels."""
+    nb, m = y.shape[0], y.shape[2] * y.shape[3]
+    cg = out.shape[0]
+    for p in prange(cg * nb):
+        o, i = p // nb, p % nb
+        out[o, i * m:(i + 1) * m] = y[i, c0 + o].reshape(m)
+
+
+@njit(parallel=True, **KERNEL)
+def columns_to_planes(src, b, c0, y):
+    """y[:, c0:c0+cg] = src (cg, nb*oh*ow) + b[c0:c0+cg]: the inverse of planes_to_columns, plus bias."""
+    nb, oh, ow = y.shape[0], y.shape[2], y.shape[3]
+    m = oh * ow
+    cg = src.shape[0]
+    for p in prange(cg * nb):
+        o, i = p // nb, p % nb
+        y[i, c0 + o] = src[o, i * m:(i + 1) * m].reshape(oh, ow) + b[c0 + o]
+
+
+@njit(cache=True)
+def _chunk(n, m):
+    """Samples per im2col chunk for m output pixels per sample."""
+    return max(1, min(n, IM2COL_COLUMNS // max(m, 1)))
+
+
+@njit(**KERNEL)
+def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
+    n = x.shape[0]
+    co, cig, kh, kw = w.shape
+    oh, ow = y.shape[2], y.shape[3]
+    cog, k, m = co // g, cig * kh * kw, oh * ow
+    nb = _chunk(n, m)
+    w2 = w.reshape(co, k)
+    col_buf = np.empty(k * nb * m, x.dtype)
+    out_buf = np.empty(cog * nb * m, x.dtype)
+    for n0 in range(0, n, nb):
+        nc = min(nb, n - n0)
+        cols = col_buf[:k * nc * m].reshape(k, nc * m)
+        out = out_buf[:cog * nc * m].reshape(cog, nc * m)
+        for gi in range(g):
+            im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
+            np.dot(w2[gi * cog:(gi + 1) * cog], cols, out)
+            columns_to_planes(out, b, gi * cog, y[n0:n0 + nc])
+
+
+@njit(**KERNEL)
+def conv2d_backward_input_im2col(gy, w, gx, sh, sw, ph, pw, dh, dw, g):
+    n = gx.shape[0]
+    co, cig, kh, kw = w.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog, k, m = co // g, cig * kh * kw, oh * ow
+    nb = _chunk(n, m)
+    w2 = w.reshape(co, k)
+    col_buf = np.empty(k * nb * m, gy.dtype)
+    gy_buf = np.empty(cog * nb * m, gy.dtype)
+    for n0 in range(0, n, nb):
+        nc = min(nb, n - n0)
+        cols = col_buf[:k * nc * m].reshape(k, nc * m)
+        gyc = gy_buf[:cog * nc * m].reshape(cog, nc * m)
+        for gi in range(g):
+            planes_to_columns(gy[n0:n0 + nc], gi * cog, gyc)
+            np.dot(w2[gi * cog:(gi + 1) * cog].T, gyc, cols)
+            col2im(cols, gx[n0:n0 + nc], gi * cig, cig, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
+
+
+@njit(**KERNEL)
+def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g):
+    n = x.shape[0]
+    co, cig, kh, kw = gw.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog, k, m = co // g, cig * kh * kw, oh * ow
+    nb = _chunk(n, m)
+    gw2 = gw.reshape(co, k)
+    gw2[:, :] = 0
+    col_buf = np.empty(k * nb * m, x.dtype)
+    gy_buf = np.empty(cog * nb * m, x.dtype)
+    part = np.empty((cog, k), x.dtype)
+    for n0 in range(0, n, nb):
+        nc = min(nb, n - n0)
+        cols = col_buf[:k * nc * m].reshape(k, nc * m)
+        gyc = gy_buf[:cog * nc * m].reshape(cog, nc * m)
+        for gi in range(g):
+            im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
+            planes_to_columns(gy[n0:n0 + nc], gi * cog, gyc)
+            np.dot(gyc, cols.T, part)
+            gw2[gi * cog:(gi + 1) * cog] += part
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_ALGOS = {
+    "direct": (conv2d_forward_direct, conv2d_backward_input_direct, conv2d_backward_weight_direct),
+    "im2col": (conv2d_forward_im2col, conv2d_backward_input_im2col, conv2d_backward_weight_im2col),
+}
+
+
+def auto_algo(c, co, g, kh, kw, oh, ow):
+    """'auto': im2col when the per-group GEMM is big enough to pay for unfolding."""
+    return "im2col" if (c // g) * kh * kw >= 16 and co // g >= 8 else "direct"
+
+
+def _algo(algo, w_shape, c, oh, ow, g):
+    return auto_algo(c, w_shape[0], g, w_shape[2], w_shape[3], oh, ow) if algo == "auto" else algo
+
+
+@register("conv2d_forward", "cpu")
+def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
+    """y (N, CO, OH, OW); ``pad`` is the leading (top, left) padding."""
+    n, c = x.shape[:2]
+    y = np.empty((n, w.shape[0]) + tuple(out_hw), x.dtype)
+    if b is None:
+        b = np.zeros(w.shape[0], x.dtype)
+    if n:
+        kern = _ALGOS[_algo(algo, w.shape, c, *out_hw, groups)][0]
+        kern(x, w, b, y, *stride, *pad, *dilation, groups)
+    return y
+
+
+@register("conv2d_backward_input", "cpu")
+def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
+    """gx (N, CI, H, W) from gy (N, CO, OH, OW); also conv_transpose2d's forward."""
+    n = gy.shape[0]
+    gx = np.empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
+    if n:
+        kern = _ALGOS[_algo(algo, w.shape, gx.shape[1], *gy.shape[2:], groups)][1]
+        kern(gy, w, gx, *stride, *pad, *dilation, groups)
+    return gx
+
+
+@register("conv2d_backward_weight", "cpu")
+def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
+    """gw (CO, CI/G, KH, KW); also conv_transpose2d's weight-gradient with x and gy swapped."""
+    co = gy.shape[1]
+    gw = np.zeros((co, x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
+    if x.shape[0]:
+        kern = _ALGOS[_algo(algo, gw.shape, x.shape[1], *gy.shape[2:], groups)][2]
+        kern(x, gy, gw, *stride, *pad, *dilation, groups)
+    return gw
+
+
+@register("conv2d_backward_bias", "cpu")
+def backward_bias(gy):
+    gb = np.empty(gy.shape[1], gy.dtype)
+    conv2d_backward_bias(gy, gb)
+    return gb
+
+
+@register("add_channel_bias", "cpu")
+def add_channel_bias(y, b):
+    y += b.reshape(1, -1, 1, 1)
+    return y

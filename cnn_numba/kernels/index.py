@@ -1,0 +1,59 @@
+"""Scalar index helpers shared by every kernel, CPU (``@njit``) and CUDA (``@cuda.jit``).
+
+A window op maps output position ``o`` and kernel tap ``t`` to the input position
+
+    i = o*s - p + t*d            (s stride, p leading padding, d dilation)
+
+Everything below derives from that one line. Kernels never repeat it: they call
+``tap`` for a single position and ``out_range`` for the run of outputs that read a
+valid (non-padding) input through tap ``t``, which turns the bounds test into loop
+limits. The same functions serve the adjoint direction (an input-gradient gathers
+from the outputs ``o`` whose ``tap`` lands on it), which is why conv2d's
+input-gradient and conv_transpose2d's forward are one kernel.
+
+Plain ``numba.njit`` functions: Numba compiles them for the CPU when an ``@njit``
+kernel calls them and for the GPU when a ``@cuda.jit`` kernel does.
+"""
+from numba import njit
+
+
+@njit(cache=True, inline="always")
+def tap(o, s, p, t, d):
+    """Input coordinate read by output ``o`` through kernel tap ``t``."""
+    return o * s - p + t * d
+
+
+@njit(cache=True, inline="always")
+def out_range(t, s, p, d, size_in, size_out):
+    """Outputs ``[lo, hi)`` whose tap ``t`` reads inside ``[0, size_in)``.
+
+    ``0 <= o*s - p + t*d < size_in``  <=>  ``ceil((p - t*d)/s) <= o <= floor((size_in-1+p-t*d)/s)``.
+    """
+    off = p - t * d
+    lo = -((-off) // s) if off > 0 else 0
+    last = size_in - 1 + off
+    hi = last // s + 1 if last >= 0 else 0
+    if hi > size_out:
+        hi = size_out
+    if hi < lo:
+        hi = lo
+    return lo, hi
+
+
+@njit(cache=True, inline="always")
+def pool_window(o, s, p, k, size_in):
+    """Average-pool window of output ``o``: ``(start, end, size_with_padding)``.
+
+    PyTorch's rule: the window is clipped to the padded input for the
+    ``count_include_pad`` divisor, then to the real input for the sum.
+    """
+    start = o * s - p
+    end = min(start + k, size_in + p)
+    padded = end - start
+    return max(start, 0), min(end, size_in), padded
+
+
+@njit(cache=True, inline="always")
+def adaptive_window(o, size_in, size_out):
+    """Adaptive-pool window ``[floor(o*I/O), ceil((o+1)*I/O))``."""
+    return (o * size_in) // size_out, -((-(o + 1) * size_in) // size_out)

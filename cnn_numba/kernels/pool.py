@@ -1,0 +1,219 @@
+"""Pooling kernels: max pooling with argmax indices, unpooling, average and adaptive average.
+
+Layouts: x/gx (N, C, H, W), y/gy (N, C, OH, OW), idx (N, C, OH, OW) int64 holding
+``h*W + w`` on the unpadded input plane (PyTorch's convention). Symbols as in
+conv.py: kh/kw window, sh/sw stride, ph/pw padding, dh/dw dilation.
+
+Contract: every kernel writes (=) its whole output. Parallel loops run over
+(n, c) planes: an iteration owns its output plane, so the scatter inside a plane
+(max-pool backward, unpooling, average-pool backward) is never a race.
+
+Dualities: max-pool backward is unpooling with accumulation (``scatter_planes``
+with ``accumulate=True``); unpooling's backward is a gather through the same
+indices (``gather_planes``). Max pooling keeps nothing but its indices.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..backend import register
+from .index import adaptive_window, pool_window, tap
+
+KERNEL = dict(cache=True)  # no fastmath here: NaN must propagate through comparisons
+
+
+@njit(parallel=True, **KERNEL)
+def max_pool2d_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
+    """y = window max; idx = its position. First maximum wins a tie; a NaN wins (the last NaN)."""
+    n, c, h, wd = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        plane = x[i, cc]
+        for r in range(oh):
+            for q in range(ow):
+                best = -np.inf
+                arg = -1
+                for a in range(kh):
+                    ih = tap(r, sh, ph, a, dh)
+                    if ih < 0 or ih >= h:
+                        continue
+                    for bb in range(kw):
+                        iw = tap(q, sw, pw, bb, dw)
+                        if iw < 0 or iw >= wd:
+                            continue
+                        v = plane[ih, iw]
+                        if arg < 0 or v > best or np.isnan(v):
+                            best = v
+                            arg = ih * wd + iw
+                y[i, cc, r, q] = best
+                idx[i, cc, r, q] = arg
+
+
+@njit(parallel=True, **KERNEL)
+def scatter_planes(src, idx, dst, accumulate):
+    """dst[n, c].flat[idx[n, c, j]] (+)= src[n, c].flat[j]; the rest of dst is zero."""
+    n, c = src.shape[0], src.shape[1]
+    m = src.shape[2] * src.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        out = dst[i, cc].reshape(dst.shape[2] * dst.shape[3])
+        out[:] = 0
+        s = src[i, cc].reshape(m)
+        k = idx[i, cc].reshape(m)
+        for j in range(m):
+            if k[j] < 0:  # a window with no input pixel in it (possible only with dilation)
+                continue
+            if accumulate:
+                out[k[j]] += s[j]
+            else:
+                out[k[j]] = s[j]
+
+
+@njit(parallel=True, **KERNEL)
+def gather_planes(src, idx, dst):
+    """dst[n, c].flat[j] = src[n, c].flat[idx[n, c, j]]."""
+    n, c = dst.shape[0], dst.shape[1]
+    m = dst.shape[2] * dst.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        s = src[i, cc].reshape(src.shape[2] * src.shape[3])
+        k = idx[i, cc].reshape(m)
+        out = dst[i, cc].reshape(m)
+        for j in range(m):
+            out[j] = s[k[j]]
+
+
+@njit(cache=True, inline="always")
+def _avg_divisor(h0, h1, w0, w1, hp, wp, count_include_pad, divisor_override):
+    if divisor_override > 0:
+        return divisor_override
+    if count_include_pad:
+        return hp * wp
+    return (h1 - h0) * (w1 - w0)
+
+
+@njit(parallel=True, **KERNEL)
+def avg_pool2d_forward(x, y, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override):
+    n, c, h, wd = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        plane = x[i, cc]
+        for r in range(oh):
+            h0, h1, hp = pool_window(r, sh, ph, kh, h)
+            for q in range(ow):
+                w0, w1, wp = pool_window(q, sw, pw, kw, wd)
+                div = _avg_divisor(h0, h1, w0, w1, hp, wp, count_include_pad, divisor_override)
+                y[i, cc, r, q] = plane[h0:h1, w0:w1].sum() / div
+
+
+@njit(parallel=True, **KERNEL)
+def avg_pool2d_backward(gy, gx, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override):
+    n, c, h, wd = gx.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        out = gx[i, cc]
+        out[:, :] = 0
+        for r in range(oh):
+            h0, h1, hp = pool_window(r, sh, ph, kh, h)
+            for q in range(ow):
+                w0, w1, wp = pool_window(q, sw, pw, kw, wd)
+                div = _avg_divisor(h0, h1, w0, w1, hp, wp, count_include_pad, divisor_override)
+                out[h0:h1, w0:w1] += gy[i, cc, r, q] / div
+
+
+@njit(parallel=True, **KERNEL)
+def adaptive_avg_pool2d_forward(x, y):
+    n, c, h, wd = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        plane = x[i, cc]
+        for r in range(oh):
+            h0, h1 = adaptive_window(r, h, oh)
+            for q in range(ow):
+                w0, w1 = adaptive_window(q, wd, ow)
+                y[i, cc, r, q] = plane[h0:h1, w0:w1].sum() / ((h1 - h0) * (w1 - w0))
+
+
+@njit(parallel=True, **KERNEL)
+def adaptive_avg_pool2d_backward(gy, gx):
+    n, c, h, wd = gx.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        out = gx[i, cc]
+        out[:, :] = 0
+        for r in range(oh):
+            h0, h1 = adaptive_window(r, h, oh)
+            for q in range(ow):
+                w0, w1 = adaptive_window(q, wd, ow)
+                out[h0:h1, w0:w1] += gy[i, cc, r, q] / ((h1 - h0) * (w1 - w0))
+
+
+__all__ = [
+    "max_pool2d_forward", "scatter_planes", "gather_planes", "avg_pool2d_forward",
+    "avg_pool2d_backward", "adaptive_avg_pool2d_forward", "adaptive_avg_pool2d_backward",
+]
+
+
+# ----------------------------------------------------------------------------- launchers
+
+@register("max_pool2d_forward", "cpu")
+def max_pool2d(x, out_hw, kernel, stride, pad, dilation):
+    y = np.empty(x.shape[:2] + tuple(out_hw), x.dtype)
+    idx = np.empty(y.shape, np.int64)
+    if y.size:
+        max_pool2d_forward(x, y, idx, *kernel, *stride, *pad, *dilation)
+    return y, idx
+
+
+@register("scatter_planes", "cpu")
+def scatter(src, idx, out_hw, accumulate):
+    """Max-pool backward (accumulate) and max-unpool forward (assign)."""
+    dst = np.zeros(src.shape[:2] + tuple(out_hw), src.dtype)
+    if src.size:
+        scatter_planes(src, idx, dst, accumulate)
+    return dst
+
+
+@register("gather_planes", "cpu")
+def gather(src, idx):
+    """Max-unpool backward: read each index's gradient back."""
+    dst = np.empty(idx.shape, src.dtype)
+    if dst.size:
+        gather_planes(src, idx, dst)
+    return dst
+
+
+@register("avg_pool2d_forward", "cpu")
+def avg_pool2d(x, out_hw, kernel, stride, pad, count_include_pad, divisor_override):
+    y = np.empty(x.shape[:2] + tuple(out_hw), x.dtype)
+    if y.size:
+        avg_pool2d_forward(x, y, *kernel, *stride, *pad, count_include_pad, divisor_override)
+    return y
+
+
+@register("avg_pool2d_backward", "cpu")
+def avg_pool2d_grad(gy, in_hw, kernel, stride, pad, count_include_pad, divisor_override):
+    gx = np.empty(gy.shape[:2] + tuple(in_hw), gy.dtype)
+    if gx.size:
+        avg_pool2d_backward(gy, gx, *kernel, *stride, *pad, count_include_pad, divisor_override)
+    return gx
+
+
+@register("adaptive_avg_pool2d_forward", "cpu")
+def adaptive_avg_pool2d(x, out_hw):
+    y = np.empty(x.shape[:2] + tuple(out_hw), x.dtype)
+    if y.size:
+        adaptive_avg_pool2d_forward(x, y)
+    return y
+
+
+@register("adaptive_avg_pool2d_backward", "cpu")
+def adaptive_avg_pool2d_grad(gy, in_hw):
+    gx = np.empty(gy.shape[:2] + tuple(in_hw), gy.dtype)
+    if gx.size:
+        adaptive_avg_pool2d_backward(gy, gx)
+    return gx
