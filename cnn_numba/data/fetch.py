@@ -63,7 +63,7 @@ class DownloadError(OSError):
 
 
 def data_root(data_dir=None) -> Path:
-    """The cache folder: ``data_dir`` if given, else ``$CNN_NUMBA_DATA``, else ~/.cache/cnn_numba."""
+    """The cache root: ``data_dir`` if given, else ``$CNN_NUMBA_DATA``, else ~/.cache/cnn_numba."""
     root = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
     return Path(root).expanduser()
 
@@ -83,6 +83,8 @@ def _fetch_url(url: str, dest: Path, sha256: str, timeout: float) -> None:
     try:
         digest, size = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            # Said only once a server answered, so an offline machine falling back stays quiet.
+            print(f"cnn_numba: downloading {url}", file=sys.stderr)
             length = response.headers.get("Content-Length")
             while chunk := response.read(1 << 16):
                 out.write(chunk)
@@ -101,7 +103,7 @@ def _fetch_url(url: str, dest: Path, sha256: str, timeout: float) -> None:
         raise
 
 
-def fetch_file(filename: str, folder, mirrors, sha256: str, timeout: float = 30.0) -> Path:
+def fetch_file(filename: str, folder, mirrors, sha256: str, timeout: float = 10.0) -> Path:
     """``folder/filename``, downloaded from the first of ``mirrors`` (base URLs) that serves it
     with the right SHA-256; a file already there with that SHA-256 is kept without a request.
     Raises ``DownloadError`` listing every URL tried and why it failed."""
@@ -113,7 +115,6 @@ def fetch_file(filename: str, folder, mirrors, sha256: str, timeout: float = 30.
     errors = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + filename
-        print(f"cnn_numba: downloading {url}", file=sys.stderr)
         try:
             _fetch_url(url, dest, sha256, timeout)
             return dest
@@ -123,12 +124,13 @@ def fetch_file(filename: str, folder, mirrors, sha256: str, timeout: float = 30.
 
 
 def download(dataset: str = "mnist", data_dir=None, splits=("train", "test"),
-             mirrors=None, checksums=None, timeout: float = 30.0) -> list[Path]:
+             mirrors=None, checksums=None, timeout: float = 10.0) -> list[Path]:
     """Download the .gz files of ``splits`` of ``dataset`` ("mnist" or "fashion-mnist") into
     ``data_root(data_dir)/dataset``; returns their paths (images, labels per split).
 
     ``mirrors`` (base URLs, tried in order) and ``checksums`` ({file name: SHA-256}) default
-    to ``MIRRORS[dataset]`` and ``SHA256[dataset]``.
+    to ``MIRRORS[dataset]`` and ``SHA256[dataset]``. ``timeout`` bounds each socket operation
+    (connect, each read) in seconds, not the whole file.
     """
     if dataset not in MIRRORS:
         raise ValueError(f"dataset must be one of {sorted(MIRRORS)}, got {dataset!r}")
