@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..backend import register
-from .index import out_range, tap
+from .index import axpy, dot, out_range, tap
 
 # Reassociation lets LLVM vectorise the reductions; no 'nnan'/'ninf', NaN propagates.
 FASTMATH = {"reassoc", "contract"}
@@ -62,9 +62,8 @@ def conv2d_forward_direct(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
                     q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
                     wv = w[o, ci, a, bb]
                     for r in range(r0, r1):
-                        xrow = x[i, c0 + ci, tap(r, sh, ph, a, dh)]
-                        for q in range(q0, q1):
-                            acc[r, q] += wv * xrow[tap(q, sw, pw, bb, dw)]
+                        axpy(wv, x[i, c0 + ci, tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw), sw,
+                             acc[r], q0, 1, q1 - q0)
 
 
 @njit(parallel=True, **KERNEL)
@@ -86,10 +85,8 @@ def conv2d_backward_input_direct(gy, w, gx, sh, sw, ph, pw, dh, dw, g):
                     q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
                     wv = w[o, ci, a, bb]
                     for r in range(r0, r1):
-                        arow = acc[tap(r, sh, ph, a, dh)]
-                        grow = gy[i, o, r]
-                        for q in range(q0, q1):
-                            arow[tap(q, sw, pw, bb, dw)] += wv * grow[q]
+                        axpy(wv, gy[i, o, r], q0, 1, acc[tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw), sw,
+                             q1 - q0)
 
 
 @njit(parallel=True, **KERNEL)
@@ -109,10 +106,8 @@ def conv2d_backward_weight_direct(x, gy, gw, sh, sw, ph, pw, dh, dw, g):
                 s = gw.dtype.type(0)
                 for i in range(n):
                     for r in range(r0, r1):
-                        xrow = x[i, cc, tap(r, sh, ph, a, dh)]
-                        grow = gy[i, o, r]
-                        for q in range(q0, q1):
-                            s += grow[q] * xrow[tap(q, sw, pw, bb, dw)]
+                        s = dot(gy[i, o, r], q0, 1, x[i, cc, tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw), sw,
+                                q1 - q0, s)
                 gw[o, ci, a, bb] = s
 
 
@@ -164,9 +159,8 @@ def col2im(cols, gx, c0, cig, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
                 q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
                 src = cols[(ci * kh + a) * kw + bb, i * oh * ow:(i + 1) * oh * ow]
                 for r in range(r0, r1):
-                    arow = acc[tap(r, sh, ph, a, dh)]
-                    for q in range(q0, q1):
-                        arow[tap(q, sw, pw, bb, dw)] += src[r * ow + q]
+                    axpy(src.dtype.type(1), src, r * ow + q0, 1, acc[tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw),
+                         sw, q1 - q0)
 
 
 @njit(parallel=True, **KERNEL)

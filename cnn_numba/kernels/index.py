@@ -57,3 +57,30 @@ def pool_window(o, s, p, k, size_in):
 def adaptive_window(o, size_in, size_out):
     """Adaptive-pool window ``[floor(o*I/O), ceil((o+1)*I/O))``."""
     return (o * size_in) // size_out, -((-(o + 1) * size_in) // size_out)
+
+
+@njit(cache=True, inline="always")
+def axpy(alpha, src, s0, ss, dst, d0, ds, count):
+    """``dst[d0 + j*ds] += alpha * src[s0 + j*ss]`` for ``j < count``.
+
+    The inner loop of every convolution kernel; unit strides get their own loop so
+    LLVM vectorises it.
+    """
+    if ss == 1 and ds == 1:
+        for j in range(count):
+            dst[d0 + j] += alpha * src[s0 + j]
+    else:
+        for j in range(count):
+            dst[d0 + j * ds] += alpha * src[s0 + j * ss]
+
+
+@njit(cache=True, inline="always")
+def dot(a, a0, sa, b, b0, sb, count, acc):
+    """``acc + sum_j a[a0 + j*sa] * b[b0 + j*sb]`` (unit strides vectorised)."""
+    if sa == 1 and sb == 1:
+        for j in range(count):
+            acc += a[a0 + j] * b[b0 + j]
+    else:
+        for j in range(count):
+            acc += a[a0 + j * sa] * b[b0 + j * sb]
+    return acc
