@@ -18,6 +18,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
 from . import functional
 from .tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
+from . import models, nn, optim
+from .random import manual_seed
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "Function", "functional", "__version__"]
+__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "Function", "functional", "nn", "optim", "models",
+           "manual_seed", "__version__"]

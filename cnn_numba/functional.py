@@ -29,7 +29,11 @@ def _tensor(x, name: str, like: Tensor | None = None) -> Tensor:
         return x
     if isinstance(x, (np.ndarray, list, tuple, int, float, np.number)):
         dtype = like.dtype if like is not None and np.ndim(x) == 0 else None
-        return Tensor(_host_array(x, dtype), device=like.device if like is not None else "cpu")
+        try:
+            arr = _host_array(x, dtype)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name} (shape {np.shape(x)}): {e}") from None
+        return Tensor(arr, device=like.device if like is not None else "cpu")
     raise TypeError(f"{name} must be a Tensor or a numpy array, got {type(x).__name__}")
 
 
@@ -141,14 +145,14 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
 
 # ----------------------------------------------------------------------------- pooling
 
-def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what, max_pad):
+def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
     """Resolve a pooling op's hyper-parameters and its output size."""
     k = shapes.positive_pair(kernel_size, "kernel_size")
     s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else shapes.positive_pair(stride, "stride")
     p = shapes.nonnegative_pair(padding, "padding")
     d = shapes.positive_pair(dilation, "dilation")
-    for pi, ki, di in zip(p, k, d):
-        if pi > max_pad(ki, di):
+    for pi, ki in zip(p, k):
+        if pi > ki // 2:  # PyTorch's limit; a larger pad makes windows of padding only
             raise ValueError(f"{what}: padding={padding} must be at most half of the kernel_size={kernel_size} "
                              f"(dilation={dilation}); input shape {x.shape}")
     out_hw = tuple(shapes.pool_output_size(i, ki, si, pi, di, bool(ceil_mode))
@@ -170,8 +174,7 @@ class MaxPool2d(Function):
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """Max pooling; with ``return_indices`` also the argmax ``h*W + w`` per output (int64)."""
     x = _image(input)
-    k, s, p, d, out_hw = _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d",
-                                    lambda k, d: ((k - 1) * d + 1) // 2)
+    k, s, p, d, out_hw = _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
     y, idx = MaxPool2d.apply(x, out_hw=out_hw, window=k, stride=s, pad=p, dilation=d)
     return (y, idx) if return_indices else y
 
@@ -229,8 +232,7 @@ class AvgPool2d(Function):
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None) -> Tensor:
     x = _image(input)
-    k, s, p, _, out_hw = _pool_args(x, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d",
-                                    lambda k, d: k // 2)
+    k, s, p, _, out_hw = _pool_args(x, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
     if divisor_override is not None and (not isinstance(divisor_override, (int, np.integer)) or divisor_override <= 0):
         raise ValueError(f"divisor_override must be a positive int or None, got {divisor_override!r}")
     return AvgPool2d.apply(x, out_hw=out_hw, window=k, stride=s, pad=p, count_include_pad=bool(count_include_pad),
@@ -350,3 +352,271 @@ def reshape(input, shape) -> Tensor:
     except ValueError:
         raise ValueError(f"cannot reshape tensor of shape {x.shape} into {shape}") from None
     return Reshape.apply(x, shape=shape)
+
+
+# ----------------------------------------------------------------------------- layers: linear, activations, normalisation, losses
+#
+# Primitives with a backward: linear, sigmoid, tanh, batch_norm, cross_entropy (fused
+# log-softmax), cat, permute. Compositions of primitives (no backward of their own):
+# dropout (a product with a constant mask), mse_loss, flatten (reshape),
+# channel_shuffle (reshape, permute, reshape).
+
+from . import random as _random  # noqa: E402  (the generator behind dropout masks)
+
+
+def _float(x, name: str, like: Tensor | None = None) -> Tensor:
+    x = _tensor(x, name, like)
+    shapes.check_float(name, x)
+    return x
+
+
+class Linear(Function):
+    def forward(self, x, w, b=None):
+        self.x, self.w, self.has_bias = x, w, b is not None
+        return kernel("linear_forward", self.device)(x, w, b)
+
+    def backward(self, gy):
+        dev = self.device
+        gx = kernel("linear_backward_input", dev)(gy, self.w) if self.needs_grad[0] else None
+        gw = kernel("linear_backward_weight", dev)(gy, self.x) if self.needs_grad[1] else None
+        gb = kernel("sum_to", dev)(gy, self.w.shape[:1]) if self.has_bias and self.needs_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(input, weight, bias=None) -> Tensor:
+    """y = input @ weight.T + bias. input (*, in_features), weight (out_features, in_features)."""
+    x, w = _float(input, "input"), _float(weight, "weight")
+    b = None if bias is None else _float(bias, "bias")
+    shapes.check_same_dtype(input=x, weight=w, bias=b)
+    shapes.check_ndim("weight", w, 2, "(out_features, in_features)")
+    if x.ndim == 0 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} does not end in in_features={w.shape[1]} (weight {w.shape})")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"bias must have shape ({w.shape[0]},) for weight of shape {w.shape}, got {b.shape}")
+    return Linear.apply(*_inputs(x, w, b))
+
+
+class Sigmoid(Function):
+    def forward(self, x):
+        self.y = kernel("sigmoid_forward", self.device)(x)
+        return self.y
+
+    def backward(self, gy):
+        return (kernel("sigmoid_backward", self.device)(self.y, gy),)  # gy * y * (1 - y)
+
+
+def sigmoid(input) -> Tensor:
+    return Sigmoid.apply(_float(input, "input"))
+
+
+class Tanh(Function):
+    def forward(self, x):
+        self.y = kernel("tanh_forward", self.device)(x)
+        return self.y
+
+    def backward(self, gy):
+        return (kernel("tanh_backward", self.device)(self.y, gy),)  # gy * (1 - y^2)
+
+
+def tanh(input) -> Tensor:
+    return Tanh.apply(_float(input, "input"))
+
+
+def dropout(input, p: float = 0.5, training: bool = True) -> Tensor:
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    The mask comes from cnn_numba's generator (``cnn_numba.manual_seed``)."""
+    x = _float(input, "input")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return x
+    keep = _random.default_generator().random(x.shape) >= p
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p)) if p < 1.0 else np.zeros(x.shape, x.dtype)
+    return mul(x, Tensor(mask, device=x.device))
+
+
+class BatchNorm(Function):
+    def forward(self, x, *wb, has_wb, running, training, momentum, eps):
+        dev, c = self.device, x.shape[1]
+        wb = iter(wb)
+        w = next(wb) if has_wb[0] else kernel("full", dev)((c,), 1.0, x.dtype)
+        b = next(wb) if has_wb[1] else kernel("full", dev)((c,), 0.0, x.dtype)
+        if training:
+            mean, var = kernel("batch_norm_stats", dev)(x)
+            if running[0] is not None:
+                m = x.size // c
+                kernel("batch_norm_update_stats", dev)(running[0], running[1], mean, var, momentum, m)
+        else:
+            mean, var = running
+        y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps)
+        self.x, self.mean, self.invstd, self.w, self.has_wb, self.training = x, mean, invstd, w, has_wb, training
+        return y
+
+    def backward(self, gy):
+        gx, gw, gb = kernel("batch_norm_backward", self.device)(gy, self.x, self.mean, self.invstd, self.w,
+                                                                self.training)
+        return (gx,) + tuple(g for g, has in zip((gw, gb), self.has_wb) if has)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+               eps=1e-5) -> Tensor:
+    """Normalise each channel of input (N, C, *) over (N, *): with the batch's statistics when
+    training (then running_mean/var, if given, are updated in place with ``momentum``, the variance
+    unbiased), with the running statistics otherwise; then scale by weight and shift by bias (C,)."""
+    x = _float(input, "input")
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm: input must be (N, C) or (N, C, ...), got shape {x.shape}")
+    c = x.shape[1]
+    named = dict(running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    for name, t in named.items():
+        if t is not None:
+            named[name] = t = _float(t, name)
+            if t.shape != (c,):
+                raise ValueError(f"batch_norm: {name} must have shape ({c},) for input of shape {x.shape}, got {t.shape}")
+    shapes.check_same_dtype(input=x, **named)
+    rm, rv = named["running_mean"], named["running_var"]
+    if (rm is None) != (rv is None):
+        raise ValueError("batch_norm: give both running_mean and running_var, or neither")
+    if not training and rm is None:
+        raise ValueError("batch_norm: running_mean and running_var are needed when not training")
+    if training and x.size // max(c, 1) <= 1:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
+    w, b = named["weight"], named["bias"]
+    running = (None, None) if rm is None else (rm.data, rv.data)
+    return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
+                           training=bool(training), momentum=float(momentum), eps=float(eps))
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+class CrossEntropy(Function):
+    def forward(self, z, t, *, reduction, label_smoothing):
+        dev, n = self.device, z.shape[0]
+        loss, self.lse = kernel("cross_entropy_forward", dev)(z, t, label_smoothing)
+        self.z, self.t, self.eps, self.reduction = z, t, label_smoothing, reduction
+        if reduction == "none":
+            return loss
+        total = kernel("sum", dev)(loss)
+        return total if reduction == "sum" else kernel("mul", dev)(total, z.dtype.type(1.0 / n if n else np.nan))
+
+    def backward(self, gy):
+        dev, (n, _) = self.device, self.z.shape
+        if self.reduction == "none":
+            gl = gy
+        else:  # every row receives gy (sum) or gy/N (mean)
+            scale = 1.0 if self.reduction == "sum" else 1.0 / max(n, 1)
+            gl = kernel("mul", dev)(kernel("full", dev)((n,), scale, gy.dtype), gy)
+        return kernel("cross_entropy_backward", dev)(self.z, self.t, self.lse, gl, self.eps), None
+
+
+def cross_entropy(input, target, *, reduction: str = "mean", label_smoothing: float = 0.0) -> Tensor:
+    """Softmax cross-entropy of logits input (N, K) against class indices target (N,), fused:
+    the gradient is softmax(input) - q with q = (1 - label_smoothing) onehot(target) +
+    label_smoothing/K, divided by N for the mean."""
+    z = _float(input, "input")
+    t = _tensor(target, "target", like=z)
+    shapes.check_ndim("input", z, 2, "(N, K) logits")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
+    if t.shape != z.shape[:1]:
+        raise ValueError(f"target of shape {t.shape} must be ({z.shape[0]},) for input of shape {z.shape}")
+    _check_reduction(reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    t_host = t.numpy()
+    if t_host.size and (t_host.min() < 0 or t_host.max() >= z.shape[1]):
+        raise ValueError(f"target must lie in [0, {z.shape[1]}) for input of shape {z.shape}, "
+                         f"got range [{t_host.min()}, {t_host.max()}]")
+    if t.dtype != np.int64:
+        t = Tensor(t_host.astype(np.int64), device=z.device)
+    return CrossEntropy.apply(z, t, reduction=reduction, label_smoothing=float(label_smoothing))
+
+
+def mse_loss(input, target, *, reduction: str = "mean") -> Tensor:
+    """Mean (or sum, or elementwise) squared error; shapes must match."""
+    x = _float(input, "input")
+    t = _float(target, "target", like=x)
+    if x.shape != t.shape:
+        raise ValueError(f"mse_loss: input of shape {x.shape} and target of shape {t.shape} differ")
+    shapes.check_same_dtype(input=x, target=t)
+    _check_reduction(reduction)
+    d = sub(x, t)
+    sq = mul(d, d)
+    return sq if reduction == "none" else sum(sq) if reduction == "sum" else mean(sq)
+
+
+def _dim(dim, ndim, name="dim") -> int:
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}={dim} is out of range for a {ndim}-D tensor")
+    return dim % ndim
+
+
+def flatten(input, start_dim: int = 1, end_dim: int = -1) -> Tensor:
+    """Merge dims start_dim..end_dim into one (a reshape)."""
+    x = _tensor(input, "input")
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    s, e = _dim(start_dim, x.ndim, "start_dim"), _dim(end_dim, x.ndim, "end_dim")
+    if s > e:
+        raise ValueError(f"flatten: start_dim={start_dim} comes after end_dim={end_dim} for shape {x.shape}")
+    return reshape(x, x.shape[:s] + (int(np.prod(x.shape[s:e + 1])),) + x.shape[e + 1:])
+
+
+class Cat(Function):
+    def forward(self, *arrays, dim):
+        self.sizes, self.dim = [a.shape[dim] for a in arrays], dim
+        return kernel("cat", self.device)(arrays, dim)
+
+    def backward(self, gy):
+        return tuple(kernel("split", self.device)(gy, self.sizes, self.dim))
+
+
+def cat(tensors, dim: int = 1) -> Tensor:
+    """Concatenate along dim (default 1: channels, as for Inception branches)."""
+    ts = [_tensor(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
+    if not ts:
+        raise ValueError("cat: expected a non-empty sequence of tensors")
+    first = ts[0]
+    d = _dim(dim, max(first.ndim, 1))
+    for i, t in enumerate(ts):
+        if t.ndim != first.ndim or t.shape[:d] + t.shape[d + 1:] != first.shape[:d] + first.shape[d + 1:]:
+            raise ValueError(f"cat along dim {dim}: tensors[{i}] of shape {t.shape} does not match "
+                             f"tensors[0] of shape {first.shape} outside that dim")
+    shapes.check_same_dtype(**{f"tensors[{i}]": t for i, t in enumerate(ts)})
+    return Cat.apply(*ts, dim=d)
+
+
+class Permute(Function):
+    def forward(self, a, *, dims):
+        self.inverse = tuple(np.argsort(dims))
+        return kernel("permute", self.device)(a, dims)
+
+    def backward(self, gy):
+        return (kernel("permute", self.device)(gy, self.inverse),)
+
+
+def permute(input, dims) -> Tensor:
+    x = _tensor(input, "input")
+    dims = tuple(_dim(int(d), x.ndim) for d in dims)
+    if sorted(dims) != list(range(x.ndim)):
+        raise ValueError(f"permute: dims {dims} is not a permutation of the {x.ndim} dims of shape {x.shape}")
+    return Permute.apply(x, dims=dims)
+
+
+def channel_shuffle(input, groups: int) -> Tensor:
+    """ShuffleNet's shuffle of input (N, C, *): view channels as (groups, C/groups), transpose, flatten."""
+    x = _tensor(input, "input")
+    if x.ndim < 3:
+        raise ValueError(f"channel_shuffle: input must be (N, C, *) with at least 3 dims, got shape {x.shape}")
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    if not isinstance(groups, (int, np.integer)) or groups <= 0 or c % groups:
+        raise ValueError(f"channel_shuffle: groups={groups!r} must be a positive int dividing C={c} (input {x.shape})")
+    y = reshape(x, (n, groups, c // groups) + rest)
+    y = permute(y, (0, 2, 1) + tuple(range(3, 3 + len(rest))))
+    return reshape(y, x.shape)

@@ -125,14 +125,14 @@ class Tensor:
             grad = grad.data if isinstance(grad, Tensor) else kernel("from_host", self.device)(np.asarray(grad, self.dtype))
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"backward(): grad of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
-        add = kernel("add", self.device)
+        add, copy = kernel("add", self.device), kernel("copy", self.device)
         grads = {id(self): grad}
         for t in reversed(self._topological_order()):
             g = grads.pop(id(t), None)
             if g is None:
                 continue
             if t._ctx is None:
-                t.grad = Tensor._wrap(g if t.grad is None else add(t.grad.data, g), t.device, False, None)
+                t.grad = Tensor._wrap(copy(g) if t.grad is None else add(t.grad.data, g), t.device, False, None)
                 continue
             for parent, gp, need in zip(t._ctx.parents, t._ctx.backward(g), t._ctx.needs_grad):
                 if need and gp is not None:
@@ -181,7 +181,7 @@ def _host_array(data, dtype=None) -> np.ndarray:
         raise TypeError(f"tensor data must be numeric, got dtype {arr.dtype}")
     if dtype is None and arr.dtype.kind == "f" and (arr.dtype == np.float16 or not isinstance(data, np.ndarray)):
         arr = arr.astype(np.float32)
-    return np.ascontiguousarray(arr)
+    return np.asarray(arr, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
 
 
 def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -> Tensor:

@@ -1,2 +1,2 @@
 """Numba kernels. Importing this package registers the CPU launchers with the backend."""
-from . import conv, elementwise, pool  # noqa: F401
+from . import conv, elementwise, nn, pool  # noqa: F401

@@ -11,8 +11,9 @@ from ..backend import register
 CPU = "cpu"
 
 register("to_host", CPU)(lambda a: a)
-register("from_host", CPU)(np.ascontiguousarray)
+register("from_host", CPU)(lambda a: np.asarray(a, order="C"))
 register("full", CPU)(lambda shape, value, dtype: np.full(shape, value, dtype))
+register("copy", CPU)(np.copy)
 register("add", CPU)(np.add)
 register("mul", CPU)(np.multiply)
 register("reshape", CPU)(lambda a, shape: a.reshape(shape))
@@ -39,5 +40,5 @@ def relu_forward(x):
 
 @register("relu_backward", CPU)
 def relu_backward(y, gy):
-    """gx = gy where y > 0 (the ReLU mask), 0 elsewhere."""
-    return np.where(y > 0, gy, gy.dtype.type(0))
+    """gx = 0 where y = relu(x) <= 0, else gy: PyTorch's mask, which lets a NaN input pass its gradient."""
+    return np.where(y <= 0, gy.dtype.type(0), gy)

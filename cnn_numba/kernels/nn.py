@@ -1,0 +1,294 @@
+"""Layer kernels: linear, sigmoid/tanh, batch normalisation, fused softmax
+cross-entropy, array plumbing for cat/permute, and the optimiser steps.
+
+Layouts and symbols:
+    linear          x (*, IN), w (OUT, IN), b (OUT,), y (*, OUT); the leading dims are
+                    flattened to n rows for the weight-gradient
+    batch_norm      x viewed as (N, C, L) with L = H*W for images and 1 for (N, C);
+                    per-channel statistics over m = N*L values: mean (C,), var (C,) the
+                    biased variance, invstd (C,) = 1/sqrt(var + eps); w/b (C,) gamma/beta;
+                    xhat = (x - mean) * invstd
+    cross_entropy   z (N, K) logits, t (N,) int64 class indices, lse (N,) log-sum-exp of
+                    each row, eps label smoothing: target q = (1 - eps) onehot(t) + eps/K,
+                    loss[i] = sum_k q[i,k] (lse[i] - z[i,k]), gl (N,) per-row upstream gradient
+    optimiser       p, g and state buffers (momentum, exp_avg, ...): one parameter each,
+                    flat views
+
+Contract: every kernel writes (=) fresh outputs that its launcher allocates, except
+the ones whose job is to update state in place: the optimiser steps (p and its
+buffers) and ``batch_norm_update_stats`` (the running statistics). Reductions
+accumulate in float64 whatever the dtype.
+
+Backward formulas (derived once here):
+    batch_norm (training)  gx = w*invstd * (gy - sum(gy)/m - xhat * sum(gy*xhat)/m)
+    batch_norm (eval)      gx = w*invstd * gy          (mean and invstd are constants)
+    both                   gw = sum(gy*xhat),  gb = sum(gy)   (sums over N and L)
+    cross_entropy          gz = gl * (softmax(z) - q),  softmax(z) = exp(z - lse)
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ..backend import register
+
+CPU = "cpu"
+KERNEL = dict(cache=True)  # no fastmath: NaN must propagate, and these are memory-bound
+
+
+# ----------------------------------------------------------------------------- batch normalisation
+
+@njit(parallel=True, **KERNEL)
+def batch_norm_stats(x, mean, var):
+    """mean[c] and biased var[c] over (N, L) of x (N, C, L); two passes for accuracy."""
+    n, c, l = x.shape
+    m = n * l
+    for ch in prange(c):
+        s = 0.0
+        for i in range(n):
+            for j in range(l):
+                s += x[i, ch, j]
+        mu = s / m
+        ss = 0.0
+        for i in range(n):
+            for j in range(l):
+                d = x[i, ch, j] - mu
+                ss += d * d
+        mean[ch] = mu
+        var[ch] = ss / m
+
+
+@njit(parallel=True, **KERNEL)
+def batch_norm_forward(x, mean, invstd, w, b, y):
+    """y = (x - mean) * invstd * w + b, per channel."""
+    n, c, l = x.shape
+    for p in prange(n * c):
+        i, ch = p // c, p % c
+        mu, scale, shift = mean[ch], invstd[ch] * w[ch], b[ch]
+        for j in range(l):
+            y[i, ch, j] = (x[i, ch, j] - mu) * scale + shift
+
+
+@njit(parallel=True, **KERNEL)
+def batch_norm_backward(gy, x, mean, invstd, w, gx, gw, gb, training):
+    """gx, gw, gb of batch_norm_forward (formulas in the module docstring)."""
+    n, c, l = x.shape
+    m = n * l
+    for ch in prange(c):
+        mu, istd = mean[ch], invstd[ch]
+        sg = 0.0
+        sgx = 0.0  # sum(gy * (x - mean)); times invstd it is sum(gy * xhat)
+        for i in range(n):
+            for j in range(l):
+                g = gy[i, ch, j]
+                sg += g
+                sgx += g * (x[i, ch, j] - mu)
+        gw[ch] = sgx * istd
+        gb[ch] = sg
+        k = w[ch] * istd
+        if training:
+            a = sg / m
+            bx = sgx * istd * istd / m  # xhat * sum(gy*xhat)/m = (x - mean) * bx
+            for i in range(n):
+                for j in range(l):
+                    gx[i, ch, j] = k * (gy[i, ch, j] - a - (x[i, ch, j] - mu) * bx)
+        else:
+            for i in range(n):
+                for j in range(l):
+                    gx[i, ch, j] = k * gy[i, ch, j]
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+@njit(**KERNEL)
+def cross_entropy_forward(z, t, eps, loss, lse):
+    """loss[i] = (1-eps) (lse[i] - z[i, t[i]]) + eps (lse[i] - mean_k z[i, k]); lse saved."""
+    n, k = z.shape
+    for i in range(n):
+        mx = -np.inf
+        for j in range(k):
+            mx = max(mx, z[i, j])
+        s = 0.0
+        zs = 0.0
+        for j in range(k):
+            s += math.exp(z[i, j] - mx)
+            zs += z[i, j]
+        l = mx + math.log(s)
+        lse[i] = l
+        loss[i] = (1.0 - eps) * (l - z[i, t[i]]) + eps * (l - zs / k)
+
+
+@njit(**KERNEL)
+def cross_entropy_backward(z, t, lse, gl, eps, gz):
+    """gz[i, k] = gl[i] * (exp(z[i, k] - lse[i]) - q[i, k])."""
+    n, k = z.shape
+    off = eps / k
+    for i in range(n):
+        for j in range(k):
+            gz[i, j] = gl[i] * (math.exp(z[i, j] - lse[i]) - off)
+        gz[i, t[i]] -= gl[i] * (1.0 - eps)
+
+
+# ----------------------------------------------------------------------------- optimiser steps
+
+@njit(**KERNEL)
+def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, maximize):
+    """PyTorch's SGD: d = g + wd*p; buf = d (first step) or momentum*buf + (1-dampening)*d;
+    d = d + momentum*buf (Nesterov) or buf; p -= lr*d. buf is untouched when momentum is 0."""
+    for i in range(p.size):
+        d = -g[i] if maximize else g[i]
+        if weight_decay != 0.0:
+            d += weight_decay * p[i]
+        if momentum != 0.0:
+            bi = d if first else momentum * buf[i] + (1.0 - dampening) * d
+            buf[i] = bi
+            d = d + momentum * bi if nesterov else bi
+        p[i] -= lr * d
+
+
+@njit(**KERNEL)
+def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step):
+    """PyTorch's Adam (L2 weight decay added to g) and AdamW (decoupled: p *= 1 - lr*wd):
+    m, v moving averages of g and g^2; p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps),
+    with v replaced by its running maximum vmax under amsgrad."""
+    step_size = lr / (1.0 - beta1 ** step)
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    for i in range(p.size):
+        gi = -g[i] if maximize else g[i]
+        if weight_decay != 0.0:
+            if decoupled:
+                p[i] *= 1.0 - lr * weight_decay
+            else:
+                gi += weight_decay * p[i]
+        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
+        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        vv = v[i]
+        if amsgrad:
+            vmax[i] = max(vmax[i], vv)
+            vv = vmax[i]
+        p[i] -= step_size * m[i] / (math.sqrt(vv) / bc2_sqrt + eps)
+
+
+__all__ = [
+    "batch_norm_stats", "batch_norm_forward", "batch_norm_backward",
+    "cross_entropy_forward", "cross_entropy_backward", "sgd_step", "adam_step",
+]
+
+
+# ----------------------------------------------------------------------------- launchers
+
+@register("linear_forward", CPU)
+def linear_forward(x, w, b):
+    """y (*, OUT) = x @ w.T + b."""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y
+
+
+@register("linear_backward_input", CPU)
+def linear_backward_input(gy, w):
+    """gx (*, IN) = gy @ w."""
+    return gy @ w
+
+
+@register("linear_backward_weight", CPU)
+def linear_backward_weight(gy, x):
+    """gw (OUT, IN) = sum over rows of gy^T x."""
+    return gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+# sigmoid through tanh: no overflow for large |x|, and numpy keeps the dtype
+register("sigmoid_forward", CPU)(lambda x: 0.5 * (1 + np.tanh(0.5 * x)))
+register("sigmoid_backward", CPU)(lambda y, gy: gy * y * (1 - y))
+register("tanh_forward", CPU)(np.tanh)
+register("tanh_backward", CPU)(lambda y, gy: gy * (1 - y * y))
+
+register("cat", CPU)(lambda arrays, dim: np.concatenate(arrays, axis=dim))
+register("permute", CPU)(lambda a, dims: np.ascontiguousarray(a.transpose(dims)))
+
+
+@register("split", CPU)
+def split(a, sizes, dim):
+    """The pieces of ``a`` along ``dim`` (cat's backward)."""
+    return [np.ascontiguousarray(s) for s in np.split(a, np.cumsum(sizes)[:-1], axis=dim)]
+
+
+def _ncl(a):
+    """(N, C, *) -> (N, C, L), a view of a C-contiguous array."""
+    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+
+
+@register("batch_norm_stats", CPU)
+def batch_norm_stats_cpu(x):
+    """(mean, biased var), each (C,) in x's dtype."""
+    c = x.shape[1]
+    mean, var = np.empty(c, x.dtype), np.empty(c, x.dtype)
+    batch_norm_stats(_ncl(x), mean, var)
+    return mean, var
+
+
+@register("batch_norm_forward", CPU)
+def batch_norm_forward_cpu(x, mean, var, w, b, eps):
+    """(y, invstd); y has x's shape."""
+    invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
+    y = np.empty(x.shape, x.dtype)
+    if x.size:
+        batch_norm_forward(_ncl(x), mean, invstd, w, b, _ncl(y))
+    return y, invstd
+
+
+@register("batch_norm_backward", CPU)
+def batch_norm_backward_cpu(gy, x, mean, invstd, w, training):
+    """(gx, gw, gb)."""
+    gx = np.empty(x.shape, x.dtype)
+    gw, gb = np.empty(x.shape[1], x.dtype), np.empty(x.shape[1], x.dtype)
+    batch_norm_backward(_ncl(gy), _ncl(x), mean, invstd, w, _ncl(gx), gw, gb, bool(training))
+    return gx, gw, gb
+
+
+@register("batch_norm_update_stats", CPU)
+def batch_norm_update_stats(running_mean, running_var, mean, var, momentum, m):
+    """In place: running = (1 - momentum) running + momentum batch, the variance unbiased (m/(m-1))."""
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += (momentum * m / (m - 1)) * var
+
+
+@register("cross_entropy_forward", CPU)
+def cross_entropy_forward_cpu(z, t, eps):
+    """(loss (N,), lse (N,))."""
+    loss, lse = np.empty(z.shape[0], z.dtype), np.empty(z.shape[0], z.dtype)
+    cross_entropy_forward(np.ascontiguousarray(z), t, float(eps), loss, lse)
+    return loss, lse
+
+
+@register("cross_entropy_backward", CPU)
+def cross_entropy_backward_cpu(z, t, lse, gl, eps):
+    gz = np.empty(z.shape, z.dtype)
+    cross_entropy_backward(np.ascontiguousarray(z), t, lse, np.ascontiguousarray(gl), float(eps), gz)
+    return gz
+
+
+def _flat(a):
+    """A flat view (never a copy: the step updates it in place)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("optimiser state must be C-contiguous to be updated in place")
+    return a.reshape(-1)
+
+
+@register("sgd_step", CPU)
+def sgd_step_cpu(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, maximize):
+    """Updates p (and buf, when momentum != 0) in place; buf may be None without momentum."""
+    buf = np.empty(0, p.dtype) if buf is None else _flat(buf)
+    sgd_step(_flat(p), np.ascontiguousarray(g).reshape(-1), buf, float(lr), float(momentum), float(dampening),
+             float(weight_decay), bool(nesterov), bool(first), bool(maximize))
+
+
+@register("adam_step", CPU)
+def adam_step_cpu(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step):
+    """Updates p, m, v (and vmax under amsgrad) in place; vmax may be None otherwise."""
+    vmax = np.empty(0, p.dtype) if vmax is None else _flat(vmax)
+    adam_step(_flat(p), np.ascontiguousarray(g).reshape(-1), _flat(m), _flat(v), vmax, float(lr), float(beta1),
+              float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), float(step))

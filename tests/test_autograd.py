@@ -1,0 +1,236 @@
+"""The Tensor and its autograd: accumulation, no_grad, detach, elementwise ops, a chained graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cnn_numba as cn
+import cnn_numba.functional as F
+import reference as R
+from conftest import DTYPES
+
+
+# ----------------------------------------------------------------------------- cn.tensor
+
+
+def test_tensor_dtypes_and_copies():
+    assert cn.tensor([[1.0, 2.0]]).dtype == np.float32           # Python lists: PyTorch's default
+    for dt in (np.float32, np.float64):
+        a = np.arange(6, dtype=dt).reshape(2, 3)
+        t = cn.tensor(a)
+        assert t.dtype == dt and t.shape == (2, 3) and t.device == "cpu"
+        a[0, 0] = 100.0                                          # a copy: the tensor keeps its value
+        assert t.numpy()[0, 0] == 0.0
+    assert cn.tensor(np.zeros(3), dtype=np.float32).dtype == np.float32
+    t = cn.tensor(np.ones((2, 2)), requires_grad=True)
+    assert t.requires_grad and t.grad is None
+    assert isinstance(cn.Tensor, type) and isinstance(t, cn.Tensor)
+
+
+def test_tensor_from_non_contiguous_read_only_array():
+    a = np.arange(24.0).reshape(2, 3, 4)[:, ::-1, ::2]
+    a.flags.writeable = False
+    t = cn.tensor(a)
+    np.testing.assert_array_equal(t.numpy(), a)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+def test_tensor_used_twice_accumulates(rng):
+    x = rng.standard_normal((1, 2, 5, 5))
+    w1, w2 = rng.standard_normal((3, 2, 3, 3)), rng.standard_normal((3, 2, 3, 3))
+    xt = cn.tensor(x, requires_grad=True)
+    y = F.conv2d(xt, w1, padding=1) + F.conv2d(xt, w2, padding=1)
+    gy = rng.standard_normal(y.shape)
+    y.backward(gy)
+    expected = R.conv2d_grads(x, w1, gy, padding=1)[0] + R.conv2d_grads(x, w2, gy, padding=1)[0]
+    R.assert_close(xt.grad.numpy(), expected)
+    # the same tensor on both sides of one op
+    a = cn.tensor(np.array([1.0, -2.0, 3.0]), requires_grad=True)
+    (a * a).sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), [2.0, -4.0, 6.0])
+
+
+def test_non_leaf_used_twice(rng):
+    """A diamond: a = conv(x, w) feeds relu(a) and a * a."""
+    x, w = rng.standard_normal((1, 1, 4, 4)), rng.standard_normal((2, 1, 2, 2))
+    xt, wt = cn.tensor(x, requires_grad=True), cn.tensor(w, requires_grad=True)
+    a = F.conv2d(xt, wt)
+    (F.relu(a) + a * a).sum().backward()
+    ra = R.conv2d(x, w)
+    ga = (ra > 0) + 2 * ra
+    gx, gw, _ = R.conv2d_grads(x, w, ga)
+    R.assert_close(xt.grad.numpy(), gx)
+    R.assert_close(wt.grad.numpy(), gw)
+
+
+def test_grad_accumulates_across_backward_calls(rng):
+    x, w = rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((2, 2, 3, 3))
+    xt, wt = cn.tensor(x, requires_grad=True), cn.tensor(w, requires_grad=True)
+    F.conv2d(xt, wt).sum().backward()
+    first = wt.grad.numpy().copy()
+    gy = np.ones((2, 2, 2, 2))
+    R.assert_close(first, R.conv2d_grads(x, w, gy)[1])
+    F.conv2d(xt, wt).sum().backward()
+    R.assert_close(wt.grad.numpy(), 2 * first)
+    (xt * 3.0).sum().backward()
+    R.assert_close(xt.grad.numpy(), 2 * R.conv2d_grads(x, w, gy)[0] + 3.0)
+
+
+def test_grads_do_not_alias_the_seed_or_each_other(rng):
+    """PyTorch gives every leaf its own .grad; writing into one must not change another or the seed."""
+    a = cn.tensor(np.zeros((2, 3)), requires_grad=True)
+    b = cn.tensor(np.zeros((2, 3)), requires_grad=True)
+    gy = rng.standard_normal((2, 3))
+    seed = gy.copy()
+    (a + b).backward(gy)
+    gy[...] = 7.0                       # the caller reuses its buffer
+    np.testing.assert_array_equal(a.grad.numpy(), seed)
+    np.testing.assert_array_equal(b.grad.numpy(), seed)
+    ga = a.grad.numpy()
+    if ga.flags.writeable:
+        ga[...] = 0.0                   # an in-place zero_grad on one leaf only
+        np.testing.assert_array_equal(b.grad.numpy(), seed)
+
+
+def test_backward_seed_rules(rng):
+    x = cn.tensor(rng.standard_normal((2, 3)), requires_grad=True)
+    y = x * 2.0
+    with pytest.raises((RuntimeError, ValueError)):
+        y.backward()                     # non-scalar needs an explicit gradient
+    with pytest.raises((RuntimeError, ValueError)):
+        y.backward(np.ones((3, 2)))      # wrong shape
+    y.backward(cn.tensor(np.ones((2, 3))))  # a Tensor seed works
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 2.0))
+    s = y.sum()
+    assert s.shape in ((), (1,))
+    s.backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 4.0))
+
+
+# ----------------------------------------------------------------------------- no_grad, detach
+
+
+def test_no_grad_records_nothing(rng):
+    x = cn.tensor(rng.standard_normal((1, 1, 4, 4)), requires_grad=True)
+    w = cn.tensor(rng.standard_normal((1, 1, 3, 3)), requires_grad=True)
+    with cn.no_grad():
+        y = F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)
+        z = (y * 2.0 + y).sum()
+        assert not y.requires_grad and not z.requires_grad
+    with pytest.raises(RuntimeError):
+        z.backward()
+    assert x.grad is None and w.grad is None
+    assert F.conv2d(x, w).requires_grad            # recording is back on
+    with pytest.raises(KeyError):
+        with cn.no_grad():
+            raise KeyError("inside")
+    assert F.conv2d(x, w).requires_grad            # and restored after an exception
+
+
+def test_detach_stops_the_gradient(rng):
+    x, w = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((1, 2, 3, 3))
+    xt, wt = cn.tensor(x, requires_grad=True), cn.tensor(w, requires_grad=True)
+    d = xt.detach()
+    assert not d.requires_grad
+    np.testing.assert_array_equal(d.numpy(), x)
+    F.conv2d(d, wt).sum().backward()
+    assert xt.grad is None
+    R.assert_close(wt.grad.numpy(), R.conv2d_grads(x, w, np.ones((1, 1, 2, 2)))[1])
+    # detaching a non-leaf cuts the graph there
+    y = F.conv2d(xt, wt)
+    (y.detach() * y).sum().backward()
+    R.assert_close(xt.grad.numpy(), R.conv2d_grads(x, w, R.conv2d(x, w))[0])
+
+
+def test_constants_get_no_grad(rng):
+    x = rng.standard_normal((1, 2, 4, 4))
+    wt = cn.tensor(rng.standard_normal((3, 2, 3, 3)), requires_grad=True)
+    bt = cn.tensor(rng.standard_normal(3), requires_grad=True)
+    y = F.conv2d(x, wt.detach(), bt)                # only the bias requires grad
+    assert y.requires_grad
+    y.sum().backward()
+    np.testing.assert_allclose(bt.grad.numpy(), np.full(3, 4.0))
+    assert wt.grad is None
+    y = F.conv2d(x, wt.detach())
+    assert not y.requires_grad
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+
+def test_broadcasting_elementwise_grads(rng):
+    a, b = rng.standard_normal((2, 3, 1, 4)), rng.standard_normal((3, 5, 1))
+    at, bt = cn.tensor(a, requires_grad=True), cn.tensor(b, requires_grad=True)
+    y = (at + bt) * at - bt
+    assert y.shape == (2, 3, 5, 4)
+    gy = rng.standard_normal(y.shape)
+    y.backward(gy)
+    # y = a^2 + a*b - b
+    ga = (gy * (2 * a + b)).sum(axis=2, keepdims=True)
+    gb = (gy * (a - 1)).sum(axis=0).sum(axis=-1, keepdims=True)
+    R.assert_close(at.grad.numpy(), ga)
+    R.assert_close(bt.grad.numpy(), gb)
+
+
+def test_scalars_arrays_sum_mean_reshape(rng):
+    a = rng.standard_normal((2, 6)).astype(np.float32)
+    t = cn.tensor(a, requires_grad=True)
+    c = rng.standard_normal((3, 4)).astype(np.float32)
+    y = (2.0 - t * 3.0).reshape(3, 4) * c + 1.0
+    assert y.dtype == np.float32 and y.shape == (3, 4)
+    R.assert_close(y.numpy(), (2.0 - a * 3.0).reshape(3, 4) * c + 1.0, np.float32)
+    m = y.mean()
+    R.assert_close(m.numpy().reshape(()), ((2.0 - a * 3.0).reshape(3, 4) * c + 1.0).mean(), np.float32)
+    m.backward()
+    R.assert_close(t.grad.numpy(), (-3.0 * c / 12.0).reshape(2, 6), np.float32)
+    u = cn.tensor(np.ones((2, 2)), requires_grad=True)
+    (np.full((2, 2), 5.0) * u).sum().backward()     # ndarray on the left defers to the Tensor
+    np.testing.assert_array_equal(u.grad.numpy(), np.full((2, 2), 5.0))
+    r = cn.tensor(np.arange(6.0), requires_grad=True)
+    r.reshape((2, 3)).reshape(6).reshape(3, 2).sum().backward()
+    np.testing.assert_array_equal(r.grad.numpy(), np.ones(6))
+
+
+# ----------------------------------------------------------------------------- a small network
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_conv_relu_pool_sum_chain(rng, dtype, algo):
+    x = rng.standard_normal((2, 3, 7, 6)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    w2 = rng.standard_normal((2, 2, 2, 2)).astype(dtype)
+    c = rng.standard_normal((4, 1, 2)).astype(dtype)
+    xt, wt, bt, w2t = (cn.tensor(v, requires_grad=True) for v in (x, w, b, w2))
+    a = F.conv2d(xt, wt, bt, padding=1, algo=algo)                    # (2, 4, 7, 6)
+    r = F.relu(a)
+    p = F.max_pool2d(r, 2, ceil_mode=True)                            # (2, 4, 4, 3)
+    z = F.conv2d(p, w2, None, stride=(1, 2), groups=2, algo=algo)     # (2, 2, 3, 1)
+    q = F.avg_pool2d(F.conv_transpose2d(z, w2t, stride=2, groups=2, algo=algo), 2, stride=1)  # (2,4,6,2) -> (2,4,5,1)
+    loss = (F.adaptive_avg_pool2d(q, 2) * c).mean()                   # c (4, 1, 2) broadcasts
+    loss.backward()
+
+    # the same graph on the reference, backward written out by hand
+    ra = R.conv2d(x, w, b, padding=1)
+    rr = R.relu(ra)
+    rp, ridx = R.max_pool2d(rr, 2, ceil_mode=True)
+    rz = R.conv2d(rp, w2, None, stride=(1, 2), groups=2)
+    rt = R.conv_transpose2d(rz, w2, stride=2, groups=2)
+    rq = R.avg_pool2d(rt, 2, stride=1)
+    ro = R.adaptive_avg_pool2d(rq, 2)
+    R.assert_close(loss.numpy().reshape(()), (ro * c).mean(), dtype, "loss")
+    g_ro = np.broadcast_to(c / ro.size, ro.shape)
+    g_rq = R.adaptive_avg_pool2d_grad(g_ro, rq.shape)
+    g_rt = R.avg_pool2d_grad(g_rq, rt.shape, 2, stride=1)
+    g_rz, g_w2t, _ = R.conv_transpose2d_grads(rz, w2, g_rt, stride=2, groups=2)
+    g_rp, _, _ = R.conv2d_grads(rp, w2, g_rz, stride=(1, 2), groups=2)
+    g_rr = R.max_pool2d_grad(g_rp, ridx, rr.shape)
+    g_ra = R.relu_grad(ra, g_rr)
+    gx, gw, gb = R.conv2d_grads(x, w, g_ra, padding=1)
+    R.assert_close(xt.grad.numpy(), gx, dtype, "gx")
+    R.assert_close(wt.grad.numpy(), gw, dtype, "gw")
+    R.assert_close(bt.grad.numpy(), gb, dtype, "gb")
+    R.assert_close(w2t.grad.numpy(), g_w2t, dtype, "gw2")

@@ -1,0 +1,219 @@
+"""conv2d forward and gradients against the float64 reference, every algorithm and dtype."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import signal
+
+import cnn_numba as cn
+import cnn_numba.functional as F
+import reference as R
+from conftest import ALGOS, DTYPES, forward_backward, random
+
+# (x shape, w shape, bias?, conv2d keyword arguments)
+CASES = [
+    ((1, 1, 1, 1), (1, 1, 1, 1), True, {}),                                   # 1x1 everything
+    ((2, 3, 1, 1), (2, 3, 3, 3), True, dict(padding=1)),                      # 1x1 input, padded
+    ((1, 2, 3, 4), (3, 2, 5, 4), True, dict(padding=(1, 0))),                 # kernel == padded input
+    ((2, 2, 7, 8), (3, 2, 2, 2), False, dict(stride=3)),                      # stride > kernel
+    ((2, 3, 6, 7), (4, 3, 3, 2), True, dict(stride=(2, 1), padding=(1, 2))),  # non-square all over
+    ((1, 2, 5, 6), (3, 2, 3, 3), True, dict(padding="same")),
+    ((2, 2, 5, 4), (2, 2, 4, 2), True, dict(padding="same")),                 # even kernel: extra pad bottom/right
+    ((1, 2, 6, 5), (2, 2, 2, 4), False, dict(padding="same", dilation=(3, 1))),
+    ((1, 1, 4, 5), (1, 1, 2, 3), True, dict(padding="valid")),
+    ((2, 2, 7, 7), (2, 2, 3, 3), True, dict(dilation=2, padding=2)),
+    ((1, 3, 9, 8), (2, 3, 3, 2), True, dict(stride=(2, 3), dilation=(2, 3), padding=(1, 1))),
+    ((2, 4, 5, 5), (6, 2, 3, 3), True, dict(groups=2, padding=1)),
+    ((2, 3, 5, 6), (6, 1, 3, 3), True, dict(groups=3, stride=2)),             # depthwise, multiplier 2
+    ((1, 4, 6, 6), (4, 1, 3, 3), False, dict(groups=4, padding=1)),           # depthwise
+    ((2, 4, 3, 5), (4, 2, 1, 1), False, dict(groups=2)),                      # grouped pointwise
+    ((1, 2, 4, 4), (1, 2, 3, 3), False, dict(stride=2)),
+    ((1, 1, 5, 5), (1, 1, 3, 3), True, dict(stride=4)),                       # a single output
+    ((1, 1, 2, 3), (2, 1, 2, 2), True, dict(padding=3)),                      # padding wider than the kernel
+    ((1, 2, 3, 3), (1, 2, 1, 1), True, dict(stride=5)),                       # stride > input
+    ((2, 2, 5, 5), (8, 2, 3, 3), True, dict(padding=1)),                      # wide enough for 'auto' to pick im2col
+    ((5, 2, 30, 30), (4, 1, 3, 3), True, dict(groups=2, padding=1)),          # several im2col chunks (keep last)
+]
+IDS = [f"case{i}" for i in range(len(CASES))]
+
+
+def _inputs(rng, case, dtype):
+    xs, ws, bias, kw = case
+    b = random(rng, (ws[0],), dtype) if bias else None
+    return random(rng, xs, dtype), random(rng, ws, dtype), b, kw
+
+
+# ----------------------------------------------------------------------------- the reference itself
+
+
+def test_reference_single_channel_matches_scipy(rng):
+    for (h, w, kh, kw, p) in [(5, 7, 3, 2, 0), (4, 4, 4, 4, 1), (6, 3, 1, 3, 2)]:
+        x, k = rng.standard_normal((h, w)), rng.standard_normal((kh, kw))
+        expected = signal.correlate2d(np.pad(x, p), k, mode="valid")
+        R.assert_close(R.conv2d(x[None, None], k[None, None], padding=p)[0, 0], expected)
+    # dilation: correlate with the kernel spread out by zeros
+    x, k = rng.standard_normal((9, 8)), rng.standard_normal((3, 2))
+    spread = np.zeros((5, 4))
+    spread[::2, ::3] = k
+    R.assert_close(R.conv2d(x[None, None], k[None, None], dilation=(2, 3))[0, 0],
+                   signal.correlate2d(x, spread, mode="valid"))
+    # stride: every other output of the stride-1 correlation
+    R.assert_close(R.conv2d(x[None, None], k[None, None], stride=(2, 3))[0, 0],
+                   signal.correlate2d(x, k, mode="valid")[::2, ::3])
+
+
+@pytest.mark.parametrize("case", CASES[:-1], ids=IDS[:-1])
+def test_reference_einsum_matches_loops(rng, case):
+    x, w, b, kw = _inputs(rng, case, np.float64)
+    R.assert_close(R.conv2d(x, w, b, **kw), R.conv2d_loops(x, w, b, **kw))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if np.prod(c[0]) < 200], ids=lambda c: str(c[3]))
+def test_reference_grads_match_finite_differences(rng, case):
+    x, w, b, kw = _inputs(rng, case, np.float64)
+    gy = rng.standard_normal(R.conv2d(x, w, b, **kw).shape)
+    gx, gw, gb = R.conv2d_grads(x, w, gy, **kw)
+    R.assert_close(gx, R.numerical_grad(lambda v: R.conv2d(v, w, b, **kw), x, gy), what="gx", dtype=np.float32)
+    R.assert_close(gw, R.numerical_grad(lambda v: R.conv2d(x, v, b, **kw), w, gy), what="gw", dtype=np.float32)
+    if b is not None:
+        R.assert_close(gb, R.numerical_grad(lambda v: R.conv2d(x, w, v, **kw), b, gy), what="gb", dtype=np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's note on its own padded copy
+@pytest.mark.parametrize("case", CASES[:-1], ids=IDS[:-1])
+def test_reference_matches_torch(rng, case):
+    torch = pytest.importorskip("torch")
+    x, w, b, kw = _inputs(rng, case, np.float64)
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    tb = None if b is None else torch.tensor(b, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, tb, **kw)
+    gy = rng.standard_normal(ty.shape)
+    ty.backward(torch.tensor(gy))
+    R.assert_close(ty.detach().numpy(), R.conv2d(x, w, b, **kw))
+    gx, gw, gb = R.conv2d_grads(x, w, gy, **kw)
+    R.assert_close(tx.grad.numpy(), gx)
+    R.assert_close(tw.grad.numpy(), gw)
+    if b is not None:
+        R.assert_close(tb.grad.numpy(), gb)
+
+
+# ----------------------------------------------------------------------------- the package
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_conv2d_forward_and_grads(rng, case, dtype, algo):
+    x, w, b, kw = _inputs(rng, case, dtype)
+    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo=algo, **kw)
+    assert out.dtype == dtype
+    R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
+    rgx, rgw, rgb = R.conv2d_grads(x, w, gy, **kw)
+    R.assert_close(gx, rgx, dtype, "gx")
+    R.assert_close(gw, rgw, dtype, "gw")
+    assert gx.dtype == dtype and gw.dtype == dtype
+    if b is not None:
+        R.assert_close(gb, rgb, dtype, "gb")
+
+
+@pytest.mark.parametrize("case", [CASES[i] for i in (4, 6, 10, 12, 18)], ids=lambda c: str(c[3]))
+def test_direct_and_im2col_agree(rng, case):
+    x, w, b, kw = _inputs(rng, case, np.float32)
+    res = [forward_backward(F.conv2d, (x, w, b), algo=algo, seed=1, **kw) for algo in ("direct", "im2col")]
+    (o1, g1, _), (o2, g2, _) = res
+    R.assert_close(o1, o2, np.float32, "y")
+    for a, bb in zip(g1, g2):
+        if a is not None:
+            R.assert_close(a, bb, np.float32, "grad")
+
+
+@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 12, 13, 17)], ids=lambda c: str(c[3]))
+def test_conv2d_grads_match_finite_differences(rng, case, algo):
+    """The package's own float64 forward, differentiated numerically."""
+    x, w, b, kw = _inputs(rng, case, np.float64)
+    _, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo=algo, **kw)
+
+    def fwd(xx, ww, bb):
+        with cn.no_grad():
+            return F.conv2d(xx, ww, bb, algo=algo, **kw).numpy()
+
+    tol = np.float32  # finite differences carry ~1e-8 error: use the float32 tolerance
+    R.assert_close(gx, R.numerical_grad(lambda v: fwd(v, w, b), x, gy), tol, "gx")
+    R.assert_close(gw, R.numerical_grad(lambda v: fwd(x, v, b), w, gy), tol, "gw")
+    if b is not None:
+        R.assert_close(gb, R.numerical_grad(lambda v: fwd(x, w, v), b, gy), tol, "gb")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_batch_zero(rng, dtype, algo, bias):
+    x = np.zeros((0, 4, 5, 6), dtype)
+    w = random(rng, (6, 2, 3, 2), dtype)
+    b = random(rng, (6,), dtype) if bias else None
+    out, (gx, gw, gb), _ = forward_backward(F.conv2d, (x, w, b), algo=algo, groups=2, stride=(2, 1), padding=1)
+    assert out.shape == (0, 6, 3, 7) and out.dtype == dtype
+    assert gx.shape == x.shape
+    np.testing.assert_array_equal(gw, np.zeros_like(w))
+    if bias:
+        np.testing.assert_array_equal(gb, np.zeros_like(b))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv2d_accepts_non_contiguous_and_read_only_arrays(rng, algo):
+    x = rng.standard_normal((2, 6, 9, 11))[:, ::2, 1::2, ::-1]          # strided, negative stride
+    x.flags.writeable = False
+    w = np.asfortranarray(rng.standard_normal((4, 3, 3, 2)))
+    wt = rng.standard_normal((4, 2, 3, 3)).transpose(0, 3, 2, 1)        # permuted strides
+    b = rng.standard_normal(8)[::2]
+    b.flags.writeable = False
+    ro = np.ascontiguousarray(x)
+    ro.flags.writeable = False
+    for xx, ww in ((x, w), (ro, wt), (x, wt)):
+        y = F.conv2d(xx, ww, b, padding=1, algo=algo)
+        R.assert_close(y.numpy(), R.conv2d(xx, ww, b, padding=1), np.float64)
+    # the Tensor path, from a read-only, non-contiguous source array
+    xt = cn.tensor(x, requires_grad=True)
+    y = F.conv2d(xt, wt, b, stride=2, algo=algo)
+    gy = rng.standard_normal(y.shape)
+    y.backward(gy)
+    R.assert_close(xt.grad.numpy(), R.conv2d_grads(x, wt, gy, stride=2)[0])
+
+
+def test_conv2d_returns_tensor_from_arrays_and_does_not_touch_inputs(rng):
+    x, w = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((3, 2, 3, 3))
+    x0, w0 = x.copy(), w.copy()
+    y = F.conv2d(x, w)
+    assert isinstance(y, cn.Tensor) and y.shape == (1, 3, 2, 2) and y.dtype == np.float64
+    assert not y.requires_grad
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(w, w0)
+
+
+def test_conv2d_pair_arguments_equal_int_arguments(rng):
+    x, w = rng.standard_normal((1, 2, 6, 6)), rng.standard_normal((3, 2, 3, 3))
+    a = F.conv2d(x, w, stride=2, padding=1, dilation=1).numpy()
+    b = F.conv2d(x, w, stride=(2, 2), padding=(1, 1), dilation=(1, 1)).numpy()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_conv2d_float32_keeps_float32_and_im2col_sums_long_reductions(rng):
+    """A long reduction (C*K*K = 288) in float32 still meets the float32 tolerance."""
+    x = rng.standard_normal((2, 32, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 32, 3, 3)).astype(np.float32)
+    ref = R.conv2d(x, w, padding=1)
+    for algo in ALGOS:
+        y = F.conv2d(x, w, padding=1, algo=algo)
+        assert y.dtype == np.float32
+        R.assert_close(y.numpy(), ref, np.float32, algo)
+
+
+def test_conv2d_propagates_nan_and_inf():
+    x = np.ones((1, 1, 3, 3))
+    x[0, 0, 0, 0] = np.nan
+    x[0, 0, 2, 2] = np.inf
+    w = np.ones((1, 1, 2, 2))
+    for algo in ("direct", "im2col"):
+        y = F.conv2d(x, w, algo=algo).numpy()[0, 0]
+        assert np.isnan(y[0, 0]) and np.isinf(y[1, 1]) and y[0, 1] == 4 and y[1, 0] == 4

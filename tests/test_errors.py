@@ -1,0 +1,256 @@
+"""Bad arguments raise ValueError/TypeError naming the argument (and the shapes), before any kernel runs."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import cnn_numba as cn
+import cnn_numba.functional as F
+
+
+@pytest.fixture(autouse=True)
+def no_compute_kernels(monkeypatch):
+    """Fail if an op reaches a compute kernel: validation must happen first.
+
+    The functional layer finds kernels through ``cnn_numba.functional.kernel``; wrap it so
+    that anything other than host transfers is an error during these tests.
+    """
+    import cnn_numba.functional as fmod
+
+    real = getattr(fmod, "kernel", None)
+    if real is None:  # pragma: no cover - the layout changed; the messages are still checked
+        yield
+        return
+
+    def guarded(name, device):
+        if name in ("from_host", "to_host"):
+            return real(name, device)
+        raise AssertionError(f"kernel {name!r} was looked up before the arguments were rejected")
+
+    monkeypatch.setattr(fmod, "kernel", guarded)
+    yield
+
+
+def x4(*shape, dtype=np.float32):
+    return np.ones(shape, dtype)
+
+
+def raises(exc, name, *shapes):
+    """pytest.raises for ``exc`` whose message names ``name`` and contains every shape in ``shapes``."""
+    class Check:
+        def __enter__(self):
+            self.ctx = pytest.raises(exc, match=name)
+            self.info = self.ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *args):
+            handled = self.ctx.__exit__(*args)  # fails unless ``exc`` matching ``name`` was raised
+            if handled:
+                msg = str(self.info.value)
+                for s in shapes:
+                    assert str(tuple(s)) in msg, f"shape {tuple(s)} not in message: {msg!r}"
+            return handled
+    return Check()
+
+
+# ----------------------------------------------------------------------------- conv2d
+
+
+def test_conv2d_wrong_ndim():
+    with raises(ValueError, "input", (3, 5, 5)):
+        F.conv2d(x4(3, 5, 5), x4(2, 3, 3, 3))
+    with raises(ValueError, "weight", (2, 3, 3)):
+        F.conv2d(x4(1, 3, 5, 5), x4(2, 3, 3))
+
+
+def test_conv2d_channel_mismatch():
+    with raises(ValueError, "weight", (1, 3, 5, 5), (2, 2, 3, 3)):
+        F.conv2d(x4(1, 3, 5, 5), x4(2, 2, 3, 3))
+    with raises(ValueError, "weight", (1, 4, 5, 5), (2, 4, 3, 3)):
+        F.conv2d(x4(1, 4, 5, 5), x4(2, 4, 3, 3), groups=2)   # grouped weight must have C_in/groups
+
+
+def test_conv2d_groups_must_divide_channels():
+    with raises(ValueError, "groups", (1, 4, 5, 5)):
+        F.conv2d(x4(1, 4, 5, 5), x4(3, 1, 3, 3), groups=3)   # 3 does not divide C_in = 4
+    with raises(ValueError, "groups", (3, 2, 3, 3)):
+        F.conv2d(x4(1, 4, 5, 5), x4(3, 2, 3, 3), groups=2)   # 2 does not divide C_out = 3
+    for g in (0, -1):
+        with pytest.raises(ValueError, match="groups"):
+            F.conv2d(x4(1, 4, 5, 5), x4(4, 4, 3, 3), groups=g)
+
+
+def test_conv2d_non_positive_output_size():
+    with raises(ValueError, "output size", (1, 1, 2, 2)):
+        F.conv2d(x4(1, 1, 2, 2), x4(1, 1, 3, 3))
+    with raises(ValueError, "output size", (1, 1, 4, 4)):
+        F.conv2d(x4(1, 1, 4, 4), x4(1, 1, 2, 2), dilation=4)   # effective kernel 5 > 4
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(stride=0), "stride"), (dict(stride=(1, 0)), "stride"), (dict(stride=-1), "stride"),
+    (dict(dilation=0), "dilation"), (dict(dilation=(0, 1)), "dilation"),
+    (dict(padding=-1), "padding"), (dict(padding=(0, -2)), "padding"), (dict(padding="full"), "padding"),
+    (dict(padding="same", stride=2), "stride"), (dict(padding="same", stride=(1, 2)), "stride"),
+    (dict(algo="winograd"), "algo"), (dict(algo=None), "algo"),
+])
+def test_conv2d_bad_hyper_parameters(kw, name):
+    with pytest.raises(ValueError, match=name):
+        F.conv2d(x4(1, 2, 6, 6), x4(2, 2, 3, 3), **kw)
+
+
+def test_conv2d_same_with_stride_names_padding_too():
+    with pytest.raises(ValueError, match="same"):
+        F.conv2d(x4(1, 2, 6, 6), x4(2, 2, 3, 3), padding="same", stride=2)
+
+
+@pytest.mark.parametrize("dt", [np.int32, np.int64, np.uint8, np.bool_, object, np.complex128])
+def test_conv2d_non_float_dtypes(dt):
+    with pytest.raises(TypeError, match="input"):
+        F.conv2d(np.ones((1, 1, 3, 3), dt), x4(1, 1, 2, 2))
+    with pytest.raises(TypeError, match="weight"):
+        F.conv2d(x4(1, 1, 3, 3), np.ones((1, 1, 2, 2), dt))
+    with pytest.raises(TypeError, match="bias"):
+        F.conv2d(x4(1, 1, 3, 3), x4(1, 1, 2, 2), np.ones(1, dt))
+
+
+def test_conv2d_mixed_float_dtypes():
+    with pytest.raises(TypeError, match="weight"):
+        F.conv2d(x4(1, 1, 3, 3), x4(1, 1, 2, 2, dtype=np.float64))
+    with pytest.raises(TypeError, match="bias"):
+        F.conv2d(x4(1, 1, 3, 3), x4(1, 1, 2, 2), np.ones(1, np.float64))
+
+
+def test_conv2d_bias_shape():
+    with raises(ValueError, "bias", (3,)):
+        F.conv2d(x4(1, 2, 4, 4), x4(2, 2, 3, 3), x4(3))
+    with pytest.raises(ValueError, match="bias"):
+        F.conv2d(x4(1, 2, 4, 4), x4(2, 2, 3, 3), x4(1, 2))
+
+
+def test_conv2d_rejects_non_arrays():
+    with pytest.raises(TypeError, match="input"):
+        F.conv2d("not an array", x4(1, 1, 2, 2))
+    with pytest.raises(TypeError, match="weight"):
+        F.conv2d(x4(1, 1, 3, 3), {"w": 1})
+
+
+# ----------------------------------------------------------------------------- conv_transpose2d
+
+
+def test_conv_transpose2d_shape_errors():
+    with raises(ValueError, "input", (2, 3, 3)):
+        F.conv_transpose2d(x4(2, 3, 3), x4(2, 1, 3, 3))
+    with raises(ValueError, "weight", (2, 1, 3)):
+        F.conv_transpose2d(x4(1, 2, 3, 3), x4(2, 1, 3))
+    with raises(ValueError, "weight", (1, 3, 4, 4), (2, 1, 3, 3)):
+        F.conv_transpose2d(x4(1, 3, 4, 4), x4(2, 1, 3, 3))     # weight dim 0 must be C_in
+    with raises(ValueError, "groups", (1, 3, 4, 4)):
+        F.conv_transpose2d(x4(1, 3, 4, 4), x4(3, 1, 3, 3), groups=2)
+    with raises(ValueError, "bias", (5,)):
+        F.conv_transpose2d(x4(1, 4, 4, 4), x4(4, 2, 3, 3), x4(5), groups=2)  # C_out = 2 * 2 = 4
+
+
+def test_conv_transpose2d_non_positive_output_size():
+    with raises(ValueError, "output size", (1, 1, 1, 1)):
+        F.conv_transpose2d(x4(1, 1, 1, 1), x4(1, 1, 1, 1), padding=1)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(stride=0), "stride"), (dict(dilation=(1, 0)), "dilation"),
+    (dict(padding=-1), "padding"), (dict(output_padding=-1), "output_padding"),
+    (dict(stride=2, output_padding=2), "output_padding"),                     # op >= stride and >= dilation
+    (dict(stride=(2, 1), dilation=(1, 2), output_padding=(1, 2)), "output_padding"),
+    (dict(dilation=2, output_padding=2), "output_padding"),
+    (dict(padding="same"), "padding"),
+    (dict(algo="fft"), "algo"),
+])
+def test_conv_transpose2d_bad_hyper_parameters(kw, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        F.conv_transpose2d(x4(1, 2, 4, 4), x4(2, 2, 3, 3), **kw)
+
+
+def test_conv_transpose2d_dtypes():
+    with pytest.raises(TypeError, match="input"):
+        F.conv_transpose2d(np.ones((1, 2, 3, 3), np.int64), x4(2, 1, 2, 2))
+    with pytest.raises(TypeError, match="weight"):
+        F.conv_transpose2d(x4(1, 2, 3, 3), x4(2, 1, 2, 2, dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+@pytest.mark.parametrize("op", ["max", "avg"])
+def test_pool_argument_errors(op):
+    pool = F.max_pool2d if op == "max" else F.avg_pool2d
+    with raises(ValueError, "input", (2, 5, 5)):
+        pool(x4(2, 5, 5), 2)
+    with pytest.raises(TypeError, match="input"):
+        pool(np.ones((1, 1, 4, 4), np.int32), 2)
+    for k in (0, (2, 0), -1):
+        with pytest.raises(ValueError, match="kernel_size"):
+            pool(x4(1, 1, 4, 4), k)
+    with pytest.raises(ValueError, match="stride"):
+        pool(x4(1, 1, 4, 4), 2, stride=0)
+    with pytest.raises(ValueError, match="padding"):
+        pool(x4(1, 1, 4, 4), 2, padding=-1)
+    with pytest.raises(ValueError, match="padding"):
+        pool(x4(1, 1, 6, 6), 3, padding=2)                       # more than half the kernel
+    with pytest.raises(ValueError, match="padding"):
+        pool(x4(1, 1, 6, 6), (3, 2), padding=(1, 2))
+    with raises(ValueError, "output size", (1, 1, 1, 1)):
+        pool(x4(1, 1, 1, 1), 2)
+
+
+def test_max_pool_padding_limit_uses_the_kernel_size_like_pytorch():
+    """PyTorch checks ``padding <= kernel_size // 2`` on the raw kernel, whatever the dilation;
+    a dilated window with more padding than that can fall entirely in the padding."""
+    with pytest.raises(ValueError, match="padding"):
+        F.max_pool2d(x4(1, 1, 2, 2), 2, stride=1, padding=3, dilation=5)
+    with pytest.raises(ValueError, match="padding"):
+        F.max_pool2d(x4(1, 1, 8, 8), 2, padding=2, dilation=3)
+    with pytest.raises(ValueError, match="dilation"):
+        F.max_pool2d(x4(1, 1, 8, 8), 2, dilation=0)
+
+
+def test_adaptive_and_unpool_errors():
+    with pytest.raises(ValueError, match="output_size"):
+        F.adaptive_avg_pool2d(x4(1, 1, 4, 4), 0)
+    with pytest.raises(ValueError, match="output_size"):
+        F.adaptive_avg_pool2d(x4(1, 1, 4, 4), (2, -1))
+    with raises(ValueError, "input", (4, 4)):
+        F.adaptive_avg_pool2d(x4(4, 4), 2)
+    with pytest.raises(TypeError, match="input"):
+        F.adaptive_avg_pool2d(np.ones((1, 1, 4, 4), np.int64), 2)
+    x, idx = x4(1, 1, 2, 2), np.zeros((1, 1, 2, 2), np.int64)
+    with raises(ValueError, "indices", (1, 1, 2, 3)):
+        F.max_unpool2d(x, np.zeros((1, 1, 2, 3), np.int64), 2)
+    with pytest.raises(TypeError, match="indices"):
+        F.max_unpool2d(x, idx.astype(np.float32), 2)
+    with pytest.raises(ValueError, match="output_size"):
+        F.max_unpool2d(x, idx, 2, output_size=(9, 9))            # PyTorch: within (default - stride, default + stride)
+    with pytest.raises(ValueError, match="kernel_size"):
+        F.max_unpool2d(x, idx, 0)
+    with pytest.raises(ValueError, match="stride"):
+        F.max_unpool2d(x, idx, 2, stride=0)
+
+
+def test_relu_rejects_integers():
+    with pytest.raises(TypeError, match="input"):
+        F.relu(np.ones((2, 2), np.int64))
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def test_tensor_errors():
+    with pytest.raises(TypeError):
+        cn.tensor(np.ones(3, np.int64), requires_grad=True)        # only float tensors take gradients
+    with pytest.raises(TypeError):
+        cn.tensor(np.array(["a"]))
+    with pytest.raises(ValueError, match="device"):
+        cn.tensor([1.0], device="tpu")
+    with pytest.raises(ValueError, match=re.escape("(2, 3)")):
+        cn.tensor(np.ones((2, 3))).reshape(4, 2)
