@@ -20,7 +20,8 @@ from . import functional
 from .tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
 from . import models, nn, optim
 from .random import manual_seed
+from .summary import summary
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "Function", "functional", "nn", "optim", "models",
-           "manual_seed", "__version__"]
+           "manual_seed", "summary", "__version__"]

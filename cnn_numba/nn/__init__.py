@@ -23,3 +23,12 @@ __all__ = [
     "BatchNorm2d", "BatchNorm1d", "ReLU", "Sigmoid", "Tanh", "Linear", "Flatten", "Dropout",
     "ChannelShuffle", "CrossEntropyLoss", "MSELoss",
 ]
+from .extra import (  # noqa: E402  (reference-model layers)
+    LENET5_C3_TABLE, BasicBlock, Bottleneck, ConnectionTableConv2d, DepthwiseSeparableConv2d, InceptionBlock,
+    ScaledTanh, SpatiallySeparableConv2d, Subsampling2d,
+)
+
+__all__ += [
+    "Subsampling2d", "ConnectionTableConv2d", "ScaledTanh", "BasicBlock", "Bottleneck", "DepthwiseSeparableConv2d",
+    "SpatiallySeparableConv2d", "InceptionBlock",
+]
