@@ -8,12 +8,28 @@
 """
 import os
 
-# Numba's OpenMP workers spin after each parallel loop by default, and on a small
-# machine that spinning starves the BLAS threads of the im2col products that run
-# between those loops (measured: 10x slower conv on 2 cores). Passive waiting
-# costs nothing measurable. It must be set before the OpenMP runtime starts;
-# setdefault leaves a user's own choice alone.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy  # noqa: F401  (loads numpy's own BLAS first, with the user's thread settings)
+
+
+def _single_threaded_kernel_blas() -> None:
+    """Load SciPy's OpenBLAS, the BLAS that Numba's ``np.dot`` calls, single-threaded.
+
+    The im2col kernels call it from inside Numba's parallel loops, one product per
+    thread; a multi-threaded BLAS there would be a second thread pool fighting Numba's
+    for the same cores. The variable is set only while that library loads, so numpy's
+    BLAS and subprocesses keep the user's settings; a user's OPENBLAS_NUM_THREADS wins.
+    """
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        import scipy.linalg.cython_blas  # noqa: F401
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+
+_single_threaded_kernel_blas()
 
 from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
 from . import functional

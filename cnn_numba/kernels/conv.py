@@ -28,7 +28,7 @@ Parallel loops run over outputs only (an output plane, a weight slice, a column
 row): no two iterations write the same element.
 """
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from ..backend import register
 from .index import axpy, dot, out_range, tap
@@ -123,134 +123,151 @@ def conv2d_backward_bias(gy, gb):
 
 
 # ----------------------------------------------------------------------------- im2col
+#
+# One parallel loop over (chunk of samples, group) tasks; inside a task everything is
+# serial: unfold, one single-threaded BLAS product, fold back. Each thread owns its
+# scratch buffers, so there is one thread pool, Numba's,
+# and no scatter across tasks: forward and input-gradient tasks write disjoint output
+# slices; weight-gradient tasks add into their slot's own partial sum, reduced at
+# the end. Tasks are dealt round-robin to ``slots`` (one per thread, passed in by the
+# launcher; Numba's get_thread_id would make the kernels uncacheable). (Two pools, Numba's OpenMP loops alternating with a multi-threaded BLAS,
+# measured up to 10x slower on 2 cores: each pool's idle workers spin on the cores the
+# other needs.)
 
-@njit(parallel=True, **KERNEL)
+@njit(**KERNEL)
 def im2col(x, c0, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
     """cols[(ci*kh + a)*kw + bb, i*oh*ow + r*ow + q] = x[i, c0 + ci, tap(r, a), tap(q, bb)] (0 in padding).
 
     x (nb, C, H, W); cols (cig*kh*kw, nb*oh*ow).
     """
     nb, h, wd = x.shape[0], x.shape[2], x.shape[3]
-    rows = cols.shape[0]
-    for p in prange(rows * nb):
-        row, i = p // nb, p % nb
+    m = oh * ow
+    for row in range(cols.shape[0]):
         ci, a, bb = row // (kh * kw), (row // kw) % kh, row % kw
-        dst = cols[row, i * oh * ow:(i + 1) * oh * ow]
-        dst[:] = 0
         r0, r1 = out_range(a, sh, ph, dh, h, oh)
         q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
-        for r in range(r0, r1):
-            xrow = x[i, c0 + ci, tap(r, sh, ph, a, dh)]
-            for q in range(q0, q1):
-                dst[r * ow + q] = xrow[tap(q, sw, pw, bb, dw)]
+        for i in range(nb):
+            dst = cols[row, i * m:(i + 1) * m]
+            dst[:] = 0
+            for r in range(r0, r1):
+                xrow = x[i, c0 + ci, tap(r, sh, ph, a, dh)]
+                for q in range(q0, q1):
+                    dst[r * ow + q] = xrow[tap(q, sw, pw, bb, dw)]
 
 
-@njit(parallel=True, **KERNEL)
+@njit(**KERNEL)
 def col2im(cols, gx, c0, cig, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
-    """The adjoint of im2col, as a gather: gx[i, c0+ci] = sum of the columns entries that read it."""
+    """The adjoint of im2col, as a gather: gx[i, c0+ci] = sum of the column entries that read it."""
     nb, h, wd = gx.shape[0], gx.shape[2], gx.shape[3]
-    for p in prange(nb * cig):
-        i, ci = p // cig, p % cig
-        acc = gx[i, c0 + ci]
-        acc[:, :] = 0
-        for a in range(kh):
-            r0, r1 = out_range(a, sh, ph, dh, h, oh)
-            for bb in range(kw):
-                q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
-                src = cols[(ci * kh + a) * kw + bb, i * oh * ow:(i + 1) * oh * ow]
-                for r in range(r0, r1):
-                    axpy(src.dtype.type(1), src, r * ow + q0, 1, acc[tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw),
-                         sw, q1 - q0)
+    m = oh * ow
+    one = cols.dtype.type(1)
+    for i in range(nb):
+        for ci in range(cig):
+            acc = gx[i, c0 + ci]
+            acc[:, :] = 0
+            for a in range(kh):
+                r0, r1 = out_range(a, sh, ph, dh, h, oh)
+                for bb in range(kw):
+                    q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
+                    src = cols[(ci * kh + a) * kw + bb, i * m:(i + 1) * m]
+                    for r in range(r0, r1):
+                        axpy(one, src, r * ow + q0, 1, acc[tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw), sw,
+                             q1 - q0)
 
 
-@njit(parallel=True, **KERNEL)
+@njit(**KERNEL)
 def planes_to_columns(y, c0, out):
     """out (cg, nb*oh*ow) = y[:, c0:c0+cg] with the batch moved next to the pixels."""
     nb, m = y.shape[0], y.shape[2] * y.shape[3]
-    cg = out.shape[0]
-    for p in prange(cg * nb):
-        o, i = p // nb, p % nb
-        out[o, i * m:(i + 1) * m] = y[i, c0 + o].reshape(m)
+    for o in range(out.shape[0]):
+        for i in range(nb):
+            out[o, i * m:(i + 1) * m] = y[i, c0 + o].reshape(m)
 
 
-@njit(parallel=True, **KERNEL)
+@njit(**KERNEL)
 def columns_to_planes(src, b, c0, y):
     """y[:, c0:c0+cg] = src (cg, nb*oh*ow) + b[c0:c0+cg]: the inverse of planes_to_columns, plus bias."""
     nb, oh, ow = y.shape[0], y.shape[2], y.shape[3]
     m = oh * ow
-    cg = src.shape[0]
-    for p in prange(cg * nb):
-        o, i = p // nb, p % nb
-        y[i, c0 + o] = src[o, i * m:(i + 1) * m].reshape(oh, ow) + b[c0 + o]
+    for o in range(src.shape[0]):
+        for i in range(nb):
+            y[i, c0 + o] = src[o, i * m:(i + 1) * m].reshape(oh, ow) + b[c0 + o]
 
 
 @njit(cache=True)
-def _chunk(n, m):
-    """Samples per im2col chunk for m output pixels per sample."""
-    return max(1, min(n, IM2COL_COLUMNS // max(m, 1)))
+def _chunk(n, m, slots):
+    """Samples per task: about IM2COL_COLUMNS columns, and at least two tasks per slot."""
+    nb = max(1, min(n, IM2COL_COLUMNS // max(m, 1)))
+    return max(1, min(nb, -(-n // (2 * slots))))
 
 
-@njit(**KERNEL)
-def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
+@njit(parallel=True, **KERNEL)
+def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
     cog, k, m = co // g, cig * kh * kw, oh * ow
-    nb = _chunk(n, m)
+    nb = _chunk(n, m, slots)
+    tasks = -(-n // nb) * g
     w2 = w.reshape(co, k)
-    col_buf = np.empty(k * nb * m, x.dtype)
-    out_buf = np.empty(cog * nb * m, x.dtype)
-    for n0 in range(0, n, nb):
-        nc = min(nb, n - n0)
-        cols = col_buf[:k * nc * m].reshape(k, nc * m)
-        out = out_buf[:cog * nc * m].reshape(cog, nc * m)
-        for gi in range(g):
+    col_buf = np.empty((slots, k * nb * m), x.dtype)
+    out_buf = np.empty((slots, cog * nb * m), x.dtype)
+    for tid in prange(slots):
+        for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
+            n0, gi = (t // g) * nb, t % g
+            nc = min(nb, n - n0)
+            cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
+            out = out_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
             np.dot(w2[gi * cog:(gi + 1) * cog], cols, out)
             columns_to_planes(out, b, gi * cog, y[n0:n0 + nc])
 
 
-@njit(**KERNEL)
-def conv2d_backward_input_im2col(gy, w, gx, sh, sw, ph, pw, dh, dw, g):
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_input_im2col(gy, w, gx, sh, sw, ph, pw, dh, dw, g, slots):
     n = gx.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog, k, m = co // g, cig * kh * kw, oh * ow
-    nb = _chunk(n, m)
+    nb = _chunk(n, m, slots)
+    tasks = -(-n // nb) * g
     w2 = w.reshape(co, k)
-    col_buf = np.empty(k * nb * m, gy.dtype)
-    gy_buf = np.empty(cog * nb * m, gy.dtype)
-    for n0 in range(0, n, nb):
-        nc = min(nb, n - n0)
-        cols = col_buf[:k * nc * m].reshape(k, nc * m)
-        gyc = gy_buf[:cog * nc * m].reshape(cog, nc * m)
-        for gi in range(g):
+    col_buf = np.empty((slots, k * nb * m), gy.dtype)
+    gy_buf = np.empty((slots, cog * nb * m), gy.dtype)
+    for tid in prange(slots):
+        for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
+            n0, gi = (t // g) * nb, t % g
+            nc = min(nb, n - n0)
+            cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
+            gyc = gy_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             planes_to_columns(gy[n0:n0 + nc], gi * cog, gyc)
             np.dot(w2[gi * cog:(gi + 1) * cog].T, gyc, cols)
             col2im(cols, gx[n0:n0 + nc], gi * cig, cig, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
 
 
-@njit(**KERNEL)
-def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g):
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog, k, m = co // g, cig * kh * kw, oh * ow
-    nb = _chunk(n, m)
-    gw2 = gw.reshape(co, k)
-    gw2[:, :] = 0
-    col_buf = np.empty(k * nb * m, x.dtype)
-    gy_buf = np.empty(cog * nb * m, x.dtype)
-    part = np.empty((cog, k), x.dtype)
-    for n0 in range(0, n, nb):
-        nc = min(nb, n - n0)
-        cols = col_buf[:k * nc * m].reshape(k, nc * m)
-        gyc = gy_buf[:cog * nc * m].reshape(cog, nc * m)
-        for gi in range(g):
+    nb = _chunk(n, m, slots)
+    tasks = -(-n // nb) * g
+    col_buf = np.empty((slots, k * nb * m), x.dtype)
+    gy_buf = np.empty((slots, cog * nb * m), x.dtype)
+    prod = np.empty((slots, cog, k), x.dtype)
+    partial = np.zeros((slots, co, k), x.dtype)  # each slot's own sum over its tasks
+    for tid in prange(slots):
+        for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
+            n0, gi = (t // g) * nb, t % g
+            nc = min(nb, n - n0)
+            cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
+            gyc = gy_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
             planes_to_columns(gy[n0:n0 + nc], gi * cog, gyc)
-            np.dot(gyc, cols.T, part)
-            gw2[gi * cog:(gi + 1) * cog] += part
+            np.dot(gyc, cols.T, prod[tid])
+            partial[tid, gi * cog:(gi + 1) * cog] += prod[tid]
+    gw.reshape(co, k)[:, :] = partial.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -262,12 +279,17 @@ _ALGOS = {
 
 
 def auto_algo(c, co, g, kh, kw, oh, ow):
-    """'auto': im2col when the per-group GEMM is big enough to pay for unfolding."""
-    return "im2col" if (c // g) * kh * kw >= 16 and co // g >= 8 else "direct"
+    """'auto': im2col (BLAS) unless each output reads fewer than 16 inputs, as in depthwise
+    3x3, where the unfolded copy costs more than the product it feeds (bench/results)."""
+    return "im2col" if (c // g) * kh * kw >= 16 else "direct"
 
 
-def _algo(algo, w_shape, c, oh, ow, g):
-    return auto_algo(c, w_shape[0], g, w_shape[2], w_shape[3], oh, ow) if algo == "auto" else algo
+def _run(algo, w_shape, c, out_hw, g, which, *args):
+    """Resolve 'auto' and call pass ``which`` (0 forward, 1 input-, 2 weight-gradient)."""
+    if algo == "auto":
+        algo = auto_algo(c, w_shape[0], g, w_shape[2], w_shape[3], *out_hw)
+    extra = (get_num_threads(),) if algo == "im2col" else ()
+    _ALGOS[algo][which](*args, *extra)
 
 
 @register("conv2d_forward", "cpu")
@@ -278,8 +300,7 @@ def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
     if b is None:
         b = np.zeros(w.shape[0], x.dtype)
     if n:
-        kern = _ALGOS[_algo(algo, w.shape, c, *out_hw, groups)][0]
-        kern(x, w, b, y, *stride, *pad, *dilation, groups)
+        _run(algo, w.shape, c, out_hw, groups, 0, x, w, b, y, *stride, *pad, *dilation, groups)
     return y
 
 
@@ -289,8 +310,7 @@ def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
     n = gy.shape[0]
     gx = np.empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
     if n:
-        kern = _ALGOS[_algo(algo, w.shape, gx.shape[1], *gy.shape[2:], groups)][1]
-        kern(gy, w, gx, *stride, *pad, *dilation, groups)
+        _run(algo, w.shape, gx.shape[1], gy.shape[2:], groups, 1, gy, w, gx, *stride, *pad, *dilation, groups)
     return gx
 
 
@@ -300,8 +320,7 @@ def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
     co = gy.shape[1]
     gw = np.zeros((co, x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
     if x.shape[0]:
-        kern = _ALGOS[_algo(algo, gw.shape, x.shape[1], *gy.shape[2:], groups)][2]
-        kern(x, gy, gw, *stride, *pad, *dilation, groups)
+        _run(algo, gw.shape, x.shape[1], gy.shape[2:], groups, 2, x, gy, gw, *stride, *pad, *dilation, groups)
     return gw
 
 

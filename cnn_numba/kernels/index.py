@@ -67,8 +67,9 @@ def axpy(alpha, src, s0, ss, dst, d0, ds, count):
     LLVM vectorises it.
     """
     if ss == 1 and ds == 1:
+        a, b = src[s0:s0 + count], dst[d0:d0 + count]  # views indexed from 0: no wraparound test per element
         for j in range(count):
-            dst[d0 + j] += alpha * src[s0 + j]
+            b[j] += alpha * a[j]
     else:
         for j in range(count):
             dst[d0 + j * ds] += alpha * src[s0 + j * ss]
@@ -78,8 +79,9 @@ def axpy(alpha, src, s0, ss, dst, d0, ds, count):
 def dot(a, a0, sa, b, b0, sb, count, acc):
     """``acc + sum_j a[a0 + j*sa] * b[b0 + j*sb]`` (unit strides vectorised)."""
     if sa == 1 and sb == 1:
+        u, v = a[a0:a0 + count], b[b0:b0 + count]
         for j in range(count):
-            acc += a[a0 + j] * b[b0 + j]
+            acc += u[j] * v[j]
     else:
         for j in range(count):
             acc += a[a0 + j * sa] * b[b0 + j * sb]
