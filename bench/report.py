@@ -1,0 +1,256 @@
+"""One-page CPU report: every conv shape x pass x algo, max pooling, against PyTorch and sgemm.
+
+    python bench/report.py                  # print the markdown report
+    python bench/report.py --save           # ... and write bench/results/cpu-<date>.md
+    python bench/report.py --shapes big3x3,dilated --budget 0.3
+
+Timing: each case is called once untimed (Numba compiles or loads its cache; pages fault
+in), then timed with perf_counter until ``--budget`` seconds are spent (at most 15 calls;
+at least 3, or 2 for calls over 0.3 s, 1 for calls over 1 s, which keeps the slow direct
+kernels of the big shapes within the ~5 minute total), and the fastest call is kept. The
+machine's ceiling is a float32 2048^3 matmul through numpy, measured in the same run.
+Each pass's output is checked against PyTorch's (when installed) on the untimed call.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+THREAD_VARS = ("NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+USER_ENV = {k: os.environ[k] for k in THREAD_VARS if k in os.environ}  # before cnn_numba's import
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes as S  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHECK_RTOL = 1e-3  # max |numba - torch| / max |torch|, float32 sums of up to ~10^5 terms
+
+
+# ----------------------------------------------------------------------------- timing
+
+def best_of(fn, budget: float, reps_max: int = 15):
+    """(fastest seconds, output of the untimed warm-up call)."""
+    out = fn()
+    times = []
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        reps_min = 1 if times[0] > 1.0 else 2 if times[0] > 0.3 else 3
+        if len(times) >= reps_max or (len(times) >= reps_min and time.perf_counter() - start >= budget):
+            return min(times), out
+
+
+def sgemm_gflops(budget: float) -> float:
+    n = 2048
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    t, _ = best_of(lambda: a @ b, budget, reps_max=5)
+    return 2 * n ** 3 / t / 1e9
+
+
+def rel_err(out, ref) -> float:
+    out, ref = S.as_numpy(out), S.as_numpy(ref)
+    if out.shape != ref.shape:
+        return math.inf
+    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_torch(shape, budget: float) -> dict:
+    """{pass: (seconds, output)} through PyTorch for a conv or pool shape."""
+    conv = isinstance(shape, S.ConvShape)
+    a = S.conv_arrays(shape) if conv else S.pool_arrays(shape)
+    passes = S.CONV_PASSES if conv else S.POOL_PASSES
+    make = S.torch_conv_pass if conv else S.torch_pool_pass
+    return {p: best_of(make(shape, p, a), budget) for p in passes}
+
+
+def run_numba(shape, budget: float, torch_side: dict | None, log) -> list[dict]:
+    conv = isinstance(shape, S.ConvShape)
+    a = S.conv_arrays(shape) if conv else S.pool_arrays(shape)
+    rows = []
+    for p in (S.CONV_PASSES if conv else S.POOL_PASSES):
+        row = {"shape": shape, "pass": p, "ms": {}, "errors": {}}
+        ref = None
+        if torch_side:
+            t, ref = torch_side[p]
+            row["ms"]["torch"] = t * 1e3
+        impls = {algo: S.numba_conv_pass(shape, p, algo, a) for algo in S.ALGOS} if conv \
+            else {"numba": S.numba_pool_pass(shape, p, a)}
+        for name, fn in impls.items():
+            t, out = best_of(fn, budget)
+            row["ms"][name] = t * 1e3
+            if ref is not None:
+                row["errors"][name] = rel_err(out, ref)
+        log(f"  {shape.name:<12} {p:<3} " + "  ".join(f"{k} {v:9.2f} ms" for k, v in row["ms"].items()))
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def fmt(v, spec=".2f", missing="—"):
+    return missing if v is None else format(v, spec)
+
+
+def geomean(xs):
+    xs = [x for x in xs if x is not None]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def conv_table(rows, peak) -> list[str]:
+    out = ["| shape | pass | direct ms | im2col ms | best | torch ms | ratio best/torch | GFLOP/s "
+           "| % of matmul peak | auto |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        s, ms = r["shape"], r["ms"]
+        best = min(S.ALGOS, key=lambda a: ms[a])
+        torch_ms = ms.get("torch")
+        gflops = s.flops / (ms[best] / 1e3) / 1e9
+        auto = s.auto_algo + ("" if s.auto_algo == best else " ✗")
+        out.append(f"| {s.name} | {r['pass']} | {ms['direct']:.2f} | {ms['im2col']:.2f} | {best} | "
+                   f"{fmt(torch_ms)} | {fmt(torch_ms and ms[best] / torch_ms)} | {gflops:.1f} | "
+                   f"{100 * gflops / peak:.1f} | {auto} |")
+    return out
+
+
+def per_shape(rows, impls, auto=None) -> dict[str, dict]:
+    """Per shape, the pass times summed: 'best' (fastest of impls per pass), 'auto' (the impl
+    ``auto(shape)`` names), 'torch' (None when any pass lacks a torch time)."""
+    totals = {}
+    for r in rows:
+        s, ms = r["shape"], r["ms"]
+        t = totals.setdefault(s.name, {"shape": s, "best": 0.0, "auto": 0.0, "torch": 0.0})
+        t["best"] += min(ms[a] for a in impls)
+        t["auto"] += ms[auto(s)] if auto else 0.0
+        t["torch"] = t["torch"] + ms["torch"] if "torch" in ms and t["torch"] is not None else None
+    return totals
+
+
+def report(conv_rows, pool_rows, peak, machine, args) -> str:
+    lines = [f"# cnn_numba CPU benchmark, {datetime.date.today().isoformat()}", "",
+             *([f"Note: {args.note}", ""] if args.note else []),
+             f"Machine: {machine}", "",
+             f"Matmul peak (numpy float32 2048^3 sgemm, same run): **{peak:.1f} GFLOP/s**", "",
+             f"Command: `python bench/report.py {shlex.join(sys.argv[1:])}`; fastest of the calls within "
+             f"{args.budget} s per case (>= 3; 2 over 0.3 s; 1 over 1 s) after an untimed one. FLOPs = 2 x MACs, "
+             "MACs = N*C_out*OH*OW*(C_in/g)*k*k for all three passes. "
+             "`best` is the faster algo for that pass; `auto` is what algo='auto' picks "
+             "(✗: not the faster one here).", ""]
+    if conv_rows:
+        lines += ["## Convolution", ""] + conv_table(conv_rows, peak) + [""]
+        totals = per_shape(conv_rows, S.ALGOS, lambda s: s.auto_algo)
+        have_torch = all(t["torch"] for t in totals.values())
+        lines += ["### Per shape, fwd + gx + gw (furthest from PyTorch first)", "",
+                  "| shape | layer | best ms | auto ms | torch ms | best/torch | auto/torch |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        order = sorted(totals.values(), key=lambda t: -t["best"] / t["torch"] if have_torch else 0)
+        for t in order:
+            tt = t["torch"]
+            lines.append(f"| {t['shape'].name} | {t['shape'].describe()} | {t['best']:.2f} | {t['auto']:.2f} | "
+                         f"{fmt(tt)} | {fmt(tt and t['best'] / tt)} | {fmt(tt and t['auto'] / tt)} |")
+        lines.append("")
+        if have_torch:
+            g_best = geomean([t["best"] / t["torch"] for t in totals.values()])
+            g_auto = geomean([t["auto"] / t["torch"] for t in totals.values()])
+            lines += [f"Geometric mean of (fwd+gx+gw) / torch over {len(totals)} shapes: "
+                      f"**{g_best:.2f}** with the faster algo per pass, {g_auto:.2f} with algo='auto'.", ""]
+    if pool_rows:
+        lines += ["## Max pooling", "",
+                  "| shape | layer | pass | numba ms | torch ms | numba/torch |", "|---|---|---|---:|---:|---:|"]
+        for r in pool_rows:
+            ms = r["ms"]
+            t = ms.get("torch")
+            lines.append(f"| {r['shape'].name} | {r['shape'].describe()} | {r['pass']} | {ms['numba']:.2f} | "
+                         f"{fmt(t)} | {fmt(t and ms['numba'] / t)} |")
+        totals = per_shape(pool_rows, ("numba",))
+        if all(t["torch"] for t in totals.values()):
+            ratios = {name: t["best"] / t["torch"] for name, t in totals.items()}
+            lines += ["", "Pooling ratio (fwd+bwd) numba/torch: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+                      + f"; geometric mean **{geomean(ratios.values()):.2f}**."]
+        lines.append("")
+    bad = [(r["shape"].name, r["pass"], impl, e) for r in conv_rows + pool_rows
+           for impl, e in r["errors"].items() if not e <= CHECK_RTOL]
+    if bad:
+        lines += ["## Output check FAILED (max |numba - torch| / max |torch|)", ""]
+        lines += [f"- {n} {p} {impl}: {e:.2e}" for n, p, impl, e in bad] + [""]
+    elif any(r["errors"] for r in conv_rows + pool_rows):
+        lines += [f"Outputs checked against PyTorch: all within {CHECK_RTOL:g} (relative to max |torch|).", ""]
+    return "\n".join(lines)
+
+
+def thread_env() -> str:
+    """Thread settings from the environment."""
+    parts = [f"{k}={v}" for k, v in USER_ENV.items()]
+    return "; env " + ", ".join(parts) if parts else ""
+
+
+def blas_name() -> str:
+    try:
+        deps = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{deps.get('name', '?')} {deps.get('version', '')}".strip()
+    except Exception:  # older numpy: no dict mode
+        return "?"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--save", action="store_true", help="write the report to bench/results/cpu-<date>.md")
+    ap.add_argument("--shapes", help="comma-separated shape names (default: all conv and pool shapes)")
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds of timed calls per case (default 0.5)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    ap.add_argument("--note", help="a line to put under the title (e.g. what else ran on the machine)")
+    args = ap.parse_args(argv)
+
+    names = args.shapes.split(",") if args.shapes else None
+    unknown = set(names or ()) - set(S.CONV_BY_NAME) - set(S.POOL_BY_NAME)
+    if unknown:
+        ap.error(f"unknown shapes {sorted(unknown)}; known: {sorted(S.CONV_BY_NAME) + sorted(S.POOL_BY_NAME)}")
+    use_torch = S.torch is not None and not args.no_torch
+    S.match_threads()
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    peak = sgemm_gflops(args.budget)
+    log(f"sgemm 2048^3: {peak:.1f} GFLOP/s")
+    # PyTorch first, all shapes, then cnn_numba: each library's OpenMP workers keep spinning a
+    # while after its own parallel regions, so interleaving the two would time each against
+    # the other's spinning threads (measured: up to 10x on 2 cores) instead of against the machine.
+    chosen = [s for s in S.CONV_SHAPES + S.POOL_SHAPES if names is None or s.name in names]
+    torch_side = {s.name: run_torch(s, args.budget) for s in chosen} if use_torch else {}
+    if use_torch:
+        time.sleep(1.0)  # let PyTorch's workers go to sleep
+    conv_rows, pool_rows = [], []
+    for s in chosen:
+        rows = run_numba(s, args.budget, torch_side.get(s.name), log)
+        (conv_rows if isinstance(s, S.ConvShape) else pool_rows).extend(rows)
+    machine = S.machine_line() + f"; numpy BLAS {blas_name()}" + thread_env()
+    text = report(conv_rows, pool_rows, peak, machine, args)
+    text += f"\nTotal report time {time.perf_counter() - t0:.0f} s.\n"
+    print(text)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"cpu-{datetime.date.today().isoformat()}.md"
+        path.write_text(text)
+        log(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
