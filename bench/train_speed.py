@@ -1,0 +1,150 @@
+"""Training-step speed, cnn_numba beside PyTorch: same model, batch size, threads and data.
+
+    python bench/train_speed.py [--steps 60] [--save]
+
+Models: the modern LeNet-5 at batch 64 and resnet8 (He et al.'s CIFAR design, 16/32/64
+channels, BatchNorm) at batch 128, both on 1x28x28 inputs, SGD with momentum, softmax
+cross-entropy. Each side runs ``--warmup`` steps (compilation, allocator warm-up), then
+``--steps`` timed steps (forward, loss, backward, update) on fixed random batches; the
+epoch time is the per-step time x the 938 (LeNet) or 469 (resnet8) steps of a 60,000-image
+MNIST epoch. Random inputs time the same work as real images. PyTorch runs first, in its
+own subprocess, so neither library's idle OpenMP workers spin against the other's.
+Peak memory: the maximum resident set size of the cnn_numba subprocess (ru_maxrss).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CASES = {"lenet5": 64, "resnet8": 128}
+EPOCH_IMAGES = 60000
+
+
+def torch_model(name):
+    import torch.nn as tnn
+
+    if name == "lenet5":
+        return tnn.Sequential(
+            tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Conv2d(6, 16, 5), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Flatten(),
+            tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(), tnn.Linear(84, 10))
+
+    class Block(tnn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.c1, self.b1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False), tnn.BatchNorm2d(cout)
+            self.c2, self.b2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False), tnn.BatchNorm2d(cout)
+            self.short = (tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+                          if stride != 1 or cin != cout else tnn.Identity())
+
+        def forward(self, x):
+            y = self.b2(self.c2(self.b1(self.c1(x)).relu()))
+            return (y + self.short(x)).relu()
+
+    return tnn.Sequential(tnn.Conv2d(1, 16, 3, 1, 1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU(),
+                          Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2),
+                          tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(64, 10))
+
+
+def child(side: str, name: str, warmup: int, steps: int) -> None:
+    """Time one model on one side; print a JSON line."""
+    import numpy as np
+
+    batch = CASES[name]
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((4, batch, 1, 28, 28)).astype(np.float32)
+    ys = rng.integers(0, 10, (4, batch))
+    if side == "torch":
+        import numba
+        import torch
+
+        torch.set_num_threads(numba.get_num_threads())
+        model = torch_model(name)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        xs_t, ys_t = torch.from_numpy(xs), torch.from_numpy(ys)
+
+        def step(i):
+            opt.zero_grad()
+            loss = loss_fn(model(xs_t[i % 4]), ys_t[i % 4])
+            loss.backward()
+            opt.step()
+    else:
+        import cnn_numba as cn
+        from cnn_numba import models, nn, optim
+
+        cn.manual_seed(0)
+        model = getattr(models, name)()
+        opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+        xs_t = [cn.tensor(x) for x in xs]
+
+        def step(i):
+            opt.zero_grad()
+            loss = loss_fn(model(xs_t[i % 4]), ys[i % 4])
+            loss.backward()
+            opt.step()
+
+    for i in range(warmup):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    per_step = (time.perf_counter() - t) / steps
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"side": side, "model": name, "batch": batch, "ms_per_step": per_step * 1e3,
+                      "epoch_s": per_step * -(-EPOCH_IMAGES // batch), "peak_mb": peak_mb}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--save", action="store_true", help="write bench/results/train-<date>.md")
+    ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODEL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(*args.child, args.warmup, args.steps)
+        return 0
+    try:
+        import torch  # noqa: F401
+        sides = ("torch", "cnn_numba")
+    except ImportError:
+        sides = ("cnn_numba",)
+    res = {}
+    for side in sides:
+        for name in CASES:
+            out = subprocess.run([sys.executable, __file__, "--child", side, name, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup)], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            res[side, name] = r
+            print(f"{side:<9} {name:<8} batch {r['batch']:>3}: {r['ms_per_step']:8.2f} ms/step, "
+                  f"epoch {r['epoch_s']:7.1f} s, peak RSS {r['peak_mb']:.0f} MB", file=sys.stderr)
+    lines = [f"# Training speed, {datetime.date.today().isoformat()}", "",
+             f"`python bench/train_speed.py --steps {args.steps}`: {args.steps} timed steps after "
+             f"{args.warmup} warm-up steps; epoch = 60,000 images.", "",
+             "| model | batch | cnn_numba ms/step | torch ms/step | ratio | cnn_numba epoch s | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in CASES:
+        ours, theirs = res["cnn_numba", name], res.get(("torch", name))
+        ratio = f"{ours['ms_per_step'] / theirs['ms_per_step']:.2f}" if theirs else "—"
+        tms = f"{theirs['ms_per_step']:.2f}" if theirs else "—"
+        lines.append(f"| {name} | {ours['batch']} | {ours['ms_per_step']:.2f} | {tms} | {ratio} | "
+                     f"{ours['epoch_s']:.1f} | {ours['peak_mb']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"train-{datetime.date.today().isoformat()}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
