@@ -28,16 +28,13 @@ crash mid-write never leaves a truncated checkpoint under a real name.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from collections import OrderedDict
@@ -49,6 +46,7 @@ import numpy as np
 from . import functional as F
 from . import models, optim
 from .backend import check_device
+from .fileio import atomic_write
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD, DataLoader,
                    load_mnist, train_val_split)
 from .random import default_generator, manual_seed
@@ -297,25 +295,6 @@ def unflatten_optimizer_state(meta: dict, arrays) -> dict:
     groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
               for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def atomic_write(path, write: Callable) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _json_array(obj) -> np.ndarray:

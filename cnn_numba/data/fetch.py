@@ -8,14 +8,14 @@ point everything at a server on 127.0.0.1.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
+
+from ..fileio import atomic_write
 
 DATA_DIR_ENV = "CNN_NUMBA_DATA"
 DEFAULT_DATA_DIR = Path("~/.cache/cnn_numba")
@@ -79,10 +79,10 @@ def sha256_of(path) -> str:
 def _fetch_url(url: str, dest: Path, sha256: str, timeout: float) -> None:
     """Stream ``url`` into a temporary file beside ``dest``; rename it onto ``dest`` if whole
     and matching ``sha256``, else delete it and raise."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
+
+    def write(out):
         digest, size = hashlib.sha256(), 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             # Said only once a server answered, so an offline machine falling back stays quiet.
             print(f"cnn_numba: downloading {url}", file=sys.stderr)
             length = response.headers.get("Content-Length")
@@ -95,12 +95,8 @@ def _fetch_url(url: str, dest: Path, sha256: str, timeout: float) -> None:
             raise ValueError(f"connection closed after {size} of {length} bytes")
         if digest.hexdigest() != sha256:
             raise ValueError(f"SHA-256 mismatch: got {digest.hexdigest()}, expected {sha256}")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(dest, write)
 
 
 def fetch_file(filename: str, folder, mirrors, sha256: str, timeout: float = 10.0) -> Path:
