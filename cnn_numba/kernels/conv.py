@@ -149,10 +149,14 @@ def im2col(x, c0, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
         for i in range(nb):
             dst = cols[row, i * m:(i + 1) * m]
             dst[:] = 0
+            t0 = tap(q0, sw, pw, bb, dw)
             for r in range(r0, r1):
                 xrow = x[i, c0 + ci, tap(r, sh, ph, a, dh)]
-                for q in range(q0, q1):
-                    dst[r * ow + q] = xrow[tap(q, sw, pw, bb, dw)]
+                if sw == 1:  # a contiguous run: a vectorised copy
+                    dst[r * ow + q0:r * ow + q1] = xrow[t0:t0 + q1 - q0]
+                else:
+                    for q in range(q0, q1):
+                        dst[r * ow + q] = xrow[t0 + (q - q0) * sw]
 
 
 @njit(**KERNEL)
