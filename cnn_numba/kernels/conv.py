@@ -199,10 +199,20 @@ def columns_to_planes(src, b, c0, y):
 
 
 @njit(cache=True)
-def _chunk(n, m, slots):
-    """Samples per task: about IM2COL_COLUMNS columns, and at least two tasks per slot."""
-    nb = max(1, min(n, IM2COL_COLUMNS // max(m, 1)))
-    return max(1, min(nb, -(-n // (2 * slots))))
+def _plan(n, co, cig, kh, kw, oh, ow, g, slots):
+    """Sizes of an im2col pass: ``(cog, k, m, nb, tasks)`` with k rows of columns, m pixels
+    per sample, nb samples per task (about IM2COL_COLUMNS columns, and at least two tasks
+    per slot), and one task per (chunk of samples, group)."""
+    cog, k, m = co // g, cig * kh * kw, oh * ow
+    nb = max(1, min(n, IM2COL_COLUMNS // max(m, 1), -(-n // (2 * slots))))
+    return cog, k, m, nb, -(-n // nb) * g
+
+
+@njit(cache=True, inline="always")
+def _task(t, g, nb, n):
+    """Task ``t``: samples ``[n0, n0 + nc)`` of group ``gi``."""
+    n0 = (t // g) * nb
+    return n0, min(nb, n - n0), t % g
 
 
 @njit(parallel=True, **KERNEL)
@@ -210,16 +220,13 @@ def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
-    cog, k, m = co // g, cig * kh * kw, oh * ow
-    nb = _chunk(n, m, slots)
-    tasks = -(-n // nb) * g
+    cog, k, m, nb, tasks = _plan(n, co, cig, kh, kw, oh, ow, g, slots)
     w2 = w.reshape(co, k)
     col_buf = np.empty((slots, k * nb * m), x.dtype)
     out_buf = np.empty((slots, cog * nb * m), x.dtype)
     for tid in prange(slots):
         for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
-            n0, gi = (t // g) * nb, t % g
-            nc = min(nb, n - n0)
+            n0, nc, gi = _task(t, g, nb, n)
             cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
             out = out_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
@@ -232,16 +239,13 @@ def conv2d_backward_input_im2col(gy, w, gx, sh, sw, ph, pw, dh, dw, g, slots):
     n = gx.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = gy.shape[2], gy.shape[3]
-    cog, k, m = co // g, cig * kh * kw, oh * ow
-    nb = _chunk(n, m, slots)
-    tasks = -(-n // nb) * g
+    cog, k, m, nb, tasks = _plan(n, co, cig, kh, kw, oh, ow, g, slots)
     w2 = w.reshape(co, k)
     col_buf = np.empty((slots, k * nb * m), gy.dtype)
     gy_buf = np.empty((slots, cog * nb * m), gy.dtype)
     for tid in prange(slots):
         for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
-            n0, gi = (t // g) * nb, t % g
-            nc = min(nb, n - n0)
+            n0, nc, gi = _task(t, g, nb, n)
             cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
             gyc = gy_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             planes_to_columns(gy[n0:n0 + nc], gi * cog, gyc)
@@ -254,17 +258,14 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
-    cog, k, m = co // g, cig * kh * kw, oh * ow
-    nb = _chunk(n, m, slots)
-    tasks = -(-n // nb) * g
+    cog, k, m, nb, tasks = _plan(n, co, cig, kh, kw, oh, ow, g, slots)
     col_buf = np.empty((slots, k * nb * m), x.dtype)
     gy_buf = np.empty((slots, cog * nb * m), x.dtype)
     prod = np.empty((slots, cog, k), x.dtype)
     partial = np.zeros((slots, co, k), x.dtype)  # each slot's own sum over its tasks
     for tid in prange(slots):
         for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
-            n0, gi = (t // g) * nb, t % g
-            nc = min(nb, n - n0)
+            n0, nc, gi = _task(t, g, nb, n)
             cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
             gyc = gy_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
