@@ -122,6 +122,98 @@ def conv2d_backward_bias(gy, gb):
         gb[o] = s
 
 
+# ----------------------------------------------------------------------------- direct, stride 1
+#
+# With stride 1 a tap (a, bb) reads the padded input plane shifted by a constant, so
+# if the output is computed on rows as wide as the padded plane (wp = ow + dw*(kw-1))
+# the whole plane is one run: acc.flat[j] += w * xp.flat[a*dh*wp + bb*dw + j] for
+# j < (oh-1)*wp + ow, a single long vectorised loop per tap instead of oh short ones.
+# The extra dw*(kw-1) columns per row are computed and dropped. Tasks are
+# (sample, group) pairs dealt to per-thread slots, each with its own padded planes.
+
+@njit(**KERNEL)
+def pad_planes(x, c0, xp, ph, pw):
+    """xp (cg, hp, wp) = x[c0:c0+cg] shifted by (ph, pw) into zeros; x (C, H, W)."""
+    h, wd = x.shape[1], x.shape[2]
+    hp, wp = xp.shape[1], xp.shape[2]
+    xp[:] = 0
+    r0, r1 = max(0, ph), min(hp, h + ph)
+    q0, q1 = max(0, pw), min(wp, wd + pw)
+    for ci in range(xp.shape[0]):
+        for r in range(r0, r1):
+            xp[ci, r, q0:q1] = x[c0 + ci, r - ph, q0 - pw:q1 - pw]
+
+
+@njit(cache=True)
+def _flat_sizes(oh, ow, kh, kw, dh, dw):
+    """Padded plane (hp, wp) and the length of the flat run covering the output."""
+    hp, wp = oh + dh * (kh - 1), ow + dw * (kw - 1)
+    return hp, wp, (oh - 1) * wp + ow
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
+    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
+    n = x.shape[0]
+    co, cig, kh, kw = w.shape
+    oh, ow = y.shape[2], y.shape[3]
+    cog = co // g
+    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    xp_buf = np.empty((slots, cig, hp, wp), x.dtype)
+    acc_buf = np.empty((slots, oh * wp), x.dtype)
+    for tid in prange(slots):
+        xp, acc = xp_buf[tid], acc_buf[tid]
+        for t in range(tid, n * g, slots):
+            i, gi = t // g, t % g
+            pad_planes(x[i], gi * cig, xp, ph, pw)
+            for o in range(gi * cog, (gi + 1) * cog):
+                acc[:] = b[o]
+                for ci in range(cig):
+                    src = xp[ci].reshape(hp * wp)
+                    for a in range(kh):
+                        for bb in range(kw):
+                            axpy(w[o, ci, a, bb], src, a * dh * wp + bb * dw, 1, acc, 0, 1, run)
+                for r in range(oh):
+                    y[i, o, r] = acc[r * wp:r * wp + ow]
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
+    """Stride-1 weight-gradient: one long dot product per tap, per-slot partial sums."""
+    n = x.shape[0]
+    co, cig, kh, kw = gw.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog = co // g
+    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    xp_buf = np.empty((slots, cig, hp, wp), x.dtype)
+    gyw_buf = np.zeros((slots, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
+    partial = np.zeros((slots, co, cig, kh, kw), x.dtype)
+    for tid in prange(slots):
+        xp, gyw = xp_buf[tid], gyw_buf[tid]
+        for t in range(tid, n * g, slots):
+            i, gi = t // g, t % g
+            pad_planes(x[i], gi * cig, xp, ph, pw)
+            for o in range(gi * cog, (gi + 1) * cog):
+                for r in range(oh):
+                    gyw[r * wp:r * wp + ow] = gy[i, o, r]
+                for ci in range(cig):
+                    src = xp[ci].reshape(hp * wp)
+                    for a in range(kh):
+                        for bb in range(kw):
+                            partial[tid, o, ci, a, bb] = dot(gyw, 0, 1, src, a * dh * wp + bb * dw, 1, run,
+                                                             partial[tid, o, ci, a, bb])
+    gw[:] = partial.sum(axis=0)
+
+
+def flip_kernel(w, g):
+    """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW) rotated 180 degrees, group by group: the
+    weight of the stride-1 conv that computes conv2d's input-gradient (SPEC.md section 3)."""
+    co, cig, kh, kw = w.shape
+    cog = co // g
+    wf = w.reshape(g, cog, cig, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    return np.ascontiguousarray(wf.reshape(g * cig, cog, kh, kw))
+
+
 # ----------------------------------------------------------------------------- im2col
 #
 # One parallel loop over (chunk of samples, group) tasks; inside a task everything is
@@ -289,12 +381,30 @@ def auto_algo(c, co, g, kh, kw, oh, ow):
     return "im2col" if (c // g) * kh * kw >= 16 else "direct"
 
 
-def _run(algo, w_shape, c, out_hw, g, which, *args):
-    """Resolve 'auto' and call pass ``which`` (0 forward, 1 input-, 2 weight-gradient)."""
+def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
+    """Pass ``which`` (0 forward, 1 input-, 2 weight-gradient) with 'auto' resolved.
+
+    ``hyper`` = (sh, sw, ph, pw, dh, dw, g). Direct at stride 1 runs the flat kernels; its
+    input-gradient is then the stride-1 forward of gy with the flipped kernel and the
+    'full' padding d*(k-1) - p (when that is >= 0).
+    """
+    sh, sw, ph, pw, dh, dw, g = hyper
+    kh, kw = w_shape[2], w_shape[3]
     if algo == "auto":
-        algo = auto_algo(c, w_shape[0], g, w_shape[2], w_shape[3], *out_hw)
-    extra = (get_num_threads(),) if algo == "im2col" else ()
-    _ALGOS[algo][which](*args, *extra)
+        algo = auto_algo(c, w_shape[0], g, kh, kw, *out_hw)
+    slots = get_num_threads()
+    if algo == "direct" and (sh, sw) == (1, 1):
+        if which == 0:
+            return conv2d_forward_flat(*arrays, ph, pw, dh, dw, g, slots)
+        if which == 2:
+            return conv2d_backward_weight_flat(*arrays, ph, pw, dh, dw, g, slots)
+        fh, fw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        if fh >= 0 and fw >= 0:
+            gy, w, gx = arrays
+            zeros = np.zeros(gx.shape[1], gx.dtype)
+            return conv2d_forward_flat(gy, flip_kernel(w, g), zeros, gx, fh, fw, dh, dw, g, slots)
+    extra = (slots,) if algo == "im2col" else ()
+    _ALGOS[algo][which](*arrays, *hyper, *extra)
 
 
 @register("conv2d_forward", "cpu")
@@ -305,7 +415,7 @@ def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
     if b is None:
         b = np.zeros(w.shape[0], x.dtype)
     if n:
-        _run(algo, w.shape, c, out_hw, groups, 0, x, w, b, y, *stride, *pad, *dilation, groups)
+        _run(algo, 0, (x, w, b, y), (*stride, *pad, *dilation, groups), w.shape, c, out_hw)
     return y
 
 
@@ -315,7 +425,7 @@ def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
     n = gy.shape[0]
     gx = np.empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
     if n:
-        _run(algo, w.shape, gx.shape[1], gy.shape[2:], groups, 1, gy, w, gx, *stride, *pad, *dilation, groups)
+        _run(algo, 1, (gy, w, gx), (*stride, *pad, *dilation, groups), w.shape, gx.shape[1], gy.shape[2:])
     return gx
 
 
@@ -325,7 +435,7 @@ def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
     co = gy.shape[1]
     gw = np.zeros((co, x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
     if x.shape[0]:
-        _run(algo, gw.shape, x.shape[1], gy.shape[2:], groups, 2, x, gy, gw, *stride, *pad, *dilation, groups)
+        _run(algo, 2, (x, gy, gw), (*stride, *pad, *dilation, groups), gw.shape, x.shape[1], gy.shape[2:])
     return gw
 
 
