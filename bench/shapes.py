@@ -96,11 +96,8 @@ class ConvShape:
     def auto_algo(self) -> str:
         """What algo='auto' picks (the same for all three passes): asked of the conv2d that
         the layer is, or, for a transposed layer, the conv2d it is the adjoint of."""
-        if self.transposed:
-            (oh, ow), c, co = (self.h, self.w), self.co, self.c
-        else:
-            (oh, ow), c, co = self.out_hw, self.c, self.co
-        return K.auto_algo(c, co, self.groups, self.k, self.k, oh, ow)
+        c, co = (self.co, self.c) if self.transposed else (self.c, self.co)
+        return K.auto_algo(c, co, self.groups, self.k, self.k, (self.stride, self.stride))
 
     def describe(self) -> str:
         oh, ow = self.out_hw

@@ -18,7 +18,9 @@ its input-gradient is ``forward``, its weight-gradient is ``backward_weight`` wi
 the roles of x and gy swapped. So this module has no transposed-conv kernels.
 
 Two algorithms, same signatures:
-    direct   loops over output planes and kernel taps; no unfolded copy.
+    direct   loops over output planes and kernel taps; no unfolded copy. At stride 1
+             it runs on flat padded planes, and its input-gradient is a stride-1
+             forward with the flipped kernel ("direct, stride 1" below).
     im2col   unfolds receptive fields of a chunk of samples into columns
              cols (cig*kh*kw, nb*oh*ow) and does one BLAS product per group:
                forward          y_g   = w_g   @ cols
@@ -375,13 +377,17 @@ _ALGOS = {
 }
 
 
-def auto_algo(c, co, g, kh, kw, oh, ow):
-    """'auto': im2col (BLAS) unless each output reads fewer than 16 inputs, as in depthwise
-    3x3, where the unfolded copy costs more than the product it feeds (bench/results)."""
-    return "im2col" if (c // g) * kh * kw >= 16 else "direct"
+def auto_algo(c, co, g, kh, kw, stride):
+    """'auto': direct when each output reads fewer than 16 inputs (depthwise), or at stride
+    1 when a group has at most 8 output channels (LeNet's C1, grouped convs): a BLAS product
+    of so few rows costs more than the unfolded copy it needs. im2col otherwise.
+    (Measured per shape and pass in bench/results/cpu-*.md.)"""
+    few_inputs = (c // g) * kh * kw < 16
+    few_rows = tuple(stride) == (1, 1) and co // g <= 8
+    return "direct" if few_inputs or few_rows else "im2col"
 
 
-def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
+def _run(algo, which, arrays, hyper, w_shape, c):
     """Pass ``which`` (0 forward, 1 input-, 2 weight-gradient) with 'auto' resolved.
 
     ``hyper`` = (sh, sw, ph, pw, dh, dw, g). Direct at stride 1 runs the flat kernels; its
@@ -391,7 +397,7 @@ def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
     sh, sw, ph, pw, dh, dw, g = hyper
     kh, kw = w_shape[2], w_shape[3]
     if algo == "auto":
-        algo = auto_algo(c, w_shape[0], g, kh, kw, *out_hw)
+        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw))
     slots = get_num_threads()
     if algo == "direct" and (sh, sw) == (1, 1):
         if which == 0:
@@ -415,7 +421,7 @@ def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
     if b is None:
         b = np.zeros(w.shape[0], x.dtype)
     if n:
-        _run(algo, 0, (x, w, b, y), (*stride, *pad, *dilation, groups), w.shape, c, out_hw)
+        _run(algo, 0, (x, w, b, y), (*stride, *pad, *dilation, groups), w.shape, c)
     return y
 
 
@@ -425,7 +431,7 @@ def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
     n = gy.shape[0]
     gx = np.empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
     if n:
-        _run(algo, 1, (gy, w, gx), (*stride, *pad, *dilation, groups), w.shape, gx.shape[1], gy.shape[2:])
+        _run(algo, 1, (gy, w, gx), (*stride, *pad, *dilation, groups), w.shape, gx.shape[1])
     return gx
 
 
@@ -435,7 +441,7 @@ def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
     co = gy.shape[1]
     gw = np.zeros((co, x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
     if x.shape[0]:
-        _run(algo, 2, (x, gy, gw), (*stride, *pad, *dilation, groups), gw.shape, x.shape[1], gy.shape[2:])
+        _run(algo, 2, (x, gy, gw), (*stride, *pad, *dilation, groups), gw.shape, x.shape[1])
     return gw
 
 
