@@ -78,7 +78,7 @@ class Conv2d(Module):
         super().__init__()
         _check_groups(in_channels, out_channels, groups)
         if padding_mode != "zeros":
-            raise NotImplementedError(f"padding_mode={padding_mode!r}: only 'zeros' is supported")
+            raise ValueError(f"padding_mode={padding_mode!r} is not supported; only 'zeros' is")
         self.in_channels, self.out_channels, self.groups, self.algo = in_channels, out_channels, groups, algo
         self.kernel_size = shapes.positive_pair(kernel_size, "kernel_size")
         self.stride, self.padding, self.dilation = stride, padding, dilation
@@ -107,7 +107,7 @@ class ConvTranspose2d(Module):
         super().__init__()
         _check_groups(in_channels, out_channels, groups)
         if padding_mode != "zeros":
-            raise NotImplementedError(f"padding_mode={padding_mode!r}: only 'zeros' is supported")
+            raise ValueError(f"padding_mode={padding_mode!r} is not supported; only 'zeros' is")
         self.in_channels, self.out_channels, self.groups, self.algo = in_channels, out_channels, groups, algo
         self.kernel_size = shapes.positive_pair(kernel_size, "kernel_size")
         self.stride, self.padding, self.output_padding, self.dilation = stride, padding, output_padding, dilation
