@@ -153,30 +153,52 @@ def _flat_sizes(oh, ow, kh, kw, dh, dw):
     return hp, wp, (oh - 1) * wp + ow
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _axpy4(w0, w1, w2, w3, s, a0, a1, a2, a3):
+    """Four output channels from one pass over the shifted input run ``s``."""
+    for j in range(s.size):
+        v = s[j]
+        a0[j] += w0 * v
+        a1[j] += w1 * v
+        a2[j] += w2 * v
+        a3[j] += w3 * v
+
+
 @njit(parallel=True, **KERNEL)
 def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
-    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
+    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0).
+    Output channels go four at a time, so each load of the input feeds four FMAs."""
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
     cog = co // g
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
     xp_buf = np.empty((slots, cig, hp, wp), x.dtype)
-    acc_buf = np.empty((slots, oh * wp), x.dtype)
+    acc_buf = np.empty((slots, 4, oh * wp), x.dtype)
     for tid in prange(slots):
         xp, acc = xp_buf[tid], acc_buf[tid]
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
-            for o in range(gi * cog, (gi + 1) * cog):
-                acc[:] = b[o]
+            for o0 in range(gi * cog, (gi + 1) * cog, 4):
+                nu = min(4, (gi + 1) * cog - o0)
+                for u in range(nu):
+                    acc[u, :] = b[o0 + u]
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for a in range(kh):
                         for bb in range(kw):
-                            axpy(w[o, ci, a, bb], src, a * dh * wp + bb * dw, 1, acc, 0, 1, run)
-                for r in range(oh):
-                    y[i, o, r] = acc[r * wp:r * wp + ow]
+                            off = a * dh * wp + bb * dw
+                            if nu == 4:
+                                _axpy4(w[o0, ci, a, bb], w[o0 + 1, ci, a, bb], w[o0 + 2, ci, a, bb],
+                                       w[o0 + 3, ci, a, bb], src[off:off + run],
+                                       acc[0, :run], acc[1, :run], acc[2, :run], acc[3, :run])
+                            else:
+                                for u in range(nu):
+                                    axpy(w[o0 + u, ci, a, bb], src, off, 1, acc[u], 0, 1, run)
+                for u in range(nu):
+                    for r in range(oh):
+                        y[i, o0 + u, r] = acc[u, r * wp:r * wp + ow]
 
 
 @njit(parallel=True, **KERNEL)
@@ -379,11 +401,11 @@ _ALGOS = {
 
 def auto_algo(c, co, g, kh, kw, stride):
     """'auto': direct when each output reads fewer than 16 inputs (depthwise), or at stride
-    1 when a group has at most 8 output channels (LeNet's C1, grouped convs): a BLAS product
+    1 when a group has at most 16 output channels (LeNet, grouped convs, ResNet stage 1): a BLAS product
     of so few rows costs more than the unfolded copy it needs. im2col otherwise.
     (Measured per shape and pass in bench/results/cpu-*.md.)"""
     few_inputs = (c // g) * kh * kw < 16
-    few_rows = tuple(stride) == (1, 1) and co // g <= 8
+    few_rows = tuple(stride) == (1, 1) and co // g <= 16
     return "direct" if few_inputs or few_rows else "im2col"
 
 
