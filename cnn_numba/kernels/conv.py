@@ -201,31 +201,57 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
                         y[i, o0 + u, r] = acc[u, r * wp:r * wp + ow]
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot4(s, g0, g1, g2, g3):
+    """Four dot products sharing one pass over the shifted input run ``s``."""
+    t0 = t1 = t2 = t3 = s.dtype.type(0)
+    for j in range(s.size):
+        v = s[j]
+        t0 += g0[j] * v
+        t1 += g1[j] * v
+        t2 += g2[j] * v
+        t3 += g3[j] * v
+    return t0, t1, t2, t3
+
+
 @njit(parallel=True, **KERNEL)
 def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
-    """Stride-1 weight-gradient: one long dot product per tap, per-slot partial sums."""
+    """Stride-1 weight-gradient: a long dot product per tap, four output channels per pass
+    over the input, per-slot partial sums."""
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
     xp_buf = np.empty((slots, cig, hp, wp), x.dtype)
-    gyw_buf = np.zeros((slots, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
+    gyw_buf = np.zeros((slots, 4, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
     partial = np.zeros((slots, co, cig, kh, kw), x.dtype)
     for tid in prange(slots):
-        xp, gyw = xp_buf[tid], gyw_buf[tid]
+        xp, gyw, part = xp_buf[tid], gyw_buf[tid], partial[tid]
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
-            for o in range(gi * cog, (gi + 1) * cog):
-                for r in range(oh):
-                    gyw[r * wp:r * wp + ow] = gy[i, o, r]
+            for o0 in range(gi * cog, (gi + 1) * cog, 4):
+                nu = min(4, (gi + 1) * cog - o0)
+                for u in range(nu):
+                    for r in range(oh):
+                        gyw[u, r * wp:r * wp + ow] = gy[i, o0 + u, r]
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for a in range(kh):
                         for bb in range(kw):
-                            partial[tid, o, ci, a, bb] = dot(gyw, 0, 1, src, a * dh * wp + bb * dw, 1, run,
-                                                             partial[tid, o, ci, a, bb])
+                            off = a * dh * wp + bb * dw
+                            if nu == 4:
+                                t0, t1, t2, t3 = _dot4(src[off:off + run], gyw[0, :run], gyw[1, :run],
+                                                       gyw[2, :run], gyw[3, :run])
+                                part[o0, ci, a, bb] += t0
+                                part[o0 + 1, ci, a, bb] += t1
+                                part[o0 + 2, ci, a, bb] += t2
+                                part[o0 + 3, ci, a, bb] += t3
+                            else:
+                                for u in range(nu):
+                                    part[o0 + u, ci, a, bb] = dot(gyw[u], 0, 1, src, off, 1, run,
+                                                                  part[o0 + u, ci, a, bb])
     gw[:] = partial.sum(axis=0)
 
 
