@@ -19,6 +19,7 @@ Closed forms make two schedulers driving one optimiser at once overwrite each ot
 """
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 
@@ -30,7 +31,7 @@ from .tensor import Tensor, no_grad
 
 # ----------------------------------------------------------------------------- optimisers
 
-class Optimizer:
+class Optimizer(abc.ABC):
     def __init__(self, params, defaults: dict):
         self.defaults = defaults
         self.state: dict[Tensor, dict] = {}
@@ -73,8 +74,9 @@ class Optimizer:
                         self._update(p, p.grad.data, group, self.state.setdefault(p, {}))
         return loss
 
+    @abc.abstractmethod
     def _update(self, p: Tensor, g, group: dict, state: dict) -> None:
-        raise NotImplementedError
+        """Update parameter ``p`` in place from its gradient ``g``: each optimiser's rule."""
 
     @staticmethod
     def _zeros(p: Tensor):

@@ -187,33 +187,29 @@ def gather(src, idx):
     return dst
 
 
+def _planes(src, out_hw, kernel, *args):
+    """A new (N, C, *out_hw) array of src's dtype, filled by ``kernel(src, out, *args)``."""
+    out = np.empty(src.shape[:2] + tuple(out_hw), src.dtype)
+    if out.size:
+        kernel(src, out, *args)
+    return out
+
+
 @register("avg_pool2d_forward", "cpu")
 def avg_pool2d(x, out_hw, kernel, stride, pad, count_include_pad, divisor_override):
-    y = np.empty(x.shape[:2] + tuple(out_hw), x.dtype)
-    if y.size:
-        avg_pool2d_forward(x, y, *kernel, *stride, *pad, count_include_pad, divisor_override)
-    return y
+    return _planes(x, out_hw, avg_pool2d_forward, *kernel, *stride, *pad, count_include_pad, divisor_override)
 
 
 @register("avg_pool2d_backward", "cpu")
 def avg_pool2d_grad(gy, in_hw, kernel, stride, pad, count_include_pad, divisor_override):
-    gx = np.empty(gy.shape[:2] + tuple(in_hw), gy.dtype)
-    if gx.size:
-        avg_pool2d_backward(gy, gx, *kernel, *stride, *pad, count_include_pad, divisor_override)
-    return gx
+    return _planes(gy, in_hw, avg_pool2d_backward, *kernel, *stride, *pad, count_include_pad, divisor_override)
 
 
 @register("adaptive_avg_pool2d_forward", "cpu")
 def adaptive_avg_pool2d(x, out_hw):
-    y = np.empty(x.shape[:2] + tuple(out_hw), x.dtype)
-    if y.size:
-        adaptive_avg_pool2d_forward(x, y)
-    return y
+    return _planes(x, out_hw, adaptive_avg_pool2d_forward)
 
 
 @register("adaptive_avg_pool2d_backward", "cpu")
 def adaptive_avg_pool2d_grad(gy, in_hw):
-    gx = np.empty(gy.shape[:2] + tuple(in_hw), gy.dtype)
-    if gx.size:
-        adaptive_avg_pool2d_backward(gy, gx)
-    return gx
+    return _planes(gy, in_hw, adaptive_avg_pool2d_backward)
