@@ -53,11 +53,22 @@ _prefer_light_threading_layer()
 
 from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
 from . import functional
-from .tensor import Function, Tensor, is_grad_enabled, no_grad, tensor
+from .tensor import Function, Tensor, from_cuda_array, is_grad_enabled, no_grad, tensor
 from . import models, nn, optim
 from .random import manual_seed
 from .summary import summary
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "tensor", "no_grad", "is_grad_enabled", "Function", "functional", "nn", "optim", "models",
-           "manual_seed", "summary", "__version__"]
+__all__ = ["Tensor", "tensor", "from_cuda_array", "no_grad", "is_grad_enabled", "Function", "functional", "nn",
+           "optim", "models", "manual_seed", "summary", "cuda_is_available", "__version__"]
+
+
+def cuda_is_available() -> bool:
+    """Whether ``device="cuda"`` works here: numba-cuda installed and a GPU (or Numba's
+    CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``) present."""
+    from .backend import check_device
+    try:
+        check_device("cuda")
+    except RuntimeError:
+        return False
+    return True

@@ -37,12 +37,20 @@ def kernel(name: str, device: str) -> Callable:
         raise RuntimeError(f"op {name!r} has no kernel for device {device!r}") from None
 
 
+_cuda_loaded = False
+
+
 def _load_cuda() -> None:
     """Import the CUDA kernels on first use; a clear error when CUDA is unavailable."""
-    try:
-        from numba import cuda
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise RuntimeError("device='cuda' needs numba-cuda: pip install 'cnn_numba[cuda]'") from e
+    global _cuda_loaded
+    if _cuda_loaded:
+        return
+    import importlib.util
+    if importlib.util.find_spec("numba_cuda") is None:  # numba's own numba.cuda is deprecated
+        raise RuntimeError("device='cuda' needs NVIDIA's numba-cuda package: pip install 'cnn_numba[cuda]'")
+    from numba import cuda
     if not cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but no CUDA GPU or driver is available")
-    raise RuntimeError("device='cuda': the CUDA backend is not part of this release yet (issue 4)")
+        raise RuntimeError("device='cuda' was asked for but no CUDA GPU or driver is available "
+                           "(NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels on Numba's simulator instead)")
+    from .kernels import cuda as _registers_cuda_kernels  # noqa: F401
+    _cuda_loaded = True

@@ -64,6 +64,17 @@ def _check_bias(bias, channels, weight):
         raise ValueError(f"bias must have shape ({channels},) for weight of shape {weight.shape}, got {bias.shape}")
 
 
+def _indices(t: Tensor, bound: int, name: str, what: str, device: str) -> Tensor:
+    """Integer tensor ``t`` checked to lie in ``[0, bound)`` (on its own device: only a count
+    comes back), as int64 on ``device``."""
+    if kernel("count_outside", t.device)(t.data, 0, bound):
+        host = t.numpy()
+        raise ValueError(f"{name} must lie in [0, {bound}) for {what}, got range [{host.min()}, {host.max()}]")
+    if t.dtype != np.int64 or t.device != device:
+        t = Tensor(t.numpy().astype(np.int64), device=device)
+    return t
+
+
 def _inputs(*tensors):
     """The tensors that take part in the graph (``None`` bias dropped)."""
     return tuple(t for t in tensors if t is not None)
@@ -210,12 +221,7 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
             if not dflt - si < o < dflt + si:
                 raise ValueError(f"output_size={tuple(output_size)} is not within ({dflt - si}, {dflt + si}) for input {x.shape}")
     shapes.check_output_size(out_hw, x.shape, "max_unpool2d")
-    idx_host = idx.numpy()
-    if idx_host.size and (idx_host.min() < 0 or idx_host.max() >= out_hw[0] * out_hw[1]):
-        raise ValueError(f"indices must lie in [0, {out_hw[0] * out_hw[1]}) for output size {out_hw}, "
-                         f"got range [{idx_host.min()}, {idx_host.max()}]")
-    if idx.dtype != np.int64:
-        idx = Tensor(idx_host.astype(np.int64), device=x.device)
+    idx = _indices(idx, out_hw[0] * out_hw[1], "indices", f"output size {out_hw}", x.device)
     return MaxUnpool2d.apply(x, idx, out_hw=out_hw)
 
 
@@ -255,6 +261,23 @@ def adaptive_avg_pool2d(input, output_size) -> Tensor:
         output_size = tuple(x.shape[2 + i] if v is None else v for i, v in enumerate(output_size))
     out_hw = shapes.positive_pair(output_size, "output_size")
     return AdaptiveAvgPool2d.apply(x, out_hw=out_hw)
+
+
+# ----------------------------------------------------------------------------- devices
+
+class ToDevice(Function):
+    def forward(self, a, *, device):
+        self.out_device = device
+        return kernel("from_host", device)(kernel("to_host", self.device)(a))
+
+    def backward(self, gy):
+        return (kernel("from_host", self.device)(kernel("to_host", self.out_device)(gy)),)
+
+
+def to_device(input, device) -> Tensor:
+    """``input`` copied to ``device`` (Tensor.to); the gradient is copied back."""
+    from .backend import check_device
+    return ToDevice.apply(_tensor(input, "input"), device=check_device(device))
 
 
 # ----------------------------------------------------------------------------- elementwise
@@ -520,7 +543,7 @@ def cross_entropy(input, target, *, reduction: str = "mean", label_smoothing: fl
     the gradient is softmax(input) - q with q = (1 - label_smoothing) onehot(target) +
     label_smoothing/K, divided by N for the mean."""
     z = _float(input, "input")
-    t = _tensor(target, "target", like=z)
+    t = _tensor(target, "target")  # host labels stay on the host until checked
     shapes.check_ndim("input", z, 2, "(N, K) logits")
     if t.dtype.kind not in "iu":
         raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
@@ -529,12 +552,7 @@ def cross_entropy(input, target, *, reduction: str = "mean", label_smoothing: fl
     _check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    t_host = t.numpy()
-    if t_host.size and (t_host.min() < 0 or t_host.max() >= z.shape[1]):
-        raise ValueError(f"target must lie in [0, {z.shape[1]}) for input of shape {z.shape}, "
-                         f"got range [{t_host.min()}, {t_host.max()}]")
-    if t.dtype != np.int64:
-        t = Tensor(t_host.astype(np.int64), device=z.device)
+    t = _indices(t, z.shape[1], "target", f"input of shape {z.shape}", z.device)
     return CrossEntropy.apply(z, t, reduction=reduction, label_smoothing=float(label_smoothing))
 
 

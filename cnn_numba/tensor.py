@@ -41,6 +41,7 @@ class Function:
 
     def __init__(self, device: str, parents: tuple["Tensor", ...]):
         self.device = device
+        self.out_device = device  # where the outputs live (only a device copy changes it)
         self.parents = parents
         self.needs_grad = tuple(p.requires_grad for p in parents)
 
@@ -53,6 +54,7 @@ class Function:
         ctx = cls(device, inputs)
         out = ctx.forward(*(t.data for t in inputs), **params)
         record = _grad_enabled and any(ctx.needs_grad)
+        device = ctx.out_device
         if isinstance(out, tuple):
             first = Tensor._wrap(out[0], device, record, ctx if record else None)
             return (first,) + tuple(Tensor._wrap(o, device, False, None) for o in out[1:])
@@ -106,6 +108,27 @@ class Tensor:
             raise ValueError(f"item() needs a one-element tensor, got shape {self.shape}")
         return self.numpy().reshape(()).item()
 
+    # ---- devices
+    def to(self, device) -> "Tensor":
+        """This tensor on ``device`` ("cpu", "cuda"); itself if already there. Differentiable:
+        the gradient travels back to this tensor's device."""
+        device = check_device(device)
+        return self if device == self.device else _F.to_device(self, device)
+
+    def cpu(self) -> "Tensor":
+        return self.to("cpu")
+
+    def cuda(self) -> "Tensor":
+        return self.to("cuda")
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        """The CUDA Array Interface of a device tensor's memory (CuPy, PyTorch, Numba read it
+        without a copy); absent on the CPU."""
+        if self.device != "cuda":
+            raise AttributeError("__cuda_array_interface__: tensor is on the CPU (use .to('cuda'))")
+        return self.data.__cuda_array_interface__
+
     def detach(self) -> "Tensor":
         return Tensor._wrap(self.data, self.device, False, None)
 
@@ -125,18 +148,19 @@ class Tensor:
             grad = grad.data if isinstance(grad, Tensor) else kernel("from_host", self.device)(np.asarray(grad, self.dtype))
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"backward(): grad of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
-        add, copy = kernel("add", self.device), kernel("copy", self.device)
         grads = {id(self): grad}
         for t in reversed(self._topological_order()):
             g = grads.pop(id(t), None)
             if g is None:
                 continue
             if t._ctx is None:
-                t.grad = Tensor._wrap(copy(g) if t.grad is None else add(t.grad.data, g), t.device, False, None)
+                acc = kernel("copy", t.device)(g) if t.grad is None else kernel("add", t.device)(t.grad.data, g)
+                t.grad = Tensor._wrap(acc, t.device, False, None)
                 continue
             for parent, gp, need in zip(t._ctx.parents, t._ctx.backward(g), t._ctx.needs_grad):
-                if need and gp is not None:
-                    grads[id(parent)] = gp if id(parent) not in grads else add(grads[id(parent)], gp)
+                if need and gp is not None:  # (kernels by the parent's device: a device copy changes it)
+                    old = grads.get(id(parent))
+                    grads[id(parent)] = gp if old is None else kernel("add", parent.device)(old, gp)
 
     def _topological_order(self) -> list["Tensor"]:
         order, seen, stack = [], set(), [(self, False)]
@@ -169,6 +193,25 @@ class Tensor:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return _F.reshape(self, shape)
+
+
+def from_cuda_array(obj, requires_grad: bool = False) -> Tensor:
+    """A CUDA tensor sharing the memory of ``obj``, any object exposing
+    ``__cuda_array_interface__`` (CuPy array, PyTorch CUDA tensor, Numba device array):
+    no copy, so writes through either are seen by both. The memory must be C-contiguous
+    float32/float64 (or integer, without gradients)."""
+    check_device("cuda")
+    from .kernels.cuda.launch import as_device_array
+    arr = as_device_array(obj)
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in "fiu":
+        raise TypeError(f"from_cuda_array: dtype {dtype} is not supported (float32, float64 or integer)")
+    if requires_grad and dtype.kind != "f":
+        raise TypeError(f"only floating-point tensors can require gradients, got dtype {dtype}")
+    if not arr.is_c_contiguous():
+        raise ValueError(f"from_cuda_array: array of shape {tuple(arr.shape)} is not C-contiguous; "
+                         "make a contiguous copy first (e.g. .contiguous() / cupy.ascontiguousarray)")
+    return Tensor._wrap(arr, "cuda", bool(requires_grad), None)
 
 
 def _host_array(data, dtype=None) -> np.ndarray:

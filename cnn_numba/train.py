@@ -45,7 +45,7 @@ import numpy as np
 
 from . import functional as F
 from . import models, optim
-from .backend import check_device
+from .backend import check_device, kernel
 from .fileio import atomic_write
 from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD, DataLoader,
                    load_mnist, train_val_split)
@@ -392,8 +392,9 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
     with _progress(len(loader), f"epoch {epoch}/{epochs}", progress) as bar, \
             np.errstate(over="ignore", invalid="ignore"):
         for step, (x, y) in enumerate(loader, 1):  # x float32 (B, 1, 28, 28), y int64 (B,)
+            y_dev = tensor(y, device=device)  # labels go to the device once; only scalars come back
             logits = model(tensor(x, device=device))
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y_dev)
             value = loss.item()
             if not math.isfinite(value):
                 raise DivergedError(f"loss is {value} at epoch {epoch}, step {step} of {len(loader)}")
@@ -402,7 +403,7 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
             optimizer.step()
             n += len(y)
             loss_sum += value * len(y)
-            correct += int((logits.numpy().argmax(1) == y).sum())
+            correct += kernel("count_correct", device)(logits.data, y_dev.data)
             bar.update()
             bar.set_postfix(OrderedDict([("loss", f"{loss_sum / n:.4f}"), ("acc", f"{100 * correct / n:.2f}%"),
                                          ("img/s", f"{n / (time.perf_counter() - start):.0f}")]), refresh=False)

@@ -5,8 +5,18 @@ sys.path, there being no tests/__init__.py).
 """
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+import shutil
+
+# CUDA kernels are tested on every machine: where no NVIDIA driver is present they run
+# under Numba's CUDA simulator, which must be switched on before numba is imported.
+# (CNN_NUMBA_TEST_CUDASIM=0 turns that off, e.g. to run the CPU tests alone.)
+if ("NUMBA_ENABLE_CUDASIM" not in os.environ and os.environ.get("CNN_NUMBA_TEST_CUDASIM", "1") != "0"
+        and not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"))):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 ALGOS = ["direct", "im2col", "auto"]
@@ -17,10 +27,26 @@ def rng():
     return np.random.default_rng(20240531)
 
 
-def forward_backward(op, inputs, gy=None, seed=0, **params):
+def _cuda_state():
+    """(available, simulated): whether device='cuda' works here, and whether it is Numba's simulator."""
+    try:
+        from numba import config, cuda
+        return bool(cuda.is_available()), bool(config.ENABLE_CUDASIM)
+    except Exception:  # numba-cuda missing or broken driver
+        return False, False
+
+
+CUDA_AVAILABLE, CUDA_SIMULATED = _cuda_state()
+needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="numba-cuda or a CUDA device (or its simulator) is missing")
+# Devices the op tests run on; CUDA under the simulator only gets tiny shapes (each thread is a Python thread).
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def forward_backward(op, inputs, gy=None, seed=0, device="cpu", **params):
     """Run ``op(*inputs, **params)`` with every float input requiring grad (integer
     inputs, e.g. pooling indices, become plain tensors; None stays None).
 
+    ``device`` puts every input there (outputs come back as numpy).
     Returns ``(out, grads, gy)``: ``out`` the output as numpy, ``grads`` one numpy
     gradient (or None) per input after ``out.backward(gy)``. ``gy`` defaults to a random
     array of out's shape and dtype. Ops returning (out, indices) are differentiated
@@ -28,7 +54,7 @@ def forward_backward(op, inputs, gy=None, seed=0, **params):
     """
     import cnn_numba as cn
 
-    tensors = [None if a is None else cn.tensor(a, requires_grad=np.asarray(a).dtype.kind == "f")
+    tensors = [None if a is None else cn.tensor(a, requires_grad=np.asarray(a).dtype.kind == "f", device=device)
                for a in inputs]
     res = op(*tensors, **params)
     out = res[0] if isinstance(res, tuple) else res

@@ -295,7 +295,13 @@ def test_missing_data_says_where_it_looked(capsys, tmp_path, monkeypatch):
         assert needle in err
 
 
-def test_cuda_device_is_one_clear_line(capsys, data_dir):
+def test_cuda_device_is_one_clear_line(capsys, data_dir, monkeypatch):
+    """No GPU, no driver: one line, no traceback. (Here CUDA is made unavailable even where the
+    tests run the CUDA kernels on a GPU or on Numba's simulator.)"""
+    from numba import cuda
+    from cnn_numba import backend
+    monkeypatch.setattr(backend, "_cuda_loaded", False)
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
     code, _, err = train_quick(capsys, data_dir, "--device", "cuda", "--epochs", "1")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("cnn-numba: error: device='cuda'")
@@ -344,6 +350,7 @@ def test_python_m_and_example_script(data_dir, tmp_path):
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    no_gpu = {**env, "NUMBA_ENABLE_CUDASIM": "0", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "train_mnist.py"), "--device", "cuda"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, env=no_gpu, cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and "device='cuda'" in done.stderr and "Traceback" not in done.stderr

@@ -65,3 +65,15 @@ def relu_backward(y, gy):
     gx = np.empty(gy.shape, gy.dtype)
     relu_backward_kernel(np.ascontiguousarray(y), np.ascontiguousarray(gy), gx)
     return gx
+
+
+@register("count_outside", CPU)
+def count_outside(a, lo, hi):
+    """How many elements of an integer array lie outside ``[lo, hi)`` (index validation)."""
+    return int(np.count_nonzero((a < lo) | (a >= hi)))
+
+
+@register("count_correct", CPU)
+def count_correct(z, t):
+    """How many rows of logits z (N, K) have their first maximum at the label t (N,)."""
+    return int(np.count_nonzero(z.argmax(1) == t)) if z.size else 0
