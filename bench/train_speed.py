@@ -1,10 +1,13 @@
 """Training-step speed, cnn_numba beside PyTorch: same model, batch size, threads and data.
 
     python bench/train_speed.py [--steps 60] [--save]
+    python bench/train_speed.py --device cuda [--save]     # on a GPU, beside PyTorch + cuDNN
 
 Models: the modern LeNet-5 at batch 64 and resnet8 (He et al.'s CIFAR design, 16/32/64
-channels, BatchNorm) at batch 128, both on 1x28x28 inputs, SGD with momentum, softmax
-cross-entropy. Each side runs ``--warmup`` steps (compilation, allocator warm-up), then
+channels, BatchNorm) at batch 128 (on the GPU: LeNet-5 at 64 and resnet20 at 128, the
+issue's targets), all on 1x28x28 inputs, SGD with momentum, softmax cross-entropy. On the
+GPU both sides keep data, parameters and optimiser state on the device, PyTorch runs with
+TF32 off (float32 like ours), and each timed stretch ends with a device synchronisation. Each side runs ``--warmup`` steps (compilation, allocator warm-up), then
 ``--steps`` timed steps (forward, loss, backward, update) on fixed random batches; the
 epoch time is the per-step time x the 938 (LeNet) or 469 (resnet8) steps of a 60,000-image
 MNIST epoch. Random inputs time the same work as real images. PyTorch runs first, in its
@@ -23,7 +26,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = {"lenet5": 64, "resnet8": 128}
+CASES = {"cpu": {"lenet5": 64, "resnet8": 128}, "cuda": {"lenet5": 64, "resnet20": 128}}
+BLOCKS_PER_STAGE = {"resnet8": 1, "resnet14": 2, "resnet20": 3}
 EPOCH_IMAGES = 60000
 
 
@@ -48,16 +52,20 @@ def torch_model(name):
             y = self.b2(self.c2(self.b1(self.c1(x)).relu()))
             return (y + self.short(x)).relu()
 
-    return tnn.Sequential(tnn.Conv2d(1, 16, 3, 1, 1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU(),
-                          Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2),
+    blocks, cin = [], 16
+    for stage, cout in enumerate((16, 32, 64)):
+        for i in range(BLOCKS_PER_STAGE[name]):
+            blocks.append(Block(cin, cout, 2 if stage and not i else 1))
+            cin = cout
+    return tnn.Sequential(tnn.Conv2d(1, 16, 3, 1, 1, bias=False), tnn.BatchNorm2d(16), tnn.ReLU(), *blocks,
                           tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(64, 10))
 
 
-def child(side: str, name: str, warmup: int, steps: int) -> None:
+def child(side: str, name: str, warmup: int, steps: int, device: str) -> None:
     """Time one model on one side; print a JSON line."""
     import numpy as np
 
-    batch = CASES[name]
+    batch = CASES[device][name]
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((4, batch, 1, 28, 28)).astype(np.float32)
     ys = rng.integers(0, 10, (4, batch))
@@ -66,10 +74,13 @@ def child(side: str, name: str, warmup: int, steps: int) -> None:
         import torch
 
         torch.set_num_threads(numba.get_num_threads())
-        model = torch_model(name)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        dev = "cuda" if device == "cuda" else "cpu"
+        model = torch_model(name).to(dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         loss_fn = torch.nn.CrossEntropyLoss()
-        xs_t, ys_t = torch.from_numpy(xs), torch.from_numpy(ys)
+        xs_t, ys_t = torch.from_numpy(xs).to(dev), torch.from_numpy(ys).to(dev)
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
         def step(i):
             opt.zero_grad()
@@ -81,58 +92,83 @@ def child(side: str, name: str, warmup: int, steps: int) -> None:
         from cnn_numba import models, nn, optim
 
         cn.manual_seed(0)
-        model = getattr(models, name)()
+        model = getattr(models, name)().to(device)
         opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         loss_fn = nn.CrossEntropyLoss()
-        xs_t = [cn.tensor(x) for x in xs]
+        xs_t = [cn.tensor(x, device=device) for x in xs]
+        ys_t = [cn.tensor(y, device=device) for y in ys]
+        if device == "cuda":
+            from numba import cuda
+            sync = cuda.synchronize
+        else:
+            sync = lambda: None  # noqa: E731
 
         def step(i):
             opt.zero_grad()
-            loss = loss_fn(model(xs_t[i % 4]), ys[i % 4])
+            loss = loss_fn(model(xs_t[i % 4]), ys_t[i % 4])
             loss.backward()
             opt.step()
 
     for i in range(warmup):
         step(i)
+    sync()
     t = time.perf_counter()
     for i in range(steps):
         step(i)
+    sync()
     per_step = (time.perf_counter() - t) / steps
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"side": side, "model": name, "batch": batch, "ms_per_step": per_step * 1e3,
                       "epoch_s": per_step * -(-EPOCH_IMAGES // batch), "peak_mb": peak_mb}))
 
 
+def gpu_name() -> str:
+    from numba import cuda
+    name = cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() or "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--save", action="store_true", help="write bench/results/train-<date>.md")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--save", action="store_true", help="write bench/results/train[-cuda]-<date>.md")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(*args.child, args.warmup, args.steps)
+        child(*args.child, args.warmup, args.steps, args.device)
         return 0
+    cases = CASES[args.device]
     try:
-        import torch  # noqa: F401
-        sides = ("torch", "cnn_numba")
+        import torch
+        usable = args.device == "cpu" or torch.cuda.is_available()
     except ImportError:
-        sides = ("cnn_numba",)
+        usable = False
+    sides = ("torch", "cnn_numba") if usable else ("cnn_numba",)
     res = {}
     for side in sides:
-        for name in CASES:
+        for name in cases:
             out = subprocess.run([sys.executable, __file__, "--child", side, name, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup)], capture_output=True, text=True, check=True)
+                                  "--warmup", str(args.warmup), "--device", args.device],
+                                 capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[side, name] = r
             print(f"{side:<9} {name:<8} batch {r['batch']:>3}: {r['ms_per_step']:8.2f} ms/step, "
                   f"epoch {r['epoch_s']:7.1f} s, peak RSS {r['peak_mb']:.0f} MB", file=sys.stderr)
-    lines = [f"# Training speed, {datetime.date.today().isoformat()}", "",
-             f"`python bench/train_speed.py --steps {args.steps}`: {args.steps} timed steps after "
-             f"{args.warmup} warm-up steps; epoch = 60,000 images.", "",
+    where = gpu_name() if args.device == "cuda" else "CPU"
+    lines = [f"# Training speed on {where}, {datetime.date.today().isoformat()}, commit {commit()}", "",
+             f"`python bench/train_speed.py --device {args.device} --steps {args.steps}`: {args.steps} timed "
+             f"steps after {args.warmup} warm-up steps; epoch = 60,000 images.", "",
              "| model | batch | cnn_numba ms/step | torch ms/step | ratio | cnn_numba epoch s | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in CASES:
+    for name in cases:
         ours, theirs = res["cnn_numba", name], res.get(("torch", name))
         ratio = f"{ours['ms_per_step'] / theirs['ms_per_step']:.2f}" if theirs else "—"
         tms = f"{theirs['ms_per_step']:.2f}" if theirs else "—"
@@ -142,7 +178,8 @@ def main(argv=None) -> int:
     print(text)
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"train-{datetime.date.today().isoformat()}.md").write_text(text)
+        kind = "train-cuda" if args.device == "cuda" else "train"
+        (RESULTS / f"{kind}-{datetime.date.today().isoformat()}.md").write_text(text)
     return 0
 
 
