@@ -181,21 +181,26 @@ def pool_arrays(shape: PoolShape, seed: int = 0) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- one pass, numba
 
-def numba_conv_pass(shape: ConvShape, pass_: str, algo: str, a: dict):
-    """A zero-argument callable running one pass of ``shape`` through the launchers."""
+def numba_conv_pass(shape: ConvShape, pass_: str, algo: str, a: dict, device: str = "cpu"):
+    """A zero-argument callable running one pass of ``shape`` through the launchers of
+    ``device`` (the arrays in ``a`` must live there)."""
+    from cnn_numba.backend import check_device, kernel
+
+    check_device(device)
+    fwd, bwd_in, bwd_w = (kernel(f"conv2d_{n}", device) for n in ("forward", "backward_input", "backward_weight"))
     s, p, d = (shape.stride,) * 2, (shape.pad,) * 2, (shape.dilation,) * 2
     g, kk, x, w, gy = shape.groups, (shape.k,) * 2, a["x"], a["w"], a["gy"]
     in_hw, out_hw = (shape.h, shape.w), shape.out_hw
     if shape.transposed:  # the layer is conv2d's adjoint: x plays conv2d's gy, gy plays its x
         return {
-            "fwd": lambda: K.backward_input(x, w, out_hw, s, p, d, g, algo),
-            "gx": lambda: K.forward(gy, w, None, in_hw, s, p, d, g, algo),
-            "gw": lambda: K.backward_weight(gy, x, kk, s, p, d, g, algo),
+            "fwd": lambda: bwd_in(x, w, out_hw, s, p, d, g, algo),
+            "gx": lambda: fwd(gy, w, None, in_hw, s, p, d, g, algo),
+            "gw": lambda: bwd_w(gy, x, kk, s, p, d, g, algo),
         }[pass_]
     return {
-        "fwd": lambda: K.forward(x, w, None, out_hw, s, p, d, g, algo),
-        "gx": lambda: K.backward_input(gy, w, in_hw, s, p, d, g, algo),
-        "gw": lambda: K.backward_weight(x, gy, kk, s, p, d, g, algo),
+        "fwd": lambda: fwd(x, w, None, out_hw, s, p, d, g, algo),
+        "gx": lambda: bwd_in(gy, w, in_hw, s, p, d, g, algo),
+        "gw": lambda: bwd_w(x, gy, kk, s, p, d, g, algo),
     }[pass_]
 
 
@@ -210,11 +215,11 @@ def numba_pool_pass(shape: PoolShape, pass_: str, a: dict):
 
 # ----------------------------------------------------------------------------- one pass, torch
 
-def torch_conv_pass(shape: ConvShape, pass_: str, a: dict):
-    """The same pass through PyTorch (None when torch is not installed)."""
+def torch_conv_pass(shape: ConvShape, pass_: str, a: dict, device: str = "cpu"):
+    """The same pass through PyTorch (None when torch is not installed), on ``device``."""
     if torch is None:
         return None
-    x, w, gy = (torch.from_numpy(a[k]) for k in ("x", "w", "gy"))
+    x, w, gy = (torch.from_numpy(a[k]).to(device) for k in ("x", "w", "gy"))
     s, p, d, g = [shape.stride] * 2, [shape.pad] * 2, [shape.dilation] * 2, shape.groups
     if pass_ == "fwd":
         if shape.transposed:
@@ -238,7 +243,9 @@ def torch_pool_pass(shape: PoolShape, pass_: str, a: dict):
 
 
 def as_numpy(out) -> np.ndarray:
-    return out.numpy() if torch is not None and isinstance(out, torch.Tensor) else np.asarray(out)
+    if torch is not None and isinstance(out, torch.Tensor):
+        return out.cpu().numpy()
+    return out.copy_to_host() if hasattr(out, "copy_to_host") else np.asarray(out)
 
 
 # ----------------------------------------------------------------------------- machine
