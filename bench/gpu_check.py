@@ -52,7 +52,7 @@ def train(device: str, dataset: str, log: Path, data_dir: str | None) -> dict:
     code, out, secs = run(cmd, 900)
     res = {"device": device, "code": code, "seconds": secs, "last": tail(out, 1)}
     if code == 0 and log.exists():
-        res["test_acc"] = json.loads(log.read_text())["test_acc"]
+        res["test_acc"] = json.loads(log.read_text())["test"]["accuracy"]
     return res
 
 

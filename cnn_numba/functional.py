@@ -174,12 +174,13 @@ def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
 
 class MaxPool2d(Function):
     def forward(self, x, *, out_hw, window, stride, pad, dilation):
-        y, self.idx = kernel("max_pool2d_forward", self.device)(x, out_hw, window, stride, pad, dilation)
+        self.args = (window, stride, pad, dilation)
+        y, self.idx = kernel("max_pool2d_forward", self.device)(x, out_hw, *self.args)
         self.in_hw = x.shape[2:]
         return y, self.idx
 
     def backward(self, gy):
-        return (kernel("scatter_planes", self.device)(gy, self.idx, self.in_hw, True),)
+        return (kernel("max_pool2d_backward", self.device)(gy, self.idx, self.in_hw, *self.args),)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):

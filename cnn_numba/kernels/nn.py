@@ -130,48 +130,72 @@ def cross_entropy_backward(z, t, lse, gl, eps, gz):
 
 
 # ----------------------------------------------------------------------------- optimiser steps
+# One element's update is a function of its own, shared with the CUDA kernels (compiled there as
+# a device function, one thread per element). Every scalar that needs arithmetic on the
+# hyper-parameters (1 - dampening, the bias corrections, ...) is computed once per step by the
+# launcher and passed in, so a float32 step on the GPU computes in float32.
 
 @njit(**KERNEL)
-def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, maximize):
-    """PyTorch's SGD: d = g + wd*p; buf = d (first step) or momentum*buf + (1-dampening)*d;
-    d = d + momentum*buf (Nesterov) or buf; p -= lr*d. buf is untouched when momentum is 0."""
-    for i in range(p.size):
-        d = -g[i] if maximize else g[i]
-        if weight_decay != 0.0:
-            d += weight_decay * p[i]
-        if momentum != 0.0:
-            bi = d if first else momentum * buf[i] + (1.0 - dampening) * d
-            buf[i] = bi
-            d = d + momentum * bi if nesterov else bi
-        p[i] -= lr * d
+def sgd_update(i, p, g, buf, lr, momentum, damped, weight_decay, nesterov, first, maximize):
+    """Element i of PyTorch's SGD: d = g + wd*p; buf = d (first step) or momentum*buf + damped*d
+    with damped = 1 - dampening; d = d + momentum*buf (Nesterov) or buf; p -= lr*d.
+    buf is untouched when momentum is 0."""
+    d = -g[i] if maximize else g[i]
+    if weight_decay != 0.0:
+        d += weight_decay * p[i]
+    if momentum != 0.0:
+        bi = d if first else momentum * buf[i] + damped * d
+        buf[i] = bi
+        d = d + momentum * bi if nesterov else bi
+    p[i] -= lr * d
+
+
+def adam_coefficients(lr, beta1, beta2, weight_decay, step):
+    """The per-step scalars of adam_update: (1 - beta1, 1 - beta2, AdamW's shrink 1 - lr*wd,
+    step size lr/(1 - beta1^t), sqrt(1 - beta2^t))."""
+    return (1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay, lr / (1.0 - beta1 ** step),
+            math.sqrt(1.0 - beta2 ** step))
 
 
 @njit(**KERNEL)
-def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step):
-    """PyTorch's Adam (L2 weight decay added to g) and AdamW (decoupled: p *= 1 - lr*wd):
-    m, v moving averages of g and g^2; p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps),
-    with v replaced by its running maximum vmax under amsgrad."""
-    step_size = lr / (1.0 - beta1 ** step)
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+def adam_update(i, p, g, m, v, vmax, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                one_minus_beta1, one_minus_beta2, shrink, step_size, bc2_sqrt):
+    """Element i of PyTorch's Adam (L2 weight decay added to g) and AdamW (decoupled: p *= shrink):
+    m, v moving averages of g and g^2; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps), with v
+    replaced by its running maximum vmax under amsgrad (scalars from adam_coefficients)."""
+    gi = -g[i] if maximize else g[i]
+    if weight_decay != 0.0:
+        if decoupled:
+            p[i] *= shrink
+        else:
+            gi += weight_decay * p[i]
+    m[i] = beta1 * m[i] + one_minus_beta1 * gi
+    v[i] = beta2 * v[i] + one_minus_beta2 * gi * gi
+    vv = v[i]
+    if amsgrad:
+        vmax[i] = max(vmax[i], vv)
+        vv = vmax[i]
+    p[i] -= step_size * m[i] / (math.sqrt(vv) / bc2_sqrt + eps)
+
+
+@njit(**KERNEL)
+def sgd_step(p, *hyper):
+    """sgd_update on every element (arguments after p as for sgd_update)."""
     for i in range(p.size):
-        gi = -g[i] if maximize else g[i]
-        if weight_decay != 0.0:
-            if decoupled:
-                p[i] *= 1.0 - lr * weight_decay
-            else:
-                gi += weight_decay * p[i]
-        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
-        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi
-        vv = v[i]
-        if amsgrad:
-            vmax[i] = max(vmax[i], vv)
-            vv = vmax[i]
-        p[i] -= step_size * m[i] / (math.sqrt(vv) / bc2_sqrt + eps)
+        sgd_update(i, p, *hyper)
+
+
+@njit(**KERNEL)
+def adam_step(p, *hyper):
+    """adam_update on every element (arguments after p as for adam_update)."""
+    for i in range(p.size):
+        adam_update(i, p, *hyper)
 
 
 __all__ = [
     "batch_norm_stats", "batch_norm_forward", "batch_norm_backward",
-    "cross_entropy_forward", "cross_entropy_backward", "sgd_step", "adam_step",
+    "cross_entropy_forward", "cross_entropy_backward", "sgd_update", "adam_coefficients", "adam_update",
+    "sgd_step", "adam_step",
 ]
 
 
@@ -282,7 +306,7 @@ def _flat(a):
 def sgd_step_cpu(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, maximize):
     """Updates p (and buf, when momentum != 0) in place; buf may be None without momentum."""
     buf = np.empty(0, p.dtype) if buf is None else _flat(buf)
-    sgd_step(_flat(p), np.ascontiguousarray(g).reshape(-1), buf, float(lr), float(momentum), float(dampening),
+    sgd_step(_flat(p), np.ascontiguousarray(g).reshape(-1), buf, float(lr), float(momentum), 1.0 - dampening,
              float(weight_decay), bool(nesterov), bool(first), bool(maximize))
 
 
@@ -290,5 +314,6 @@ def sgd_step_cpu(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, fir
 def adam_step_cpu(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step):
     """Updates p, m, v (and vmax under amsgrad) in place; vmax may be None otherwise."""
     vmax = np.empty(0, p.dtype) if vmax is None else _flat(vmax)
-    adam_step(_flat(p), np.ascontiguousarray(g).reshape(-1), _flat(m), _flat(v), vmax, float(lr), float(beta1),
-              float(beta2), float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), float(step))
+    adam_step(_flat(p), np.ascontiguousarray(g).reshape(-1), _flat(m), _flat(v), vmax, float(beta1), float(beta2),
+              float(eps), float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize),
+              *adam_coefficients(float(lr), float(beta1), float(beta2), float(weight_decay), step))

@@ -8,9 +8,10 @@ Contract: every kernel writes (=) its whole output. Parallel loops run over
 (n, c) planes: an iteration owns its output plane, so the scatter inside a plane
 (max-pool backward, unpooling, average-pool backward) is never a race.
 
-Dualities: max-pool backward is unpooling with accumulation (``scatter_planes``
-with ``accumulate=True``); unpooling's backward is a gather through the same
-indices (``gather_planes``). Max pooling keeps nothing but its indices.
+Dualities: max-pool backward (op ``max_pool2d_backward``) is unpooling with
+accumulation (``scatter_planes`` with ``accumulate=True``); unpooling's backward is
+a gather through the same indices (``gather_planes``). Max pooling keeps nothing
+but its indices.
 """
 import numpy as np
 from numba import njit, prange
@@ -176,6 +177,13 @@ def scatter(src, idx, out_hw, accumulate):
     if src.size:
         scatter_planes(src, idx, dst, accumulate)
     return dst
+
+
+@register("max_pool2d_backward", "cpu")
+def max_pool2d_grad(gy, idx, in_hw, kernel, stride, pad, dilation):
+    """Each gradient added at its argmax: a scatter, race-free here as each iteration owns a
+    plane. (The window parameters serve the CUDA kernel, which gathers instead.)"""
+    return scatter(gy, idx, in_hw, True)
 
 
 @register("gather_planes", "cpu")
