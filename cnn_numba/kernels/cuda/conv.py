@@ -1,0 +1,485 @@
+"""CUDA convolution kernels: conv2d forward, input-gradient, weight-gradient, bias-gradient.
+
+Layouts, symbols, the launchers' signatures and the contract (every launcher returns
+a fresh output it wrote with =) are those of the CPU kernels, kernels/conv.py; so are
+the dualities that give conv_transpose2d. Every kernel is a gather over its outputs:
+no atomics, and every sum runs in an order fixed by the launch geometry, so results
+are the same run to run.
+
+Two algorithms, same signatures:
+
+direct   One kernel, ``_correlate``, computes the forward and the input-gradient.
+         A block owns a th x tw tile of output positions of one sample and C_T output
+         channels of one group; each thread accumulates C_T channels x P_T positions in
+         registers. Per chunk of ``cc`` input channels the block stages the input patch
+         its tile reads (((th-1)*s + (kh-1)*d + 1) x (... w ...), zeros in the padding)
+         and the filter slice in shared memory; then each tap is P_T patch loads, C_T
+         filter loads (warp-wide broadcasts) and C_T*P_T FMAs, with no bounds test.
+         The input-gradient is the same correlation run on gy *zero-upsampled* by the
+         stride (a gy value every sh rows and sw columns, read as 0 in between), with
+         the kernel flipped and its in/out channels swapped, stride 1, and the
+         leading padding d*(k-1) - p (any sign): gx[ih] = sum_a gy[(ih + p - a*d)/s] w[a]
+         over the a where the division is exact: the zeros read in between stand for
+         the taps that do not divide. (So at stride s it does sh*sw times the FMAs of
+         a gather that skips them: the price of one kernel for both directions.)
+         The weight-gradient is a reduction per block: a block owns one (o, ci) pair
+         and up to KT taps, its threads stride over the N*OH*OW positions and tree-sum
+         in shared memory; when there are too few blocks for the GPU the positions are
+         split over ``splits`` blocks too, whose partial sums are added in order
+         afterwards. The bias-gradient is the same reduction over gy alone.
+
+im2col   Per chunk of samples (at most COLUMN_ELEMENTS elements of columns):
+           forward          cols = unfold(x);  y_g = w_g @ cols_g (+ b), written straight
+                            into y's (N, CO, OH*OW) planes by the GEMM's panelled view
+           input-gradient   cols_g = w_g^T @ gy_g (gy read in place the same way),
+                            then col2im, a gather: each input element sums the column
+                            entries that read it
+           weight-gradient  cols = unfold(x), gy -> (CO, nb*OH*OW) columns, then
+                            gw_g (=, then +=) gy_g @ cols_g^T, split-K when small
+         with cols (C*KH*KW, nb*OH*OW), group g's rows [g*K, (g+1)*K), K = C/G*KH*KW,
+         and the tiled GEMM of gemm.py (no transpose or sub-matrix is copied).
+
+'auto': see ``auto_algo``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ...backend import register
+from .gemm import _sum_partials, gemm, view, workspace
+from .index import out_range, tap
+from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
+
+if SIMULATOR:  # every thread a Python thread: few of them
+    DIRECT_THREADS, REDUCE_THREADS = 16, 16
+    ROW_BLOCKS = 1               # grid.y of the unfold/fold kernels (they loop over rows)
+    COLUMN_ELEMENTS = 1 << 10    # small, so the tests cross chunk boundaries
+    MIN_BLOCKS, MIN_PER_THREAD = 4, 1
+else:
+    DIRECT_THREADS, REDUCE_THREADS = 128, 256
+    ROW_BLOCKS = 65535           # the grid.y limit
+    COLUMN_ELEMENTS = 1 << 25    # 128 MiB of float32 columns
+    MIN_BLOCKS, MIN_PER_THREAD = 264, 32  # two waves of 132 SMs; positions per thread per split
+P_T, C_T = 4, 4          # direct: positions x channels per thread
+PATCH, FILTER = 4096, 1024   # direct: shared elements for the input patch and the filter slice
+KT = 9                   # weight-gradient: taps per block (a 3x3 kernel in one)
+MAX_GRID = 65535         # the grid.y and grid.z limit
+
+# ----------------------------------------------------------------------------- direct
+
+
+@cuda.jit(device=True, inline=True)
+def _at(i):
+    """Index ``i`` (>= 0) in a form the compiler can see is >= 0, so the access skips
+    Python's negative-index wraparound: a compare and a select per load of an inner loop."""
+    return i & 0x7FFFFFFFFFFFFFFF
+
+
+@cuda.jit(device=True, inline=True)
+def _sampled(i, u, size):
+    """Whether row (or column) i of a plane of ``size`` rows upsampled by u holds a sample."""
+    return i >= 0 and i % u == 0 and i // u < size
+
+
+@jit
+def _correlate(src, w, b, dst, geo, tiling, flip, has_bias):
+    """dst[n, d] = b[d] + sum over the group's source channels j and taps (a, bb) of
+    wt[d, j, a, bb] * up(src)[n, j, tap(r, a), tap(q, bb)]   (see the module docstring).
+
+    geo = (sh, sw, ph, pw, dh, dw, uh, uw, g): the correlation's stride, leading padding,
+    dilation, the source's upsampling and the groups. wt is w (flip=0) or, flip=1, w with
+    its two channel axes swapped and its taps reversed. tiling = (th, tw, cc, tiles_w).
+    """
+    patch = cuda.shared.array(PATCH, src.dtype)
+    filt = cuda.shared.array(FILTER, src.dtype)
+    acc = cuda.local.array((C_T, P_T), src.dtype)
+    val = cuda.local.array(P_T, src.dtype)
+    base = cuda.local.array(P_T, np.int64)
+    sh, sw, ph, pw, dh, dw, uh, uw, g = geo
+    th, tw, cc, tiles_w = tiling
+    kh, kw = w.shape[2], w.shape[3]
+    taps = kh * kw
+    hd, wd = dst.shape[2], dst.shape[3]
+    spg, dpg, cog = src.shape[1] // g, dst.shape[1] // g, w.shape[0] // g
+    t = cuda.threadIdx.x & (DIRECT_THREADS - 1)  # the mask shows the compiler t >= 0 (no wraparound code)
+
+    # This block: group gi, destination channels d0 + [0, nd), the tile at (r0, q0).
+    per_group = (dpg + C_T - 1) // C_T
+    gi = cuda.blockIdx.y // per_group
+    dl = (cuda.blockIdx.y % per_group) * C_T
+    nd = min(C_T, dpg - dl)
+    d0 = gi * dpg + dl
+    r0, q0 = (cuda.blockIdx.x // tiles_w) * th, (cuda.blockIdx.x % tiles_w) * tw
+    prow = (tw - 1) * sw + (kw - 1) * dw + 1                   # the patch's row length
+    plane = ((th - 1) * sh + (kh - 1) * dh + 1) * prow
+    ih0, iw0 = tap(r0, sh, ph, 0, dh), tap(q0, sw, pw, 0, dw)  # its origin in up(src)
+    for u in range(P_T):
+        # position p of the tile; tap (a, bb) of it reads patch[base + a*dh*prow + bb*dw]
+        p = t + u * DIRECT_THREADS
+        pr, pc = p // tw, p % tw
+        base[u] = pr * sh * prow + pc * sw if pr < th else 0
+
+    for n in range(cuda.blockIdx.z, src.shape[0], cuda.gridDim.z):
+        for c in range(C_T):
+            for u in range(P_T):
+                acc[c, u] = 0
+                if has_bias and c < nd:
+                    acc[c, u] = b[d0 + c]
+        for j0 in range(0, spg, cc):
+            ncc = min(cc, spg - j0)
+            cuda.syncthreads()  # the previous chunk's readers are done
+            for e in range(t, ncc * plane, DIRECT_THREADS):
+                cs = gi * spg + j0 + e // plane
+                i, k = ih0 + (e % plane) // prow, iw0 + e % prow
+                patch[e] = 0  # padding, or a row/column of up(src) between two samples
+                if _sampled(i, uh, src.shape[2]) and _sampled(k, uw, src.shape[3]):
+                    patch[e] = src[n, cs, i // uh, k // uw]
+            for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*kh + a)*kw + bb)*C_T + c]
+                c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kw, (e // C_T) % kw
+                filt[e] = 0
+                if c < nd:
+                    if flip:
+                        filt[e] = w[gi * cog + j0 + j, dl + c, kh - 1 - a, kw - 1 - bb]
+                    else:
+                        filt[e] = w[d0 + c, j0 + j, a, bb]
+            cuda.syncthreads()
+            for j in range(ncc):
+                for a in range(kh):
+                    for bb in range(kw):
+                        off = j * plane + a * dh * prow + bb * dw
+                        f = ((j * kh + a) * kw + bb) * C_T
+                        for u in range(P_T):
+                            val[u] = patch[_at(base[u] + off)]
+                        for c in range(C_T):
+                            wv = filt[_at(f + c)]
+                            for u in range(P_T):
+                                acc[c, u] += wv * val[u]
+        for u in range(P_T):
+            p = t + u * DIRECT_THREADS
+            r, q = r0 + p // tw, q0 + p % tw
+            if p < th * tw and r < hd and q < wd:
+                for c in range(C_T):
+                    if c < nd:
+                        dst[n, d0 + c, r, q] = acc[c, u]
+
+
+@cuda.jit(device=True)
+def _tree_sum(red, t, rows):
+    """red[k, 0] = sum over threads of red[k, t] for k < rows, pairwise in a fixed order.
+    Every thread of the block must call it (it synchronises)."""
+    cuda.syncthreads()
+    s = REDUCE_THREADS // 2
+    while s > 0:
+        if t < s:
+            for k in range(rows):
+                red[k, t] += red[k, t + s]
+        cuda.syncthreads()
+        s //= 2
+
+
+@jit
+def _weight_partials(x, gy, geo, part, per_split):
+    """part[z, (o*cig + ci)*taps + tp] = sum over positions [z*per_split, (z+1)*per_split)
+    of the flattened (n, oh, ow) of gy[n, o, oh, ow] * x[n, c, tap(oh, a), tap(ow, bb)],
+    tp = a*kw + bb: block (o, ci) x (KT taps from blockIdx.y*KT) x (slice blockIdx.z).
+
+    geo = (sh, sw, ph, pw, dh, dw, g, kh, kw)."""
+    red = cuda.shared.array((KT, REDUCE_THREADS), x.dtype)
+    acc = cuda.local.array(KT, x.dtype)
+    ta = cuda.local.array(KT, np.int64)
+    tb = cuda.local.array(KT, np.int64)
+    sh, sw, ph, pw, dh, dw, g, kh, kw = geo
+    h, wd = x.shape[2], x.shape[3]
+    oh, ow = gy.shape[2], gy.shape[3]
+    cig, cog, m = x.shape[1] // g, gy.shape[1] // g, oh * ow
+    t = cuda.threadIdx.x & (REDUCE_THREADS - 1)
+    o, ci = cuda.blockIdx.x // cig, cuda.blockIdx.x % cig
+    c = (o // cog) * cig + ci
+    tp0 = cuda.blockIdx.y * KT
+    nt = min(KT, kh * kw - tp0)
+    for k in range(KT):
+        acc[k] = 0
+        ta[k], tb[k] = (tp0 + k) // kw, (tp0 + k) % kw
+    start = cuda.blockIdx.z * per_split
+    for p in range(start + t, min(start + per_split, gy.shape[0] * m), REDUCE_THREADS):
+        i, r, q = p // m, (p % m) // ow, p % ow
+        gv = gy[i, o, r, q]
+        for k in range(KT):
+            if k < nt:
+                ih, iw = tap(r, sh, ph, ta[k], dh), tap(q, sw, pw, tb[k], dw)
+                if 0 <= ih < h and 0 <= iw < wd:
+                    acc[k] += gv * x[i, c, ih, iw]
+    for k in range(KT):
+        red[k, t] = acc[k]
+    _tree_sum(red, t, KT)
+    if t < nt:
+        part[cuda.blockIdx.z, cuda.blockIdx.x * kh * kw + tp0 + t] = red[t, 0]
+
+
+@jit
+def _bias_partials(gy, part, per_split):
+    """part[z, o] = sum of gy[n, o, p] (gy as (N, CO, OH*OW)) over the flattened (n, p) in
+    slice z: block (o, z)."""
+    red = cuda.shared.array((1, REDUCE_THREADS), gy.dtype)
+    t = cuda.threadIdx.x & (REDUCE_THREADS - 1)
+    o, m = cuda.blockIdx.x, gy.shape[2]
+    start = cuda.blockIdx.z * per_split
+    red[0, t] = 0
+    for p in range(start + t, min(start + per_split, gy.shape[0] * m), REDUCE_THREADS):
+        red[0, t] += gy[p // m, o, p % m]
+    _tree_sum(red, t, 1)
+    if t == 0:
+        part[cuda.blockIdx.z, o] = red[0, 0]
+
+
+# ----------------------------------------------------------------------------- im2col
+
+
+@jit
+def _im2col(x, n0, cols, geo, oh, ow):
+    """cols[(c*kh + a)*kw + bb, i*oh*ow + r*ow + q] = x[n0 + i, c, tap(r, a), tap(q, bb)], 0 in
+    the padding, for every channel c. Grid: (pixels, rows, samples i).
+
+    geo = (sh, sw, ph, pw, dh, dw, kh, kw)."""
+    sh, sw, ph, pw, dh, dw, kh, kw = geo
+    p, i, m = cuda.grid(1), cuda.blockIdx.z, oh * ow
+    if p < m:
+        r, q = p // ow, p % ow
+        for row in range(cuda.blockIdx.y, cols.shape[0], cuda.gridDim.y):
+            c, a, bb = row // (kh * kw), (row // kw) % kh, row % kw
+            ih, iw = tap(r, sh, ph, a, dh), tap(q, sw, pw, bb, dw)
+            cols[row, i * m + p] = 0
+            if 0 <= ih < x.shape[2] and 0 <= iw < x.shape[3]:
+                cols[row, i * m + p] = x[n0 + i, c, ih, iw]
+
+
+@jit
+def _col2im(cols, gx, n0, geo, oh, ow):
+    """gx[n0 + i, c] = the adjoint of _im2col, as a gather: each input element sums the
+    column entries that read it. Grid: (pixels, channels, samples i)."""
+    sh, sw, ph, pw, dh, dw, kh, kw = geo
+    h, wd = gx.shape[2], gx.shape[3]
+    p, i, m = cuda.grid(1), cuda.blockIdx.z, oh * ow
+    if p < h * wd:
+        ih, iw = p // wd, p % wd
+        for c in range(cuda.blockIdx.y, gx.shape[1], cuda.gridDim.y):
+            s = gx.dtype.type(0)
+            for a in range(kh):
+                # the output row that reads ih through tap a: the (at most one) output whose
+                # tap a lands in the one-row window [ih, ih + 1)
+                r0, r1 = out_range(a, sh, ph + ih, dh, 1, oh)
+                if r0 < r1:
+                    for bb in range(kw):
+                        q0, q1 = out_range(bb, sw, pw + iw, dw, 1, ow)
+                        if q0 < q1:
+                            s += cols[(c * kh + a) * kw + bb, i * m + r0 * ow + q0]
+            gx[n0 + i, c, ih, iw] = s
+
+
+@jit
+def _planes_to_columns(y, n0, out):
+    """out[o, i*m + p] = y[n0 + i, o, p]: planes of y (N, C, m) as one (C, nb*m) matrix.
+    Grid: (pixels, channels, samples i)."""
+    p, i, m = cuda.grid(1), cuda.blockIdx.z, y.shape[2]
+    if p < m:
+        for o in range(cuda.blockIdx.y, y.shape[1], cuda.gridDim.y):
+            out[o, i * m + p] = y[n0 + i, o, p]
+
+
+@jit
+def _add_channel_bias(y, b, m):
+    """y[n, c, p] += b[c], y flat."""
+    e = cuda.grid(1)
+    if e < y.size:
+        y[e] += b[(e // m) % b.size]
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def auto_algo(c, co, g, kh, kw):
+    """'auto': direct when a group has at most 32 output channels (the GEMM's tiles are 128
+    rows: a smaller M wastes most of each) or each output reads fewer than 16 inputs
+    (depthwise); im2col otherwise. The same rule for the three passes of a layer."""
+    return "direct" if co // g <= 32 or (c // g) * kh * kw < 16 else "im2col"
+
+
+def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
+    """Direct correlation tile (th, tw, cc, tiles_w): up to P_T*DIRECT_THREADS positions,
+    rows of at most 64, halved until the input patch fits PATCH; None when even a single
+    output's receptive field (or the filter slice) does not fit."""
+    if C_T * kh * kw > FILTER:
+        return None
+    tw = min(wd, 64)
+    th = min(hd, max(1, P_T * DIRECT_THREADS // tw))
+
+    def plane(th, tw):
+        return ((th - 1) * sh + (kh - 1) * dh + 1) * ((tw - 1) * sw + (kw - 1) * dw + 1)
+
+    while plane(th, tw) > PATCH and th * tw > 1:
+        if th > 1:
+            th = (th + 1) // 2
+        else:
+            tw = (tw + 1) // 2
+    if plane(th, tw) > PATCH:
+        return None
+    cc = min(spg, PATCH // plane(th, tw), FILTER // (C_T * kh * kw))
+    return th, tw, cc, blocks(wd, tw)
+
+
+def _correlate_launch(src, w, b, dst, stride, pad, dilation, up, g, flip):
+    """Run _correlate; False (nothing done) when the receptive field is too large for it."""
+    n, (hd, wd) = src.shape[0], dst.shape[2:]
+    tiling = _tiling(hd, wd, w.shape[2], w.shape[3], *stride, *dilation, src.shape[1] // g)
+    if tiling is None:
+        return False
+    th, tw, _, tiles_w = tiling
+    grid = (blocks(hd, th) * tiles_w, g * blocks(dst.shape[1] // g, C_T), min(n, MAX_GRID))
+    geo = (*stride, *pad, *dilation, *up, g)
+    launch_grid(_correlate, grid, DIRECT_THREADS, src, w, dst if b is None else b, dst, geo, tiling, int(flip),
+                int(b is not None))
+    return True
+
+
+def _reduce_splits(nblocks, total):
+    """Slices of the positions per output, so a reduction has about MIN_BLOCKS blocks:
+    (splits, per_split)."""
+    want = blocks(MIN_BLOCKS, nblocks) if nblocks < MIN_BLOCKS else 1
+    splits = max(1, min(want, total // (REDUCE_THREADS * MIN_PER_THREAD), MAX_GRID))
+    per = max(1, blocks(total, splits))
+    return blocks(total, per) if total else 1, per
+
+
+def _reduce(kernel, out, grid_xy, total, *args):
+    """Run a partial-sum kernel with grid (grid_xy, splits) writing ``out`` (flat): straight
+    into ``out`` when one slice suffices, else into partial rows added in slice order."""
+    splits, per = _reduce_splits(grid_xy[0] * grid_xy[1], total)
+    size = out.size
+    part = out.reshape(1, size) if splits == 1 else workspace("conv-partials", splits * size, out.dtype).reshape(
+        splits, size)
+    launch_grid(kernel, (*grid_xy, splits), REDUCE_THREADS, *args, part, per)
+    if splits > 1:
+        launch(_sum_partials, size, part, flat(out), 0, 0)
+
+
+def _chunks(n, rows, m, dtype, bound=0):
+    """The im2col passes over a batch: (n0, nc, cols) for samples [n0, n0 + nc) with their
+    column buffer cols (rows, nc*m); a pass holds at most COLUMN_ELEMENTS elements of
+    max(rows, bound) rows (at least one sample)."""
+    nb = max(1, min(n, MAX_GRID, COLUMN_ELEMENTS // max(1, rows * m, bound * m)))
+    buf = workspace("conv-columns", rows * nb * m, dtype)
+    for n0 in range(0, n, nb):
+        nc = min(nb, n - n0)
+        yield n0, nc, buf[:rows * nc * m].reshape(rows, nc * m)
+
+
+def _fold_grid(m, rows, nc):
+    """Grid of the unfold/fold kernels: (pixels, rows looped over, samples)."""
+    return blocks(m, BLOCK), min(rows, ROW_BLOCKS), nc
+
+
+def _forward_im2col(x, w, b, y, stride, pad, dilation, g):
+    (n, c), (co, cig, kh, kw), (oh, ow) = x.shape[:2], w.shape, y.shape[2:]
+    cog, k, m, geo = co // g, cig * kh * kw, oh * ow, (*stride, *pad, *dilation, kh, kw)
+    for n0, nc, cols in _chunks(n, c * kh * kw, m, x.dtype):
+        launch_grid(_im2col, _fold_grid(m, c * kh * kw, nc), BLOCK, x, n0, cols, geo, oh, ow)
+        for gi in range(g):  # y[n0:n0+nc, group gi] = w_g @ cols_g (+ b), through y's planes
+            gemm(cog, nc * m, k, flat(w), view(k, off=gi * cog * k), flat(cols), view(nc * m, off=gi * k * nc * m),
+                 flat(y), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
+                 bias=b, vbias=(gi * cog, 1, 0))
+
+
+def _backward_input_im2col(gy, w, gx, stride, pad, dilation, g):
+    (n, c), (co, cig, kh, kw), (oh, ow) = gx.shape[:2], w.shape, gy.shape[2:]
+    cog, k, m, geo = co // g, cig * kh * kw, oh * ow, (*stride, *pad, *dilation, kh, kw)
+    for n0, nc, cols in _chunks(n, c * kh * kw, m, gy.dtype):
+        for gi in range(g):  # cols_g = w_g^T @ gy[n0:n0+nc, group gi]
+            gemm(k, nc * m, cog, flat(w), view(k, off=gi * cog * k, trans=True),
+                 flat(gy), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
+                 flat(cols), view(nc * m, off=gi * k * nc * m))
+        launch_grid(_col2im, _fold_grid(gx.shape[2] * gx.shape[3], c, nc), BLOCK, cols, gx, n0, geo, oh, ow)
+
+
+def _backward_weight_im2col(x, gy, gw, stride, pad, dilation, g):
+    (n, c), (co, cig, kh, kw), (oh, ow) = x.shape[:2], gw.shape, gy.shape[2:]
+    cog, k, m, geo = co // g, cig * kh * kw, oh * ow, (*stride, *pad, *dilation, kh, kw)
+    for n0, nc, cols in _chunks(n, c * kh * kw, m, x.dtype, bound=co):
+        gyc = workspace("conv-gy-columns", co * nc * m, x.dtype).reshape(co, nc * m)
+        launch_grid(_im2col, _fold_grid(m, c * kh * kw, nc), BLOCK, x, n0, cols, geo, oh, ow)
+        launch_grid(_planes_to_columns, _fold_grid(m, co, nc), BLOCK, gy.reshape(n, co, m), n0, gyc)
+        for gi in range(g):  # gw_g (=, then +=) gy_g @ cols_g^T
+            gemm(cog, k, nc * m, flat(gyc), view(nc * m, off=gi * cog * nc * m),
+                 flat(cols), view(nc * m, off=gi * k * nc * m, trans=True),
+                 flat(gw), view(k, off=gi * cog * k), accumulate=n0 > 0)
+
+
+def _run(algo, which, arrays, stride, pad, dilation, g, w_shape, c):
+    """Pass ``which`` (0 forward, 1 input-, 2 weight-gradient) with 'auto' resolved. Direct
+    falls back to im2col when a receptive field does not fit its shared patch."""
+    kh, kw = w_shape[2], w_shape[3]
+    if algo == "auto":
+        algo = auto_algo(c, w_shape[0], g, kh, kw)
+    if algo == "direct":
+        if which == 0:
+            x, w, b, y = arrays
+            if _correlate_launch(x, w, b, y, stride, pad, dilation, (1, 1), g, flip=False):
+                return
+        elif which == 1:  # the forward of gy upsampled by the stride, flipped kernel, full padding
+            gy, w, gx = arrays
+            full = (dilation[0] * (kh - 1) - pad[0], dilation[1] * (kw - 1) - pad[1])
+            if _correlate_launch(gy, w, None, gx, (1, 1), full, dilation, stride, g, flip=True):
+                return
+        else:
+            x, gy, gw = arrays
+            geo = (*stride, *pad, *dilation, g, kh, kw)
+            _reduce(_weight_partials, gw, (gw.shape[0] * gw.shape[1], blocks(kh * kw, KT)),
+                    x.shape[0] * gy.shape[2] * gy.shape[3], x, gy, geo)
+            return
+    (_forward_im2col, _backward_input_im2col, _backward_weight_im2col)[which](*arrays, stride, pad, dilation, g)
+
+
+@register("conv2d_forward", "cuda")
+def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
+    """y (N, CO, OH, OW); ``pad`` is the leading (top, left) padding."""
+    n, c = x.shape[:2]
+    y = empty((n, w.shape[0]) + tuple(out_hw), x.dtype)
+    if n:
+        _run(algo, 0, (x, w, b, y), stride, pad, dilation, groups, w.shape, c)
+    return y
+
+
+@register("conv2d_backward_input", "cuda")
+def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
+    """gx (N, CI, H, W) from gy (N, CO, OH, OW); also conv_transpose2d's forward."""
+    n = gy.shape[0]
+    gx = empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
+    if n:
+        _run(algo, 1, (gy, w, gx), stride, pad, dilation, groups, w.shape, gx.shape[1])
+    return gx
+
+
+@register("conv2d_backward_weight", "cuda")
+def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
+    """gw (CO, CI/G, KH, KW); also conv_transpose2d's weight-gradient with x and gy swapped.
+    An empty batch goes to the direct reduction, which writes its zeros."""
+    gw = empty((gy.shape[1], x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
+    algo = algo if x.shape[0] else "direct"
+    _run(algo, 2, (x, gy, gw), stride, pad, dilation, groups, gw.shape, x.shape[1])
+    return gw
+
+
+@register("conv2d_backward_bias", "cuda")
+def backward_bias(gy):
+    n, co = gy.shape[:2]
+    gb = empty((co,), gy.dtype)
+    m = int(np.prod(gy.shape[2:]))
+    _reduce(_bias_partials, gb, (co, 1), n * m, gy.reshape(n, co, m))
+    return gb
+
+
+@register("add_channel_bias", "cuda")
+def add_channel_bias(y, b):
+    """y += b per channel, in place; returns y."""
+    launch(_add_channel_bias, y.size, flat(y), b, int(np.prod(y.shape[2:])))
+    return y
