@@ -38,8 +38,16 @@ def _cuda_state():
 
 CUDA_AVAILABLE, CUDA_SIMULATED = _cuda_state()
 needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="numba-cuda or a CUDA device (or its simulator) is missing")
-# Devices the op tests run on; CUDA under the simulator only gets tiny shapes (each thread is a Python thread).
-DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+# Devices the op tests (the conv/pool grids of test_conv*.py and test_pool.py) run on: CUDA too on a
+# real GPU. Under the simulator those grids would take an hour (each thread is a Python thread), so
+# there the CUDA kernels get their own tiny-shape tests (test_cuda_*.py), which run everywhere.
+# CNN_NUMBA_TEST_DEVICES=cpu,cuda forces the list (e.g. a few grid cases on the simulator with -k).
+DEVICES = os.environ.get("CNN_NUMBA_TEST_DEVICES", "cpu,cuda" if CUDA_AVAILABLE and not CUDA_SIMULATED else "cpu").split(",")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
 
 
 def forward_backward(op, inputs, gy=None, seed=0, device="cpu", **params):

@@ -103,9 +103,9 @@ def test_reference_matches_torch(rng, case):
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_conv2d_forward_and_grads(rng, case, dtype, algo):
+def test_conv2d_forward_and_grads(rng, case, dtype, algo, device):
     x, w, b, kw = _inputs(rng, case, dtype)
-    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo=algo, **kw)
+    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo=algo, device=device, **kw)
     assert out.dtype == dtype
     R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
     rgx, rgw, rgb = R.conv2d_grads(x, w, gy, **kw)

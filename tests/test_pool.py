@@ -58,15 +58,15 @@ def test_reference_max_pool_matches_torch(rng, case):
 @pytest.mark.parametrize("kind", ["distinct", "ties", "nan"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", MAX_CASES, ids=MAX_IDS)
-def test_max_pool2d_forward_indices_and_grad(rng, case, dtype, kind):
+def test_max_pool2d_forward_indices_and_grad(rng, case, dtype, kind, device):
     shape, kw = case
     x = _pool_data(rng, shape, kind, dtype)
     ref, ref_idx = R.max_pool2d(x, **kw)
-    out, idx = F.max_pool2d(x, return_indices=True, **kw)
+    out, idx = F.max_pool2d(cn.tensor(x, device=device), return_indices=True, **kw)
     assert isinstance(idx, cn.Tensor) and idx.dtype == np.int64
     np.testing.assert_array_equal(idx.numpy(), ref_idx)
     R.assert_close(out.numpy(), ref, dtype)
-    got, (gx,), gy = forward_backward(F.max_pool2d, (x,), **kw)
+    got, (gx,), gy = forward_backward(F.max_pool2d, (x,), device=device, **kw)
     R.assert_close(got, ref, dtype)
     R.assert_close(gx, R.max_pool2d_grad(gy, ref_idx, shape), dtype, "gx")
 
@@ -241,10 +241,10 @@ def test_reference_avg_pool_matches_torch(rng, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", AVG_CASES, ids=AVG_IDS)
-def test_avg_pool2d_forward_and_grad(rng, case, dtype):
+def test_avg_pool2d_forward_and_grad(rng, case, dtype, device):
     kw = _avg_kw(case)
     x = random(rng, case[0], dtype)
-    out, (gx,), gy = forward_backward(F.avg_pool2d, (x,), **kw)
+    out, (gx,), gy = forward_backward(F.avg_pool2d, (x,), device=device, **kw)
     assert out.dtype == dtype and gx.dtype == dtype
     R.assert_close(out, R.avg_pool2d(x, **kw), dtype, "y")
     R.assert_close(gx, R.avg_pool2d_grad(gy, x.shape, **kw), dtype, "gx")
@@ -277,10 +277,10 @@ ADAPTIVE_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ADAPTIVE_CASES, ids=[str(c[1]) for c in ADAPTIVE_CASES])
-def test_adaptive_avg_pool2d_forward_and_grad(rng, case, dtype):
+def test_adaptive_avg_pool2d_forward_and_grad(rng, case, dtype, device):
     shape, osz = case
     x = random(rng, shape, dtype)
-    out, (gx,), gy = forward_backward(F.adaptive_avg_pool2d, (x,), output_size=osz)
+    out, (gx,), gy = forward_backward(F.adaptive_avg_pool2d, (x,), output_size=osz, device=device)
     assert out.dtype == dtype
     R.assert_close(out, R.adaptive_avg_pool2d(x, osz), dtype, "y")
     R.assert_close(gx, R.adaptive_avg_pool2d_grad(gy, shape), dtype, "gx")

@@ -18,6 +18,7 @@ from numba import cuda, float64
 
 from ...backend import register
 from .launch import BLOCK, empty, flat, is_device_array, jit, launch, launch_grid, scalar
+from .reduce import block_reduce
 
 CUDA = "cuda"
 
@@ -208,22 +209,14 @@ REDUCE_BLOCK = BLOCK  # threads of the single block that sums a whole array
 
 @jit
 def _sum_all(a, out):
-    """One block: each thread sums a strided slice, then a tree in shared memory."""
+    """One block: each thread sums a strided slice, then the block's tree."""
     part = cuda.shared.array(REDUCE_BLOCK, float64)
-    t = cuda.threadIdx.x
     acc = float64(0.0)
-    for i in range(t, a.size, REDUCE_BLOCK):
+    for i in range(cuda.threadIdx.x, a.size, REDUCE_BLOCK):
         acc += a[i]
-    part[t] = acc
-    cuda.syncthreads()
-    step = REDUCE_BLOCK // 2
-    while step > 0:
-        if t < step:
-            part[t] += part[t + step]
-        cuda.syncthreads()
-        step //= 2
-    if t == 0:
-        out[0] = part[0]
+    acc = block_reduce(part, acc, False)
+    if cuda.threadIdx.x == 0:
+        out[0] = acc
 
 
 @register("sum", CUDA)

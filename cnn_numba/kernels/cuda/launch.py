@@ -9,6 +9,10 @@ float32 kernel never computes in float64).
 Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before numba is
 imported; CI has no GPU) every thread is a Python thread: blocks are kept small
 there so tests on tiny shapes stay fast. Kernel code is identical in both.
+
+Numba's on-disk cache checks only the source file of the kernel itself: after editing
+a helper that kernels in another module compile in (kernels/index.py, the optimiser
+updates in kernels/nn.py), delete the ``__pycache__`` folders so no stale kernel loads.
 """
 from __future__ import annotations
 

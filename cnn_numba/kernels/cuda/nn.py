@@ -25,30 +25,13 @@ from numba import cuda, float64
 from ...backend import register
 from .. import nn as _cpu
 from .launch import SIMULATOR, device_function, empty, flat, is_device_array, jit, launch, launch_grid, scalar
+from .reduce import block_reduce
 
 CUDA = "cuda"
 # Threads of a per-channel block and of a per-row block (one warp), powers of two. The
 # simulator pays for every thread at every barrier of a tree, so it gets smaller blocks.
 REDUCE = 8 if SIMULATOR else 256
 ROW = 8 if SIMULATOR else 32
-
-
-@device_function
-def _block_reduce(buf, value, maximum):
-    """The sum (or, with ``maximum``, the max) of ``value`` over the block's threads, returned to
-    every thread: a tree in shared memory ``buf``, one slot per thread, in a fixed order."""
-    t = cuda.threadIdx.x
-    buf[t] = value
-    cuda.syncthreads()
-    half = buf.shape[0] // 2
-    while half > 0:
-        if t < half:
-            buf[t] = max(buf[t], buf[t + half]) if maximum else buf[t] + buf[t + half]
-        cuda.syncthreads()
-        half //= 2
-    total = buf[0]
-    cuda.syncthreads()  # everyone has read buf[0] before the next reduction overwrites it
-    return total
 
 
 @device_function
@@ -127,14 +110,14 @@ def _bn_stats(x, n, c, l, mean, var):
         row = (i * c + ch) * l
         for k in range(row + j0, row + l, dj):
             s += x[k]
-    mu = _block_reduce(buf, s, False) / m
+    mu = block_reduce(buf, s, False) / m
     ss = 0.0
     for i in range(i0, n, di):
         row = (i * c + ch) * l
         for k in range(row + j0, row + l, dj):
             d = x[k] - mu
             ss += d * d
-    v = _block_reduce(buf, ss, False) / m
+    v = block_reduce(buf, ss, False) / m
     if t == 0:
         mean[ch] = mu
         var[ch] = v
@@ -181,8 +164,8 @@ def _bn_backward(gy, x, n, c, l, mean, invstd, w, training, gx, gw, gb):
             g = gy[k]
             sg += g
             sgx += g * (x[k] - mu)
-    sg = _block_reduce(buf, sg, False)
-    sgx = _block_reduce(buf, sgx, False)
+    sg = block_reduce(buf, sg, False)
+    sgx = block_reduce(buf, sgx, False)
     if t == 0:
         gw[ch] = sgx * istd
         gb[ch] = sg
@@ -249,14 +232,14 @@ def _ce_forward(z, t, eps, loss, lse):
     mx = -math.inf
     for j in range(tid, k, ROW):
         mx = max(mx, z[i, j])
-    mx = _block_reduce(buf, mx, True)
+    mx = block_reduce(buf, mx, True)
     s = 0.0
     zs = 0.0
     for j in range(tid, k, ROW):
         s += math.exp(z[i, j] - mx)
         zs += z[i, j]
-    s = _block_reduce(buf, s, False)
-    zs = _block_reduce(buf, zs, False)
+    s = block_reduce(buf, s, False)
+    zs = block_reduce(buf, zs, False)
     if tid == 0:
         lz = mx + math.log(s)
         lse[i] = lz
