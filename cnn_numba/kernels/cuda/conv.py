@@ -329,13 +329,15 @@ def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
 
 
 def _correlate_launch(src, w, b, dst, stride, pad, dilation, up, g, flip):
-    """Run _correlate; False (nothing done) when the receptive field is too large for it."""
+    """Run _correlate; False (nothing done) when the receptive field is too large for it, or
+    there are more channel blocks than a grid's y dimension holds."""
     n, (hd, wd) = src.shape[0], dst.shape[2:]
     tiling = _tiling(hd, wd, w.shape[2], w.shape[3], *stride, *dilation, src.shape[1] // g)
-    if tiling is None:
+    channel_blocks = g * blocks(dst.shape[1] // g, C_T)
+    if tiling is None or channel_blocks > MAX_GRID:
         return False
     th, tw, _, tiles_w = tiling
-    grid = (blocks(hd, th) * tiles_w, g * blocks(dst.shape[1] // g, C_T), min(n, MAX_GRID))
+    grid = (blocks(hd, th) * tiles_w, channel_blocks, min(n, MAX_GRID))
     geo = (*stride, *pad, *dilation, *up, g)
     launch_grid(_correlate, grid, DIRECT_THREADS, src, w, dst if b is None else b, dst, geo, tiling, int(flip),
                 int(b is not None))
