@@ -448,7 +448,8 @@ def tanh(input) -> Tensor:
 
 def dropout(input, p: float = 0.5, training: bool = True) -> Tensor:
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
-    The mask comes from cnn_numba's generator (``cnn_numba.manual_seed``)."""
+    The mask comes from cnn_numba's generator (``cnn_numba.manual_seed``), drawn on the host
+    and copied to the input's device, so a seed gives the same mask on every device."""
     x = _float(input, "input")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
