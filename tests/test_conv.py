@@ -217,3 +217,20 @@ def test_conv2d_propagates_nan_and_inf():
     for algo in ("direct", "im2col"):
         y = F.conv2d(x, w, algo=algo).numpy()[0, 0]
         assert np.isnan(y[0, 0]) and np.isinf(y[1, 1]) and y[0, 1] == 4 and y[1, 0] == 4
+
+
+def test_blas_gemm_on_windows_and_its_bounds_check():
+    """kernels/blas.gemm: strided windows, transposes, beta; a window past an array's end is
+    an IndexError, never a read of foreign memory."""
+    from cnn_numba.kernels.blas import gemm
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        big = rng.standard_normal(200).astype(dtype)
+        a = big[5:5 + 3 * 10].reshape(3, 10)[:, :4]          # (3, 4) window, row stride 10
+        bt = big[50:50 + 5 * 8].reshape(5, 8)[:, :4]        # B^T (5, 4), row stride 8
+        c = rng.standard_normal((3, 7)).astype(dtype)
+        expect = a.astype(np.float64) @ bt.T.astype(np.float64) + 0.5 * c[:, :5]
+        gemm(False, True, 3, 5, 4, big, 5, 10, big, 50, 8, 0.5, c.reshape(-1), 0, 7)
+        np.testing.assert_allclose(c[:, :5], expect, rtol=1e-5)
+        with pytest.raises(IndexError, match="past the end"):
+            gemm(False, False, 3, 5, 4, big, 190, 10, big, 0, 5, 0.0, c.reshape(-1), 0, 7)

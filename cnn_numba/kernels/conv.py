@@ -26,6 +26,9 @@ Two algorithms, same signatures:
                forward          y_g   = w_g   @ cols
                backward_input   cols  = w_g^T @ gy_g,   then col2im (a gather)
                backward_weight  gw_g += gy_g  @ cols^T
+             At stride 1 forward and weight-gradient unfold only the kw column shifts
+             and take the kh row shifts through the BLAS leading dimension
+             (kernels/blas.py; "im2col, stride 1" below).
 Parallel loops run over outputs only (an output plane, a weight slice, a column
 row): no two iterations write the same element.
 """
@@ -33,6 +36,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..backend import register
+from .blas import gemm
 from .index import axpy, dot, out_range, tap
 
 # Reassociation lets LLVM vectorise the reductions; no 'nnan'/'ninf', NaN propagates.
@@ -135,10 +139,12 @@ def conv2d_backward_bias(gy, gb):
 
 @njit(**KERNEL)
 def pad_planes(x, c0, xp, ph, pw):
-    """xp (cg, hp, wp) = x[c0:c0+cg] shifted by (ph, pw) into zeros; x (C, H, W)."""
+    """xp (cg, hp, wp) = x[c0:c0+cg] shifted by (ph, pw) into zeros; x (C, H, W).
+
+    Writes the interior only: callers zero xp once (a buffer reused with the same sizes
+    keeps its zero border)."""
     h, wd = x.shape[1], x.shape[2]
     hp, wp = xp.shape[1], xp.shape[2]
-    xp[:] = 0
     r0, r1 = max(0, ph), min(hp, h + ph)
     q0, q1 = max(0, pw), min(wp, wd + pw)
     for ci in range(xp.shape[0]):
@@ -173,7 +179,7 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     oh, ow = y.shape[2], y.shape[3]
     cog = co // g
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
-    xp_buf = np.empty((slots, cig, hp, wp), x.dtype)
+    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     acc_buf = np.empty((slots, 4, oh * wp), x.dtype)
     for tid in prange(slots):
         xp, acc = xp_buf[tid], acc_buf[tid]
@@ -223,7 +229,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
-    xp_buf = np.empty((slots, cig, hp, wp), x.dtype)
+    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     gyw_buf = np.zeros((slots, 4, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
     partial = np.zeros((slots, co, cig, kh, kw), x.dtype)
     for tid in prange(slots):
@@ -417,6 +423,117 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     gw.reshape(co, k)[:, :] = partial.sum(axis=0)
 
 
+# ----------------------------------------------------------------------------- im2col, stride 1
+#
+# At stride 1 the unfolded columns of tap (a, bb) are the padded plane read from offset
+# a*dh*wp + bb*dw on "wide" rows (the flat runs of the direct kernels above). So the
+# kw column shifts are copied once, shifted[ci*kw + bb, j] = xp[ci].flat[bb*dw + j], and
+# the kh row shifts cost nothing: tap row a's columns are ``shifted`` read from column
+# a*dh*wp on, a window a BLAS product takes through its leading dimension. A pass is then
+# kh products with K = cig*kw, accumulated (beta = 1) on wide output rows, and the
+# unfolded copy is kw times the input instead of kh*kw times. Weights are rearranged to
+# w3 (kh, CO, CI/G*kw): w3[a, o, ci*kw + bb] = w[o, ci, a, bb].
+
+@njit(**KERNEL)
+def shift_columns(xp, shifted, kw, dw):
+    """shifted[ci*kw + bb, :] = xp[ci].flat[bb*dw:][:L], L = shifted's row length."""
+    cig, length = xp.shape[0], shifted.shape[1]
+    for ci in range(cig):
+        src = xp[ci].reshape(xp.shape[1] * xp.shape[2])
+        for bb in range(kw):
+            shifted[ci * kw + bb] = src[bb * dw:bb * dw + length]
+
+
+@njit(cache=True)
+def _shift_sizes(oh, ow, kh, kw, dh, dw):
+    """(hp, wp, run, L): padded plane, flat output run, and the shifted rows' length,
+    the longest that every tap row's window (a*dh*wp + run <= L) and every shift fit."""
+    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    return hp, wp, run, hp * wp - (kw - 1) * dw
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
+    """Stride-1 forward as kh products per (sample, group): y_g = sum_a w3[a]_g @ shifted(a)."""
+    n, c = x.shape[0], x.shape[1]
+    kh, co, k = w3.shape
+    cig, cog = c // g, co // g
+    kw = k // cig
+    oh, ow = y.shape[2], y.shape[3]
+    hp, wp, run, length = _shift_sizes(oh, ow, kh, kw, dh, dw)
+    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    sh_buf = np.empty((slots, k, length), x.dtype)
+    out_buf = np.empty((slots, cog, oh * wp), x.dtype)
+    wf = w3.reshape(kh * co * k)
+    for tid in prange(slots):
+        xp, shifted, out = xp_buf[tid], sh_buf[tid], out_buf[tid]
+        sf, of = shifted.reshape(k * length), out.reshape(cog * oh * wp)
+        for t in range(tid, n * g, slots):
+            i, gi = t // g, t % g
+            pad_planes(x[i], gi * cig, xp, ph, pw)
+            shift_columns(xp, shifted, kw, dw)
+            for a in range(kh):
+                gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
+                     0.0 if a == 0 else 1.0, of, 0, oh * wp)
+            for o in range(cog):
+                bias = b[gi * cog + o]
+                for r in range(oh):
+                    src, dst = out[o, r * wp:r * wp + ow], y[i, gi * cog + o, r]
+                    for q in range(ow):
+                        dst[q] = src[q] + bias
+
+
+@njit(parallel=True, **KERNEL)
+def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
+    """Stride-1 weight-gradient: gw3[a]_g += gy_g (wide rows) @ shifted(a)^T per sample,
+    in per-slot partial sums."""
+    n, c = x.shape[0], x.shape[1]
+    kh, co, k = gw3.shape
+    cig, cog = c // g, co // g
+    kw = k // cig
+    oh, ow = gy.shape[2], gy.shape[3]
+    hp, wp, run, length = _shift_sizes(oh, ow, kh, kw, dh, dw)
+    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    sh_buf = np.empty((slots, k, length), x.dtype)
+    gyw_buf = np.zeros((slots, cog, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
+    partial = np.zeros((slots, kh * co * k), x.dtype)
+    for tid in prange(slots):
+        xp, shifted, gyw, part = xp_buf[tid], sh_buf[tid], gyw_buf[tid], partial[tid]
+        sf, gf = shifted.reshape(k * length), gyw.reshape(cog * oh * wp)
+        for t in range(tid, n * g, slots):
+            i, gi = t // g, t % g
+            pad_planes(x[i], gi * cig, xp, ph, pw)
+            shift_columns(xp, shifted, kw, dw)
+            for o in range(cog):
+                for r in range(oh):
+                    gyw[o, r * wp:r * wp + ow] = gy[i, gi * cog + o, r]
+            for a in range(kh):
+                gemm(False, True, cog, k, run, gf, 0, oh * wp, sf, a * dh * wp, length,
+                     1.0, part, (a * co + gi * cog) * k, k)
+    gw3.reshape(kh * co * k)[:] = partial.sum(axis=0)
+
+
+def _taps_first(w):
+    """w (CO, CI/G, KH, KW) -> w3 (KH, CO, CI/G*KW), the stride-1 im2col products' layout."""
+    co, cig, kh, kw = w.shape
+    return np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, co, cig * kw)
+
+
+def _run_shifted(which, arrays, ph, pw, dh, dw, g, slots) -> None:
+    """Stride-1 im2col forward (which 0) or weight-gradient (which 2). (Its input-gradient
+    stays the general one: as a flipped forward its products have only CI/G rows, and
+    w^T @ gy then col2im measured as fast or faster on every benchmark shape.)"""
+    if which == 0:
+        x, w, b, y = arrays
+        conv2d_forward_shifted(x, _taps_first(w), b, y, ph, pw, dh, dw, g, slots)
+    else:
+        x, gy, gw = arrays
+        co, cig, kh, kw = gw.shape
+        gw3 = np.empty((kh, co, cig * kw), gw.dtype)
+        conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots)
+        gw[:] = gw3.reshape(kh, co, cig, kw).transpose(1, 2, 0, 3)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 _ALGOS = {
@@ -457,6 +574,8 @@ def _run(algo, which, arrays, hyper, w_shape, c):
             gy, w, gx = arrays
             zeros = np.zeros(gx.shape[1], gx.dtype)
             return conv2d_forward_flat(gy, flip_kernel(w, g), zeros, gx, fh, fw, dh, dw, g, slots)
+    if algo == "im2col" and (sh, sw) == (1, 1) and which != 1:
+        return _run_shifted(which, arrays, ph, pw, dh, dw, g, slots)
     extra = (slots,) if algo == "im2col" else ()
     _ALGOS[algo][which](*arrays, *hyper, *extra)
 
