@@ -21,6 +21,7 @@ from cnn_numba import cli, models, nn
 from cnn_numba import train as T
 from cnn_numba.data import datasets, fetch, write_idx
 from cnn_numba.data.fetch import FILES
+from conftest import CUDA_AVAILABLE, CUDA_SIMULATED
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--limit", "256", "--batch-size", "32", "--no-progress"]
@@ -305,6 +306,22 @@ def test_cuda_device_is_one_clear_line(capsys, data_dir, monkeypatch):
     code, _, err = train_quick(capsys, data_dir, "--device", "cuda", "--epochs", "1")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("cnn-numba: error: device='cuda'")
+
+
+@pytest.mark.skipif(not CUDA_AVAILABLE or CUDA_SIMULATED, reason="a whole LeNet-5 run needs a real GPU "
+                    "(the simulator runs each CUDA thread as a Python thread)")
+def test_training_on_cuda_follows_the_cpu(capsys, data_dir, tmp_path):
+    """Same seed, same data: the GPU run's losses and test accuracy track the CPU run's."""
+    logs = {}
+    for device in ("cpu", "cuda"):
+        code, _, err = train_quick(capsys, data_dir, "--device", device, "--epochs", "2", "--seed", "5",
+                                   "--log", tmp_path / f"{device}.json")
+        assert code == 0, err
+        logs[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    cpu, gpu = logs["cpu"], logs["cuda"]
+    for a, b in zip(cpu["epochs"], gpu["epochs"], strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 0.02 * max(1.0, abs(a["train_loss"]))
+    assert abs(cpu["test"]["accuracy"] - gpu["test"]["accuracy"]) <= 0.05
 
 
 def test_unknown_model_lists_the_available_ones(capsys, data_dir):
