@@ -120,7 +120,8 @@ def conv_table(rows, peak) -> list[str]:
         best = min(S.ALGOS, key=lambda a: ms[a])
         torch_ms = ms.get("torch")
         gflops = s.flops / (ms[best] / 1e3) / 1e9
-        auto = s.auto_algo + ("" if s.auto_algo == best else " ✗")
+        pick = s.auto_algo(r["pass"])
+        auto = pick + ("" if pick == best else " ✗")
         out.append(f"| {s.name} | {r['pass']} | {ms['direct']:.2f} | {ms['im2col']:.2f} | {best} | "
                    f"{fmt(torch_ms)} | {fmt(torch_ms and ms[best] / torch_ms)} | {gflops:.1f} | "
                    f"{100 * gflops / peak:.1f} | {auto} |")
@@ -129,13 +130,13 @@ def conv_table(rows, peak) -> list[str]:
 
 def per_shape(rows, impls, auto=None) -> dict[str, dict]:
     """Per shape, the pass times summed: 'best' (fastest of impls per pass), 'auto' (the impl
-    ``auto(shape)`` names), 'torch' (None when any pass lacks a torch time)."""
+    ``auto(shape, pass)`` names), 'torch' (None when any pass lacks a torch time)."""
     totals = {}
     for r in rows:
         s, ms = r["shape"], r["ms"]
         t = totals.setdefault(s.name, {"shape": s, "best": 0.0, "auto": 0.0, "torch": 0.0})
         t["best"] += min(ms[a] for a in impls)
-        t["auto"] += ms[auto(s)] if auto else 0.0
+        t["auto"] += ms[auto(s, r["pass"])] if auto else 0.0
         t["torch"] = t["torch"] + ms["torch"] if "torch" in ms and t["torch"] is not None else None
     return totals
 
@@ -152,7 +153,7 @@ def report(conv_rows, pool_rows, peak, machine, args) -> str:
              "(✗: not the faster one here).", ""]
     if conv_rows:
         lines += ["## Convolution", ""] + conv_table(conv_rows, peak) + [""]
-        totals = per_shape(conv_rows, S.ALGOS, lambda s: s.auto_algo)
+        totals = per_shape(conv_rows, S.ALGOS, lambda s, p: s.auto_algo(p))
         have_torch = all(t["torch"] for t in totals.values())
         lines += ["### Per shape, fwd + gx + gw (furthest from PyTorch first)", "",
                   "| shape | layer | best ms | auto ms | torch ms | best/torch | auto/torch |",

@@ -92,12 +92,14 @@ class ConvShape:
     def flops(self) -> int:
         return 2 * self.macs
 
-    @property
-    def auto_algo(self) -> str:
-        """What algo='auto' picks (the same for all three passes): asked of the conv2d that
-        the layer is, or, for a transposed layer, the conv2d it is the adjoint of."""
+    def auto_algo(self, pass_: str) -> str:
+        """What algo='auto' picks for one pass: asked of the conv2d pass that it is (for a
+        transposed layer, fwd is conv2d's input-gradient and gx its forward)."""
         c, co = (self.co, self.c) if self.transposed else (self.c, self.co)
-        return K.auto_algo(c, co, self.groups, self.k, self.k, (self.stride, self.stride))
+        which = {"fwd": 0, "gx": 1, "gw": 2}[pass_]
+        if self.transposed and which < 2:
+            which = 1 - which
+        return K.auto_algo(c, co, self.groups, self.k, self.k, (self.stride, self.stride), which)
 
     def describe(self) -> str:
         oh, ow = self.out_hw

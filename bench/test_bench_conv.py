@@ -22,4 +22,4 @@ def test_conv(bench_pass, data, shape, pass_, impl):
     else:
         fn = numba_conv_pass(shape, pass_, impl, a)
     bench_pass(fn, group=f"conv {shape.name} {pass_}", flops=shape.flops, shape=shape.name,
-               layer=shape.describe(), pass_=pass_, impl=impl, auto=shape.auto_algo)
+               layer=shape.describe(), pass_=pass_, impl=impl, auto=shape.auto_algo(pass_))

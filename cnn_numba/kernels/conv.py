@@ -542,14 +542,20 @@ _ALGOS = {
 }
 
 
-def auto_algo(c, co, g, kh, kw, stride):
-    """'auto': direct when each output reads fewer than 16 inputs (depthwise), or at stride
-    1 when a group has at most 16 output channels (LeNet, grouped convs, ResNet stage 1): a BLAS product
-    of so few rows costs more than the unfolded copy it needs. im2col otherwise.
+def auto_algo(c, co, g, kh, kw, stride, which=0):
+    """'auto' for pass ``which`` (0 forward, 1 input-, 2 weight-gradient). Direct when each
+    output reads fewer than 16 inputs (depthwise). At stride 1 with at most 16 output
+    channels per group (LeNet, grouped convs, ResNet stage 1) the products are small: the
+    weight-gradient stays direct, and forward and input-gradient go to im2col only at 16
+    channels with at least 16 inputs per unfolded row. im2col otherwise.
     (Measured per shape and pass in bench/results/cpu-*.md.)"""
-    few_inputs = (c // g) * kh * kw < 16
-    few_rows = tuple(stride) == (1, 1) and co // g <= 16
-    return "direct" if few_inputs or few_rows else "im2col"
+    cig, cog = c // g, co // g
+    if cig * kh * kw < 16:
+        return "direct"
+    if tuple(stride) == (1, 1) and cog <= 16:
+        small = which == 2 or cog < 16 or (which == 0 and cig * kw < 16)
+        return "direct" if small else "im2col"
+    return "im2col"
 
 
 def _run(algo, which, arrays, hyper, w_shape, c):
@@ -562,7 +568,7 @@ def _run(algo, which, arrays, hyper, w_shape, c):
     sh, sw, ph, pw, dh, dw, g = hyper
     kh, kw = w_shape[2], w_shape[3]
     if algo == "auto":
-        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw))
+        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw), which)
     slots = get_num_threads()
     if algo == "direct" and (sh, sw) == (1, 1):
         if which == 0:
