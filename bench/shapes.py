@@ -43,8 +43,10 @@ ALGOS = ("direct", "im2col")
 
 
 def match_threads() -> int:
-    """Give PyTorch as many threads as Numba's parallel loops use; returns that count."""
-    n = numba.get_num_threads()
+    """Give PyTorch as many threads as Numba's parallel loops use; returns that count. (Read
+    from the configuration: get_num_threads would start Numba's thread pool, whose idle
+    workers should not be running while PyTorch is timed.)"""
+    n = numba.config.NUMBA_NUM_THREADS
     if torch is not None:
         torch.set_num_threads(n)
     return n

@@ -73,7 +73,7 @@ def child(side: str, name: str, warmup: int, steps: int, device: str) -> None:
         import numba
         import torch
 
-        torch.set_num_threads(numba.get_num_threads())
+        torch.set_num_threads(numba.config.NUMBA_NUM_THREADS)  # (get_num_threads would start Numba's pool)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         dev = "cuda" if device == "cuda" else "cpu"
         model = torch_model(name).to(dev)

@@ -36,11 +36,13 @@ def _prefer_light_threading_layer() -> None:
     """Prefer TBB, then Numba's own workqueue, to OpenMP for the parallel kernels.
 
     A training step launches dozens of small parallel loops with Python work between
-    them; with Numba's OpenMP layer each launch cost about 1.5 ms on a 2-core machine
-    (a LeNet-5 step: 68 ms with OpenMP, 30 ms with TBB or workqueue, 25 ms with one
-    thread). Only the order of preference changes: NUMBA_THREADING_LAYER or
-    NUMBA_THREADING_LAYER_PRIORITY set by the user win. (workqueue does not allow two
-    Python threads to run parallel kernels at once; install ``tbb`` for that.)
+    them, so the per-launch cost decides: with Numba's OpenMP layer each launch cost
+    about 1.5 ms on a 2-core machine (a LeNet-5 step: 68 ms with OpenMP, 30 ms with
+    workqueue, in an early version), and TBB (a dependency on x86-64 Linux and Windows)
+    beat workqueue again by 20-30% (LeNet-5 10-15 ms vs 16-19 ms a step). Only the order
+    of preference changes: NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by
+    the user win. (workqueue, the fallback, does not allow two Python threads to run
+    parallel kernels at once.)
     """
     import numba
 
