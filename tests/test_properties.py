@@ -7,10 +7,14 @@ from hypothesis import strategies as st
 
 import cnn_numba.functional as F
 import reference as R
-from conftest import forward_backward
+import cnn_numba as cn
+from conftest import CUDA_SIMULATED, forward_backward, needs_cuda
 
 # database=None: no .hypothesis folder in the work tree; a failure prints its example anyway.
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+# The same properties on device "cuda" (the *_cuda tests): few examples under the simulator,
+# where each CUDA thread is a Python thread.
+CUDA_SETTINGS = settings(SETTINGS, max_examples=5 if CUDA_SIMULATED else 25)
 dtypes = st.sampled_from([np.float32, np.float64])
 algos = st.sampled_from(["direct", "im2col", "auto"])
 small = st.integers(1, 3)
@@ -46,15 +50,26 @@ def conv_cases(draw):
                 kw=dict(stride=stride, padding=padding, dilation=(dh, dw), groups=g))
 
 
-@SETTINGS
-@given(case=conv_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
-def test_conv2d_random(case, dtype, algo, seed):
+def _conv2d_property(case, dtype, algo, seed, device):
     x, w, b = _arrays(seed, dtype, case["x"], case["w"], (case["w"][0],))
     b = b if case["bias"] else None
     kw = case["kw"]
-    out, grads, gy = forward_backward(F.conv2d, (x, w, b), algo=algo, **kw)
+    out, grads, gy = forward_backward(F.conv2d, (x, w, b), algo=algo, device=device, **kw)
     R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
     _check_grads(grads, R.conv2d_grads(x, w, gy, **kw), dtype)
+
+
+@SETTINGS
+@given(case=conv_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
+def test_conv2d_random(case, dtype, algo, seed):
+    _conv2d_property(case, dtype, algo, seed, "cpu")
+
+
+@needs_cuda
+@CUDA_SETTINGS
+@given(case=conv_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
+def test_conv2d_random_cuda(case, dtype, algo, seed):
+    _conv2d_property(case, dtype, algo, seed, "cuda")
 
 
 @st.composite
@@ -73,15 +88,26 @@ def conv_transpose_cases(draw):
                         dilation=(dh, dw)))
 
 
-@SETTINGS
-@given(case=conv_transpose_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
-def test_conv_transpose2d_random(case, dtype, algo, seed):
+def _conv_transpose2d_property(case, dtype, algo, seed, device):
     x, w, b = _arrays(seed, dtype, case["x"], case["w"], (case["w"][1] * case["kw"]["groups"],))
     b = b if case["bias"] else None
     kw = case["kw"]
-    out, grads, gy = forward_backward(F.conv_transpose2d, (x, w, b), algo=algo, **kw)
+    out, grads, gy = forward_backward(F.conv_transpose2d, (x, w, b), algo=algo, device=device, **kw)
     R.assert_close(out, R.conv_transpose2d(x, w, b, **kw), dtype, "y")
     _check_grads(grads, R.conv_transpose2d_grads(x, w, gy, **kw), dtype)
+
+
+@SETTINGS
+@given(case=conv_transpose_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
+def test_conv_transpose2d_random(case, dtype, algo, seed):
+    _conv_transpose2d_property(case, dtype, algo, seed, "cpu")
+
+
+@needs_cuda
+@CUDA_SETTINGS
+@given(case=conv_transpose_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
+def test_conv_transpose2d_random_cuda(case, dtype, algo, seed):
+    _conv_transpose2d_property(case, dtype, algo, seed, "cuda")
 
 
 @st.composite
@@ -102,9 +128,7 @@ def pool_cases(draw, dilation=True):
     return (draw(st.integers(0, 2)), draw(small), h, w), kwargs
 
 
-@SETTINGS
-@given(case=pool_cases(), dtype=dtypes, ties=st.booleans(), seed=st.integers(0, 2**31))
-def test_max_pool2d_random(case, dtype, ties, seed):
+def _max_pool2d_property(case, dtype, ties, seed, device):
     shape, kw = case
     rng = np.random.default_rng(seed)
     x = (rng.integers(-2, 3, shape) if ties else rng.standard_normal(shape)).astype(dtype)
@@ -112,23 +136,50 @@ def test_max_pool2d_random(case, dtype, ties, seed):
         ref, ref_idx = R.max_pool2d(x, **kw)
     except ValueError:  # a dilated window entirely in the padding: not a PyTorch-valid case
         assume(False)
-    out, (gx,), gy = forward_backward(F.max_pool2d, (x,), **kw)
+    out, (gx,), gy = forward_backward(F.max_pool2d, (x,), device=device, **kw)
     R.assert_close(out, ref, dtype, "y")
     R.assert_close(gx, R.max_pool2d_grad(gy, ref_idx, shape), dtype, "gx")
-    _, idx = F.max_pool2d(x, return_indices=True, **kw)
+    _, idx = F.max_pool2d(cn.tensor(x, device=device), return_indices=True, **kw)
     np.testing.assert_array_equal(idx.numpy(), ref_idx)
 
 
 @SETTINGS
-@given(case=pool_cases(dilation=False), dtype=dtypes, count_include_pad=st.booleans(),
-       divisor_override=st.one_of(st.none(), st.integers(1, 7)), seed=st.integers(0, 2**31))
-def test_avg_pool2d_random(case, dtype, count_include_pad, divisor_override, seed):
+@given(case=pool_cases(), dtype=dtypes, ties=st.booleans(), seed=st.integers(0, 2**31))
+def test_max_pool2d_random(case, dtype, ties, seed):
+    _max_pool2d_property(case, dtype, ties, seed, "cpu")
+
+
+@needs_cuda
+@CUDA_SETTINGS
+@given(case=pool_cases(), dtype=dtypes, ties=st.booleans(), seed=st.integers(0, 2**31))
+def test_max_pool2d_random_cuda(case, dtype, ties, seed):
+    _max_pool2d_property(case, dtype, ties, seed, "cuda")
+
+
+def _avg_pool2d_property(case, dtype, count_include_pad, divisor_override, seed, device):
     shape, kw = case
     kw = dict(kw, count_include_pad=count_include_pad, divisor_override=divisor_override)
     (x,) = _arrays(seed, dtype, shape)
-    out, (gx,), gy = forward_backward(F.avg_pool2d, (x,), **kw)
+    out, (gx,), gy = forward_backward(F.avg_pool2d, (x,), device=device, **kw)
     R.assert_close(out, R.avg_pool2d(x, **kw), dtype, "y")
     R.assert_close(gx, R.avg_pool2d_grad(gy, shape, **kw), dtype, "gx")
+
+
+AVG_CASE = dict(case=pool_cases(dilation=False), dtype=dtypes, count_include_pad=st.booleans(),
+                divisor_override=st.one_of(st.none(), st.integers(1, 7)), seed=st.integers(0, 2**31))
+
+
+@SETTINGS
+@given(**AVG_CASE)
+def test_avg_pool2d_random(case, dtype, count_include_pad, divisor_override, seed):
+    _avg_pool2d_property(case, dtype, count_include_pad, divisor_override, seed, "cpu")
+
+
+@needs_cuda
+@CUDA_SETTINGS
+@given(**AVG_CASE)
+def test_avg_pool2d_random_cuda(case, dtype, count_include_pad, divisor_override, seed):
+    _avg_pool2d_property(case, dtype, count_include_pad, divisor_override, seed, "cuda")
 
 
 @SETTINGS
