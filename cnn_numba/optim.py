@@ -201,9 +201,9 @@ class AdamW(Adam):
 
 # ----------------------------------------------------------------------------- schedulers
 
-class LRScheduler:
-    """Base class: subclasses define ``_lr(base_lr, t)``; ``step()`` advances t (``last_epoch``) and
-    sets every group's lr. Constructing one sets the lrs for t = 0."""
+class LRScheduler(abc.ABC):
+    """Base class: subclasses define ``get_lr()``, every group's lr at t = ``last_epoch``;
+    ``step()`` advances t and sets them. Constructing one sets the lrs for t = 0."""
 
     def __init__(self, optimizer: Optimizer, last_epoch: int = -1):
         if not isinstance(optimizer, Optimizer):
@@ -218,11 +218,9 @@ class LRScheduler:
         self.last_epoch = last_epoch
         self.step()
 
-    def _lr(self, base_lr: float, t: int) -> float:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def get_lr(self) -> list[float]:
-        return [self._lr(b, self.last_epoch) for b in self.base_lrs]
+        """The lr of every parameter group at t = ``last_epoch``."""
 
     def step(self) -> None:
         self.last_epoch += 1
@@ -240,7 +238,18 @@ class LRScheduler:
         self.__dict__.update(state_dict)
 
 
-class StepLR(LRScheduler):
+class _ClosedForm(LRScheduler):
+    """Schedulers whose lr is a formula ``_lr(base_lr, t)`` of each group's initial lr."""
+
+    @abc.abstractmethod
+    def _lr(self, base_lr: float, t: int) -> float:
+        """The lr at step t of a group that started at base_lr."""
+
+    def get_lr(self) -> list[float]:
+        return [self._lr(b, self.last_epoch) for b in self.base_lrs]
+
+
+class StepLR(_ClosedForm):
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1):
         self.step_size, self.gamma = step_size, gamma
         super().__init__(optimizer, last_epoch)
@@ -249,7 +258,7 @@ class StepLR(LRScheduler):
         return base_lr * self.gamma ** (t // self.step_size)
 
 
-class ExponentialLR(LRScheduler):
+class ExponentialLR(_ClosedForm):
     def __init__(self, optimizer, gamma: float, last_epoch: int = -1):
         self.gamma = gamma
         super().__init__(optimizer, last_epoch)
@@ -258,7 +267,7 @@ class ExponentialLR(LRScheduler):
         return base_lr * self.gamma ** t
 
 
-class CosineAnnealingLR(LRScheduler):
+class CosineAnnealingLR(_ClosedForm):
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1):
         self.T_max, self.eta_min = T_max, eta_min
         super().__init__(optimizer, last_epoch)
@@ -267,7 +276,7 @@ class CosineAnnealingLR(LRScheduler):
         return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2
 
 
-class LinearLR(LRScheduler):
+class LinearLR(_ClosedForm):
     """Linear warm-up: the factor goes from start_factor to end_factor over total_iters steps."""
 
     def __init__(self, optimizer, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5,

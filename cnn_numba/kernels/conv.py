@@ -445,22 +445,23 @@ def shift_columns(xp, shifted, kw, dw):
 
 
 @njit(cache=True)
-def _shift_sizes(oh, ow, kh, kw, dh, dw):
-    """(hp, wp, run, L): padded plane, flat output run, and the shifted rows' length,
-    the longest that every tap row's window (a*dh*wp + run <= L) and every shift fit."""
+def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
+    """Sizes of a stride-1 im2col pass with weights w3 (kh, co, k = cig*kw):
+    ``(kh, co, k, cig, cog, kw, hp, wp, run, L)``, with the padded plane (hp, wp), the flat
+    output run, and L the shifted rows' length, the longest that every tap row's window
+    (a*dh*wp + run <= L) and every shift fit."""
+    kh, co, k = w3_shape
+    cig, cog = c // g, co // g
+    kw = k // cig
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
-    return hp, wp, run, hp * wp - (kw - 1) * dw
+    return kh, co, k, cig, cog, kw, hp, wp, run, hp * wp - (kw - 1) * dw
 
 
 @njit(parallel=True, **KERNEL)
 def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
     """Stride-1 forward as kh products per (sample, group): y_g = sum_a w3[a]_g @ shifted(a)."""
-    n, c = x.shape[0], x.shape[1]
-    kh, co, k = w3.shape
-    cig, cog = c // g, co // g
-    kw = k // cig
-    oh, ow = y.shape[2], y.shape[3]
-    hp, wp, run, length = _shift_sizes(oh, ow, kh, kw, dh, dw)
+    n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
+    kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], w3.shape, g, oh, ow, dh, dw)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     sh_buf = np.empty((slots, k, length), x.dtype)
     out_buf = np.empty((slots, cog, oh * wp), x.dtype)
@@ -487,12 +488,8 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
 def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
     """Stride-1 weight-gradient: gw3[a]_g += gy_g (wide rows) @ shifted(a)^T per sample,
     in per-slot partial sums."""
-    n, c = x.shape[0], x.shape[1]
-    kh, co, k = gw3.shape
-    cig, cog = c // g, co // g
-    kw = k // cig
-    oh, ow = gy.shape[2], gy.shape[3]
-    hp, wp, run, length = _shift_sizes(oh, ow, kh, kw, dh, dw)
+    n, oh, ow = x.shape[0], gy.shape[2], gy.shape[3]
+    kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], gw3.shape, g, oh, ow, dh, dw)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     sh_buf = np.empty((slots, k, length), x.dtype)
     gyw_buf = np.zeros((slots, cog, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
