@@ -58,11 +58,18 @@ def _copy(src, dst):
         dst[i] = src[i]
 
 
+def pointwise(kernel, first, *rest):
+    """A fresh array like ``first`` written by ``kernel(first, *rest, out)``, one thread per
+    element: arrays go flat, Python numbers as scalars of first's dtype."""
+    out = empty(first.shape, first.dtype)
+    args = (flat(a) if is_device_array(a) else scalar(a, first.dtype) for a in rest)
+    launch(kernel, out.size, flat(first), *args, flat(out))
+    return out
+
+
 @register("copy", CUDA)
 def copy(a):
-    out = empty(a.shape, a.dtype)
-    launch(_copy, out.size, flat(a), flat(out))
-    return out
+    return pointwise(_copy, a)
 
 
 @register("reshape", CUDA)
@@ -145,16 +152,12 @@ def _binary(op, a, b):
     if not is_device_array(b):
         if np.ndim(b):
             raise TypeError(f"{op}: host array of shape {np.shape(b)} with a device array; move it to the device first")
-        out = empty(a.shape, a.dtype)
-        launch(with_scalar, out.size, flat(a), scalar(b, a.dtype), flat(out))
-        return out
+        return pointwise(with_scalar, a, b)
     dtype = np.result_type(a.dtype, b.dtype)
     if a.dtype != dtype or b.dtype != dtype:
         raise TypeError(f"{op}: device arrays of dtypes {a.dtype} and {b.dtype}; cast one first")
     if tuple(a.shape) == tuple(b.shape):
-        out = empty(a.shape, dtype)
-        launch(same, out.size, flat(a), flat(b), flat(out))
-        return out
+        return pointwise(same, a, b)
     shape = np.broadcast_shapes(tuple(a.shape), tuple(b.shape))
     out = empty(shape, dtype)
     launch(broadcast, out.size, flat(a), _broadcast_strides(a.shape, shape), flat(b),
@@ -281,16 +284,12 @@ def _relu_backward(y, gy, gx):
 
 @register("relu_forward", CUDA)
 def relu_forward(x):
-    y = empty(x.shape, x.dtype)
-    launch(_relu_forward, y.size, flat(x), flat(y))
-    return y
+    return pointwise(_relu_forward, x)
 
 
 @register("relu_backward", CUDA)
 def relu_backward(y, gy):
-    gx = empty(gy.shape, gy.dtype)
-    launch(_relu_backward, gx.size, flat(y), flat(gy), flat(gx))
-    return gx
+    return pointwise(_relu_backward, y, gy)
 
 
 # ----------------------------------------------------------------------------- cat, split, permute

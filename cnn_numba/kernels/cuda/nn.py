@@ -24,7 +24,8 @@ from numba import cuda, float64
 
 from ...backend import register
 from .. import nn as _cpu
-from .launch import SIMULATOR, device_function, empty, flat, is_device_array, jit, launch, launch_grid, scalar
+from .elementwise import pointwise
+from .launch import SIMULATOR, device_function, empty, flat, jit, launch, launch_grid, scalar
 from .reduce import block_reduce
 
 CUDA = "cuda"
@@ -81,19 +82,10 @@ def _like(a):
     return empty(a.shape, a.dtype)
 
 
-def _map(kernel, first, *rest):
-    """A fresh array like ``first`` written by ``kernel(first, *rest, out)``, one thread per
-    element: arrays go flat, Python numbers as scalars of first's dtype."""
-    out = _like(first)
-    args = (flat(a) if is_device_array(a) else scalar(a, first.dtype) for a in rest)
-    launch(kernel, first.size, flat(first), *args, flat(out))
-    return out
-
-
-register("sigmoid_forward", CUDA)(lambda x: _map(_sigmoid_forward, x, 0.5))
-register("sigmoid_backward", CUDA)(lambda y, gy: _map(_sigmoid_backward, y, gy, 1))
-register("tanh_forward", CUDA)(lambda x: _map(_tanh_forward, x))
-register("tanh_backward", CUDA)(lambda y, gy: _map(_tanh_backward, y, gy, 1))
+register("sigmoid_forward", CUDA)(lambda x: pointwise(_sigmoid_forward, x, 0.5))
+register("sigmoid_backward", CUDA)(lambda y, gy: pointwise(_sigmoid_backward, y, gy, 1))
+register("tanh_forward", CUDA)(lambda x: pointwise(_tanh_forward, x))
+register("tanh_backward", CUDA)(lambda y, gy: pointwise(_tanh_backward, y, gy, 1))
 
 
 # ----------------------------------------------------------------------------- batch normalisation
