@@ -127,6 +127,32 @@ def test_direct_and_im2col_agree(rng, case):
             R.assert_close(a, bb, np.float32, "grad")
 
 
+# The stride-1 direct kernels pass over the input with three taps for four output channels
+# at a time, padding the taps and each group's channels with zero weights: every remainder.
+FLAT_CASES = [
+    ((2, 3, 6, 7), (1, 3, 1, 1), dict()),                                  # 1 tap, 1 channel
+    ((1, 2, 5, 6), (2, 2, 1, 2), dict(padding=(0, 1))),                   # 2 taps
+    ((2, 2, 6, 5), (5, 2, 2, 2), dict(padding=1)),                        # 4 taps, quad + 1
+    ((1, 4, 7, 6), (6, 2, 2, 3), dict(groups=2, padding=(1, 2))),         # 6 taps, 3 per group
+    ((2, 6, 8, 8), (7, 6, 3, 3), dict(padding=(2, 0), dilation=(1, 2))),  # quad + 3
+    ((1, 2, 9, 9), (8, 1, 5, 5), dict(groups=2, padding=2)),              # 25 taps
+    ((1, 3, 7, 7), (3, 3, 3, 1), dict(padding=(4, 0))),                   # padding past the kernel
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", FLAT_CASES, ids=[str(c[1]) for c in FLAT_CASES])
+def test_stride1_direct_every_tap_and_channel_remainder(rng, case, dtype):
+    xs, ws, kw = case
+    x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
+    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo="direct", **kw)
+    R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
+    rgx, rgw, rgb = R.conv2d_grads(x, w, gy, **kw)
+    R.assert_close(gx, rgx, dtype, "gx")
+    R.assert_close(gw, rgw, dtype, "gw")
+    R.assert_close(gb, rgb, dtype, "gb")
+
+
 @pytest.mark.parametrize("algo", ["direct", "im2col"])
 @pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 12, 13, 17)], ids=lambda c: str(c[3]))
 def test_conv2d_grads_match_finite_differences(rng, case, algo):

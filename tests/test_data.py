@@ -324,15 +324,17 @@ def test_archive_when_no_mirror_has_the_files(tmp_path, archive, monkeypatch):
     np.testing.assert_array_equal(images, archive.arrays["train"][0])
     np.testing.assert_array_equal(labels, archive.arrays["train"][1])
     assert "downloaded" in source
-    # Only the wanted members, under their raw names; the archive and temporary files are gone.
-    assert listing(tmp_path / "mnist") == sorted(raw_names("train"))
+    # Only the wanted members (both splits: the archive is fetched once), under their raw
+    # names; the archive and temporary files are gone.
+    assert listing(tmp_path / "mnist") == sorted(raw_names("train") + raw_names("test"))
     assert listing(tmp_path) == ["cwd", "mnist"] and listing(tmp_path / "cwd") == []
-    for name in raw_names("train"):
+    for name in raw_names("train") + raw_names("test"):
         assert (tmp_path / "mnist" / name).read_bytes() == archive.raw[name]
-    # Server gone: the cache finds the raw files.
-    images, _, source = load_mnist("train", data_dir=tmp_path, download=False)
-    np.testing.assert_array_equal(images, archive.arrays["train"][0])
-    assert "downloaded" not in source
+    # Server gone: the cache finds the raw files of both splits.
+    for split in ("train", "test"):
+        images, _, source = load_mnist(split, data_dir=tmp_path, download=False)
+        np.testing.assert_array_equal(images, archive.arrays[split][0])
+        assert "downloaded" not in source
 
 
 def test_verified_raw_files_are_kept_without_a_request(tmp_path, archive, monkeypatch):
@@ -352,7 +354,7 @@ def test_verified_raw_files_are_kept_without_a_request(tmp_path, archive, monkey
     assert server.requests == ["/a/" + FILES["train"][1], "/p/pkg-0.2.tar.gz"]
     assert (folder / raw_names("train")[0]).stat().st_ino == inode  # not rewritten
     assert (folder / raw_names("train")[1]).read_bytes() == archive.raw[raw_names("train")[1]]
-    assert listing(folder) == sorted(raw_names("train"))
+    assert listing(folder) == sorted(raw_names("train") + raw_names("test"))
 
 
 def _bad_archives(archive):

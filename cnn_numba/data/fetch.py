@@ -262,7 +262,8 @@ def download(dataset: str = "mnist", data_dir=None, splits=("train", "test"),
     .gz files from a mirror, or the uncompressed files (names without ".gz") from an archive.
 
     The mirrors are tried file by file; after the first file that none of them delivers, the
-    files still missing come from the first of ``archives`` that delivers them all. Files
+    files still missing come from the first of ``archives`` that delivers them all (with
+    the other splits' missing files, which it holds too). Files
     already in the folder with the right SHA-256 (.gz or uncompressed) are kept without a
     request. ``mirrors`` (base URLs, tried in order), ``checksums`` ({.gz name: SHA-256}),
     ``archives`` ((url, sha256, {raw name: member path}), ...) and ``raw_checksums`` ({raw
@@ -289,5 +290,10 @@ def download(dataset: str = "mnist", data_dir=None, splits=("train", "test"),
                 paths[name] = fetch_file(name, folder, mirrors, checksums[name], timeout)
     except DownloadError as e:
         missing = [name for name in names if name not in paths]
-        paths.update(_from_archives(missing, folder, archives, raw_checksums, timeout, e))
+        # An archive holds every split: take the other splits' missing files too, so that
+        # loading train and then test downloads it once.
+        spare = [name for pair in FILES.values() for name in pair if name not in names
+                 and not _in_cache(folder, name, checksums[name], raw_checksums.get(_raw(name)))]
+        got = _from_archives(missing + spare, folder, archives, raw_checksums, timeout, e)
+        paths.update({name: got[name] for name in missing})
     return [paths[name] for name in names]

@@ -136,6 +136,18 @@ def conv2d_backward_bias(gy, gb):
 # j < (oh-1)*wp + ow, a single long vectorised loop per tap instead of oh short ones.
 # The extra dw*(kw-1) columns per row are computed and dropped. Tasks are
 # (sample, group) pairs dealt to per-thread slots, each with its own padded planes.
+#
+# Each pass over a run does three taps for four output channels ("a quad"): it loads
+# three shifted inputs and four accumulators and does twelve FMAs. One tap per pass
+# would store an accumulator per FMA, and the stores, not the FMA units, would set the
+# pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). The kh*kw taps are
+# listed flat, padded with zero-weight taps to a multiple of three, and the channels of
+# a group padded to a multiple of four with zero weights; padded channels are computed
+# into spare accumulator rows and never copied out.
+
+TAPS = 3   # taps per pass over a run
+QUAD = 4   # output channels per pass
+
 
 @njit(**KERNEL)
 def pad_planes(x, c0, xp, ph, pw):
@@ -159,106 +171,136 @@ def _flat_sizes(oh, ow, kh, kw, dh, dw):
     return hp, wp, (oh - 1) * wp + ow
 
 
+@njit(cache=True)
+def _flat_plan(oh, ow, co, cig, kh, kw, dh, dw, g):
+    """Sizes of a stride-1 direct pass: ``(hp, wp, run, cog, cogq, taps, offsets)`` with the
+    padded plane (hp, wp), the flat output run, the channels per group (cog) padded to
+    whole quads (cogq), the taps padded to a multiple of TAPS, and each tap's offset in the
+    flat padded plane (0 for the padding taps)."""
+    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    taps = -(-(kh * kw) // TAPS) * TAPS
+    offsets = np.zeros(taps, np.int64)
+    for t in range(kh * kw):
+        offsets[t] = (t // kw) * dh * wp + (t % kw) * dw
+    cog = co // g
+    return hp, wp, run, cog, -(-cog // QUAD) * QUAD, taps, offsets
+
+
+@njit(cache=True)
+def _quad_weights(w, g, cogq, taps):
+    """w (CO, CI/G, KH, KW) -> (G, cogq, CI/G, taps), zero for padded channels and taps."""
+    co, cig, kh, kw = w.shape
+    cog = co // g
+    wq = np.zeros((g, cogq, cig, taps), w.dtype)
+    for o in range(co):
+        wq[o // cog, o % cog, :, :kh * kw] = w[o].reshape(cig, kh * kw)
+    return wq
+
+
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _axpy4(w0, w1, w2, w3, s, a0, a1, a2, a3):
-    """Four output channels from one pass over the shifted input run ``s``."""
-    for j in range(s.size):
-        v = s[j]
-        a0[j] += w0 * v
-        a1[j] += w1 * v
-        a2[j] += w2 * v
-        a3[j] += w3 * v
+def _axpy_quad(wq, s0, s1, s2, a0, a1, a2, a3):
+    """a_u[j] += wq[u, 0]*s0[j] + wq[u, 1]*s1[j] + wq[u, 2]*s2[j], tap by tap, for u < 4.
+
+    The twelve weights are read into scalars before the loop: LLVM cannot prove that the
+    stores into a_u leave wq alone, and would reload them every iteration."""
+    w00, w01, w02 = wq[0, 0], wq[0, 1], wq[0, 2]
+    w10, w11, w12 = wq[1, 0], wq[1, 1], wq[1, 2]
+    w20, w21, w22 = wq[2, 0], wq[2, 1], wq[2, 2]
+    w30, w31, w32 = wq[3, 0], wq[3, 1], wq[3, 2]
+    for j in range(a0.size):
+        x0, x1, x2 = s0[j], s1[j], s2[j]
+        a0[j] = ((a0[j] + w00 * x0) + w01 * x1) + w02 * x2
+        a1[j] = ((a1[j] + w10 * x0) + w11 * x1) + w12 * x2
+        a2[j] = ((a2[j] + w20 * x0) + w21 * x1) + w22 * x2
+        a3[j] = ((a3[j] + w30 * x0) + w31 * x1) + w32 * x2
 
 
 @njit(parallel=True, **KERNEL)
 def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
-    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0).
-    Output channels go four at a time, so each load of the input feeds four FMAs."""
+    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
-    cog = co // g
-    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    hp, wp, run, cog, cogq, taps, offsets = _flat_plan(oh, ow, co, cig, kh, kw, dh, dw, g)
+    wq = _quad_weights(w, g, cogq, taps)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
-    acc_buf = np.empty((slots, 4, oh * wp), x.dtype)
+    acc_buf = np.zeros((slots, QUAD, oh * wp), x.dtype)
     for tid in prange(slots):
         xp, acc = xp_buf[tid], acc_buf[tid]
+        a0, a1, a2, a3 = acc[0, :run], acc[1, :run], acc[2, :run], acc[3, :run]
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
-            for o0 in range(gi * cog, (gi + 1) * cog, 4):
-                nu = min(4, (gi + 1) * cog - o0)
+            for q in range(0, cogq, QUAD):
+                nu = min(QUAD, cog - q)
                 for u in range(nu):
-                    acc[u, :] = b[o0 + u]
+                    acc[u, :] = b[gi * cog + q + u]
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
-                    for a in range(kh):
-                        for bb in range(kw):
-                            off = a * dh * wp + bb * dw
-                            if nu == 4:
-                                _axpy4(w[o0, ci, a, bb], w[o0 + 1, ci, a, bb], w[o0 + 2, ci, a, bb],
-                                       w[o0 + 3, ci, a, bb], src[off:off + run],
-                                       acc[0, :run], acc[1, :run], acc[2, :run], acc[3, :run])
-                            else:
-                                for u in range(nu):
-                                    axpy(w[o0 + u, ci, a, bb], src, off, 1, acc[u], 0, 1, run)
+                    for k in range(0, taps, TAPS):
+                        o0, o1, o2 = offsets[k], offsets[k + 1], offsets[k + 2]
+                        _axpy_quad(wq[gi, q:q + QUAD, ci, k:k + TAPS], src[o0:o0 + run], src[o1:o1 + run],
+                                   src[o2:o2 + run], a0, a1, a2, a3)
                 for u in range(nu):
                     for r in range(oh):
-                        y[i, o0 + u, r] = acc[u, r * wp:r * wp + ow]
+                        y[i, gi * cog + q + u, r] = acc[u, r * wp:r * wp + ow]
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
-def _dot4(s, g0, g1, g2, g3):
-    """Four dot products sharing one pass over the shifted input run ``s``."""
-    t0 = t1 = t2 = t3 = s.dtype.type(0)
-    for j in range(s.size):
-        v = s[j]
-        t0 += g0[j] * v
-        t1 += g1[j] * v
-        t2 += g2[j] * v
-        t3 += g3[j] * v
-    return t0, t1, t2, t3
+def _dot_quad(s0, s1, s2, g0, g1, g2, g3, out):
+    """out[u, k] += sum_j g_u[j] * s_k[j] for u < 4, k < 3: twelve dot products sharing
+    one pass over three shifted input runs and four gy runs."""
+    z = s0.dtype.type(0)
+    t00 = t01 = t02 = t10 = t11 = t12 = t20 = t21 = t22 = t30 = t31 = t32 = z
+    for j in range(s0.size):
+        x0, x1, x2 = s0[j], s1[j], s2[j]
+        h0, h1, h2, h3 = g0[j], g1[j], g2[j], g3[j]
+        t00, t01, t02 = t00 + h0 * x0, t01 + h0 * x1, t02 + h0 * x2
+        t10, t11, t12 = t10 + h1 * x0, t11 + h1 * x1, t12 + h1 * x2
+        t20, t21, t22 = t20 + h2 * x0, t21 + h2 * x1, t22 + h2 * x2
+        t30, t31, t32 = t30 + h3 * x0, t31 + h3 * x1, t32 + h3 * x2
+    sums = ((t00, t01, t02), (t10, t11, t12), (t20, t21, t22), (t30, t31, t32))
+    for u in range(QUAD):
+        for k in range(TAPS):
+            out[u, k] += sums[u][k]
 
 
 @njit(parallel=True, **KERNEL)
 def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
-    """Stride-1 weight-gradient: a long dot product per tap, four output channels per pass
-    over the input, per-slot partial sums."""
+    """Stride-1 weight-gradient: a long dot product per tap, twelve (three taps by four
+    output channels) per pass over the input, in per-slot partial sums."""
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
-    cog = co // g
-    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    hp, wp, run, cog, cogq, taps, offsets = _flat_plan(oh, ow, co, cig, kh, kw, dh, dw, g)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
-    gyw_buf = np.zeros((slots, 4, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
-    partial = np.zeros((slots, co, cig, kh, kw), x.dtype)
+    gyw_buf = np.zeros((slots, QUAD, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
+    partial = np.zeros((slots, g, cogq, cig, taps), x.dtype)
     for tid in prange(slots):
         xp, gyw, part = xp_buf[tid], gyw_buf[tid], partial[tid]
+        g0, g1, g2, g3 = gyw[0, :run], gyw[1, :run], gyw[2, :run], gyw[3, :run]
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
-            for o0 in range(gi * cog, (gi + 1) * cog, 4):
-                nu = min(4, (gi + 1) * cog - o0)
-                for u in range(nu):
+            for q in range(0, cogq, QUAD):
+                nu = min(QUAD, cog - q)
+                for u in range(QUAD):
                     for r in range(oh):
-                        gyw[u, r * wp:r * wp + ow] = gy[i, o0 + u, r]
+                        if u < nu:
+                            gyw[u, r * wp:r * wp + ow] = gy[i, gi * cog + q + u, r]
+                        else:
+                            gyw[u, r * wp:r * wp + ow] = 0
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
-                    for a in range(kh):
-                        for bb in range(kw):
-                            off = a * dh * wp + bb * dw
-                            if nu == 4:
-                                t0, t1, t2, t3 = _dot4(src[off:off + run], gyw[0, :run], gyw[1, :run],
-                                                       gyw[2, :run], gyw[3, :run])
-                                part[o0, ci, a, bb] += t0
-                                part[o0 + 1, ci, a, bb] += t1
-                                part[o0 + 2, ci, a, bb] += t2
-                                part[o0 + 3, ci, a, bb] += t3
-                            else:
-                                for u in range(nu):
-                                    part[o0 + u, ci, a, bb] = dot(gyw[u], 0, 1, src, off, 1, run,
-                                                                  part[o0 + u, ci, a, bb])
-    gw[:] = partial.sum(axis=0)
+                    for k in range(0, taps, TAPS):
+                        o0, o1, o2 = offsets[k], offsets[k + 1], offsets[k + 2]
+                        _dot_quad(src[o0:o0 + run], src[o1:o1 + run], src[o2:o2 + run], g0, g1, g2, g3,
+                                  part[gi, q:q + QUAD, ci, k:k + TAPS])
+    total = partial.sum(axis=0)
+    for o in range(co):
+        for ci in range(cig):
+            for t in range(kh * kw):
+                gw[o, ci, t // kw, t % kw] = total[o // cog, o % cog, ci, t]
 
 
 def flip_kernel(w, g):
@@ -539,44 +581,52 @@ _ALGOS = {
 }
 
 
-def auto_algo(c, co, g, kh, kw, stride, which=0):
-    """'auto' for pass ``which`` (0 forward, 1 input-, 2 weight-gradient). Direct when each
-    output reads fewer than 16 inputs (depthwise). At stride 1 with at most 16 output
-    channels per group (LeNet, grouped convs, ResNet stage 1) the products are small: the
-    weight-gradient stays direct, and forward and input-gradient go to im2col only at 16
-    channels with at least 16 inputs per unfolded row. im2col otherwise.
-    (Measured per shape and pass in bench/results/cpu-*.md.)"""
-    cig, cog = c // g, co // g
-    if cig * kh * kw < 16:
+# 'auto' runs the stride-1 direct kernels on output planes of at least this many pixels
+# (shorter flat runs pay the per-pass set-up and the dropped columns), and only up to
+# this many inputs per output (wider layers make a BLAS product with a long K the faster).
+FLAT_MIN_PLANE = 100
+FLAT_MAX_K = 576
+
+
+def auto_algo(c, co, g, kh, kw, stride, out_hw):
+    """The algorithm 'auto' picks for a conv2d layer with output planes ``out_hw``, the
+    same for its three passes. Direct when each output reads fewer than 16 inputs
+    (depthwise), and at stride 1 when the planes are big enough and the layer narrow
+    enough for the flat kernels (LeNet, ResNet's first two stages, grouped convs); im2col
+    otherwise. (Measured per shape and pass in bench/results/cpu-*.md.)"""
+    k = (c // g) * kh * kw
+    if k < 16:
         return "direct"
-    if tuple(stride) == (1, 1) and cog <= 16:
-        small = which == 2 or cog < 16 or (which == 0 and cig * kw < 16)
-        return "direct" if small else "im2col"
+    if tuple(stride) == (1, 1) and out_hw[0] * out_hw[1] >= FLAT_MIN_PLANE and k <= FLAT_MAX_K:
+        return "direct"
     return "im2col"
 
 
-def _run(algo, which, arrays, hyper, w_shape, c):
+def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
     """Pass ``which`` (0 forward, 1 input-, 2 weight-gradient) with 'auto' resolved.
 
-    ``hyper`` = (sh, sw, ph, pw, dh, dw, g). Direct at stride 1 runs the flat kernels; its
-    input-gradient is then the stride-1 forward of gy with the flipped kernel and the
-    'full' padding d*(k-1) - p (when that is >= 0).
+    ``hyper`` = (sh, sw, ph, pw, dh, dw, g); ``out_hw`` the conv2d output planes. Direct at
+    stride 1 runs the flat kernels; its input-gradient is then the stride-1 forward of gy
+    with the flipped kernel and the 'full' padding d*(k-1) - p, when that is >= 0 (else
+    the general direct kernel, or im2col under 'auto').
     """
     sh, sw, ph, pw, dh, dw, g = hyper
     kh, kw = w_shape[2], w_shape[3]
+    fh, fw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    flat = (sh, sw) == (1, 1) and (which != 1 or min(fh, fw) >= 0)
     if algo == "auto":
-        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw), which)
+        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw), out_hw)
+        if algo == "direct" and (sh, sw) == (1, 1) and not flat:
+            algo = "im2col"
     slots = get_num_threads()
-    if algo == "direct" and (sh, sw) == (1, 1):
+    if algo == "direct" and flat:
         if which == 0:
             return conv2d_forward_flat(*arrays, ph, pw, dh, dw, g, slots)
         if which == 2:
             return conv2d_backward_weight_flat(*arrays, ph, pw, dh, dw, g, slots)
-        fh, fw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-        if fh >= 0 and fw >= 0:
-            gy, w, gx = arrays
-            zeros = np.zeros(gx.shape[1], gx.dtype)
-            return conv2d_forward_flat(gy, flip_kernel(w, g), zeros, gx, fh, fw, dh, dw, g, slots)
+        gy, w, gx = arrays
+        zeros = np.zeros(gx.shape[1], gx.dtype)
+        return conv2d_forward_flat(gy, flip_kernel(w, g), zeros, gx, fh, fw, dh, dw, g, slots)
     if algo == "im2col" and (sh, sw) == (1, 1) and which != 1:
         return _run_shifted(which, arrays, ph, pw, dh, dw, g, slots)
     extra = (slots,) if algo == "im2col" else ()
@@ -591,7 +641,7 @@ def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
     if b is None:
         b = np.zeros(w.shape[0], x.dtype)
     if n:
-        _run(algo, 0, (x, w, b, y), (*stride, *pad, *dilation, groups), w.shape, c)
+        _run(algo, 0, (x, w, b, y), (*stride, *pad, *dilation, groups), w.shape, c, out_hw)
     return y
 
 
@@ -601,7 +651,7 @@ def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
     n = gy.shape[0]
     gx = np.empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
     if n:
-        _run(algo, 1, (gy, w, gx), (*stride, *pad, *dilation, groups), w.shape, gx.shape[1])
+        _run(algo, 1, (gy, w, gx), (*stride, *pad, *dilation, groups), w.shape, gx.shape[1], gy.shape[2:])
     return gx
 
 
@@ -611,7 +661,7 @@ def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
     co = gy.shape[1]
     gw = np.zeros((co, x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
     if x.shape[0]:
-        _run(algo, 2, (x, gy, gw), (*stride, *pad, *dilation, groups), gw.shape, x.shape[1])
+        _run(algo, 2, (x, gy, gw), (*stride, *pad, *dilation, groups), gw.shape, x.shape[1], gy.shape[2:])
     return gw
 
 
