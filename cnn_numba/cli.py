@@ -35,6 +35,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
@@ -68,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only N training images, drawn at random with --seed")
     t.add_argument("--val-fraction", type=_fraction, help="held out for validation (default: 0.1; 0: none)")
+    t.add_argument("--weight-decay", type=_non_negative_float, metavar="WD",
+                   help="L2 penalty (AdamW: decoupled) (default: the optimizer's, 0 for sgd/adam, 0.01 for adamw)")
+    t.add_argument("--schedule", choices=T.SCHEDULES,
+                   help="learning rate per epoch: constant, or cosine annealing from --lr to 0 (default: constant)")
+    t.add_argument("--augment", action="store_true", default=None,
+                   help="random shifts of up to 2 pixels each batch; also left-right flips for fashion-mnist")
     t.add_argument("--checkpoint", metavar="DIR", help="save DIR/epoch_NNN.npz every epoch, and DIR/log.json")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint DIR")
     t.add_argument("--log", metavar="FILE", help="JSON log of the run (default: DIR/log.json with --checkpoint)")

@@ -60,7 +60,9 @@ SGD_MOMENTUM = 0.9
 EVAL_BATCH = 256
 CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.npz")
 # Settings that define a run: resuming with any of them changed would not continue the same run.
-RUN_KEYS = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "limit", "val_fraction")
+RUN_KEYS = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "limit", "val_fraction",
+            "weight_decay", "schedule", "augment")
+SCHEDULES = ("constant", "cosine")
 # Registry names for model functions called with keywords or under a shorter name.
 ALIASES = {"lenet5-classic": ("lenet5", {"classic": True}),
            "mobilenet": ("mobilenet_small", {}),
@@ -90,6 +92,9 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None         # use only `limit` training images, drawn with `seed`
     val_fraction: float = 0.1        # 0: no validation set
+    weight_decay: float | None = None  # None: the optimiser's default (PyTorch's)
+    schedule: str = "constant"       # learning rate per epoch: constant, or cosine from lr to 0
+    augment: bool = False            # random shifts of up to 2 pixels (and flips for fashion-mnist)
     checkpoint: str | None = None    # folder for epoch_NNN.npz (and log.json)
     resume: bool = False             # continue from the latest checkpoint in `checkpoint`
     data_dir: str | None = None      # data cache root (default $CNN_NUMBA_DATA, ~/.cache/cnn_numba)
@@ -149,13 +154,14 @@ def load_weights(model, state: dict, source: str, model_name: str) -> None:
         raise TrainError(f"{source} does not fit model {model_name!r}: {e}") from None
 
 
-def make_optimizer(name: str, params, lr: float):
+def make_optimizer(name: str, params, lr: float, weight_decay: float | None = None):
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "sgd":
-        return optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
+        return optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, **decay)
     if name == "adam":
-        return optim.Adam(params, lr=lr)
+        return optim.Adam(params, lr=lr, **decay)
     if name == "adamw":
-        return optim.AdamW(params, lr=lr)
+        return optim.AdamW(params, lr=lr, **decay)
     raise TrainError(f"unknown optimizer {name!r}; available: {', '.join(OPTIMIZERS)}")
 
 
@@ -421,6 +427,8 @@ def _check_finite(model, epoch: int) -> None:
 def _resolve(config: TrainConfig) -> TrainConfig:
     if config.optimizer not in OPTIMIZERS:
         raise TrainError(f"unknown optimizer {config.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
+    if config.schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {config.schedule!r}; available: {', '.join(SCHEDULES)}")
     if config.dataset not in NORMALIZE:
         raise TrainError(f"unknown dataset {config.dataset!r}; available: {', '.join(NORMALIZE)}")
     if config.resume and not config.checkpoint:
@@ -442,8 +450,9 @@ def _start_point(config: TrainConfig, out) -> Checkpoint | None:
         raise TrainError(f"{config.checkpoint} already holds checkpoints (latest {latest.name}); "
                          "pass --resume to continue that run, or choose another --checkpoint folder")
     ck = load_checkpoint(latest)
-    differ = [f"{k} {getattr(config, k)!r} (checkpoint: {ck.args.get(k)!r})"
-              for k in RUN_KEYS if ck.args.get(k) != getattr(config, k)]
+    saved = {k: ck.args.get(k, getattr(TrainConfig, k)) for k in RUN_KEYS}  # older runs lack newer keys
+    differ = [f"{k} {getattr(config, k)!r} (checkpoint: {saved[k]!r})"
+              for k in RUN_KEYS if saved[k] != getattr(config, k)]
     if differ:
         raise TrainError(f"cannot resume {latest}: settings differ from the saved run: {'; '.join(differ)}")
     return ck
@@ -461,15 +470,21 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
 
     manual_seed(config.seed)
     model = build_model(config.model).to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+    # Stepped once per epoch; closed-form, so a resumed run only needs its epoch count.
+    scheduler = optim.CosineAnnealingLR(optimizer, config.epochs) if config.schedule == "cosine" else None
     loader = DataLoader(train_split.images, train_split.labels, config.batch_size, shuffle=True,
-                        seed=config.seed, normalize=normalize)
+                        seed=config.seed, normalize=normalize, augment=config.augment,
+                        hflip=config.augment and config.dataset == "fashion-mnist")
     history = []
     if start is not None:
         load_weights(model, start.model_state, str(start.path), config.model)
         optimizer.load_state_dict(start.optimizer_state)
         default_generator().bit_generator.state = start.rng["generator"]
         loader.epoch = start.rng["loader_epoch"]
+        if scheduler is not None:
+            scheduler.last_epoch = start.epoch - 1
+            scheduler.step()
         history = start.history
         out(f"resumed from {start.path} after epoch {start.epoch}")
         if start.epoch >= config.epochs:
@@ -484,12 +499,18 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
                     "test_source": test.source},
            "resumed_from": str(start.path) if start else None, "epochs": history}
     last_good = start.path if start else None
+    extras = "".join([f", weight decay {config.weight_decay:g}" if config.weight_decay is not None else "",
+                      ", cosine schedule" if scheduler is not None else "",
+                      ", augmented" if config.augment else ""])
     out(f"{config.model}: {log['model']['parameters']:,} parameters; {log['data']['train']} training, "
-        f"{log['data']['val']} validation images; {config.optimizer} lr {config.lr:g}, batch {config.batch_size}")
+        f"{log['data']['val']} validation images; {config.optimizer} lr {config.lr:g}, batch {config.batch_size}"
+        f"{extras}")
     try:
         for epoch in range((start.epoch if start else 0) + 1, config.epochs + 1):
-            record = {"epoch": epoch, **train_epoch(model, optimizer, loader, epoch, config.epochs,
-                                                    device, config.progress)}
+            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                      **train_epoch(model, optimizer, loader, epoch, config.epochs, device, config.progress)}
+            if scheduler is not None:
+                scheduler.step()
             _check_finite(model, epoch)
             if val is not None:
                 t = time.perf_counter()

@@ -150,9 +150,13 @@ def with_tiny_dropout(monkeypatch):
     monkeypatch.setattr(models, "__all__", [*models.__all__, "tiny_dropout"])
 
 
-@pytest.mark.parametrize("model, optimizer", [("lenet5", "sgd"), ("tiny-dropout", "adamw")])
-def test_resume_equals_uninterrupted_run(capsys, data_dir, tmp_path, with_tiny_dropout, model, optimizer):
-    options = ["--model", model, "--optimizer", optimizer, "--seed", "7"]
+@pytest.mark.parametrize("model, optimizer, extra", [
+    ("lenet5", "sgd", []),
+    ("tiny-dropout", "adamw", []),
+    ("lenet5", "adam", ["--schedule", "cosine", "--augment", "--weight-decay", "1e-4"]),
+])
+def test_resume_equals_uninterrupted_run(capsys, data_dir, tmp_path, with_tiny_dropout, model, optimizer, extra):
+    options = ["--model", model, "--optimizer", optimizer, "--seed", "7", *extra]
     code, straight_out, err = train_quick(capsys, data_dir, *options, "--epochs", "2", "--checkpoint", tmp_path / "a")
     assert code == 0, err
     code, _, err = train_quick(capsys, data_dir, *options, "--epochs", "1", "--checkpoint", tmp_path / "b")
@@ -173,6 +177,32 @@ def test_resume_equals_uninterrupted_run(capsys, data_dir, tmp_path, with_tiny_d
     assert straight_out.strip().splitlines()[-1] == resumed_out.strip().splitlines()[-1]
     log = json.loads((tmp_path / "b" / "log.json").read_text())
     assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["resumed_from"].endswith("epoch_001.npz")
+
+
+def test_cosine_schedule_augmentation_and_weight_decay(capsys, data_dir, tmp_path):
+    runs = {}
+    for name, extra in [("plain", []), ("cosine", ["--schedule", "cosine"]), ("augment", ["--augment"]),
+                        ("augment-again", ["--augment"]), ("decay", ["--weight-decay", "0.5"])]:
+        code, out, err = train_quick(capsys, data_dir, "--epochs", "3", "--optimizer", "sgd", "--lr", "0.04",
+                                     "--log", tmp_path / f"{name}.json", *extra)
+        assert code == 0, err
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        header = out.splitlines()[0]
+        assert ("cosine schedule" in header) == (name == "cosine")
+        assert ("augmented" in header) == name.startswith("augment")
+        assert ("weight decay 0.5" in header) == (name == "decay")
+    lrs = {name: [e["lr"] for e in log["epochs"]] for name, log in runs.items()}
+    assert lrs["plain"] == [0.04] * 3
+    np.testing.assert_allclose(lrs["cosine"], [0.04, 0.04 * 0.75, 0.04 * 0.25])  # (1 + cos(pi t/3)) / 2
+    loss = {name: [e["train_loss"] for e in log["epochs"]] for name, log in runs.items()}
+    assert loss["cosine"][0] == loss["plain"][0] and loss["cosine"][1:] != loss["plain"][1:]
+    assert loss["augment"] != loss["plain"] and loss["augment"] == loss["augment-again"]  # seeded shifts
+    assert loss["decay"] != loss["plain"]
+    assert runs["decay"]["args"]["weight_decay"] == 0.5 and runs["plain"]["args"]["weight_decay"] is None
+    for bad in (["--schedule", "linear"], ["--weight-decay", "-1"]):
+        with pytest.raises(SystemExit) as info:  # argparse's usage error
+            train_quick(capsys, data_dir, *bad)
+        assert info.value.code == 2 and bad[0] in capsys.readouterr().err
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_used_folder(capsys, data_dir, tmp_path):
