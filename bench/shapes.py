@@ -95,13 +95,16 @@ class ConvShape:
         return 2 * self.macs
 
     def auto_algo(self, pass_: str) -> str:
-        """What algo='auto' picks for a pass (the same for all three): asked of the conv2d
-        layer behind it (for a transposed layer, its input is that conv2d's output)."""
+        """What algo='auto' picks for one pass: asked of the conv2d pass that it is (for a
+        transposed layer, fwd is conv2d's input-gradient and gx its forward, and its input is
+        that conv2d's output)."""
+        which = {"fwd": 0, "gx": 1, "gw": 2}[pass_]
         if self.transposed:
             c, co, out_hw = self.co, self.c, (self.h, self.w)
+            which = 1 - which if which < 2 else which
         else:
             c, co, out_hw = self.c, self.co, self.out_hw
-        return K.auto_algo(c, co, self.groups, self.k, self.k, (self.stride, self.stride), out_hw)
+        return K.auto_algo(c, co, self.groups, self.k, self.k, (self.stride, self.stride), out_hw, which)
 
     def describe(self) -> str:
         oh, ow = self.out_hw

@@ -260,3 +260,18 @@ def test_blas_gemm_on_windows_and_its_bounds_check():
         np.testing.assert_allclose(c[:, :5], expect, rtol=1e-5)
         with pytest.raises(IndexError, match="past the end"):
             gemm(False, False, 3, 5, 4, big, 190, 10, big, 0, 5, 0.0, c.reshape(-1), 0, 7)
+
+
+@pytest.mark.parametrize("layer, picks", [
+    # (c, co, g, kh, kw, stride, out_hw) -> forward, input-gradient, weight-gradient
+    ((16, 16, 1, 3, 3, (1, 1), (32, 32)), "direct direct direct"),   # ResNet stage 1: flat kernels
+    ((1, 6, 1, 5, 5, (1, 1), (28, 28)), "direct im2col direct"),     # LeNet C1: one input channel for gx's quads
+    ((64, 64, 64, 3, 3, (1, 1), (32, 32)), "direct direct direct"),  # depthwise: 9 inputs per output
+    ((64, 128, 1, 1, 1, (1, 1), (32, 32)), "im2col im2col im2col"),  # 1x1: a plain product
+    ((64, 64, 1, 3, 3, (1, 1), (8, 8)), "im2col im2col im2col"),     # small planes
+    ((128, 128, 1, 3, 3, (1, 1), (28, 28)), "im2col im2col im2col"),  # wide: long-K BLAS products
+    ((16, 32, 1, 3, 3, (2, 2), (16, 16)), "im2col im2col im2col"),   # stride 2
+])
+def test_auto_algo_rule(layer, picks):
+    from cnn_numba.kernels.conv import auto_algo
+    assert " ".join(auto_algo(*layer, which) for which in range(3)) == picks

@@ -140,10 +140,10 @@ def conv2d_backward_bias(gy, gb):
 # Each pass over a run does three taps for four output channels ("a quad"): it loads
 # three shifted inputs and four accumulators and does twelve FMAs. One tap per pass
 # would store an accumulator per FMA, and the stores, not the FMA units, would set the
-# pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). The kh*kw taps are
-# listed flat, padded with zero-weight taps to a multiple of three, and the channels of
-# a group padded to a multiple of four with zero weights; padded channels are computed
-# into spare accumulator rows and never copied out.
+# pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). A group's channels go in
+# quads, then one at a time (three taps per pass still; depthwise layers have one
+# channel per group). The kh*kw taps are listed flat and padded with zero-weight taps
+# to a multiple of three.
 
 TAPS = 3   # taps per pass over a run
 QUAD = 4   # output channels per pass
@@ -172,29 +172,22 @@ def _flat_sizes(oh, ow, kh, kw, dh, dw):
 
 
 @njit(cache=True)
-def _flat_plan(oh, ow, co, cig, kh, kw, dh, dw, g):
-    """Sizes of a stride-1 direct pass: ``(hp, wp, run, cog, cogq, taps, offsets)`` with the
-    padded plane (hp, wp), the flat output run, the channels per group (cog) padded to
-    whole quads (cogq), the taps padded to a multiple of TAPS, and each tap's offset in the
-    flat padded plane (0 for the padding taps)."""
+def _flat_plan(oh, ow, kh, kw, dh, dw):
+    """Sizes of a stride-1 direct pass: ``(hp, wp, run, taps, offsets)`` with the padded
+    plane (hp, wp), the flat output run, the taps padded to a multiple of TAPS, and each
+    tap's offset in the flat padded plane (0 for the padding taps)."""
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
     taps = -(-(kh * kw) // TAPS) * TAPS
     offsets = np.zeros(taps, np.int64)
     for t in range(kh * kw):
         offsets[t] = (t // kw) * dh * wp + (t % kw) * dw
-    cog = co // g
-    return hp, wp, run, cog, -(-cog // QUAD) * QUAD, taps, offsets
+    return hp, wp, run, taps, offsets
 
 
-@njit(cache=True)
-def _quad_weights(w, g, cogq, taps):
-    """w (CO, CI/G, KH, KW) -> (G, cogq, CI/G, taps), zero for padded channels and taps."""
-    co, cig, kh, kw = w.shape
-    cog = co // g
-    wq = np.zeros((g, cogq, cig, taps), w.dtype)
-    for o in range(co):
-        wq[o // cog, o % cog, :, :kh * kw] = w[o].reshape(cig, kh * kw)
-    return wq
+@njit(cache=True, inline="always")
+def _block(q, cog):
+    """Channels in the block starting at ``q`` of a group of ``cog``: a quad, else one."""
+    return QUAD if cog - q >= QUAD else 1
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -215,14 +208,24 @@ def _axpy_quad(wq, s0, s1, s2, a0, a1, a2, a3):
         a3[j] = ((a3[j] + w30 * x0) + w31 * x1) + w32 * x2
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _axpy_one(wt, s0, s1, s2, a):
+    """a[j] += wt[0]*s0[j] + wt[1]*s1[j] + wt[2]*s2[j], tap by tap: one channel."""
+    w0, w1, w2 = wt[0], wt[1], wt[2]
+    for j in range(a.size):
+        a[j] = ((a[j] + w0 * s0[j]) + w1 * s1[j]) + w2 * s2[j]
+
+
 @njit(parallel=True, **KERNEL)
 def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
-    hp, wp, run, cog, cogq, taps, offsets = _flat_plan(oh, ow, co, cig, kh, kw, dh, dw, g)
-    wq = _quad_weights(w, g, cogq, taps)
+    cog = co // g
+    hp, wp, run, taps, offsets = _flat_plan(oh, ow, kh, kw, dh, dw)
+    wt = np.zeros((co, cig, taps), w.dtype)  # the taps flat, zero-padded
+    wt[:, :, :kh * kw] = w.reshape(co, cig, kh * kw)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     acc_buf = np.zeros((slots, QUAD, oh * wp), x.dtype)
     for tid in prange(slots):
@@ -231,19 +234,23 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
-            for q in range(0, cogq, QUAD):
-                nu = min(QUAD, cog - q)
+            o = gi * cog
+            while o < (gi + 1) * cog:
+                nu = _block(o - gi * cog, cog)
                 for u in range(nu):
-                    acc[u, :] = b[gi * cog + q + u]
+                    acc[u, :] = b[o + u]
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for k in range(0, taps, TAPS):
-                        o0, o1, o2 = offsets[k], offsets[k + 1], offsets[k + 2]
-                        _axpy_quad(wq[gi, q:q + QUAD, ci, k:k + TAPS], src[o0:o0 + run], src[o1:o1 + run],
-                                   src[o2:o2 + run], a0, a1, a2, a3)
+                        s0, s1, s2 = src[offsets[k]:], src[offsets[k + 1]:], src[offsets[k + 2]:]
+                        if nu == QUAD:
+                            _axpy_quad(wt[o:o + QUAD, ci, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
+                        else:
+                            _axpy_one(wt[o, ci, k:k + TAPS], s0, s1, s2, a0)
                 for u in range(nu):
                     for r in range(oh):
-                        y[i, gi * cog + q + u, r] = acc[u, r * wp:r * wp + ow]
+                        y[i, o + u, r] = acc[u, r * wp:r * wp + ow]
+                o += nu
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -252,7 +259,7 @@ def _dot_quad(s0, s1, s2, g0, g1, g2, g3, out):
     one pass over three shifted input runs and four gy runs."""
     z = s0.dtype.type(0)
     t00 = t01 = t02 = t10 = t11 = t12 = t20 = t21 = t22 = t30 = t31 = t32 = z
-    for j in range(s0.size):
+    for j in range(g0.size):
         x0, x1, x2 = s0[j], s1[j], s2[j]
         h0, h1, h2, h3 = g0[j], g1[j], g2[j], g3[j]
         t00, t01, t02 = t00 + h0 * x0, t01 + h0 * x1, t02 + h0 * x2
@@ -265,6 +272,17 @@ def _dot_quad(s0, s1, s2, g0, g1, g2, g3, out):
             out[u, k] += sums[u][k]
 
 
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot_one(s0, s1, s2, h, out):
+    """out[k] += sum_j h[j] * s_k[j] for k < 3: one channel."""
+    t0 = t1 = t2 = s0.dtype.type(0)
+    for j in range(h.size):
+        t0, t1, t2 = t0 + h[j] * s0[j], t1 + h[j] * s1[j], t2 + h[j] * s2[j]
+    out[0] += t0
+    out[1] += t1
+    out[2] += t2
+
+
 @njit(parallel=True, **KERNEL)
 def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     """Stride-1 weight-gradient: a long dot product per tap, twelve (three taps by four
@@ -272,35 +290,33 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
-    hp, wp, run, cog, cogq, taps, offsets = _flat_plan(oh, ow, co, cig, kh, kw, dh, dw, g)
+    cog = co // g
+    hp, wp, run, taps, offsets = _flat_plan(oh, ow, kh, kw, dh, dw)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     gyw_buf = np.zeros((slots, QUAD, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
-    partial = np.zeros((slots, g, cogq, cig, taps), x.dtype)
+    partial = np.zeros((slots, co, cig, taps), x.dtype)
     for tid in prange(slots):
         xp, gyw, part = xp_buf[tid], gyw_buf[tid], partial[tid]
         g0, g1, g2, g3 = gyw[0, :run], gyw[1, :run], gyw[2, :run], gyw[3, :run]
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
-            for q in range(0, cogq, QUAD):
-                nu = min(QUAD, cog - q)
-                for u in range(QUAD):
+            o = gi * cog
+            while o < (gi + 1) * cog:
+                nu = _block(o - gi * cog, cog)
+                for u in range(nu):
                     for r in range(oh):
-                        if u < nu:
-                            gyw[u, r * wp:r * wp + ow] = gy[i, gi * cog + q + u, r]
-                        else:
-                            gyw[u, r * wp:r * wp + ow] = 0
+                        gyw[u, r * wp:r * wp + ow] = gy[i, o + u, r]
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for k in range(0, taps, TAPS):
-                        o0, o1, o2 = offsets[k], offsets[k + 1], offsets[k + 2]
-                        _dot_quad(src[o0:o0 + run], src[o1:o1 + run], src[o2:o2 + run], g0, g1, g2, g3,
-                                  part[gi, q:q + QUAD, ci, k:k + TAPS])
-    total = partial.sum(axis=0)
-    for o in range(co):
-        for ci in range(cig):
-            for t in range(kh * kw):
-                gw[o, ci, t // kw, t % kw] = total[o // cog, o % cog, ci, t]
+                        s0, s1, s2 = src[offsets[k]:], src[offsets[k + 1]:], src[offsets[k + 2]:]
+                        if nu == QUAD:
+                            _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, ci, k:k + TAPS])
+                        else:
+                            _dot_one(s0, s1, s2, g0, part[o, ci, k:k + TAPS])
+                o += nu
+    gw.reshape(co, cig, kh * kw)[:, :, :] = partial.sum(axis=0)[:, :, :kh * kw]
 
 
 def flip_kernel(w, g):
@@ -588,18 +604,21 @@ FLAT_MIN_PLANE = 100
 FLAT_MAX_K = 576
 
 
-def auto_algo(c, co, g, kh, kw, stride, out_hw):
-    """The algorithm 'auto' picks for a conv2d layer with output planes ``out_hw``, the
-    same for its three passes. Direct when each output reads fewer than 16 inputs
-    (depthwise), and at stride 1 when the planes are big enough and the layer narrow
-    enough for the flat kernels (LeNet, ResNet's first two stages, grouped convs); im2col
-    otherwise. (Measured per shape and pass in bench/results/cpu-*.md.)"""
-    k = (c // g) * kh * kw
+def auto_algo(c, co, g, kh, kw, stride, out_hw, which=0):
+    """The algorithm 'auto' picks for pass ``which`` (0 forward, 1 input-, 2 weight-gradient)
+    of a conv2d layer with output planes ``out_hw``. Direct when each output reads fewer
+    than 16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big
+    enough, a layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap
+    to three), and for the input-gradient, whose flat pass computes the C_in/G input
+    channels four at a time, at least 8 of them. im2col otherwise. (Measured per shape
+    and pass in bench/results/cpu-*.md.)"""
+    cig = c // g
+    k = cig * kh * kw
     if k < 16:
         return "direct"
-    if tuple(stride) == (1, 1) and out_hw[0] * out_hw[1] >= FLAT_MIN_PLANE and k <= FLAT_MAX_K:
-        return "direct"
-    return "im2col"
+    flat = (tuple(stride) == (1, 1) and kh * kw >= TAPS and out_hw[0] * out_hw[1] >= FLAT_MIN_PLANE
+            and k <= FLAT_MAX_K and (which != 1 or cig >= 2 * QUAD))
+    return "direct" if flat else "im2col"
 
 
 def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
@@ -615,7 +634,7 @@ def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
     fh, fw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
     flat = (sh, sw) == (1, 1) and (which != 1 or min(fh, fw) >= 0)
     if algo == "auto":
-        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw), out_hw)
+        algo = auto_algo(c, w_shape[0], g, kh, kw, (sh, sw), out_hw, which)
         if algo == "direct" and (sh, sw) == (1, 1) and not flat:
             algo = "im2col"
     slots = get_num_threads()
