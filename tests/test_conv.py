@@ -243,6 +243,18 @@ def test_conv2d_propagates_nan_and_inf():
     for algo in ("direct", "im2col"):
         y = F.conv2d(x, w, algo=algo).numpy()[0, 0]
         assert np.isnan(y[0, 0]) and np.isinf(y[1, 1]) and y[0, 1] == 4 and y[1, 0] == 4
+    # inf times a weight stays inf: no zero weight may meet it (kernels that pad their taps
+    # with zero weights must not point them at the input); 4 and 25 taps, both passes.
+    for k in (2, 5):
+        x = np.ones((1, 2, 6, 6))
+        x[0, 1, 0, 0] = np.inf
+        w = np.ones((3, 2, k, k))
+        for algo in ("direct", "im2col"):
+            y = F.conv2d(x, w, algo=algo).numpy()
+            assert np.isposinf(y[0, :, 0, 0]).all() and np.isfinite(y[0, :, 1:, 1:]).all(), (k, algo)
+            # conv_transpose2d's forward is conv2d's input-gradient: at stride 1 the flipped forward
+            z = F.conv_transpose2d(x, np.ones((2, 3, k, k)), padding=k - 1, algo=algo).numpy()
+            assert np.isposinf(z[0, :, 0, 0]).all() and np.isfinite(z[0, :, k:, k:]).all(), (k, algo)
 
 
 def test_blas_gemm_on_windows_and_its_bounds_check():

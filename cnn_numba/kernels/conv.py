@@ -143,7 +143,8 @@ def conv2d_backward_bias(gy, gb):
 # pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). A group's channels go in
 # quads, then one at a time (three taps per pass still; depthwise layers have one
 # channel per group). The kh*kw taps are listed flat and padded with zero-weight taps
-# to a multiple of three.
+# to a multiple of three, which read a run of zeros: never the input, where 0 * inf
+# would turn an inf output into NaN.
 
 TAPS = 3   # taps per pass over a run
 QUAD = 4   # output channels per pass
@@ -175,13 +176,19 @@ def _flat_sizes(oh, ow, kh, kw, dh, dw):
 def _flat_plan(oh, ow, kh, kw, dh, dw):
     """Sizes of a stride-1 direct pass: ``(hp, wp, run, taps, offsets)`` with the padded
     plane (hp, wp), the flat output run, the taps padded to a multiple of TAPS, and each
-    tap's offset in the flat padded plane (0 for the padding taps)."""
+    real tap's offset in the flat padded plane."""
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
-    taps = -(-(kh * kw) // TAPS) * TAPS
-    offsets = np.zeros(taps, np.int64)
+    offsets = np.empty(kh * kw, np.int64)
     for t in range(kh * kw):
         offsets[t] = (t // kw) * dh * wp + (t % kw) * dw
-    return hp, wp, run, taps, offsets
+    return hp, wp, run, -(-(kh * kw) // TAPS) * TAPS, offsets
+
+
+@njit(cache=True, inline="always")
+def _shifted(src, offsets, t, zeros):
+    """The input run that flat tap ``t`` reads: ``src`` from its offset, or ``zeros`` for a
+    padding tap."""
+    return src[offsets[t]:] if t < offsets.size else zeros
 
 
 @njit(cache=True, inline="always")
@@ -228,6 +235,7 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     wt[:, :, :kh * kw] = w.reshape(co, cig, kh * kw)
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     acc_buf = np.zeros((slots, QUAD, oh * wp), x.dtype)
+    zeros = np.zeros(run, x.dtype)  # what the padding taps read
     for tid in prange(slots):
         xp, acc = xp_buf[tid], acc_buf[tid]
         a0, a1, a2, a3 = acc[0, :run], acc[1, :run], acc[2, :run], acc[3, :run]
@@ -242,7 +250,8 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for k in range(0, taps, TAPS):
-                        s0, s1, s2 = src[offsets[k]:], src[offsets[k + 1]:], src[offsets[k + 2]:]
+                        s0, s1, s2 = (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
+                                      _shifted(src, offsets, k + 2, zeros))
                         if nu == QUAD:
                             _axpy_quad(wt[o:o + QUAD, ci, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
                         else:
@@ -295,6 +304,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     gyw_buf = np.zeros((slots, QUAD, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
     partial = np.zeros((slots, co, cig, taps), x.dtype)
+    zeros = np.zeros(run, x.dtype)  # what the padding taps read
     for tid in prange(slots):
         xp, gyw, part = xp_buf[tid], gyw_buf[tid], partial[tid]
         g0, g1, g2, g3 = gyw[0, :run], gyw[1, :run], gyw[2, :run], gyw[3, :run]
@@ -310,7 +320,8 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for k in range(0, taps, TAPS):
-                        s0, s1, s2 = src[offsets[k]:], src[offsets[k + 1]:], src[offsets[k + 2]:]
+                        s0, s1, s2 = (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
+                                      _shifted(src, offsets, k + 2, zeros))
                         if nu == QUAD:
                             _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, ci, k:k + TAPS])
                         else:
