@@ -471,8 +471,6 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
     manual_seed(config.seed)
     model = build_model(config.model).to(device)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
-    # Stepped once per epoch; closed-form, so a resumed run only needs its epoch count.
-    scheduler = optim.CosineAnnealingLR(optimizer, config.epochs) if config.schedule == "cosine" else None
     loader = DataLoader(train_split.images, train_split.labels, config.batch_size, shuffle=True,
                         seed=config.seed, normalize=normalize, augment=config.augment,
                         hflip=config.augment and config.dataset == "fashion-mnist")
@@ -482,14 +480,15 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
         optimizer.load_state_dict(start.optimizer_state)
         default_generator().bit_generator.state = start.rng["generator"]
         loader.epoch = start.rng["loader_epoch"]
-        if scheduler is not None:
-            scheduler.last_epoch = start.epoch - 1
-            scheduler.step()
         history = start.history
         out(f"resumed from {start.path} after epoch {start.epoch}")
         if start.epoch >= config.epochs:
             out(f"nothing to train: the run has {start.epoch} of --epochs {config.epochs} epochs done")
 
+    # Stepped once per epoch and closed-form: a resumed run starts it at its epoch count
+    # (PyTorch's last_epoch; the optimiser state just loaded holds each group's initial_lr).
+    scheduler = (optim.CosineAnnealingLR(optimizer, config.epochs, last_epoch=start.epoch - 1 if start else -1)
+                 if config.schedule == "cosine" else None)
     folder = Path(config.checkpoint) if config.checkpoint else None
     log_path = Path(config.log) if config.log else folder / "log.json" if folder else None
     log = {"command": "train", "status": "running", "args": dataclasses.asdict(config),

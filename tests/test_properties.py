@@ -46,30 +46,32 @@ def conv_cases(draw):
     t, b, l, r = R.conv_pads(padding, (kh, kw), (dh, dw))
     assume(R.conv_out_size(h, kh, stride[0], t, b, dh) > 0 and R.conv_out_size(w, kw, stride[1], l, r, dw) > 0)
     n = draw(st.integers(0, 2))
-    return dict(x=(n, g * cig, h, w), w=(g * cog, cig, kh, kw), bias=draw(st.booleans()),
+    return dict(x=(n, g * cig, h, w), w=(g * cog, cig, kh, kw), bias=draw(st.booleans()), channels=g * cog,
                 kw=dict(stride=stride, padding=padding, dilation=(dh, dw), groups=g))
 
 
-def _conv2d_property(case, dtype, algo, seed, device):
-    x, w, b = _arrays(seed, dtype, case["x"], case["w"], (case["w"][0],))
+def _conv_property(op, reference, reference_grads, case, dtype, algo, seed, device):
+    """``op`` (conv2d or conv_transpose2d) and its gradients against the float64 reference;
+    ``case["channels"]`` is the output's channel count, the bias length."""
+    x, w, b = _arrays(seed, dtype, case["x"], case["w"], (case["channels"],))
     b = b if case["bias"] else None
     kw = case["kw"]
-    out, grads, gy = forward_backward(F.conv2d, (x, w, b), algo=algo, device=device, **kw)
-    R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
-    _check_grads(grads, R.conv2d_grads(x, w, gy, **kw), dtype)
+    out, grads, gy = forward_backward(op, (x, w, b), algo=algo, device=device, **kw)
+    R.assert_close(out, reference(x, w, b, **kw), dtype, "y")
+    _check_grads(grads, reference_grads(x, w, gy, **kw), dtype)
 
 
 @SETTINGS
 @given(case=conv_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
 def test_conv2d_random(case, dtype, algo, seed):
-    _conv2d_property(case, dtype, algo, seed, "cpu")
+    _conv_property(F.conv2d, R.conv2d, R.conv2d_grads, case, dtype, algo, seed, "cpu")
 
 
 @needs_cuda
 @CUDA_SETTINGS
 @given(case=conv_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
 def test_conv2d_random_cuda(case, dtype, algo, seed):
-    _conv2d_property(case, dtype, algo, seed, "cuda")
+    _conv_property(F.conv2d, R.conv2d, R.conv2d_grads, case, dtype, algo, seed, "cuda")
 
 
 @st.composite
@@ -83,31 +85,24 @@ def conv_transpose_cases(draw):
     assume(R.conv_transpose_out_size(h, kh, sh, ph, dh, oph) > 0)
     assume(R.conv_transpose_out_size(w, kw, sw, pw, dw, opw) > 0)
     n = draw(st.integers(0, 2))
-    return dict(x=(n, g * cig, h, w), w=(g * cig, cog, kh, kw), bias=draw(st.booleans()),
+    return dict(x=(n, g * cig, h, w), w=(g * cig, cog, kh, kw), bias=draw(st.booleans()), channels=g * cog,
                 kw=dict(stride=(sh, sw), padding=(ph, pw), output_padding=(oph, opw), groups=g,
                         dilation=(dh, dw)))
-
-
-def _conv_transpose2d_property(case, dtype, algo, seed, device):
-    x, w, b = _arrays(seed, dtype, case["x"], case["w"], (case["w"][1] * case["kw"]["groups"],))
-    b = b if case["bias"] else None
-    kw = case["kw"]
-    out, grads, gy = forward_backward(F.conv_transpose2d, (x, w, b), algo=algo, device=device, **kw)
-    R.assert_close(out, R.conv_transpose2d(x, w, b, **kw), dtype, "y")
-    _check_grads(grads, R.conv_transpose2d_grads(x, w, gy, **kw), dtype)
 
 
 @SETTINGS
 @given(case=conv_transpose_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
 def test_conv_transpose2d_random(case, dtype, algo, seed):
-    _conv_transpose2d_property(case, dtype, algo, seed, "cpu")
+    _conv_property(F.conv_transpose2d, R.conv_transpose2d, R.conv_transpose2d_grads, case, dtype, algo, seed,
+                   "cpu")
 
 
 @needs_cuda
 @CUDA_SETTINGS
 @given(case=conv_transpose_cases(), dtype=dtypes, algo=algos, seed=st.integers(0, 2**31))
 def test_conv_transpose2d_random_cuda(case, dtype, algo, seed):
-    _conv_transpose2d_property(case, dtype, algo, seed, "cuda")
+    _conv_property(F.conv_transpose2d, R.conv_transpose2d, R.conv_transpose2d_grads, case, dtype, algo, seed,
+                   "cuda")
 
 
 @st.composite

@@ -172,6 +172,16 @@ def _flat_sizes(oh, ow, kh, kw, dh, dw):
     return hp, wp, (oh - 1) * wp + ow
 
 
+@njit(**KERNEL)
+def to_wide_rows(planes, wide, wp):
+    """wide[c, r*wp:r*wp + ow] = planes[c, r]: planes (C, OH, OW) onto rows wp wide (the
+    flat runs' layout); the other columns of ``wide`` are left as they are."""
+    oh, ow = planes.shape[1], planes.shape[2]
+    for c in range(planes.shape[0]):
+        for r in range(oh):
+            wide[c, r * wp:r * wp + ow] = planes[c, r]
+
+
 @njit(cache=True)
 def _flat_plan(oh, ow, kh, kw, dh, dw):
     """Sizes of a stride-1 direct pass: ``(hp, wp, run, taps, offsets)`` with the padded
@@ -314,9 +324,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
             o = gi * cog
             while o < (gi + 1) * cog:
                 nu = _block(o - gi * cog, cog)
-                for u in range(nu):
-                    for r in range(oh):
-                        gyw[u, r * wp:r * wp + ow] = gy[i, o + u, r]
+                to_wide_rows(gy[i, o:o + nu], gyw, wp)
                 for ci in range(cig):
                     src = xp[ci].reshape(hp * wp)
                     for k in range(0, taps, TAPS):
@@ -570,9 +578,7 @@ def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
             i, gi = t // g, t % g
             pad_planes(x[i], gi * cig, xp, ph, pw)
             shift_columns(xp, shifted, kw, dw)
-            for o in range(cog):
-                for r in range(oh):
-                    gyw[o, r * wp:r * wp + ow] = gy[i, gi * cog + o, r]
+            to_wide_rows(gy[i, gi * cog:(gi + 1) * cog], gyw, wp)
             for a in range(kh):
                 gemm(False, True, cog, k, run, gf, 0, oh * wp, sf, a * dh * wp, length,
                      1.0, part, (a * co + gi * cog) * k, k)
