@@ -1,6 +1,7 @@
 """Everything a session with a lent GPU should run, in one command, recorded in one file.
 
     python bench/gpu_check.py [--data-dir DIR] [--skip tests,train,report,speed]
+    python bench/gpu_check.py --order tests,report --pytest-args "-k cuda -n 8" --timeouts tests=150
 
 1. the whole test suite on the real GPU (tests/conftest.py uses the simulator only where
    no NVIDIA driver exists, so here every CUDA test runs on the device, at its full shapes);
@@ -19,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,13 +32,18 @@ STEPS = ("tests", "train", "report", "speed")
 
 
 def run(cmd: list[str], timeout: int, env=None) -> tuple[int, str, float]:
+    """(exit code, stdout + stderr, seconds); at the timeout the whole process group is killed
+    (pytest-xdist's workers too, which would otherwise hold the pipes open), and the code is 124."""
     t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-        code, out = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        code, out = 124, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}"
+        out, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        code, out = 124, f"{out}\ntimed out after {timeout} s"
     return code, out, time.perf_counter() - t
 
 
@@ -44,12 +51,12 @@ def tail(text: str, n: int) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
 
-def train(device: str, dataset: str, log: Path, data_dir: str | None) -> dict:
+def train(device: str, dataset: str, log: Path, data_dir: str | None, limit: int) -> dict:
     cmd = [sys.executable, "-m", "cnn_numba", "train", "--device", device, "--dataset", dataset, "--epochs", "1",
            "--seed", "0", "--no-progress", "--log", str(log)]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    code, out, secs = run(cmd, 900)
+    code, out, secs = run(cmd, limit)
     res = {"device": device, "code": code, "seconds": secs, "last": tail(out, 1)}
     if code == 0 and log.exists():
         res["test_acc"] = json.loads(log.read_text())["test"]["accuracy"]
@@ -58,45 +65,62 @@ def train(device: str, dataset: str, log: Path, data_dir: str | None) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", help="cnn_numba data directory (e.g. one holding fashion-mnist/)")
+    ap.add_argument("--data-dir", help="cnn_numba data directory (e.g. one holding mnist/ or fashion-mnist/)")
     ap.add_argument("--skip", default="", help=f"comma-separated steps to skip, of {STEPS}")
+    ap.add_argument("--order", default=",".join(STEPS), help="the steps in the order to run them")
+    ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k cuda -n 8'")
+    ap.add_argument("--timeouts", default="", help="seconds per step, e.g. tests=150,report=90 (default 1800)")
+    ap.add_argument("--reps", type=int, default=20, help="gpu_report.py --reps")
+    ap.add_argument("--steps", type=int, default=60, help="train_speed.py --steps")
+    ap.add_argument("--out", type=Path, help="also write the record here (rewritten after every step)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    sys.path.insert(0, str(ROOT / "bench"))
+    limits = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.timeouts.split(",")))}
+    # the scripts import cnn_numba from this checkout, installed or not
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
     from gpu_report import commit, device_facts
 
     facts, today = device_facts(), datetime.date.today().isoformat()
     lines = [f"# GPU check, {facts['name']}, {today}, commit {commit()}", "",
-             f"`python bench/gpu_check.py`: {facts['name']}, compute capability {facts['cc'][0]}.{facts['cc'][1]}, "
-             f"{facts['sms']} SMs.", ""]
+             f"`python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {facts['name']}, "
+             f"compute capability {facts['cc'][0]}.{facts['cc'][1]}, {facts['sms']} SMs.", ""]
+    record = [RESULTS / f"gpu-check-{today}.md"] + ([args.out] if args.out else [])
 
-    if "tests" not in skip:
-        code, out, secs = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], 1800)
-        lines += ["## Test suite on the GPU", "", f"exit {code}, {secs:.0f} s:", "", "```", tail(out, 15), "```", ""]
+    def save():
+        for path in record:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
 
-    if "train" not in skip:
-        fashion = args.data_dir and (Path(args.data_dir) / "fashion-mnist").is_dir()
-        dataset = "fashion-mnist" if fashion else "mnist"
-        runs = [train(dev, dataset, RESULTS / f"gpu-check-train-{dev}.json", args.data_dir) for dev in ("cuda", "cpu")]
-        lines += [f"## LeNet-5, one epoch of {dataset}, seed 0", "", "| device | exit | seconds | test accuracy |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| {r['device']} | {r['code']} | {r['seconds']:.1f} | {r.get('test_acc', float('nan')):.4f} |"
-                  for r in runs]
-        accs = [r.get("test_acc") for r in runs]
-        if None not in accs:
-            lines += ["", f"GPU - CPU accuracy: {100 * (accs[0] - accs[1]):+.2f} points "
-                          f"({'within' if abs(accs[0] - accs[1]) <= 0.01 else 'OUTSIDE'} the 1-point tolerance)"]
-        lines += [""] + [f"    {r['device']}: {r['last']}" for r in runs if r["code"]] + [""]
-
-    for step, script in (("report", ["bench/gpu_report.py"]), ("speed", ["bench/train_speed.py", "--device", "cuda"])):
-        if step not in skip:
-            code, out, secs = run([sys.executable, *script], 1200)
-            lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s", "", tail(out, 40), ""]
-
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"gpu-check-{today}.md").write_text(text)
+    for step in filter(lambda s: s not in skip, args.order.split(",")):
+        limit = limits.get(step, 1800)
+        if step == "tests":
+            code, out, secs = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                   *args.pytest_args.split()], limit)
+            lines += ["## Test suite on the GPU", "", f"`pytest {args.pytest_args}`: exit {code}, {secs:.0f} s:", "",
+                      "```", tail(out, 40), "```", ""]
+        elif step == "train":
+            fashion = args.data_dir and (Path(args.data_dir) / "fashion-mnist").is_dir()
+            dataset = "fashion-mnist" if fashion else "mnist"
+            runs = [train(dev, dataset, RESULTS / f"gpu-check-train-{dev}.json", args.data_dir, limit // 2)
+                    for dev in ("cuda", "cpu")]
+            lines += [f"## LeNet-5, one epoch of {dataset}, seed 0", "", "| device | exit | seconds | test accuracy |",
+                      "|---|---:|---:|---:|"]
+            lines += [f"| {r['device']} | {r['code']} | {r['seconds']:.1f} | {r.get('test_acc', float('nan')):.4f} |"
+                      for r in runs]
+            accs = [r.get("test_acc") for r in runs]
+            if None not in accs:
+                lines += ["", f"GPU - CPU accuracy: {100 * (accs[0] - accs[1]):+.2f} points "
+                              f"({'within' if abs(accs[0] - accs[1]) <= 0.01 else 'OUTSIDE'} the 1-point tolerance)"]
+            lines += [""] + [f"    {r['device']}: {r['last']}" for r in runs if r["code"]] + [""]
+        else:
+            script = (["bench/gpu_report.py", "--reps", str(args.reps)] if step == "report" else
+                      ["bench/train_speed.py", "--device", "cuda", "--steps", str(args.steps)])
+            code, out, secs = run([sys.executable, *script], limit)
+            lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s", "", tail(out, 60), ""]
+        save()
+        print("\n".join(lines), flush=True)
+    save()
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -129,6 +130,8 @@ def gpu_name() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("CNN_NUMBA_COMMIT"):
+        return os.environ["CNN_NUMBA_COMMIT"]
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent)
     return done.stdout.strip() or "unknown"
@@ -157,7 +160,10 @@ def main(argv=None) -> int:
         for name in cases:
             out = subprocess.run([sys.executable, __file__, "--child", side, name, "--steps", str(args.steps),
                                   "--warmup", str(args.warmup), "--device", args.device],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                print(f"{side} {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}", file=sys.stderr)
+                continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[side, name] = r
             print(f"{side:<9} {name:<8} batch {r['batch']:>3}: {r['ms_per_step']:8.2f} ms/step, "
@@ -169,7 +175,10 @@ def main(argv=None) -> int:
              "| model | batch | cnn_numba ms/step | torch ms/step | ratio | cnn_numba epoch s | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in cases:
-        ours, theirs = res["cnn_numba", name], res.get(("torch", name))
+        ours, theirs = res.get(("cnn_numba", name)), res.get(("torch", name))
+        if ours is None:
+            lines.append(f"| {name} | {CASES[args.device][name]} | failed | — | — | — | — |")
+            continue
         ratio = f"{ours['ms_per_step'] / theirs['ms_per_step']:.2f}" if theirs else "—"
         tms = f"{theirs['ms_per_step']:.2f}" if theirs else "—"
         lines.append(f"| {name} | {ours['batch']} | {ours['ms_per_step']:.2f} | {tms} | {ratio} | "
