@@ -5,6 +5,7 @@ sys.path, there being no tests/__init__.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -76,3 +77,26 @@ def forward_backward(op, inputs, gy=None, seed=0, device="cpu", **params):
 
 def random(rng, shape, dtype=np.float64):
     return rng.standard_normal(shape).astype(dtype)
+
+
+# Under the simulator every CUDA launch's signature is recorded, and the last test of the run
+# (test_cuda_typing.py) compiles them all as a real GPU would: the simulator never types a kernel.
+LAUNCHED: set = set()
+
+
+def _record_launch(kernel, args):
+    from cuda_typecheck import describe
+
+    fn = kernel.fn
+    LAUNCHED.add((fn.__module__, fn.__qualname__, json.dumps([describe(a) for a in args])))
+
+
+if CUDA_SIMULATED:
+    from cnn_numba.kernels.cuda import launch as _launch
+
+    _launch.record = _record_launch
+
+
+def pytest_collection_modifyitems(items):
+    """The typecheck of the recorded launches runs after every other test (a stable sort)."""
+    items.sort(key=lambda item: item.get_closest_marker("after_all") is not None)

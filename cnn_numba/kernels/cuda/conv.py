@@ -339,7 +339,7 @@ def _correlate_launch(src, w, b, dst, stride, pad, dilation, up, g, flip):
     th, tw, _, tiles_w = tiling
     grid = (blocks(hd, th) * tiles_w, channel_blocks, min(n, MAX_GRID))
     geo = (*stride, *pad, *dilation, *up, g)
-    launch_grid(_correlate, grid, DIRECT_THREADS, src, w, dst if b is None else b, dst, geo, tiling, int(flip),
+    launch_grid(_correlate, grid, DIRECT_THREADS, src, w, flat(w) if b is None else b, dst, geo, tiling, int(flip),
                 int(b is not None))
     return True
 

@@ -41,7 +41,15 @@ def device_function(fn):
     return cuda.jit(device=True)(getattr(fn, "py_func", fn))
 
 
-def _check(args) -> None:
+# Called as ``record(kernel, args)`` before every launch when set. The tests set it under the
+# simulator, which runs kernels as Python and so never types them: tests/cuda_typecheck.py
+# then compiles every launched signature the way a real GPU would (typing and lowering).
+record = None
+
+
+def _check(kernel, args) -> None:
+    if record is not None:
+        record(kernel, args)
     for i, a in enumerate(args):
         if isinstance(a, np.ndarray):
             raise TypeError(f"CUDA launcher got a host numpy array (argument {i}, shape {a.shape}); "
@@ -52,7 +60,7 @@ def launch(kernel, n: int, *args) -> None:
     """One thread per item, ``n`` items, in blocks of ``BLOCK``."""
     if n <= 0:
         return
-    _check(args)
+    _check(kernel, args)
     kernel[(n + BLOCK - 1) // BLOCK, BLOCK](*args)
 
 
@@ -61,7 +69,7 @@ def launch_grid(kernel, grid, block, *args) -> None:
     grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
     if min(grid) <= 0:
         return
-    _check(args)
+    _check(kernel, args)
     kernel[grid, block](*args)
 
 

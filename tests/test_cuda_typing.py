@@ -1,0 +1,61 @@
+"""Every CUDA kernel signature the tests launched compiles as it would on a real GPU.
+
+Numba's CUDA simulator (CI has no GPU) runs kernels as Python and never types them, so a
+kernel can pass every simulated test and fail its first real launch with a TypingError.
+conftest.py records each launch's signature under the simulator; the test here, moved to
+the end of the run, types and lowers them all with numba-cuda's compiler (tests/cuda_typecheck.py,
+in a subprocess without the simulator; no GPU or NVVM needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CUDA_SIMULATED, LAUNCHED
+
+HERE = Path(__file__).resolve().parent
+needs_simulator = pytest.mark.skipif(not CUDA_SIMULATED, reason="on a real GPU every launch compiles anyway")
+
+
+def typecheck(entries, tmp_path):
+    path = tmp_path / "launched.json"
+    path.write_text(json.dumps(sorted(entries)))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(HERE / "cuda_typecheck.py"), str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode == 2:
+        pytest.skip(done.stdout.strip().splitlines()[-1])
+    return done.returncode, done.stdout + done.stderr
+
+
+def _correlate_entry(bias_ndim):
+    """The direct conv kernel's float32 signature, its bias placeholder of ``bias_ndim`` dims."""
+    a4 = ["array", "<f4", 4, "C"]
+    ints = lambda n: ["tuple", [["scalar", "<i8"]] * n]  # noqa: E731
+    args = [a4, a4, ["array", "<f4", bias_ndim, "C"], a4, ints(9), ints(4), ["scalar", "<i8"], ["scalar", "<i8"]]
+    return ("cnn_numba.kernels.cuda.conv", "_correlate", json.dumps(args))
+
+
+@needs_simulator
+def test_typecheck_catches_what_the_simulator_cannot(tmp_path):
+    # A 4-d placeholder for the unused bias ran on the simulator and failed on the H200:
+    # ``acc[c, u] = b[d0 + c]`` types as storing a 3-d array into one element.
+    code, out = typecheck([_correlate_entry(4)], tmp_path)
+    assert code == 1 and "TypingError" in out and "_correlate" in out, out
+    code, out = typecheck([_correlate_entry(1)], tmp_path)
+    assert code == 0, out
+
+
+@needs_simulator
+@pytest.mark.after_all
+def test_every_launched_kernel_compiles_for_a_real_gpu(tmp_path):
+    if not LAUNCHED:
+        pytest.skip("no CUDA kernel was launched before this test in this run")
+    code, out = typecheck(LAUNCHED, tmp_path)
+    assert code == 0, out
