@@ -15,7 +15,6 @@ if this numba-cuda cannot compile without a driver (nothing could be checked).
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import sys
 import types as pytypes
@@ -48,16 +47,10 @@ def numba_type(desc):
     return from_dtype(np.dtype(desc[1]))
 
 
-def signature(py_func, descs):
-    """The argument types, with a kernel's ``*args`` packed the way Numba types them."""
-    from numba import types
-
-    argtys = tuple(numba_type(d) for d in descs)
-    code = py_func.__code__
-    if code.co_flags & inspect.CO_VARARGS:
-        k = code.co_argcount
-        argtys = argtys[:k] + (types.StarArgTuple(argtys[k:]),)
-    return argtys
+def signature(descs):
+    """The argument types, one per argument, as the dispatcher types a launch (it packs no
+    ``*args``: a kernel with them fails here as on the GPU)."""
+    return tuple(numba_type(d) for d in descs)
 
 
 # NVVM's 64-bit data layout. Where NVVM is not installed (pip's numba-cuda comes without
@@ -96,13 +89,13 @@ def main(path: str) -> int:
             continue
         py_func = kernel.py_func
         try:
-            compiler.compile_cuda(py_func, types.void, signature(py_func, json.loads(descs)), cc=CC)
+            compiler.compile_cuda(py_func, types.void, signature(json.loads(descs)), cc=CC)
         except CudaSupportError as e:
             print(f"cannot compile without a driver here: {e}")
             return 2
         except Exception as e:  # a typing or lowering error: what the GPU would raise
             failed += 1
-            print(f"FAIL {module}.{name}{tuple(map(str, signature(py_func, json.loads(descs))))}:\n"
+            print(f"FAIL {module}.{name}{tuple(map(str, signature(json.loads(descs))))}:\n"
                   f"{type(e).__name__}: {str(e)[-2500:]}\n")
     print(f"{len(entries)} launched signatures, {failed} failed to compile")
     return 1 if failed else 0

@@ -173,7 +173,7 @@ def test_linear_forward_and_grads(rng, xs):
 @pytest.mark.parametrize("case", [
     ((8, 64, 28, 28), (64, 64, 3, 3), True, dict(padding=1)),
     ((4, 32, 30, 29), (32, 1, 3, 3), True, dict(groups=32, stride=2, padding=1)),
-    ((2, 16, 33, 31), (96, 16, 5, 5), False, dict(stride=2, dilation=2, padding="same")),
+    ((2, 16, 33, 31), (96, 16, 5, 5), False, dict(stride=2, dilation=2, padding=(4, 3))),
 ], ids=["resnet", "depthwise", "wide"])
 def test_conv2d_realistic_sizes(rng, case, algo):
     _check_conv(rng, case, np.float32, algo)

@@ -272,18 +272,21 @@ _sgd_update = device_function(_cpu.sgd_update)
 _adam_update = device_function(_cpu.adam_update)
 
 
+# Kernels take their arguments one by one: numba-cuda's dispatcher does not type ``*args``.
 @jit
-def _sgd_step(p, *hyper):
+def _sgd_step(p, g, buf, lr, momentum, damped, weight_decay, nesterov, first, maximize):
     i = cuda.grid(1)
     if i < p.size:
-        _sgd_update(i, p, *hyper)
+        _sgd_update(i, p, g, buf, lr, momentum, damped, weight_decay, nesterov, first, maximize)
 
 
 @jit
-def _adam_step(p, *hyper):
+def _adam_step(p, g, m, v, vmax, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+               one_minus_beta1, one_minus_beta2, shrink, step_size, bc2_sqrt):
     i = cuda.grid(1)
     if i < p.size:
-        _adam_update(i, p, *hyper)
+        _adam_update(i, p, g, m, v, vmax, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                     one_minus_beta1, one_minus_beta2, shrink, step_size, bc2_sqrt)
 
 
 def _scalars(dtype, *values):
