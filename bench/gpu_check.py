@@ -32,19 +32,20 @@ STEPS = ("tests", "train", "report", "speed")
 
 
 def run(cmd: list[str], timeout: int, env=None) -> tuple[int, str, float]:
-    """(exit code, stdout + stderr, seconds); at the timeout the whole process group is killed
-    (pytest-xdist's workers too, which would otherwise hold the pipes open), and the code is 124."""
+    """(exit code, output, seconds): the output is stdout, or stdout + stderr when the command
+    failed. At the timeout the whole process group is killed (pytest-xdist's workers too, which
+    would otherwise hold the pipes open), and the code is 124."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        code, out = 124, f"{out}\ntimed out after {timeout} s"
-    return code, out, time.perf_counter() - t
+        out, err = proc.communicate()
+        code, err = 124, f"{err}\ntimed out after {timeout} s"
+    return code, out if code == 0 else f"{out}\n{err}", time.perf_counter() - t
 
 
 def tail(text: str, n: int) -> str:
