@@ -41,6 +41,10 @@ LANES_PER_SM = {(7, 0): 64, (7, 5): 64, (8, 0): 64}  # everything newer: 128
 def device_facts() -> dict:
     from numba import config, cuda
 
+    from cnn_numba.kernels.cuda.memory import install
+
+    install()  # cnn_numba's caching allocator, before this call creates the CUDA context
+
     dev = cuda.get_current_device()
     if config.ENABLE_CUDASIM:  # a smoke test of the scripts
         return {"name": "Numba CUDA simulator", "cc": (0, 0), "sms": 1, "clock_ghz": 1.0, "fp32_peak_tflops": 1.0}

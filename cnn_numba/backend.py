@@ -7,7 +7,10 @@ A launcher takes and returns arrays of its device (numpy on "cpu").
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
+
+import numba
 
 DEVICES = ("cpu", "cuda")
 _KERNELS: dict[tuple[str, str], Callable] = {}
@@ -49,6 +52,12 @@ def _load_cuda() -> None:
     if importlib.util.find_spec("numba_cuda") is None:  # numba's own numba.cuda is deprecated
         raise RuntimeError("device='cuda' needs NVIDIA's numba-cuda package: pip install 'cnn_numba[cuda]'")
     from numba import cuda
+
+    from .kernels.cuda.memory import install
+    install()  # the caching allocator, before the first CUDA context exists
+    if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+        # The fixed-order reductions launch small grids on purpose; Numba would warn at each.
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
     if not cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but no CUDA GPU or driver is available "
                            "(NUMBA_ENABLE_CUDASIM=1 runs the CUDA kernels on Numba's simulator instead)")

@@ -206,3 +206,46 @@ def test_training_steps_on_the_device_follow_the_cpu(make_optimizer):
     np.testing.assert_allclose(runs["cuda"][0], runs["cpu"][0], rtol=1e-4)
     for k, v in runs["cpu"][1].items():
         np.testing.assert_allclose(runs["cuda"][1][k], v, rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+# ----------------------------------------------------------------------------- caching allocator
+
+
+def test_block_sizes_round_up_and_the_cache_hands_back_what_it_was_given():
+    from cnn_numba.kernels.cuda.memory import ALIGN, SMALL, BlockCache, rounded
+
+    assert [rounded(s) for s in (0, 1, ALIGN, ALIGN + 1)] == [ALIGN, ALIGN, ALIGN, 2 * ALIGN]
+    assert rounded(SMALL - 1) == SMALL and rounded(SMALL + 1) == 2 * SMALL
+    cache = BlockCache()
+    assert cache.take(ALIGN) is None
+    cache.give(ALIGN, "a")
+    cache.give(ALIGN, "b")
+    cache.give(2 * ALIGN, "c")
+    assert cache.cached_bytes == 4 * ALIGN
+    assert cache.take(2 * ALIGN) == "c" and cache.take(2 * ALIGN) is None
+    assert cache.take(ALIGN) == "b" and cache.cached_bytes == ALIGN
+    assert cache.drain() == ["a"] and cache.cached_bytes == 0 and cache.take(ALIGN) is None
+
+
+@pytest.mark.skipif(CUDA_SIMULATED or not cn.cuda_is_available(), reason="the allocator serves a real GPU only")
+def test_a_freed_device_block_is_reused_and_keeps_no_stale_values():
+    import gc
+
+    from numba import cuda
+
+    from cnn_numba.kernels.cuda.memory import install
+
+    assert install()
+    manager = cuda.current_context().memory_manager
+    assert type(manager).__name__ == "CachingMemoryManager"
+    a = cuda.to_device(np.arange(1000, dtype=np.float32))
+    address = int(a.device_ctypes_pointer.value)
+    del a
+    gc.collect()
+    before = manager.cache.cached_bytes
+    b = cuda.to_device(np.full(1000, 7, np.float32))  # the same rounded size: the freed block
+    assert int(b.device_ctypes_pointer.value) == address
+    assert manager.cache.cached_bytes == before - 4096
+    np.testing.assert_array_equal(b.copy_to_host(), 7)
+    manager.release_cached()
+    assert manager.cache.cached_bytes == 0

@@ -3,6 +3,7 @@ device ``"cuda"``. Imported on the first use of ``device="cuda"`` (backend.py), 
 CPU-only user never imports numba.cuda.
 
     launch.py       grid sizes, allocation, the no-host-array rule
+    memory.py       the caching device allocator (installed before the first context)
     index.py        the CPU's scalar index helpers compiled for the device
     elementwise.py  copies, broadcasting add/mul, reductions, relu, cat/split, permute
     gemm.py         shared-memory tiled matrix product with register blocking
