@@ -257,6 +257,25 @@ def test_conv2d_propagates_nan_and_inf():
             assert np.isposinf(z[0, :, 0, 0]).all() and np.isfinite(z[0, :, k:, k:]).all(), (k, algo)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_weight_gradient_of_an_inf_input_matches_the_reference(dtype):
+    # The stride-1 kernels sum over wide rows, whose gap columns pair zeros of gy with input
+    # pixels that the true sum never reads for that tap: an inf there must not make a NaN.
+    rng = np.random.default_rng(0)
+    x, w, gy = random(rng, (2, 4, 12, 12)), random(rng, (8, 4, 3, 3)), random(rng, (2, 8, 12, 12))
+    x[0, 1, 5, 11] = np.inf  # the last column: tap column 0 never reads it
+    x[1, 2, 0, 3] = -np.inf
+    _, gw_ref, _ = R.conv2d_grads(x, w, gy, padding=1)
+    assert np.isinf(gw_ref).any() and not np.isnan(gw_ref).any()
+    for algo in ALGOS:
+        _, (_, gw), _ = forward_backward(F.conv2d, (x.astype(dtype), w.astype(dtype)), gy=gy.astype(dtype),
+                                         padding=1, algo=algo)
+        np.testing.assert_array_equal(np.isposinf(gw), np.isposinf(gw_ref), err_msg=algo)
+        np.testing.assert_array_equal(np.isneginf(gw), np.isneginf(gw_ref), err_msg=algo)
+        finite = np.isfinite(gw_ref)
+        R.assert_close(gw[finite], gw_ref[finite], dtype, algo)
+
+
 def test_blas_gemm_on_windows_and_its_bounds_check():
     """kernels/blas.gemm: strided windows, transposes, beta; a window past an array's end is
     an IndexError, never a read of foreign memory."""

@@ -655,18 +655,33 @@ def _run(algo, which, arrays, hyper, w_shape, c, out_hw):
         if algo == "direct" and (sh, sw) == (1, 1) and not flat:
             algo = "im2col"
     slots = get_num_threads()
+    extra = (slots,) if algo == "im2col" else ()
     if algo == "direct" and flat:
         if which == 0:
             return conv2d_forward_flat(*arrays, ph, pw, dh, dw, g, slots)
         if which == 2:
-            return conv2d_backward_weight_flat(*arrays, ph, pw, dh, dw, g, slots)
+            conv2d_backward_weight_flat(*arrays, ph, pw, dh, dw, g, slots)
+            return _exact_if_nan(arrays, hyper, extra, algo)
         gy, w, gx = arrays
         zeros = np.zeros(gx.shape[1], gx.dtype)
         return conv2d_forward_flat(gy, flip_kernel(w, g), zeros, gx, fh, fw, dh, dw, g, slots)
     if algo == "im2col" and (sh, sw) == (1, 1) and which != 1:
-        return _run_shifted(which, arrays, ph, pw, dh, dw, g, slots)
-    extra = (slots,) if algo == "im2col" else ()
+        _run_shifted(which, arrays, ph, pw, dh, dw, g, slots)
+        return _exact_if_nan(arrays, hyper, extra, algo) if which == 2 else None
     _ALGOS[algo][which](*arrays, *hyper, *extra)
+
+
+def _exact_if_nan(arrays, hyper, extra, algo) -> None:
+    """Redo a stride-1 weight-gradient with the general kernel of ``algo`` when it holds a NaN.
+
+    The flat and shifted kernels sum over wide rows, whose gap columns pair zeros of gy with
+    input pixels that the true sum never reads: an inf there makes a NaN that PyTorch does
+    not have. Only a non-finite input can do that, and a NaN in gw (a small array) shows it,
+    so finite inputs pay one scan of gw; the general kernel reads exact windows only."""
+    x, gy, gw = arrays
+    if np.isnan(gw).any():
+        gw[...] = 0
+        _ALGOS[algo][2](x, gy, gw, *hyper, *extra)
 
 
 @register("conv2d_forward", "cpu")
