@@ -137,6 +137,8 @@ FLAT_CASES = [
     ((2, 6, 8, 8), (7, 6, 3, 3), dict(padding=(2, 0), dilation=(1, 2))),  # quad + 3
     ((1, 2, 9, 9), (8, 1, 5, 5), dict(groups=2, padding=2)),              # 25 taps
     ((1, 3, 7, 7), (3, 3, 3, 1), dict(padding=(4, 0))),                   # padding past the kernel
+    ((7, 2, 15, 15), (5, 2, 3, 3), dict(padding=1)),                      # samples in runs of 3, 3, 1
+    ((5, 4, 18, 18), (6, 2, 3, 3), dict(groups=2, padding=1)),            # runs of 2, 2, 1 per group
 ]
 
 
