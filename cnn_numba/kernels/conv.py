@@ -187,15 +187,28 @@ def to_wide_rows(planes, wide, wp):
 
 
 @njit(cache=True)
-def _flat_plan(oh, ow, kh, kw, dh, dw):
-    """Sizes of a stride-1 direct pass: ``(hp, wp, run, taps, offsets)`` with the padded
-    plane (hp, wp), the flat output run, the taps padded to a multiple of TAPS, and each
-    real tap's offset in the flat padded plane."""
+def _flat_plan(n, oh, ow, kh, kw, dh, dw):
+    """Sizes of a stride-1 direct pass over ``n`` samples: ``(hp, wp, run, taps, offsets, nb)``
+    with the padded plane (hp, wp), one sample's flat output run, the taps padded to a
+    multiple of TAPS, each real tap's offset in the flat padded plane, and the samples per
+    run: small planes of consecutive samples sit end to end, so one pass covers several
+    (the outputs between them are computed and dropped), in runs of up to FLAT_RUN
+    elements, which keep the four accumulator rows in L1."""
     hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
     offsets = np.empty(kh * kw, np.int64)
     for t in range(kh * kw):
         offsets[t] = (t // kw) * dh * wp + (t % kw) * dw
-    return hp, wp, run, -(-(kh * kw) // TAPS) * TAPS, offsets
+    nb = max(1, min(n, FLAT_RUN // (hp * wp)))
+    return hp, wp, run, -(-(kh * kw) // TAPS) * TAPS, offsets, nb
+
+
+@njit(**KERNEL)
+def _load_run(x, i0, m, c0, xp, ph, pw, run):
+    """Pad the m samples from i0 (channels c0 onwards) into the run buffer xp (cig, nb, hp, wp);
+    the length of their flat output run (``run`` per sample, the last one's only)."""
+    for s in range(m):
+        pad_planes(x[i0 + s], c0, xp[:, s], ph, pw)
+    return (m - 1) * xp.shape[2] * xp.shape[3] + run
 
 
 @njit(cache=True, inline="always")
@@ -203,6 +216,13 @@ def _shifted(src, offsets, t, zeros):
     """The input run that flat tap ``t`` reads: ``src`` from its offset, or ``zeros`` for a
     padding tap."""
     return src[offsets[t]:] if t < offsets.size else zeros
+
+
+@njit(cache=True, inline="always")
+def _tap_runs(src, offsets, k, zeros):
+    """The input runs of flat taps k, k+1, k+2."""
+    return (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
+            _shifted(src, offsets, k + 2, zeros))
 
 
 @njit(cache=True, inline="always")
@@ -237,14 +257,6 @@ def _axpy_one(wt, s0, s1, s2, a):
         a[j] = ((a[j] + w0 * s0[j]) + w1 * s1[j]) + w2 * s2[j]
 
 
-@njit(cache=True)
-def _flat_batch(n, plane):
-    """Samples per flat run: small planes of consecutive samples sit end to end in the padded
-    buffer, so one pass covers several (the outputs between them are computed and dropped).
-    Runs of up to FLAT_RUN elements keep the four accumulator rows in L1."""
-    return max(1, min(n, FLAT_RUN // plane))
-
-
 @njit(parallel=True, **KERNEL)
 def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
@@ -252,9 +264,8 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
     cog = co // g
-    hp, wp, run, taps, offsets = _flat_plan(oh, ow, kh, kw, dh, dw)
+    hp, wp, run, taps, offsets, nb = _flat_plan(n, oh, ow, kh, kw, dh, dw)
     plane = hp * wp
-    nb = _flat_batch(n, plane)
     blocks = -(-n // nb)
     wt = np.zeros((co, cig, taps), w.dtype)  # the taps flat, zero-padded
     wt[:, :, :kh * kw] = w.reshape(co, cig, kh * kw)
@@ -266,9 +277,7 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
-            for s in range(m):
-                pad_planes(x[i0 + s], gi * cig, xp[:, s], ph, pw)
-            length = (m - 1) * plane + run
+            length = _load_run(x, i0, m, gi * cig, xp, ph, pw, run)
             a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
             o = gi * cog
             while o < (gi + 1) * cog:
@@ -278,8 +287,7 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
                 for ci in range(cig):
                     src = xp[ci].reshape(nb * plane)
                     for k in range(0, taps, TAPS):
-                        s0, s1, s2 = (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
-                                      _shifted(src, offsets, k + 2, zeros))
+                        s0, s1, s2 = _tap_runs(src, offsets, k, zeros)
                         if nu == QUAD:
                             _axpy_quad(wt[o:o + QUAD, ci, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
                         else:
@@ -330,9 +338,8 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
-    hp, wp, run, taps, offsets = _flat_plan(oh, ow, kh, kw, dh, dw)
+    hp, wp, run, taps, offsets, nb = _flat_plan(n, oh, ow, kh, kw, dh, dw)
     plane = hp * wp
-    nb = _flat_batch(n, plane)
     blocks = -(-n // nb)
     xp_buf = np.zeros((slots, cig, nb, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     gyw_buf = np.zeros((slots, QUAD, nb * plane), x.dtype)  # gy on wide rows; the rest stays 0
@@ -342,10 +349,8 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
         xp, rows, part = xp_buf[tid], gyw_buf[tid], partial[tid]
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
-            m = min(nb, n - i0)
-            for s in range(m):
-                pad_planes(x[i0 + s], gi * cig, xp[:, s], ph, pw)
-            length = (m - 1) * plane + run
+            m = min(nb, n - i0)  # samples in this run
+            length = _load_run(x, i0, m, gi * cig, xp, ph, pw, run)
             g0, g1, g2, g3 = rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length]
             o = gi * cog
             while o < (gi + 1) * cog:
@@ -355,8 +360,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
                 for ci in range(cig):
                     src = xp[ci].reshape(nb * plane)
                     for k in range(0, taps, TAPS):
-                        s0, s1, s2 = (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
-                                      _shifted(src, offsets, k + 2, zeros))
+                        s0, s1, s2 = _tap_runs(src, offsets, k, zeros)
                         if nu == QUAD:
                             _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, ci, k:k + TAPS])
                         else:
