@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     # the scripts import cnn_numba from this checkout, installed or not
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-    from gpu_report import commit, device_facts
+    from gpu_report import device_facts
+    from shapes import commit
 
     facts, today = device_facts(), datetime.date.today().isoformat()
     lines = [f"# GPU check, {facts['name']}, {today}, commit {commit()}", "",

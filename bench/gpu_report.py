@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,15 +52,6 @@ def device_facts() -> dict:
     lanes = LANES_PER_SM.get(cc, 128)
     return {"name": name, "cc": cc, "sms": sms, "clock_ghz": clock_khz / 1e6,
             "fp32_peak_tflops": sms * lanes * 2 * clock_khz * 1e3 / 1e12}
-
-
-def commit() -> str:
-    """The checked-out commit (``$CNN_NUMBA_COMMIT`` where the tree is a copy without .git)."""
-    if os.environ.get("CNN_NUMBA_COMMIT"):
-        return os.environ["CNN_NUMBA_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return done.stdout.strip() or "unknown"
 
 
 def timed(fn, sync, reps: int):
@@ -160,7 +149,7 @@ def main(argv=None) -> int:
     gemm = gemm_line(args.reps, torch, facts["fp32_peak_tflops"])
     today = datetime.date.today().isoformat()
     geo = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
-    lines = [f"# GPU report, {facts['name']}, {today}, commit {commit()}", "",
+    lines = [f"# GPU report, {facts['name']}, {today}, commit {S.commit()}", "",
              f"{facts['name']} (compute capability {facts['cc'][0]}.{facts['cc'][1]}, {facts['sms']} SMs, "
              f"{facts['clock_ghz']:.2f} GHz, FP32 peak {facts['fp32_peak_tflops']:.1f} TFLOP/s); "
              f"torch {torch.__version__ + ' + cuDNN ' + str(torch.backends.cudnn.version()) if torch else 'absent'}, "

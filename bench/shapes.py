@@ -21,7 +21,10 @@ for conv2d and (C_in, C_out/g, k, k) for conv_transpose2d. All arrays are float3
 """
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 # PyTorch is optional: without it the numba side runs alone.
 try:
@@ -297,3 +300,13 @@ def machine_line() -> str:
     return (f"{c['cores']} cores, {c['cpu']}, flags: {' '.join(c['simd']) or 'no avx2'}; "
             f"numba {v['numba']} ({numba.get_num_threads()} threads, {layer} layer), "
             f"numpy {v['numpy']}, scipy {v['scipy']}, {torch_part}")
+
+
+def commit() -> str:
+    """The checked-out commit, for reports (``$CNN_NUMBA_COMMIT`` where the tree is a copy
+    without .git, as on a lent GPU machine)."""
+    if os.environ.get("CNN_NUMBA_COMMIT"):
+        return os.environ["CNN_NUMBA_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() or "unknown"

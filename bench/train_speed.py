@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -129,14 +128,6 @@ def gpu_name() -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def commit() -> str:
-    if os.environ.get("CNN_NUMBA_COMMIT"):
-        return os.environ["CNN_NUMBA_COMMIT"]
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return done.stdout.strip() or "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
@@ -168,8 +159,10 @@ def main(argv=None) -> int:
             res[side, name] = r
             print(f"{side:<9} {name:<8} batch {r['batch']:>3}: {r['ms_per_step']:8.2f} ms/step, "
                   f"epoch {r['epoch_s']:7.1f} s, peak RSS {r['peak_mb']:.0f} MB", file=sys.stderr)
+    import shapes  # the bench's shared module (after the children: it imports torch and the kernels)
+
     where = gpu_name() if args.device == "cuda" else "CPU"
-    lines = [f"# Training speed on {where}, {datetime.date.today().isoformat()}, commit {commit()}", "",
+    lines = [f"# Training speed on {where}, {datetime.date.today().isoformat()}, commit {shapes.commit()}", "",
              f"`python bench/train_speed.py --device {args.device} --steps {args.steps}`: {args.steps} timed "
              f"steps after {args.warmup} warm-up steps; epoch = 60,000 images.", "",
              "| model | batch | cnn_numba ms/step | torch ms/step | ratio | cnn_numba epoch s | peak RSS MB |",
