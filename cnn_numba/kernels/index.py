@@ -76,6 +76,18 @@ def axpy(alpha, src, s0, ss, dst, d0, ds, count):
 
 
 @njit(cache=True, inline="always")
+def copy_run(src, dst):
+    """``dst[j] = src[j]`` for ``j < src.size``; both 1-d.
+
+    Kernels copy rows with this, not with a slice assignment: between two arrays Numba
+    lowers that through its general broadcasting setitem, which measured 3x slower on
+    1024-element rows and 2x on 32-element ones; this loop LLVM vectorises.
+    """
+    for j in range(src.size):
+        dst[j] = src[j]
+
+
+@njit(cache=True, inline="always")
 def dot(a, a0, sa, b, b0, sb, count, acc):
     """``acc + sum_j a[a0 + j*sa] * b[b0 + j*sb]`` (unit strides vectorised)."""
     if sa == 1 and sb == 1:
