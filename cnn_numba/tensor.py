@@ -215,7 +215,7 @@ def from_cuda_array(obj, requires_grad: bool = False) -> Tensor:
 
 
 def _host_array(data, dtype=None) -> np.ndarray:
-    """A C-contiguous numpy array; float numpy arrays keep float32/float64, Python
+    """A C-contiguous, writable numpy array; float numpy arrays keep float32/float64, Python
     floats and float16 become float32 (PyTorch's default dtype)."""
     if isinstance(data, Tensor):
         data = data.numpy()
@@ -224,7 +224,10 @@ def _host_array(data, dtype=None) -> np.ndarray:
         raise TypeError(f"tensor data must be numeric, got dtype {arr.dtype}")
     if dtype is None and arr.dtype.kind == "f" and (arr.dtype == np.float16 or not isinstance(data, np.ndarray)):
         arr = arr.astype(np.float32)
-    return np.asarray(arr, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+    arr = np.asarray(arr, order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+    # Numba types a read-only array apart from a writable one, so each kernel would compile
+    # a second time (13 s for the stride-1 forward) for an input no kernel writes anyway.
+    return arr if arr.flags.writeable else arr.copy()
 
 
 def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -> Tensor:

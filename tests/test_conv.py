@@ -1,12 +1,14 @@
 """conv2d forward and gradients against the float64 reference, every algorithm and dtype."""
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from scipy import signal
 
 import cnn_numba as cn
 import cnn_numba.functional as F
+from cnn_numba.kernels import conv as conv_kernels
 import reference as R
 from conftest import ALGOS, DTYPES, forward_backward, random
 
@@ -207,6 +209,11 @@ def test_conv2d_accepts_non_contiguous_and_read_only_arrays(rng, algo):
     gy = rng.standard_normal(y.shape)
     y.backward(gy)
     R.assert_close(xt.grad.numpy(), R.conv2d_grads(x, wt, gy, stride=2)[0])
+    # read-only inputs reach the kernels as writable copies: no second compile for them
+    kernels = [getattr(conv_kernels, name) for name in dir(conv_kernels) if name.startswith("conv2d_")]
+    readonly = [(k.__name__, sig) for k in kernels if hasattr(k, "signatures") for sig in k.signatures
+                if any(isinstance(t, numba.types.Array) and not t.mutable for t in sig)]
+    assert not readonly, readonly
 
 
 def test_conv2d_returns_tensor_from_arrays_and_does_not_touch_inputs(rng):
