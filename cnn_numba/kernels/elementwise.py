@@ -36,34 +36,35 @@ def total(a):
     return np.asarray(a.sum(dtype=a.dtype), dtype=a.dtype)
 
 
+# The kernels take 1-d views (the launchers flatten), so each compiles once per dtype
+# rather than once per dtype and ndim.
+
 @njit(cache=True)
 def relu_forward_kernel(x, y):
     """y = max(x, 0); NaN stays NaN (as PyTorch)."""
-    xf, yf = x.reshape(x.size), y.reshape(y.size)
-    for i in range(xf.size):
-        v = xf[i]
-        yf[i] = 0 if v < 0 else v
+    for i in range(x.size):
+        v = x[i]
+        y[i] = 0 if v < 0 else v
 
 
 @njit(cache=True)
 def relu_backward_kernel(y, gy, gx):
     """gx = 0 where y = relu(x) <= 0, else gy: PyTorch's mask, which lets a NaN input pass its gradient."""
-    yf, gf, of = y.reshape(y.size), gy.reshape(gy.size), gx.reshape(gx.size)
-    for i in range(yf.size):
-        of[i] = 0 if yf[i] <= 0 else gf[i]
+    for i in range(y.size):
+        gx[i] = 0 if y[i] <= 0 else gy[i]
 
 
 @register("relu_forward", CPU)
 def relu_forward(x):
     y = np.empty(x.shape, x.dtype)
-    relu_forward_kernel(np.ascontiguousarray(x), y)
+    relu_forward_kernel(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
     return y
 
 
 @register("relu_backward", CPU)
 def relu_backward(y, gy):
     gx = np.empty(gy.shape, gy.dtype)
-    relu_backward_kernel(np.ascontiguousarray(y), np.ascontiguousarray(gy), gx)
+    relu_backward_kernel(np.ascontiguousarray(y).reshape(-1), np.ascontiguousarray(gy).reshape(-1), gx.reshape(-1))
     return gx
 
 
