@@ -71,21 +71,23 @@ def sgemm_gflops(budget: float) -> float:
     return gflops_of_sgemm(t)
 
 
-def paired(fn, other, rounds: int, calls: int = 3, settle: float = 0.3) -> tuple[float, float]:
-    """Fastest seconds of ``fn`` and of ``other`` timed in alternation, ``calls`` of fn then one
-    of other per round: both are sampled in the same seconds of a machine whose speed drifts.
-    ``settle`` seconds of sleep follow each call of other (numpy's OpenBLAS workers spin-wait
-    for about 0.1 s after a product: timed right after it, a 3 ms kernel measured 2x slower)."""
+def paired(fn, other, rounds: int, span: float = 0.5, settle: float = 0.3) -> tuple[float, float]:
+    """Fastest seconds of ``fn`` and of ``other`` timed in alternation: per round one call of
+    other, ``settle`` seconds of sleep (numpy's OpenBLAS workers spin-wait after a product),
+    then calls of fn for ``span`` seconds (at least 3: the first calls after a product find
+    cold caches). Both are sampled in the same seconds of a machine whose speed drifts."""
     best_fn = best_other = math.inf
     for _ in range(rounds):
         t = time.perf_counter()
         other()
         best_other = min(best_other, time.perf_counter() - t)
         time.sleep(settle)
-        for _ in range(calls):
+        start, calls = time.perf_counter(), 0
+        while calls < 3 or time.perf_counter() - start < span:
             t = time.perf_counter()
             fn()
             best_fn = min(best_fn, time.perf_counter() - t)
+            calls += 1
     return best_fn, best_other
 
 
@@ -190,8 +192,8 @@ def paired_table(rows, rounds) -> list[str]:
     out = ["## Compute-bound layers against sgemm, timed in alternation", "",
            "This VM's speed drifts by 10-30% within minutes, these kernels' more than sgemm's, so a "
            "ceiling read minutes away from a case can flatter or sink its percentage. Here each pass "
-           f"(with its faster algo) alternates with the {SGEMM_N}^3 sgemm, {rounds} rounds of three calls "
-           "and one product, and the fastest of each counts.", "",
+           f"(with its faster algo) alternates with the {SGEMM_N}^3 sgemm, {rounds} rounds of one product, "
+           "0.3 s of sleep, and 0.5 s of calls (at least 3); the fastest of each counts.", "",
            "| shape | pass | algo | ms | GFLOP/s | sgemm GFLOP/s alongside | % of sgemm |",
            "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
