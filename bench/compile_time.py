@@ -63,6 +63,16 @@ def child() -> None:
         first_call(f"conv2d gx {algo}", lambda: K.backward_input(gy, w, (9, 9), *conv, algo))
         first_call(f"conv2d gw {algo}", lambda: K.backward_weight(x, gy, (3, 3), *conv, algo))
     first_call("conv2d gb", lambda: K.backward_bias(gy))
+    # stride 1, the layers of LeNet and ResNet: direct runs the flat kernels, im2col the
+    # shifted products (its input-gradient is the general one, compiled above)
+    x1 = rng.standard_normal((2, 4, 12, 12)).astype(f32)
+    w1 = rng.standard_normal((8, 4, 3, 3)).astype(f32)
+    gy1 = rng.standard_normal((2, 8, 12, 12)).astype(f32)
+    conv1 = ((1, 1), (1, 1), (1, 1), 1)
+    for algo in ("direct", "im2col"):
+        first_call(f"conv2d fwd {algo}, stride 1", lambda: K.forward(x1, w1, None, (12, 12), *conv1, algo))
+        first_call(f"conv2d gx {algo}, stride 1", lambda: K.backward_input(gy1, w1, (12, 12), *conv1, algo))
+        first_call(f"conv2d gw {algo}, stride 1", lambda: K.backward_weight(x1, gy1, (3, 3), *conv1, algo))
 
     # pooling: 3x3 stride 2 pad 1 on 9x9 -> 5x5
     px = rng.standard_normal((2, 3, 9, 9)).astype(f32)

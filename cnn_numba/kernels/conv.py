@@ -36,6 +36,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ..backend import register
+from . import PARALLEL
 from .blas import gemm
 from .index import axpy, copy_run, dot, out_range, tap
 
@@ -47,9 +48,21 @@ KERNEL = dict(cache=True, fastmath=FASTMATH)
 IM2COL_COLUMNS = 4096
 
 
+@njit(cache=True)
+def _reduce_slots(partial, out):
+    """out (R, C) = the sum over slots of partial (slots, R, C2 >= C), its first C columns: the
+    per-thread partial sums of a weight-gradient, reduced."""
+    for r in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            s = partial.dtype.type(0)
+            for t in range(partial.shape[0]):
+                s += partial[t, r, j]
+            out[r, j] = s
+
+
 # ----------------------------------------------------------------------------- direct
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_direct(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
     """y[n, o] = b[o] + sum_{ci, a, bb} w[o, ci, a, bb] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)]."""
     n, c, h, wd = x.shape
@@ -72,7 +85,7 @@ def conv2d_forward_direct(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
                              acc[r], q0, 1, q1 - q0)
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_input_direct(gy, w, gx, sh, sw, ph, pw, dh, dw, g):
     """gx[n, c] = sum over the outputs that tap (n, c, ih, iw): gy * w. A gather per gx plane."""
     n, c, h, wd = gx.shape
@@ -95,7 +108,7 @@ def conv2d_backward_input_direct(gy, w, gx, sh, sw, ph, pw, dh, dw, g):
                              q1 - q0)
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_weight_direct(x, gy, gw, sh, sw, ph, pw, dh, dw, g):
     """gw[o, ci, a, bb] = sum_{n, oh, ow} gy[n, o, oh, ow] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)]."""
     n, c, h, wd = x.shape
@@ -117,14 +130,16 @@ def conv2d_backward_weight_direct(x, gy, gw, sh, sw, ph, pw, dh, dw, g):
                 gw[o, ci, a, bb] = s
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_bias(gy, gb):
     """gb[o] = sum_{n, oh, ow} gy[n, o, oh, ow]."""
-    n, co = gy.shape[0], gy.shape[1]
+    n, co, m = gy.shape[0], gy.shape[1], gy.shape[2] * gy.shape[3]
     for o in prange(co):
         s = gb.dtype.type(0)
         for i in range(n):
-            s += gy[i, o].sum()
+            plane = gy[i, o].reshape(m)
+            for j in range(m):
+                s += plane[j]
         gb[o] = s
 
 
@@ -266,7 +281,7 @@ def _axpy_one(wt, s0, s1, s2, a):
         a[j] = ((a[j] + w0 * s0[j]) + w1 * s1[j]) + w2 * s2[j]
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
     n = x.shape[0]
@@ -277,7 +292,10 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
     plane = hp * wp
     blocks = -(-n // nb)
     wt = np.zeros((co, cig, taps), w.dtype)  # the taps flat, zero-padded
-    wt[:, :, :kh * kw] = w.reshape(co, cig, kh * kw)
+    wf = w.reshape(co, cig, kh * kw)
+    for o in range(co):
+        for ci in range(cig):
+            copy_run(wf[o, ci], wt[o, ci])
     xp_buf = np.zeros((slots, cig, nb, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
     acc_buf = _row_buffer(slots, nb * plane, x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
@@ -338,7 +356,7 @@ def _dot_one(s0, s1, s2, h, out):
     out[2] += t2
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     """Stride-1 weight-gradient: a long dot product per tap, twelve (three taps by four
     output channels) per pass over the input, in per-slot partial sums; samples batched
@@ -375,7 +393,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
                         else:
                             _dot_one(s0, s1, s2, g0, part[o, ci, k:k + TAPS])
                 o += nu
-    gw.reshape(co, cig, kh * kw)[:, :, :] = partial.sum(axis=0)[:, :, :kh * kw]
+    _reduce_slots(partial.reshape(slots, co * cig, taps), gw.reshape(co * cig, kh * kw))
 
 
 def flip_kernel(w, g):
@@ -483,7 +501,7 @@ def _task(t, g, nb, n):
     return n0, min(nb, n - n0), t % g
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
@@ -502,7 +520,7 @@ def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g, slots):
             columns_to_planes(out, b, gi * cog, y[n0:n0 + nc])
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_input_im2col(gy, w, gx, sh, sw, ph, pw, dh, dw, g, slots):
     n = gx.shape[0]
     co, cig, kh, kw = w.shape
@@ -521,7 +539,7 @@ def conv2d_backward_input_im2col(gy, w, gx, sh, sw, ph, pw, dh, dw, g, slots):
             col2im(cols, gx[n0:n0 + nc], gi * cig, cig, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
@@ -539,8 +557,10 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
             planes_to_columns(gy[n0:n0 + nc], gi * cog, gyc)
             np.dot(gyc, cols.T, prod[tid])
-            partial[tid, gi * cog:(gi + 1) * cog] += prod[tid]
-    gw.reshape(co, k)[:, :] = partial.sum(axis=0)
+            part, pr = partial[tid, gi * cog:(gi + 1) * cog].reshape(cog * k), prod[tid].reshape(cog * k)
+            for j in range(cog * k):
+                part[j] += pr[j]
+    _reduce_slots(partial, gw.reshape(co, k))
 
 
 # ----------------------------------------------------------------------------- im2col, stride 1
@@ -577,7 +597,7 @@ def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
     return kh, co, k, cig, cog, kw, hp, wp, run, hp * wp - (kw - 1) * dw
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
     """Stride-1 forward as kh products per (sample, group): y_g = sum_a w3[a]_g @ shifted(a)."""
     n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
@@ -604,7 +624,7 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
                         dst[q] = src[q] + bias
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
     """Stride-1 weight-gradient: gw3[a]_g += gy_g (wide rows) @ shifted(a)^T per sample,
     in per-slot partial sums."""
@@ -625,7 +645,7 @@ def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
             for a in range(kh):
                 gemm(False, True, cog, k, run, gf, 0, oh * wp, sf, a * dh * wp, length,
                      1.0, part, (a * co + gi * cog) * k, k)
-    gw3.reshape(kh * co * k)[:] = partial.sum(axis=0)
+    _reduce_slots(partial.reshape(slots, 1, kh * co * k), gw3.reshape(1, kh * co * k))
 
 
 def _taps_first(w):

@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..backend import register
+from . import PARALLEL
 
 CPU = "cpu"
 KERNEL = dict(cache=True)  # no fastmath: NaN must propagate, and these are memory-bound
@@ -42,7 +43,7 @@ REDUCTION = dict(cache=True, fastmath={"reassoc", "contract"})
 
 # ----------------------------------------------------------------------------- batch normalisation
 
-@njit(parallel=True, **REDUCTION)
+@njit(parallel=PARALLEL, **REDUCTION)
 def batch_norm_stats(x, mean, var):
     """mean[c] and biased var[c] over (N, L) of x (N, C, L); two passes for accuracy."""
     n, c, l = x.shape
@@ -62,7 +63,7 @@ def batch_norm_stats(x, mean, var):
         var[ch] = ss / m
 
 
-@njit(parallel=True, **KERNEL)
+@njit(parallel=PARALLEL, **KERNEL)
 def batch_norm_forward(x, mean, invstd, w, b, y):
     """y = (x - mean) * invstd * w + b, per channel."""
     n, c, l = x.shape
@@ -73,7 +74,7 @@ def batch_norm_forward(x, mean, invstd, w, b, y):
             y[i, ch, j] = (x[i, ch, j] - mu) * scale + shift
 
 
-@njit(parallel=True, **REDUCTION)
+@njit(parallel=PARALLEL, **REDUCTION)
 def batch_norm_backward(gy, x, mean, invstd, w, gx, gw, gb, training):
     """gx, gw, gb of batch_norm_forward (formulas in the module docstring)."""
     n, c, l = x.shape
