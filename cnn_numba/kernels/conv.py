@@ -782,7 +782,7 @@ def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
 @register("conv2d_backward_bias", "cpu")
 def backward_bias(gy):
     gb = np.empty(gy.shape[1], gy.dtype)
-    conv2d_backward_bias(gy, gb)
+    conv2d_backward_bias(np.ascontiguousarray(gy), gb)  # the kernel reads flat planes
     return gb
 
 
