@@ -71,7 +71,10 @@ def sgemm_gflops(budget: float) -> float:
     return gflops_of_sgemm(t)
 
 
-def paired(fn, other, rounds: int, span: float = 0.5, settle: float = 0.3) -> tuple[float, float]:
+PAIR_SETTLE, PAIR_SPAN = 0.3, 0.5  # seconds: sleep after each product, then calls of the case
+
+
+def paired(fn, other, rounds: int, span: float = PAIR_SPAN, settle: float = PAIR_SETTLE) -> tuple[float, float]:
     """Fastest seconds of ``fn`` and of ``other`` timed in alternation: per round one call of
     other, ``settle`` seconds of sleep (numpy's OpenBLAS workers spin-wait after a product),
     then calls of fn for ``span`` seconds (at least 3: the first calls after a product find
@@ -193,7 +196,7 @@ def paired_table(rows, rounds) -> list[str]:
            "This VM's speed drifts by 10-30% within minutes, these kernels' more than sgemm's, so a "
            "ceiling read minutes away from a case can flatter or sink its percentage. Here each pass "
            f"(with its faster algo) alternates with the {SGEMM_N}^3 sgemm, {rounds} rounds of one product, "
-           "0.3 s of sleep, and 0.5 s of calls (at least 3); the fastest of each counts.", "",
+           f"{PAIR_SETTLE} s of sleep, and {PAIR_SPAN} s of calls (at least 3); the fastest of each counts.", "",
            "| shape | pass | algo | ms | GFLOP/s | sgemm GFLOP/s alongside | % of sgemm |",
            "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -471,17 +471,21 @@ def planes_to_columns(y, c0, out):
             copy_run(y[i, c0 + o].reshape(m), out[o, i * m:])
 
 
+@njit(cache=True, inline="always")
+def _biased_run(src, bias, dst):
+    """dst[j] = src[j] + bias for j < src.size (1-d): a product's output row into y."""
+    for j in range(src.size):
+        dst[j] = src[j] + bias
+
+
 @njit(**KERNEL)
 def columns_to_planes(src, b, c0, y):
     """y[:, c0:c0+cg] = src (cg, nb*oh*ow) + b[c0:c0+cg]: the inverse of planes_to_columns, plus bias."""
     nb, oh, ow = y.shape[0], y.shape[2], y.shape[3]
     m = oh * ow
     for o in range(src.shape[0]):
-        bias = b[c0 + o]
         for i in range(nb):
-            run, dst = src[o, i * m:(i + 1) * m], y[i, c0 + o].reshape(m)
-            for j in range(m):
-                dst[j] = run[j] + bias
+            _biased_run(src[o, i * m:(i + 1) * m], b[c0 + o], y[i, c0 + o].reshape(m))
 
 
 @njit(cache=True)
@@ -617,11 +621,8 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
                 gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
                      0.0 if a == 0 else 1.0, of, 0, oh * wp)
             for o in range(cog):
-                bias = b[gi * cog + o]
                 for r in range(oh):
-                    src, dst = out[o, r * wp:r * wp + ow], y[i, gi * cog + o, r]
-                    for q in range(ow):
-                        dst[q] = src[q] + bias
+                    _biased_run(out[o, r * wp:r * wp + ow], b[gi * cog + o], y[i, gi * cog + o, r])
 
 
 @njit(parallel=PARALLEL, **KERNEL)
