@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import json
 import math
+import numbers
+import os
 import re
 import sys
 import time
@@ -46,9 +49,9 @@ import numpy as np
 from . import functional as F
 from . import models, optim
 from .backend import check_device, kernel
-from .fileio import atomic_write
-from .data import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD, DataLoader,
-                   load_mnist, train_val_split)
+from .fileio import atomic_write, read_npz
+from .data import (DATA_DIR_ENV, FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD, DataLoader,
+                   data_root, load_mnist, train_val_split)
 from .random import default_generator, manual_seed
 from .tensor import no_grad, tensor
 
@@ -193,12 +196,28 @@ def check_labels(labels, num_classes: int, where: str) -> None:
 
 
 def load_split(dataset: str, split: str, data_dir=None) -> Split:
-    """One split of the dataset; a missing or corrupt file becomes a TrainError with the data
-    module's message (where it looked, how to get the files)."""
+    """One split of the dataset; a missing or corrupt file, an empty split or an unusable data
+    folder becomes a TrainError with the data module's message (where it looked, how to get
+    the files)."""
+    root = data_root(data_dir)
+    where = ("--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV)
+             else "the default")
     try:
+        if root.exists() and not root.is_dir():
+            raise TrainError(f"the data folder {root} ({where}) is a file, not a folder")
+        root.mkdir(parents=True, exist_ok=True)  # fails here, not in the middle of a download
         images, labels, source = load_mnist(split, dataset, data_dir)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
+        if e.errno is not None:  # from the file system, not load_mnist's "no data" message
+            raise TrainError(f"cannot use the data folder {root} ({where}): {e.strerror}: {e.filename}") from None
         raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"cannot use the data folder {root} ({where}): {e.strerror or e}"
+                         f"{f': {e.filename}' if e.filename else ''}") from None
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if not len(labels):
+        raise TrainError(f"{source}: the {split} split holds no images")
     check_labels(labels, NUM_CLASSES, source)
     return Split(images, labels, source)
 
@@ -294,13 +313,89 @@ def flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
 
 
 def unflatten_optimizer_state(meta: dict, arrays) -> dict:
-    """The inverse of flatten_optimizer_state; lists in param groups (betas) become tuples."""
-    state = {int(i): {k: arrays[v["__array__"]] if isinstance(v, dict) and "__array__" in v else v
-                      for k, v in per_param.items()}
-             for i, per_param in meta["state"].items()}
+    """The inverse of flatten_optimizer_state; lists in param groups (betas) become tuples.
+    Raises ValueError for a structure flatten_optimizer_state does not write (the types here;
+    check_optimizer_state checks it against the optimiser)."""
+    if not isinstance(meta, dict) or set(meta) != {"state", "param_groups"}:
+        raise ValueError('optimizer must be {"state": ..., "param_groups": ...}')
+    per_param, groups = meta["state"], meta["param_groups"]
+    if not isinstance(per_param, dict) or not all(isinstance(v, dict) and re.fullmatch(r"\d+", i)
+                                                  for i, v in per_param.items()):
+        raise ValueError("optimizer state must map parameter numbers to dicts")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and _int_list(g.get("params"))
+                                               for g in groups):
+        raise ValueError("optimizer param_groups must be a list of dicts with a list of parameter numbers")
+    used = set()
+
+    def value(v):
+        if isinstance(v, dict):
+            key = v.get("__array__")
+            if set(v) != {"__array__"} or key not in arrays:
+                raise ValueError(f"optimizer state refers to {v}, which is no optimizer/ array here")
+            used.add(key)
+            return arrays[key]
+        return v
+    state = {int(i): {k: value(v) for k, v in entry.items()} for i, entry in per_param.items()}
+    if unused := sorted(set(arrays) - used):
+        raise ValueError(f"{', '.join(unused)}: in no optimizer state")
     groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-              for g in meta["param_groups"]]
+              for g in groups]
     return {"state": state, "param_groups": groups}
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(type(i) is int for i in v)
+
+
+# Per-parameter state of each optimiser (arrays shaped like the parameter, and "step").
+OPTIMIZER_STATE_KEYS = {optim.SGD: {"momentum_buffer"},
+                        optim.Adam: {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}}
+
+
+def check_optimizer_state(state: dict, optimizer) -> None:
+    """Raise ValueError unless ``state`` (unflatten_optimizer_state's) fits ``optimizer``: its
+    groups, their parameter numbers and hyper-parameter types, and per parameter known keys,
+    arrays of the parameter's shape and a float dtype, finite scalars."""
+    own = optimizer.state_dict()["param_groups"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(state["param_groups"]) != len(own):
+        raise ValueError(f"optimizer state has {len(state['param_groups'])} parameter groups, the optimizer {len(own)}")
+    for i, (saved, mine) in enumerate(zip(state["param_groups"], own)):
+        if saved["params"] != mine["params"]:
+            raise ValueError(f"optimizer group {i} holds parameters {saved['params']}, the optimizer {mine['params']}")
+        missing, extra = set(mine) - set(saved), set(saved) - set(mine) - {"initial_lr"}
+        if missing or extra:
+            raise ValueError(f"optimizer group {i}: missing {sorted(missing)}, unknown {sorted(extra)}")
+        for k, v in saved.items():
+            if k != "params" and not _same_kind(v, mine.get(k, 0.0)):
+                raise ValueError(f"optimizer group {i}: {k} is {v!r}, expected a value like {mine.get(k, 0.0)!r}")
+    known = next((keys for cls, keys in OPTIMIZER_STATE_KEYS.items() if isinstance(optimizer, cls)), None)
+    for i, entry in state["state"].items():
+        if not 0 <= i < len(params):
+            raise ValueError(f"optimizer state for parameter {i}; the model has {len(params)} (0..{len(params) - 1})")
+        for k, v in entry.items():
+            if known is not None and k not in known:
+                raise ValueError(f"optimizer state {k!r} of parameter {i}: {type(optimizer).__name__} keeps "
+                                 f"{', '.join(sorted(known))}")
+            if isinstance(v, np.ndarray):
+                if v.dtype.kind != "f" or v.shape != params[i].shape:
+                    raise ValueError(f"optimizer state {k!r} of parameter {i} is {v.dtype} {v.shape}, "
+                                     f"the parameter float {params[i].shape}")
+            elif not (_same_kind(v, 0) and v >= 0 if k == "step" else _same_kind(v, 0.0)):
+                raise ValueError(f"optimizer state {k!r} of parameter {i} is {v!r}")
+
+
+def _same_kind(v, like) -> bool:
+    """``v`` (from JSON) is of the kind of ``like``: bool, finite number (int if ``like`` is
+    int), str, None, or a tuple of such of the same length."""
+    if isinstance(like, bool) or like is None or isinstance(like, str):
+        return type(v) is type(like)
+    if isinstance(like, (int, float)):
+        ok = (int,) if isinstance(like, int) else (int, float)
+        return type(v) in ok and math.isfinite(v)
+    if isinstance(like, tuple):
+        return isinstance(v, tuple) and len(v) == len(like) and all(map(_same_kind, v, like))
+    return False
 
 
 def _json_array(obj) -> np.ndarray:
@@ -320,20 +415,82 @@ def save_checkpoint(path, model, optimizer, *, epoch: int, model_name: str, args
 
 
 def load_checkpoint(path) -> Checkpoint:
+    """Read and check a checkpoint (every field's dtype, shape, type and range; what depends
+    on the model is checked where it is used: load_weights, check_resume). Raises TrainError."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            opt_arrays = {k: z[k] for k in z.files if k.startswith("optimizer/")}
-            return Checkpoint(
-                path=path, epoch=int(z["epoch"]), model_name=str(z["model_name"]),
-                model_state=OrderedDict((k[len("model/"):], z[k]) for k in z.files if k.startswith("model/")),
-                optimizer_state=unflatten_optimizer_state(json.loads(str(z["optimizer"])), opt_arrays),
-                args=json.loads(str(z["args"])), rng=json.loads(str(z["rng"])),
-                history=json.loads(str(z["history"])))
+        z = read_npz(path)
     except FileNotFoundError:
         raise TrainError(f"no checkpoint at {path}") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise TrainError(f"{path}: not a readable cnn_numba checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        return _parse_checkpoint(path, z)
+    except ValueError as e:
+        raise TrainError(f"{path}: not a valid cnn_numba checkpoint: {e}") from None
+
+
+CHECKPOINT_FIELDS = {"epoch": "iu", "model_name": "U", "optimizer": "U", "args": "U", "rng": "U", "history": "U"}
+CHECKPOINT_JSON = {"optimizer": dict, "args": dict, "rng": dict, "history": list}
+
+
+def _parse_checkpoint(path: Path, z: dict) -> Checkpoint:
+    unknown = [k for k in z if k not in CHECKPOINT_FIELDS and not re.fullmatch(r"model/.+|optimizer/\d+/\w+", k)]
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+    fields = {}
+    for key, kinds in CHECKPOINT_FIELDS.items():
+        if key not in z:
+            raise ValueError(f"no {key!r} field")
+        if z[key].shape != () or z[key].dtype.kind not in kinds:
+            raise ValueError(f"{key} must be a 0-d {'integer' if kinds == 'iu' else 'string'}, "
+                             f"got {z[key].dtype} of shape {z[key].shape}")
+        fields[key] = value = z[key].item()
+        if key in CHECKPOINT_JSON:
+            fields[key] = value = json.loads(value)
+            if not isinstance(value, CHECKPOINT_JSON[key]):
+                raise ValueError(f"{key} must be a JSON {CHECKPOINT_JSON[key].__name__}, got {type(value).__name__}")
+    epoch = fields["epoch"]
+    if epoch < 0:
+        raise ValueError(f"epoch is {epoch}")
+    if (m := CHECKPOINT_RE.fullmatch(path.name)) and int(m.group(1)) != epoch:
+        raise ValueError(f"it holds epoch {epoch}, its name says {int(m.group(1))}")
+    model_state = OrderedDict((k[len("model/"):], v) for k, v in z.items() if k.startswith("model/"))
+    if not model_state:
+        raise ValueError("no model/ arrays")
+    for k, v in model_state.items():
+        if v.dtype.kind not in "biuf":
+            raise ValueError(f"model/{k} is {v.dtype}; weights are real numbers")
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise ValueError(f"model/{k} holds non-finite values")
+    if not all(isinstance(r, dict) for r in fields["history"]):
+        raise ValueError("history must be a list of per-epoch records")
+    opt_arrays = {k: v for k, v in z.items() if k.startswith("optimizer/")}
+    return Checkpoint(path=path, epoch=epoch, model_name=fields["model_name"], model_state=model_state,
+                      optimizer_state=unflatten_optimizer_state(fields["optimizer"], opt_arrays),
+                      args=fields["args"], rng=fields["rng"], history=fields["history"])
+
+
+def check_resume(ck: Checkpoint, optimizer) -> None:
+    """Raise TrainError unless what a resumed run reads of ``ck`` fits: the optimiser state,
+    the random state, one history record per epoch."""
+    rng = ck.rng
+    try:
+        if set(rng) != {"generator", "loader_seed", "loader_epoch"}:
+            raise ValueError(f"rng has keys {sorted(rng)}, expected generator, loader_seed, loader_epoch")
+        if not all(type(rng[k]) is int and rng[k] >= 0 for k in ("loader_seed", "loader_epoch")):
+            raise ValueError(f"rng loader_seed and loader_epoch must be integers >= 0, got "
+                             f"{rng['loader_seed']!r}, {rng['loader_epoch']!r}")
+        try:
+            type(default_generator().bit_generator)().state = rng["generator"]
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise ValueError(f"rng generator is not a {type(default_generator().bit_generator).__name__} "
+                             f"state ({type(e).__name__}: {e})") from None
+        if [r.get("epoch") for r in ck.history] != list(range(1, ck.epoch + 1)):
+            raise ValueError(f"history does not hold epochs 1..{ck.epoch}")
+        check_optimizer_state(ck.optimizer_state, optimizer)
+    except ValueError as e:
+        raise TrainError(f"{ck.path}: cannot resume: {e}") from None
 
 
 def latest_checkpoint(folder) -> Path | None:
@@ -362,7 +519,9 @@ def resume_args(folder) -> dict:
     if latest is None:
         return {}
     args = load_checkpoint(latest).args
-    return {k: args[k] for k in RUN_KEYS if k in args}
+    saved = {k: args[k] for k in RUN_KEYS if k in args}
+    check_config(saved, f"{latest}: args")
+    return saved
 
 
 # ----------------------------------------------------------------------------- training
@@ -382,10 +541,41 @@ def write_log(path, log: dict) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
+PROGRESS_EVERY_S = 30.0  # without a terminal, one progress line per this many seconds
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal; into a file or pipe, plain lines (a bar redrawn with carriage
+    returns would fill a log)."""
+    if enabled and not sys.stderr.isatty():
+        return _LineProgress(total, desc, PROGRESS_EVERY_S)
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True)
+
+
+class _LineProgress:
+    """The part of tqdm's interface train_epoch uses, writing one line to stderr at most
+    every ``every`` seconds, with the postfix set before the update."""
+
+    def __init__(self, total: int, desc: str, every: float):
+        self.total, self.desc, self.every = total, desc, every
+        self.n, self.postfix, self.due = 0, "", time.monotonic() + every
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix(self, values, refresh: bool = True) -> None:
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if (now := time.monotonic()) >= self.due:
+            self.due = now + self.every
+            print(f"{self.desc}: {self.n}/{self.total} batches{self.postfix}", file=sys.stderr, flush=True)
 
 
 def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool) -> dict:
@@ -410,9 +600,9 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
             n += len(y)
             loss_sum += value * len(y)
             correct += kernel("count_correct", device)(logits.data, y_dev.data)
-            bar.update()
             bar.set_postfix(OrderedDict([("loss", f"{loss_sum / n:.4f}"), ("acc", f"{100 * correct / n:.2f}%"),
                                          ("img/s", f"{n / (time.perf_counter() - start):.0f}")]), refresh=False)
+            bar.update()
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / n, "train_acc": correct / n, "train_time_s": seconds,
             "images_per_s": n / seconds}
@@ -424,7 +614,31 @@ def _check_finite(model, epoch: int) -> None:
         raise DivergedError(f"weights became non-finite during epoch {epoch} ({', '.join(bad[:5])})")
 
 
+# Ranges of the TrainConfig fields (the types come from the annotations); the CLI's argument
+# types say the same to the user.
+CONFIG_RANGES = {"epochs": (lambda v: v >= 1, "at least 1"), "batch_size": (lambda v: v >= 1, "at least 1"),
+                 "limit": (lambda v: v is None or v >= 1, "at least 1"),
+                 "lr": (lambda v: v is None or 0 < v < math.inf, "> 0 and finite"),
+                 "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                 "weight_decay": (lambda v: v is None or 0 <= v < math.inf, ">= 0 and finite")}
+_TYPES = {"str": str, "int": numbers.Integral, "float": numbers.Real, "bool": bool, "None": type(None)}
+
+
+def check_config(values: dict, where: str = "TrainConfig") -> None:
+    """Raise TrainError unless each of ``values`` has its TrainConfig field's type (a bool is
+    no number here) and range."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, v in values.items():
+        allowed = tuple(_TYPES.get(t.strip()) for t in str(types.get(key, "")).split("|"))
+        if None not in allowed and not (isinstance(v, allowed) and (bool in allowed or not isinstance(v, bool))):
+            raise TrainError(f"{where}: {key} must be {types[key]}, got {v!r}")
+        test, need = CONFIG_RANGES.get(key, (lambda v: True, ""))
+        if not test(v):
+            raise TrainError(f"{where}: {key} must be {need}, got {v!r}")
+
+
 def _resolve(config: TrainConfig) -> TrainConfig:
+    check_config({k: getattr(config, k) for k in ("epochs", *RUN_KEYS)})
     if config.optimizer not in OPTIMIZERS:
         raise TrainError(f"unknown optimizer {config.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
     if config.schedule not in SCHEDULES:
@@ -433,6 +647,8 @@ def _resolve(config: TrainConfig) -> TrainConfig:
         raise TrainError(f"unknown dataset {config.dataset!r}; available: {', '.join(NORMALIZE)}")
     if config.resume and not config.checkpoint:
         raise TrainError("--resume needs --checkpoint DIR (the folder of the run to continue)")
+    if config.plots and importlib.util.find_spec("matplotlib") is None:
+        raise TrainError("--plots needs matplotlib, which is not installed: pip install matplotlib")
     lr = DEFAULT_LR[config.optimizer] if config.lr is None else float(config.lr)
     return dataclasses.replace(config, lr=lr)
 
@@ -443,6 +659,8 @@ def _start_point(config: TrainConfig, out) -> Checkpoint | None:
         return None
     latest = latest_checkpoint(config.checkpoint)
     if latest is None:
+        if config.resume and not Path(config.checkpoint).is_dir():
+            raise TrainError(f"--resume: no run folder {config.checkpoint} (leave out --resume to start a new run)")
         if config.resume:
             out(f"no checkpoint in {config.checkpoint} yet: starting from scratch")
         return None
@@ -477,6 +695,7 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
     history = []
     if start is not None:
         load_weights(model, start.model_state, str(start.path), config.model)
+        check_resume(start, optimizer)
         optimizer.load_state_dict(start.optimizer_state)
         default_generator().bit_generator.state = start.rng["generator"]
         loader.epoch = start.rng["loader_epoch"]
@@ -562,6 +781,7 @@ def restore(checkpoint, model_name: str | None = None, device: str = "cpu"):
     """(model with the checkpoint's weights, Checkpoint); ``model_name`` defaults to the saved one."""
     device = use_device(device)
     ck = load_checkpoint(find_checkpoint(checkpoint))
+    check_config({k: ck.args[k] for k in RUN_KEYS if k in ck.args}, f"{ck.path}: args")
     name = model_name or ck.model_name
     model = build_model(name)
     load_weights(model, ck.model_state, f"checkpoint {ck.path} (saved from model {ck.model_name!r})", name)

@@ -7,10 +7,13 @@ exist only so these tests can run anywhere; they are never offered to users as M
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +278,158 @@ def test_optimizer_state_round_trip():
     for i, state in original["state"].items():
         assert back["state"][i]["step"] == state["step"] == 1
         np.testing.assert_array_equal(back["state"][i]["exp_avg"], state["exp_avg"])
+
+
+# ---------------------------------------------------------------------------- hand-made checkpoints
+
+def hand_made_checkpoint(folder: Path, changes=None, epoch: int = 1) -> Path:
+    """``folder/epoch_NNN.npz`` as ``train_quick`` writes it for lenet5 with sgd after ``epoch``
+    epochs, made without training (momentum buffers of zeros); ``changes`` {npz key: array, or
+    None to drop it} then alter it."""
+    cn.manual_seed(0)
+    model = models.lenet5()
+    opt = T.make_optimizer("sgd", model.parameters(), 0.05)
+    opt.load_state_dict({"state": {i: {"momentum_buffer": np.zeros(p.shape, np.float32)}
+                                   for i, p in enumerate(model.parameters())},
+                         "param_groups": opt.state_dict()["param_groups"]})
+    config = T.TrainConfig(limit=256, batch_size=32, lr=0.05, progress=False, checkpoint=str(folder))
+    rng = {"generator": cn.random.default_generator().bit_generator.state, "loader_seed": 0, "loader_epoch": epoch}
+    path = T.save_checkpoint(folder / f"epoch_{epoch:03d}.npz", model, opt, epoch=epoch, model_name="lenet5",
+                             args=dataclasses.asdict(config), rng=rng,
+                             history=[{"epoch": e, "train_loss": 2.0} for e in range(1, epoch + 1)])
+    if changes:
+        fields = arrays(path)
+        for key, value in changes.items():
+            fields.pop(key) if value is None else fields.__setitem__(key, value)
+        np.savez(path, **fields)
+    return path
+
+
+def json_field(obj):
+    return np.array(json.dumps(obj))
+
+
+def test_hand_made_checkpoint_resumes(capsys, data_dir, tmp_path):
+    """The negative tests below alter this checkpoint: unaltered, it resumes and trains."""
+    hand_made_checkpoint(tmp_path / "run")
+    code, out, err = run(capsys, "train", "--checkpoint", tmp_path / "run", "--resume", "--epochs", "2",
+                         "--data-dir", data_dir, "--no-progress")
+    assert code == 0, err
+    assert "resumed from" in out and (tmp_path / "run" / "epoch_002.npz").is_file()
+
+
+def saved_args(folder, **changes):
+    return json_field({**json.loads(str(arrays(hand_made_checkpoint(folder))["args"])), **changes})
+
+
+def broken_optimizer_meta(folder):
+    meta = json.loads(str(arrays(hand_made_checkpoint(folder))["optimizer"]))
+    meta["state"]["99"] = {"momentum_buffer": {"__array__": "optimizer/99/momentum_buffer"}}
+    return json_field(meta)
+
+
+GENERATOR = {"bit_generator": "PCG64", "state": {"state": "x", "inc": 1}, "has_uint32": 0, "uinteger": 0}
+# name: (changes of hand_made_checkpoint, or a function of the folder giving them; what the error says)
+BAD_CHECKPOINTS = {
+    "string weights": ({"model/conv1.weight": np.full((6, 1, 5, 5), "0.1")}, "model/conv1.weight is <U3"),
+    "complex weights": ({"model/conv1.weight": np.ones((6, 1, 5, 5), np.complex64)},
+                        "model/conv1.weight is complex64; weights are real numbers"),
+    "nan weights": ({"model/fc1.bias": np.full(120, np.nan, np.float32)}, "model/fc1.bias holds non-finite"),
+    "negative epoch": ({"epoch": np.array(-7)}, "epoch is -7"),
+    "epoch not its name": ({"epoch": np.array(7)}, "it holds epoch 7, its name says 1"),
+    "epoch a string": ({"epoch": np.array("1")}, "epoch must be a 0-d integer, got <U1"),
+    "epoch an array": ({"epoch": np.array([1])}, "epoch must be a 0-d integer, got int64 of shape (1,)"),
+    "unknown field": ({"extra": np.array(1)}, "unknown field(s) extra"),
+    "missing field": ({"model_name": None}, "no 'model_name' field"),
+    "args not JSON": ({"args": np.array("{")}, "Expecting property name"),
+    "args a list": ({"args": json_field([1])}, "args must be a JSON dict, got list"),
+    "lr a string": (lambda d: {"args": saved_args(d, lr="fast")}, "args: lr must be float | None, got 'fast'"),
+    "batch size 0": (lambda d: {"args": saved_args(d, batch_size=0)}, "args: batch_size must be at least 1, got 0"),
+    "optimizer array unused": ({"optimizer/0/foo": np.zeros(3, np.float32)}, "optimizer/0/foo: in no optimizer state"),
+}
+# Read only by a resumed run.
+BAD_RESUMES = {
+    "broken rng": ({"rng": json_field({"generator": GENERATOR, "loader_seed": 0, "loader_epoch": 1})},
+                   "rng generator is not a PCG64 state"),
+    "rng keys": ({"rng": json_field({})}, "rng has keys []"),
+    "negative loader epoch": ({"rng": json_field({"generator": GENERATOR, "loader_seed": 0, "loader_epoch": -1})},
+                              "loader_seed and loader_epoch must be integers >= 0"),
+    "state for parameter 99": (lambda d: {"optimizer/99/momentum_buffer": np.zeros(3, np.float32),
+                                          "optimizer": broken_optimizer_meta(d)},
+                               "optimizer state for parameter 99; the model has 10 (0..9)"),
+    "state of another shape": ({"optimizer/0/momentum_buffer": np.zeros(3, np.float32)},
+                               "'momentum_buffer' of parameter 0 is float32 (3,), the parameter float (6, 1, 5, 5)"),
+    "state as integers": ({"optimizer/0/momentum_buffer": np.zeros((6, 1, 5, 5), np.int64)},
+                          "'momentum_buffer' of parameter 0 is int64"),
+    "history short": ({"history": json_field([])}, "history does not hold epochs 1..1"),
+}
+
+
+def resume(capsys, folder, data_dir):
+    return run(capsys, "train", "--checkpoint", folder, "--resume", "--epochs", "2", "--data-dir", data_dir,
+               "--no-progress")
+
+
+def one_error_line(code, out, err, needle):
+    assert code == 2 and "Traceback" not in err and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("cnn-numba: error: "), err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("name", BAD_CHECKPOINTS)
+def test_bad_checkpoint_field_is_one_line(capsys, data_dir, tmp_path, name):
+    changes, needle = BAD_CHECKPOINTS[name]
+    folder = tmp_path / "run"
+    path = hand_made_checkpoint(folder, changes(tmp_path / "other") if callable(changes) else changes)
+    one_error_line(*run(capsys, "evaluate", "--checkpoint", path, "--data-dir", data_dir), needle)
+    one_error_line(*resume(capsys, folder, data_dir), needle)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_001.npz"]  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("name", BAD_RESUMES)
+def test_bad_resume_state_is_one_line_before_training(capsys, data_dir, tmp_path, name):
+    changes, needle = BAD_RESUMES[name]
+    folder = tmp_path / "run"
+    hand_made_checkpoint(folder, changes(tmp_path / "other") if callable(changes) else changes)
+    code, out, err = resume(capsys, folder, data_dir)
+    assert code == 2 and "Traceback" not in err and "epoch 2/2" not in out
+    assert len(err.strip().splitlines()) == 1 and needle in err and "cannot resume" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_001.npz"]
+
+
+def test_negative_epoch_never_overwrites_later_checkpoints(capsys, data_dir, tmp_path):
+    """epoch -7 in epoch_003.npz used to train from epoch -6 and overwrite epoch_003.npz."""
+    folder = tmp_path / "run"
+    path = hand_made_checkpoint(folder, {"epoch": np.array(-7)}, epoch=3)
+    before = path.read_bytes()
+    one_error_line(*resume(capsys, folder, data_dir), "epoch is -7")
+    assert path.read_bytes() == before
+
+
+def test_npy_header_claiming_a_huge_array_is_not_allocated(capsys, data_dir, tmp_path):
+    """A member whose header claims 10**12 float32 (4 TB) while the file holds 96 bytes: the
+    sizes are compared before any allocation."""
+    path = hand_made_checkpoint(tmp_path)
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+    members["model/fc3.bias.npy"] = header.getvalue() + bytes(96)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, body in members.items():
+            z.writestr(name, body)
+    one_error_line(*run(capsys, "evaluate", "--checkpoint", path, "--data-dir", data_dir),
+                   "model/fc3.bias: the header claims shape (1000000000000,) of float32 (4000000000000 bytes), "
+                   "the file holds 96 bytes")
+
+
+def test_pickled_arrays_are_refused(capsys, data_dir, tmp_path):
+    path = hand_made_checkpoint(tmp_path)
+    fields = arrays(path)
+    fields["model_name"] = np.array(["lenet5"], dtype=object)
+    np.savez(path, **fields)
+    one_error_line(*run(capsys, "evaluate", "--checkpoint", path, "--data-dir", data_dir),
+                   "model_name: dtype object holds Python objects")
 
 
 # ---------------------------------------------------------------------------- failures
