@@ -11,6 +11,8 @@ runs. Conv dualities used below (SPEC.md section 1):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from . import shapes
@@ -28,11 +30,11 @@ def _tensor(x, name: str, like: Tensor | None = None) -> Tensor:
     if isinstance(x, Tensor):
         return x
     if isinstance(x, (np.ndarray, list, tuple, int, float, np.number)):
-        dtype = like.dtype if like is not None and np.ndim(x) == 0 else None
+        scalar = isinstance(x, (int, float, np.number)) or isinstance(x, np.ndarray) and x.ndim == 0
         try:
-            arr = _host_array(x, dtype)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{name} (shape {np.shape(x)}): {e}") from None
+            arr = _host_array(x, like.dtype if like is not None and scalar else None, name)
+        except TypeError as e:  # a ragged list is _host_array's ValueError naming ``name``, as PyTorch's
+            raise TypeError(f"{name}: {e}") from None
         return Tensor(arr, device=like.device if like is not None else "cpu")
     raise TypeError(f"{name} must be a Tensor or a numpy array, got {type(x).__name__}")
 
@@ -156,6 +158,15 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
 
 # ----------------------------------------------------------------------------- pooling
 
+def _pool_input(input, what: str) -> Tensor:
+    """A pool's (N, C, H, W) input: N may be 0, C, H, W not (as PyTorch: a window over no
+    pixels has no max and no mean)."""
+    x = _image(input)
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{what}: input of shape {tuple(x.shape)} is empty in C, H or W; only N may be 0")
+    return x
+
+
 def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
     """Resolve a pooling op's hyper-parameters and its output size."""
     k = shapes.positive_pair(kernel_size, "kernel_size")
@@ -185,7 +196,7 @@ class MaxPool2d(Function):
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """Max pooling; with ``return_indices`` also the argmax ``h*W + w`` per output (int64)."""
-    x = _image(input)
+    x = _pool_input(input, "max_pool2d")
     k, s, p, d, out_hw = _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, "max_pool2d")
     y, idx = MaxPool2d.apply(x, out_hw=out_hw, window=k, stride=s, pad=p, dilation=d)
     return (y, idx) if return_indices else y
@@ -202,7 +213,7 @@ class MaxUnpool2d(Function):
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
     """Place each value at its argmax index; zeros elsewhere. Inverse of max_pool2d's selection."""
-    x = _image(input)
+    x = _pool_input(input, "max_unpool2d")
     idx = _tensor(indices, "indices")
     if idx.dtype.kind not in "iu":
         raise TypeError(f"indices must be an integer tensor, got dtype {idx.dtype}")
@@ -215,9 +226,14 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     if output_size is None:
         out_hw = default
     else:
-        out_hw = tuple(int(v) for v in tuple(output_size)[-2:])
-        if len(tuple(output_size)) not in (2, 4):
+        # PyTorch: a sequence of ints (TypeError otherwise) of length 2 or 4 (ValueError).
+        if not isinstance(output_size, Sequence) or isinstance(output_size, str):
+            raise TypeError(f"output_size must be a sequence of 2 or 4 ints, got {output_size!r}")
+        if len(output_size) not in (2, 4):
             raise ValueError(f"output_size must have 2 or 4 entries, got {output_size!r}")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in output_size):
+            raise TypeError(f"output_size must hold ints, got {output_size!r}")
+        out_hw = tuple(int(v) for v in output_size[-2:])
         for o, dflt, si in zip(out_hw, default, s):
             if not dflt - si < o < dflt + si:
                 raise ValueError(f"output_size={tuple(output_size)} is not within ({dflt - si}, {dflt + si}) for input {x.shape}")
@@ -238,10 +254,14 @@ class AvgPool2d(Function):
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None) -> Tensor:
-    x = _image(input)
+    x = _pool_input(input, "avg_pool2d")
     k, s, p, _, out_hw = _pool_args(x, kernel_size, stride, padding, 1, ceil_mode, "avg_pool2d")
-    if divisor_override is not None and (not isinstance(divisor_override, (int, np.integer)) or divisor_override <= 0):
-        raise ValueError(f"divisor_override must be a positive int or None, got {divisor_override!r}")
+    # PyTorch: an int (a bool or float is a TypeError), not 0; a negative divisor is allowed.
+    if divisor_override is not None:
+        if isinstance(divisor_override, (bool, np.bool_)) or not isinstance(divisor_override, (int, np.integer)):
+            raise TypeError(f"divisor_override must be an int or None, got {divisor_override!r}")
+        if divisor_override == 0:
+            raise ValueError("divisor_override must not be zero")
     return AvgPool2d.apply(x, out_hw=out_hw, window=k, stride=s, pad=p, count_include_pad=bool(count_include_pad),
                            divisor_override=int(divisor_override or 0))
 
@@ -257,7 +277,7 @@ class AdaptiveAvgPool2d(Function):
 
 def adaptive_avg_pool2d(input, output_size) -> Tensor:
     """Average over windows ``[floor(i*H/O), ceil((i+1)*H/O))``; output_size 1 is global average pooling."""
-    x = _image(input)
+    x = _pool_input(input, "adaptive_avg_pool2d")
     if isinstance(output_size, (list, tuple)) and len(output_size) == 2:
         output_size = tuple(x.shape[2 + i] if v is None else v for i, v in enumerate(output_size))
     out_hw = shapes.positive_pair(output_size, "output_size")

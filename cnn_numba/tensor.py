@@ -214,12 +214,15 @@ def from_cuda_array(obj, requires_grad: bool = False) -> Tensor:
     return Tensor._wrap(arr, "cuda", bool(requires_grad), None)
 
 
-def _host_array(data, dtype=None) -> np.ndarray:
+def _host_array(data, dtype=None, name: str = "data") -> np.ndarray:
     """A C-contiguous, writable numpy array; float numpy arrays keep float32/float64, Python
     floats and float16 become float32 (PyTorch's default dtype)."""
     if isinstance(data, Tensor):
         data = data.numpy()
-    arr = np.asarray(data, dtype=dtype)
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except ValueError as e:  # a ragged list: numpy's message names no argument
+        raise ValueError(f"{name} must be a rectangular nested sequence of numbers ({e})") from None
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"tensor data must be numeric, got dtype {arr.dtype}")
     if dtype is None and arr.dtype.kind == "f" and (arr.dtype == np.float16 or not isinstance(data, np.ndarray)):

@@ -237,12 +237,70 @@ def test_adaptive_and_unpool_errors():
         F.max_unpool2d(x, idx, 2, stride=0)
 
 
+@pytest.mark.parametrize("output_size, exc", [((None, None), TypeError), ("ab", TypeError), (6, TypeError),
+                                               ((4.0, 4), TypeError), ((True, 4), TypeError), ((1, 2, 3), ValueError)])
+def test_unpool_output_size_types_like_pytorch(output_size, exc):
+    """PyTorch: a sequence of ints (TypeError otherwise) of 2 or 4 entries (ValueError)."""
+    with pytest.raises(exc, match="output_size"):
+        F.max_unpool2d(x4(1, 1, 2, 2), np.zeros((1, 1, 2, 2), np.int64), 2, output_size=output_size)
+
+
+@pytest.mark.parametrize("divisor, exc", [(True, TypeError), (False, TypeError), (2.0, TypeError), ("2", TypeError),
+                                          (0, ValueError), (np.int64(0), ValueError)])
+def test_avg_pool_divisor_override_like_pytorch(divisor, exc):
+    """An int (a bool is not one here, as in PyTorch), and not 0."""
+    with pytest.raises(exc, match="divisor_override"):
+        F.avg_pool2d(x4(1, 1, 4, 4), 2, divisor_override=divisor)
+
+
+@pytest.mark.parametrize("pool, kw", [(F.max_pool2d, dict(kernel_size=2, padding=1)),
+                                      (F.avg_pool2d, dict(kernel_size=3, stride=1, padding=1)),
+                                      (F.adaptive_avg_pool2d, dict(output_size=1))])
+@pytest.mark.parametrize("shape", [(1, 1, 0, 4), (1, 1, 4, 0), (1, 0, 4, 4)])
+def test_pools_of_empty_planes_are_errors_like_pytorch(pool, kw, shape):
+    """Padding made these windows of padding only (-inf from max, NaN from the mean); PyTorch
+    accepts only an empty batch."""
+    with raises(ValueError, "input", shape):
+        pool(x4(*shape), **kw)
+    with raises(ValueError, "input", shape):
+        F.max_unpool2d(x4(*shape), np.zeros(shape, np.int64), 2)
+
+
 def test_relu_rejects_integers():
     with pytest.raises(TypeError, match="input"):
         F.relu(np.ones((2, 2), np.int64))
 
 
 # ----------------------------------------------------------------------------- tensors
+
+
+@pytest.mark.parametrize("make", [lambda v: cn.tensor(v), lambda v: F.relu(v),
+                                  lambda v: F.add(cn.tensor(np.ones(2, np.float32)), v)],
+                         ids=["tensor", "relu", "add"])
+def test_ragged_lists_name_the_argument(make):
+    with pytest.raises(ValueError, match=r"^(data|input|other) must be a rectangular nested sequence"):
+        make([[1.0, 2.0], [3.0]])
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: cn.nn.Conv2d(-1, 3, 3), "in_channels"), (lambda: cn.nn.Conv2d(3, -2, 3), "out_channels"),
+    (lambda: cn.nn.ConvTranspose2d(-1, 3, 3), "in_channels"), (lambda: cn.nn.ConvTranspose2d(2, -3, 3), "out_channels"),
+    (lambda: cn.nn.Linear(-1, 3), "in_features"), (lambda: cn.nn.Linear(3, -1), "out_features"),
+    (lambda: cn.nn.BatchNorm2d(-4), "num_features"), (lambda: cn.nn.BatchNorm1d(-4), "num_features"),
+    (lambda: cn.nn.extra.Subsampling2d(-2), "num_channels"),
+])
+def test_layer_sizes_are_named(make, name):
+    with pytest.raises(ValueError, match=f"^{name} must be >= 0, got -"):
+        make()
+
+
+def test_layer_sizes_must_be_ints_and_may_be_zero():
+    with pytest.raises(TypeError, match="in_channels must be an int, got 2.0"):
+        cn.nn.Conv2d(2.0, 3, 3)
+    with pytest.raises(TypeError, match="in_features must be an int, got True"):
+        cn.nn.Linear(True, 3)
+    assert cn.nn.Linear(0, 3).weight.shape == (3, 0)          # empty, as PyTorch makes it
+    assert cn.nn.Conv2d(0, 3, 3).weight.shape == (3, 0, 3, 3)
 
 
 def test_tensor_errors():

@@ -217,6 +217,7 @@ AVG_CASES = [
     ((2, 1, 4, 3), (4, 3), None, 0, False, True, None), # kernel == input
     ((1, 1, 8, 5), 3, (3, 2), 1, True, False, 3),
     ((1, 2, 3, 3), 3, 1, 1, False, True, None),
+    ((1, 1, 4, 5), 2, None, 0, False, True, -3),        # PyTorch takes any non-zero int divisor
 ]
 AVG_IDS = [f"avg{i}" for i in range(len(AVG_CASES))]
 

@@ -87,7 +87,7 @@ def gather_planes(src, idx, dst):
 
 @njit(cache=True, inline="always")
 def _avg_divisor(h0, h1, w0, w1, hp, wp, count_include_pad, divisor_override):
-    if divisor_override > 0:
+    if divisor_override != 0:  # 0: none given (PyTorch allows any other int, negative too)
         return divisor_override
     if count_include_pad:
         return hp * wp

@@ -14,7 +14,7 @@ import numpy as np
 from .. import functional as F
 from .. import shapes
 from . import init
-from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, _param
+from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, _check_sizes, _param
 from ..tensor import Tensor
 from .module import Module, Sequential, _device_array
 
@@ -41,6 +41,7 @@ class Subsampling2d(Module):
 
     def __init__(self, num_channels: int, kernel_size=2, stride=None, device=None, dtype=None):
         super().__init__()
+        _check_sizes(num_channels=num_channels)
         self.num_channels = num_channels
         self.kernel_size = shapes.positive_pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else shapes.positive_pair(stride, "stride")

@@ -27,12 +27,23 @@ def _param(shape, device, dtype) -> Parameter:
 
 
 def _reset_fan_in(weight: Parameter, bias: Parameter | None) -> None:
-    """PyTorch's default for conv and linear layers."""
+    """PyTorch's default for conv and linear layers (nothing to draw for an empty weight)."""
+    if weight.size == 0:
+        return
     init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
         fan_in, _ = init._calculate_fan_in_and_fan_out(weight)
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
         init.uniform_(bias, -bound, bound)
+
+
+def _check_sizes(**sizes) -> None:
+    """Layer sizes are ints >= 0 (0 makes an empty layer, as in PyTorch), named when not."""
+    for name, v in sizes.items():
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
 
 
 def _check_groups(in_channels, out_channels, groups):
@@ -55,6 +66,7 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
+        _check_sizes(in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         self.weight = _param((out_features, in_features), device, dtype)
         self.register_parameter("bias", _param((out_features,), device, dtype) if bias else None)
@@ -76,6 +88,7 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, algo="auto"):
         super().__init__()
+        _check_sizes(in_channels=in_channels, out_channels=out_channels)
         _check_groups(in_channels, out_channels, groups)
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode={padding_mode!r} is not supported; only 'zeros' is")
@@ -105,6 +118,7 @@ class ConvTranspose2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
                  bias=True, dilation=1, padding_mode="zeros", device=None, dtype=None, *, algo="auto"):
         super().__init__()
+        _check_sizes(in_channels=in_channels, out_channels=out_channels)
         _check_groups(in_channels, out_channels, groups)
         if padding_mode != "zeros":
             raise ValueError(f"padding_mode={padding_mode!r} is not supported; only 'zeros' is")
@@ -199,6 +213,7 @@ class _BatchNorm(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
                  dtype=None):
         super().__init__()
+        _check_sizes(num_features=num_features)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         if affine:
