@@ -98,7 +98,8 @@ def routes(files, prefix="/a/"):
 
 
 def listing(folder):
-    return sorted(p.name for p in Path(folder).iterdir()) if Path(folder).exists() else []
+    """The files in ``folder`` but the SHA-256 index (tested on its own)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != fetch.INDEX) if Path(folder).exists() else []
 
 
 # ---------------------------------------------------------------------------------- IDX
@@ -335,6 +336,44 @@ def test_archive_when_no_mirror_has_the_files(tmp_path, archive, monkeypatch):
         images, _, source = load_mnist(split, data_dir=tmp_path, download=False)
         np.testing.assert_array_equal(images, archive.arrays[split][0])
         assert "downloaded" not in source
+
+
+def test_cached_files_are_checked_against_the_recorded_sha256(tmp_path, archive, mirror):
+    """Each file fetch saves is noted in SHA256SUMS (sha256sum's format); a later load checks
+    it there, so one flipped pixel in a cached uncompressed file is an error naming the file."""
+    _, files, sums = mirror
+    with serve({"/p/pkg-0.2.tar.gz": archive.body, **routes({n: files[n] for n in FILES["train"]})}) as (base, _):
+        for split in ("train", "test"):  # train: the .gz files from the mirror; test: raw files from the archive
+            load_mnist(split, data_dir=tmp_path, mirrors=[base + "a/"], checksums=sums,
+                       archives=[archive.spec(base)], raw_checksums=archive.sums)
+    folder = tmp_path / "mnist"
+    expected = {**{n: sums[n] for n in FILES["train"]}, **{n: archive.sums[n] for n in raw_names("test")}}
+    assert listing(folder) == sorted(expected)
+    assert (folder / fetch.INDEX).read_text() == "".join(f"{expected[n]}  {n}\n" for n in sorted(expected))
+    images = folder / raw_names("test")[0]
+    body = bytearray(images.read_bytes())
+    body[16 + 3 * 28 * 28 + 300] ^= 1  # one bit of one pixel of image 3
+    images.write_bytes(bytes(body))
+    np.testing.assert_array_equal(load_mnist("train", data_dir=tmp_path, download=False)[0],
+                                  archive.arrays["train"][0])  # its files are untouched
+    with pytest.raises(ValueError, match=f"{images}: SHA-256 .* is not the {archive.sums[raw_names('test')[0]]} "
+                                         "recorded when it was saved"):
+        load_mnist("test", data_dir=tmp_path, download=False)
+    gz = folder / FILES["train"][1]
+    gz.write_bytes(gzip.compress(gzip.decompress(files[FILES["train"][1]]), mtime=0, compresslevel=1))
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz: SHA-256"):  # same content, other bytes
+        load_mnist("train", data_dir=tmp_path, download=False)
+
+
+def test_files_put_by_hand_are_read_as_they_are(tmp_path, mirror):
+    """No record, no check: a file the user put into the cache is read (gzip's CRC still applies)."""
+    arrays, files, _ = mirror
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in FILES["test"]:
+        (folder / name).write_bytes(files[name])
+    (folder / fetch.INDEX).write_text(f"{'0' * 64}  {FILES['train'][0]}\n")  # a record of another file
+    np.testing.assert_array_equal(load_mnist("test", data_dir=tmp_path, download=False)[0], arrays["test"][0])
 
 
 def test_verified_raw_files_are_kept_without_a_request(tmp_path, archive, monkeypatch):

@@ -8,7 +8,9 @@ named members are read out of it, each checked against the SHA-256 of the uncomp
 official file, and the archive is deleted. Every download or extraction streams into a
 temporary file in the destination folder and is renamed (``os.replace``, atomic on one
 filesystem) onto its final name only once its SHA-256 matched, so an interrupted, truncated
-or tampered download never leaves a file that looks complete. Mirrors, archives and
+or tampered download never leaves a file that looks complete; each file saved has its SHA-256
+noted in the folder's ``SHA256SUMS`` (``INDEX``), against which ``load_mnist`` checks it on
+every load. Mirrors, archives and
 checksums are arguments, so the tests can point everything at a server on 127.0.0.1.
 """
 from __future__ import annotations
@@ -113,6 +115,30 @@ def data_root(data_dir=None) -> Path:
     return Path(root).expanduser()
 
 
+# In each dataset folder: "<SHA-256>  <name>" of every file saved there after its SHA-256 was
+# checked (``sha256sum -c SHA256SUMS`` reads it); load_mnist checks those files against it.
+INDEX = "SHA256SUMS"
+
+
+def recorded_sha256(folder) -> dict:
+    """{file name: SHA-256} of ``folder``'s INDEX ({} if none)."""
+    try:
+        lines = (Path(folder) / INDEX).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {name: digest for digest, _, name in (line.partition("  ") for line in lines) if name}
+
+
+def _record(path: Path, sha256: str) -> Path:
+    """Note ``path``'s verified SHA-256 in its folder's INDEX (rewritten atomically)."""
+    sums = recorded_sha256(path.parent)
+    if sums.get(path.name) != sha256:
+        sums[path.name] = sha256
+        text = "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+        atomic_write(path.parent / INDEX, lambda f: f.write(text.encode()))
+    return path
+
+
 def sha256_of(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -166,13 +192,13 @@ def fetch_file(filename: str, folder, mirrors, sha256: str, timeout: float = 10.
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / filename
     if _verified(dest, sha256):
-        return dest
+        return _record(dest, sha256)
     errors = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + filename
         try:
             _fetch_url(url, dest, sha256, timeout)
-            return dest
+            return _record(dest, sha256)
         except _FAILURES as e:
             errors.append(f"  {url}: {e}")
     raise DownloadError(f"could not download {filename} into {folder}:\n" + "\n".join(errors))
@@ -207,7 +233,7 @@ def _extract(archive: Path, members: dict, folder: Path, raw_checksums: dict) ->
         for path in written.values():
             path.unlink(missing_ok=True)
         raise
-    return written
+    return {raw: _record(path, raw_checksums[raw]) for raw, path in written.items()}
 
 
 def _from_archive(archive, raw_names: list, folder: Path, raw_checksums: dict,
@@ -250,7 +276,7 @@ def _in_cache(folder: Path, name: str, sha256: str, raw_sha256: str | None) -> P
     """``folder/name`` or its uncompressed copy, whichever is there with its SHA-256."""
     for path, digest in ((folder / name, sha256), (folder / _raw(name), raw_sha256)):
         if _verified(path, digest):
-            return path
+            return _record(path, digest)
     return None
 
 

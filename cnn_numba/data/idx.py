@@ -16,6 +16,7 @@ file: a truncated or padded file must never come back as a plausible-looking arr
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -30,10 +31,14 @@ _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E
 _CODES = {(np.dtype(t).kind, np.dtype(t).itemsize): code for code, t in _DTYPES.items()}
 
 
-def _read_bytes(path) -> bytes:
-    """The file's content, gunzipped if it is gzip (told by its content, not its name)."""
+def _read_bytes(path, sha256: str | None = None) -> bytes:
+    """The file's content, gunzipped if it is gzip (told by its content, not its name), after
+    checking the SHA-256 of the bytes on disk if ``sha256`` is given."""
     with open(path, "rb") as f:
         raw = f.read()
+    if sha256 is not None and (got := hashlib.sha256(raw).hexdigest()) != sha256:
+        raise ValueError(f"{os.fspath(path)}: SHA-256 {got} is not the {sha256} recorded when it was "
+                         "saved: the file changed since; delete it (it is downloaded again)")
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
@@ -42,15 +47,16 @@ def _read_bytes(path) -> bytes:
         raise ValueError(f"{os.fspath(path)}: corrupt or truncated gzip data ({e})") from None
 
 
-def read_idx(path, magic: int | None = None) -> np.ndarray:
+def read_idx(path, magic: int | None = None, sha256: str | None = None) -> np.ndarray:
     """Read an IDX file (raw or gzip) into a native-endian numpy array of the stored shape.
 
-    ``magic``, if given, is the magic number the file must have, e.g. ``IMAGES_MAGIC``.
+    ``magic``, if given, is the magic number the file must have, e.g. ``IMAGES_MAGIC``;
+    ``sha256``, the SHA-256 the file's bytes must have (of the .gz file if it is one).
     Raises ``ValueError`` naming the file for a wrong magic number, a header cut short, or
     data shorter or longer than the dimensions say.
     """
     name = os.fspath(path)
-    raw = _read_bytes(path)
+    raw = _read_bytes(path, sha256)
     if len(raw) < 4:
         raise ValueError(f"{name}: {len(raw)} bytes, too short for an IDX header")
     found = int.from_bytes(raw[:4], "big")
