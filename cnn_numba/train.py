@@ -381,18 +381,17 @@ def check_optimizer_state(state: dict, optimizer) -> None:
                 if v.dtype.kind != "f" or v.shape != params[i].shape:
                     raise ValueError(f"optimizer state {k!r} of parameter {i} is {v.dtype} {v.shape}, "
                                      f"the parameter float {params[i].shape}")
-            elif not (_same_kind(v, 0) and v >= 0 if k == "step" else _same_kind(v, 0.0)):
+            elif not (type(v) is int and v >= 0 if k == "step" else _same_kind(v, 0.0)):
                 raise ValueError(f"optimizer state {k!r} of parameter {i} is {v!r}")
 
 
 def _same_kind(v, like) -> bool:
-    """``v`` (from JSON) is of the kind of ``like``: bool, finite number (int if ``like`` is
-    int), str, None, or a tuple of such of the same length."""
+    """``v`` (from JSON) is of the kind of ``like``: bool, finite number (int or float), str,
+    None, or a tuple of such of the same length."""
     if isinstance(like, bool) or like is None or isinstance(like, str):
         return type(v) is type(like)
     if isinstance(like, (int, float)):
-        ok = (int,) if isinstance(like, int) else (int, float)
-        return type(v) in ok and math.isfinite(v)
+        return type(v) in (int, float) and math.isfinite(v)
     if isinstance(like, tuple):
         return isinstance(v, tuple) and len(v) == len(like) and all(map(_same_kind, v, like))
     return False

