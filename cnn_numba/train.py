@@ -24,7 +24,10 @@ A checkpoint ``DIR/epoch_NNN.npz`` is a plain .npz, read with ``np.load(path, al
     history               0-d str, JSON: the per-epoch records so far
 
 Each file is written to a temporary name in the same folder and renamed (``os.replace``), so a
-crash mid-write never leaves a truncated checkpoint under a real name.
+crash mid-write never leaves a truncated checkpoint under a real name. Reading checks every
+field before use (``load_checkpoint``: each array's header against its size, known keys,
+dtypes, shapes, JSON types, epoch against the file name; ``check_resume``: what a resumed run
+reads, against its model and optimiser); any failure is one TrainError.
 """
 from __future__ import annotations
 
