@@ -428,7 +428,7 @@ def load_checkpoint(path) -> Checkpoint:
         raise TrainError(f"{path}: not a readable cnn_numba checkpoint ({type(e).__name__}: {e})") from None
     try:
         return _parse_checkpoint(path, z)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise TrainError(f"{path}: not a valid cnn_numba checkpoint: {e}") from None
 
 

@@ -347,6 +347,7 @@ BAD_CHECKPOINTS = {
     "missing field": ({"model_name": None}, "no 'model_name' field"),
     "args not JSON": ({"args": np.array("{")}, "Expecting property name"),
     "args a list": ({"args": json_field([1])}, "args must be a JSON dict, got list"),
+    "history nested too deep": ({"history": np.array("[" * 100_000)}, "maximum recursion depth exceeded"),
     "lr a string": (lambda d: {"args": saved_args(d, lr="fast")}, "args: lr must be float | None, got 'fast'"),
     "batch size 0": (lambda d: {"args": saved_args(d, batch_size=0)}, "args: batch_size must be at least 1, got 0"),
     "optimizer array unused": ({"optimizer/0/foo": np.zeros(3, np.float32)}, "optimizer/0/foo: in no optimizer state"),
