@@ -139,11 +139,13 @@ def _to_device(v, p: Tensor):
 
 def _check_grad(i: int, p: Tensor) -> None:
     """``p.grad`` must be a Tensor of p's shape, dtype and device: the step kernels index both as one."""
-    g, where = p.grad, f"parameter {i} (shape {p.shape}, dtype {p.dtype}, device {p.device!r})"
+    g = p.grad
+    if isinstance(g, Tensor) and g.data.shape == p.data.shape and g.data.dtype == p.data.dtype and g.device == p.device:
+        return
+    where = f"parameter {i} (shape {p.shape}, dtype {p.dtype}, device {p.device!r})"
     if not isinstance(g, Tensor):
         raise TypeError(f"optimizer: the .grad of {where} is a {type(g).__name__}, not a Tensor")
-    if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-        raise ValueError(f"optimizer: the .grad of {where} has shape {g.shape}, dtype {g.dtype}, device {g.device!r}")
+    raise ValueError(f"optimizer: the .grad of {where} has shape {g.shape}, dtype {g.dtype}, device {g.device!r}")
 
 
 def _check(name, value, low=0.0, high=None):

@@ -104,8 +104,8 @@ class Function:
     ``backward(gy) -> one gradient (or None) per input``; ``self.needs_grad[i]`` says
     whether input i wants one. ``forward`` may return a tuple whose first item is the
     differentiable output and the rest auxiliary results (e.g. argmax indices).
-    What ``forward`` keeps as attributes is "saved": an attribute that is an input's array
-    or the output array has its tensor's version recorded and checked before ``backward``.
+    What ``forward`` keeps as attributes is "saved": if an input's array or the output array
+    is one of them, an in-place change of that tensor after the forward makes backward raise.
     A Function whose output shares its input's memory sets ``view = True``."""
 
     view = False
@@ -127,35 +127,35 @@ class Function:
         record = _grad_mode.enabled and any(ctx.needs_grad)
         device, first = ctx.out_device, out[0] if isinstance(out, tuple) else out
         y = Tensor._wrap(first, device, record, ctx if record else None, inputs[0]._vc if cls.view else None)
-        if record:
-            ctx._saved_versions = ctx._record_versions(inputs, y)
+        if record:  # versions now; backward finds out which tensors were saved only if one changed
+            ctx._versions, ctx._out = [t._vc[0] for t in inputs], (y._vc, y._vc[0], id(first))
         if isinstance(out, tuple):
             return (y,) + tuple(Tensor._wrap(o, device, False, None) for o in out[1:])
         return y
 
-    def _record_versions(self, inputs, y) -> list:
-        """(counter, version now, input index or -1 for the output) of every saved tensor."""
-        index = {id(t.data): i for i, t in enumerate(inputs)}
-        saved = []
-        for v in vars(self).values():
-            i = -1 if v is y.data else index.get(id(v))
-            if i is not None:
-                t = y if i < 0 else inputs[i]
-                saved.append((t._vc, t._vc[0], i))
-        return saved
+    def _check_versions(self) -> None:
+        """Raise PyTorch's error if an input or the output changed in place since the forward and
+        this Function saved its array (an attribute that is that array)."""
+        changed = [(f"input {i} (shape {p.shape})", p._vc[0], v, id(p.data))
+                   for i, (p, v) in enumerate(zip(self.parents, self._versions)) if p._vc[0] != v]
+        vc, then, array = self._out
+        if vc[0] != then:
+            changed.append(("its output", vc[0], then, array))
+        saved = {id(v) for v in vars(self).values()}
+        for what, now, then, array in changed:
+            if array in saved:
+                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: [{type(self).__name__}] {what} is at version {now}; "
+                                   f"expected version {then} instead. Hint: an optimizer step, zero_, fill_ or "
+                                   "copy_ ran on it between the forward and backward()")
 
     def _backward(self, gy, retain_graph: bool) -> list:
         """(parent, gradient) for each parent that wants one: the saved tensors' versions checked
         first, each gradient checked against its parent; then the saved state freed unless
         ``retain_graph``."""
         name = type(self).__name__
-        for vc, version, i in self._saved_versions:
-            if vc[0] != version:
-                what = "its output" if i < 0 else f"input {i} (shape {self.parents[i].shape})"
-                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                                   f"inplace operation: [{name}] {what} is at version {vc[0]}; expected version "
-                                   f"{version} instead. Hint: an optimizer step, zero_, fill_ or copy_ ran on it "
-                                   "between the forward and backward()")
+        if self._out[0][0] != self._out[1] or any(p._vc[0] != v for p, v in zip(self.parents, self._versions)):
+            self._check_versions()
         out = []
         for i, (p, gp, need) in enumerate(zip(self.parents, self.backward(gy), self.needs_grad)):
             if need and gp is not None:

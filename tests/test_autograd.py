@@ -407,10 +407,15 @@ def test_saved_output_and_views_are_checked(rng):
         z.backward()
     # a parameter used through a view: the view shares the parameter's counter
     w = cn.tensor(rng.standard_normal(6), requires_grad=True)
-    loss = F.linear(cn.tensor(rng.standard_normal((2, 3))), w.reshape(2, 3)).sum()
+    with cn.no_grad():
+        w.fill_(1.0)                           # version 1 before the forward: no error for that
+    x = cn.tensor(rng.standard_normal((2, 3)))
+    F.linear(x, w.reshape(2, 3)).sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), np.tile(x.numpy().sum(0), 2))
+    loss = F.linear(x, w.reshape(2, 3)).sum()
     with cn.no_grad():
         w.fill_(0.0)
-    with pytest.raises(RuntimeError, match=r"\[Linear\] input 1 \(shape \(2, 3\)\) is at version 1"):
+    with pytest.raises(RuntimeError, match=r"\[Linear\] input 1 \(shape \(2, 3\)\) is at version 2; expected version 1"):
         loss.backward()
 
 
