@@ -153,17 +153,15 @@ class Function:
         """(parent, gradient) for each parent that wants one: the saved tensors' versions checked
         first, each gradient checked against its parent; then the saved state freed unless
         ``retain_graph``."""
-        name = type(self).__name__
-        if self._out[0][0] != self._out[1] or any(p._vc[0] != v for p, v in zip(self.parents, self._versions)):
+        parents = self.parents
+        if self._out[0][0] != self._out[1] or [p._vc[0] for p in parents] != self._versions:
             self._check_versions()
-        out = []
-        for i, (p, gp, need) in enumerate(zip(self.parents, self.backward(gy), self.needs_grad)):
-            if need and gp is not None:
-                if tuple(gp.shape) != p.data.shape or gp.dtype != p.data.dtype:
-                    raise RuntimeError(f"Function {name} returned an invalid gradient at index {i}: got shape "
-                                       f"{tuple(gp.shape)} and dtype {gp.dtype}, expected shape {p.shape} and "
-                                       f"dtype {p.dtype}")
-                out.append((p, gp))
+        out = [(p, g) for p, g, need in zip(parents, self.backward(gy), self.needs_grad) if need and g is not None]
+        for p, g in out:
+            if g.shape != p.data.shape or g.dtype != p.data.dtype:
+                raise RuntimeError(f"Function {type(self).__name__} returned an invalid gradient at index "
+                                   f"{parents.index(p)}: got shape {tuple(g.shape)} and dtype {g.dtype}, "
+                                   f"expected shape {p.shape} and dtype {p.dtype}")
         if not retain_graph:
             self.__dict__.clear()
             self.parents = None  # the mark of a freed graph (see Tensor._topological_order)
