@@ -55,14 +55,16 @@ _prefer_light_threading_layer()
 
 from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
 from . import functional
-from .tensor import Function, Tensor, from_cuda_array, is_grad_enabled, no_grad, tensor
+from .tensor import (Function, Tensor, enable_grad, from_cuda_array, is_grad_enabled, no_grad, set_grad_enabled,
+                     tensor)
 from . import models, nn, optim
 from .random import manual_seed
 from .summary import summary
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "tensor", "from_cuda_array", "no_grad", "is_grad_enabled", "Function", "functional", "nn",
-           "optim", "models", "manual_seed", "summary", "cuda_is_available", "__version__"]
+__all__ = ["Tensor", "tensor", "from_cuda_array", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled",
+           "Function", "functional", "nn", "optim", "models", "manual_seed", "summary", "cuda_is_available",
+           "__version__"]
 
 
 def cuda_is_available() -> bool:

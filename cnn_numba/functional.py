@@ -351,6 +351,8 @@ class Sum(Function):
 
 
 class Reshape(Function):
+    view = True  # the output is a view of the input: one version counter for both
+
     def forward(self, a, *, shape):
         self.in_shape = a.shape
         return kernel("reshape", self.device)(a, shape)

@@ -1,8 +1,9 @@
 """Optimisers and learning-rate schedulers with PyTorch's names, arguments and update rules.
 
 An optimiser holds ``param_groups`` (dicts: "params" plus hyper-parameters) and per-parameter
-``state``; ``step()`` updates each parameter that has a gradient, in place, under ``no_grad``,
-through the device's "sgd_step"/"adam_step" kernels (kernels/nn.py has the formulas).
+``state``; ``step()`` checks every gradient against its parameter (shape, dtype, device), then
+updates each parameter that has a gradient, in place, under ``no_grad``, through the device's
+"sgd_step"/"adam_step" kernels (kernels/nn.py has the formulas), and bumps its version counter.
 
 Schedulers set ``group["lr"]`` from the closed form of their schedule at ``last_epoch``
 (``base_lr`` = the group's ``initial_lr``):
@@ -67,11 +68,14 @@ class Optimizer(abc.ABC):
     def step(self, closure=None):
         """One update of every parameter with a gradient; ``closure`` re-evaluates the loss first."""
         loss = closure() if closure is not None else None
+        numbered = enumerate((p, g) for g in self.param_groups for p in g["params"])  # state_dict's numbering
+        todo = [(i, p, group) for i, (p, group) in numbered if p.grad is not None]
+        for i, p, _ in todo:  # every gradient checked before any parameter moves
+            _check_grad(i, p)
         with no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._update(p, p.grad.data, group, self.state.setdefault(p, {}))
+            for _, p, group in todo:
+                self._update(p, p.grad.data, group, self.state.setdefault(p, {}))
+                p._vc[0] += 1  # an in-place update: graphs that saved p now refuse to backward
         return loss
 
     @abc.abstractmethod
@@ -131,6 +135,17 @@ def _to_device(v, p: Tensor):
     if isinstance(v, np.ndarray) and v.ndim:
         return kernel("from_host", p.device)(np.array(v, dtype=p.dtype, copy=True))
     return v.item() if isinstance(v, (np.ndarray, np.generic)) else v
+
+
+def _check_grad(i: int, p: Tensor) -> None:
+    """``p.grad`` must be a Tensor of p's shape, dtype and device: the step kernels index both as one."""
+    g = p.grad
+    if isinstance(g, Tensor) and g.data.shape == p.data.shape and g.data.dtype == p.data.dtype and g.device == p.device:
+        return
+    where = f"parameter {i} (shape {p.shape}, dtype {p.dtype}, device {p.device!r})"
+    if not isinstance(g, Tensor):
+        raise TypeError(f"optimizer: the .grad of {where} is a {type(g).__name__}, not a Tensor")
+    raise ValueError(f"optimizer: the .grad of {where} has shape {g.shape}, dtype {g.dtype}, device {g.device!r}")
 
 
 def _check(name, value, low=0.0, high=None):

@@ -225,17 +225,17 @@ def summary(model: Module, input_shape, dtype=np.float32, *, verbose: bool = Tru
         return forward
 
     modes = [(m, m.training) for m in model.modules()]
-    wrapped, grad_enabled = [], _autograd._grad_enabled
+    wrapped, grad_enabled = [], _autograd.is_grad_enabled()
     try:
         model.eval()
-        _autograd._grad_enabled = True  # even under no_grad(): the graph is how merges are traced
+        _autograd.set_grad_enabled(True)  # even under no_grad(): the graph is how merges are traced
         for name, m in model.named_modules():
             if next(m.children(), None) is None or any(p is not None for p in m._parameters.values()):
                 object.__setattr__(m, "forward", wrap(name or type(m).__name__, m))  # an instance attribute
                 wrapped.append(m)
         y = model(x)
     finally:
-        _autograd._grad_enabled = grad_enabled
+        _autograd.set_grad_enabled(grad_enabled)
         for m in wrapped:
             m.__dict__.pop("forward", None)
         for m, mode in modes:

@@ -6,38 +6,109 @@ Tensor that remembers its Function. ``Tensor.backward`` walks the graph once in
 reverse topological order, summing the gradients of tensors used more than once.
 Gradient contract: a leaf's ``.grad`` accumulates (+=) across backward calls, as in
 PyTorch; non-leaf gradients are not kept.
+
+Autograd state is PyTorch's: grad mode is per thread (``no_grad``, ``enable_grad``,
+``set_grad_enabled``); every tensor has a version counter (``_version``) that in-place
+updates bump (optimiser steps, ``zero_``, ``fill_``, ``copy_``), shared with its views
+(``detach``, ``reshape``); a Function records the versions of the tensors it saved
+(inputs or its output) and its backward raises if one has changed since. Backward frees
+each Function's saved arrays and parent links as it passes (``retain_graph=True`` keeps
+them), so a step's activations die with the step.
 """
 from __future__ import annotations
 
-import contextlib
+import functools
+import threading
 
 import numpy as np
 
 from .backend import check_device, kernel
 
-_grad_enabled = True
+
+# ----------------------------------------------------------------------------- grad mode
+
+class _GradModeState(threading.local):
+    enabled = True  # each thread starts with grad mode on, as in PyTorch
 
 
-@contextlib.contextmanager
-def no_grad():
-    """Ops inside record no graph (inference, parameter updates)."""
-    global _grad_enabled
-    prev, _grad_enabled = _grad_enabled, False
-    try:
-        yield
-    finally:
-        _grad_enabled = prev
+_grad_mode = _GradModeState()
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether ops record a graph in this thread."""
+    return _grad_mode.enabled
+
+
+class _GradMode:
+    """Grad mode ``mode`` inside a ``with`` block, or around every call of a decorated function;
+    the thread's previous mode comes back on exit, exception or not."""
+
+    def __init__(self, mode: bool):
+        self.mode = bool(mode)
+
+    def __enter__(self):
+        self.prev, _grad_mode.enabled = _grad_mode.enabled, self.mode
+
+    def __exit__(self, *exc):
+        _grad_mode.enabled = self.prev
+
+    def __call__(self, fn):
+        mode = self.mode
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with _GradMode(mode):  # a fresh context per call: calls may nest or run in threads
+                return fn(*args, **kwargs)
+        return run
+
+
+class no_grad(_GradMode):
+    """Ops inside record no graph (inference, parameter updates). ``with no_grad():`` or ``@no_grad()``."""
+
+    def __init__(self):
+        super().__init__(False)
+
+
+class enable_grad(_GradMode):
+    """Ops inside record a graph, even within ``no_grad``."""
+
+    def __init__(self):
+        super().__init__(True)
+
+
+class set_grad_enabled(_GradMode):
+    """Sets this thread's grad mode at once; as a context manager the previous mode comes back
+    on exit, as a decorator the function runs in ``mode`` (decorating changes nothing)."""
+
+    def __init__(self, mode: bool):
+        super().__init__(mode)
+        self.prev, _grad_mode.enabled = _grad_mode.enabled, self.mode
+
+    def __enter__(self):
+        pass  # (the mode was set by the constructor)
+
+    def __call__(self, fn):
+        _grad_mode.enabled = self.prev
+        return super().__call__(fn)
+
+
+# ----------------------------------------------------------------------------- Function
+
+_FREED = ("Trying to backward through the graph a second time (or directly access saved tensors after they have "
+          "already been freed). Saved intermediate values of the graph are freed when you call .backward(). "
+          "Specify retain_graph=True if you need to backward through the graph a second time.")
 
 
 class Function:
     """One differentiable op: subclasses define ``forward(*arrays, **params)`` and
     ``backward(gy) -> one gradient (or None) per input``; ``self.needs_grad[i]`` says
     whether input i wants one. ``forward`` may return a tuple whose first item is the
-    differentiable output and the rest auxiliary results (e.g. argmax indices)."""
+    differentiable output and the rest auxiliary results (e.g. argmax indices).
+    What ``forward`` keeps as attributes is "saved": if an input's array or the output array
+    is one of them, an in-place change of that tensor after the forward makes backward raise.
+    A Function whose output shares its input's memory sets ``view = True``."""
+
+    view = False
 
     def __init__(self, device: str, parents: tuple["Tensor", ...]):
         self.device = device
@@ -53,18 +124,54 @@ class Function:
                 raise ValueError(f"{cls.__name__}: inputs on different devices ({t.device} and {device})")
         ctx = cls(device, inputs)
         out = ctx.forward(*(t.data for t in inputs), **params)
-        record = _grad_enabled and any(ctx.needs_grad)
-        device = ctx.out_device
+        record = _grad_mode.enabled and any(ctx.needs_grad)
+        device, first = ctx.out_device, out[0] if isinstance(out, tuple) else out
+        y = Tensor._wrap(first, device, record, ctx if record else None, inputs[0]._vc if cls.view else None)
+        if record:  # versions now; backward finds out which tensors were saved only if one changed
+            ctx._versions, ctx._out = [t._vc[0] for t in inputs], (y._vc, y._vc[0], id(first))
         if isinstance(out, tuple):
-            first = Tensor._wrap(out[0], device, record, ctx if record else None)
-            return (first,) + tuple(Tensor._wrap(o, device, False, None) for o in out[1:])
-        return Tensor._wrap(out, device, record, ctx if record else None)
+            return (y,) + tuple(Tensor._wrap(o, device, False, None) for o in out[1:])
+        return y
+
+    def _check_versions(self) -> None:
+        """Raise PyTorch's error if an input or the output changed in place since the forward and
+        this Function saved its array (an attribute that is that array)."""
+        changed = [(f"input {i} (shape {p.shape})", p._vc[0], v, id(p.data))
+                   for i, (p, v) in enumerate(zip(self.parents, self._versions)) if p._vc[0] != v]
+        vc, then, array = self._out
+        if vc[0] != then:
+            changed.append(("its output", vc[0], then, array))
+        saved = {id(v) for v in vars(self).values()}
+        for what, now, then, array in changed:
+            if array in saved:
+                raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                                   f"inplace operation: [{type(self).__name__}] {what} is at version {now}; "
+                                   f"expected version {then} instead. Hint: an optimizer step, zero_, fill_ or "
+                                   "copy_ ran on it between the forward and backward()")
+
+    def _backward(self, gy, retain_graph: bool) -> list:
+        """(parent, gradient) for each parent that wants one: the saved tensors' versions checked
+        first, each gradient checked against its parent; then the saved state freed unless
+        ``retain_graph``."""
+        parents = self.parents
+        if self._out[0][0] != self._out[1] or [p._vc[0] for p in parents] != self._versions:
+            self._check_versions()
+        out = [(p, g) for p, g, need in zip(parents, self.backward(gy), self.needs_grad) if need and g is not None]
+        for p, g in out:
+            if g.shape != p.data.shape or g.dtype != p.data.dtype:
+                raise RuntimeError(f"Function {type(self).__name__} returned an invalid gradient at index "
+                                   f"{parents.index(p)}: got shape {tuple(g.shape)} and dtype {g.dtype}, "
+                                   f"expected shape {p.shape} and dtype {p.dtype}")
+        if not retain_graph:
+            self.__dict__.clear()
+            self.parents = None  # the mark of a freed graph (see Tensor._topological_order)
+        return out
 
 
 class Tensor:
     """An n-d array on a device, with an optional gradient. Layout NCHW for images."""
 
-    __slots__ = ("data", "device", "requires_grad", "grad", "_ctx", "__weakref__")
+    __slots__ = ("data", "device", "requires_grad", "grad", "_ctx", "_vc", "__weakref__")
     __array_priority__ = 1000  # so numpy defers ``ndarray * Tensor`` to us
 
     def __init__(self, data, requires_grad: bool = False, device: str = "cpu", dtype=None):
@@ -77,11 +184,14 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.grad = None
         self._ctx = None
+        self._vc = [0]
 
     @classmethod
-    def _wrap(cls, data, device, requires_grad, ctx):
+    def _wrap(cls, data, device, requires_grad, ctx, vc=None):
+        """A tensor around ``data``; ``vc`` is the version counter of the tensor it is a view of."""
         t = cls.__new__(cls)
         t.data, t.device, t.requires_grad, t.grad, t._ctx = data, device, requires_grad, None, ctx
+        t._vc = [0] if vc is None else vc
         return t
 
     # ---- array facts
@@ -90,6 +200,7 @@ class Tensor:
     ndim = property(lambda self: self.data.ndim)
     size = property(lambda self: int(np.prod(self.data.shape)))
     is_leaf = property(lambda self: self._ctx is None)
+    _version = property(lambda self: self._vc[0], doc="in-place updates so far (shared with views)")
 
     def __len__(self):
         return self.shape[0]
@@ -130,37 +241,92 @@ class Tensor:
         return self.data.__cuda_array_interface__
 
     def detach(self) -> "Tensor":
-        return Tensor._wrap(self.data, self.device, False, None)
+        """The same memory (and version counter), outside the graph."""
+        return Tensor._wrap(self.data, self.device, False, None, self._vc)
 
     def requires_grad_(self, flag: bool = True) -> "Tensor":
         self.requires_grad = flag
         return self
 
-    # ---- autograd
-    def backward(self, grad=None) -> None:
-        if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad")
-        if grad is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward() without grad needs a one-element tensor, got shape {self.shape}")
-            grad = kernel("full", self.device)(self.shape, 1.0, self.dtype)
+    # ---- in-place updates (each bumps the version counter)
+    def fill_(self, value) -> "Tensor":
+        return self._write(kernel("full", self.device)(self.shape, value, self.dtype))
+
+    def zero_(self) -> "Tensor":
+        return self.fill_(0)
+
+    def copy_(self, src) -> "Tensor":
+        """Copy ``src`` (a Tensor or array, broadcast to this shape, cast to this dtype) into this tensor."""
+        src = src if isinstance(src, Tensor) else Tensor(np.asarray(src), device=self.device)
+        if src.shape == self.shape and src.dtype == self.dtype and src.device == self.device:
+            return self._write(src.data)
+        try:
+            host = np.broadcast_to(src.numpy(), self.shape)
+        except ValueError:
+            raise ValueError(f"copy_: source of shape {src.shape} cannot be broadcast to {self.shape}") from None
+        return self._write(kernel("from_host", self.device)(np.array(host, self.dtype, order="C")))
+
+    def _write(self, arr) -> "Tensor":
+        """Copy ``arr`` (this tensor's device, shape and dtype) into this tensor's memory."""
+        if self.requires_grad and _grad_mode.enabled:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation."
+                               if self.is_leaf else "in-place operations on a tensor that is part of a graph "
+                               "are not differentiable here; use it under no_grad() or on .detach()")
+        if isinstance(self.data, np.ndarray):
+            np.copyto(self.data, arr)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else kernel("from_host", self.device)(np.asarray(grad, self.dtype))
-            if tuple(grad.shape) != self.shape:
-                raise ValueError(f"backward(): grad of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
-        grads = {id(self): grad}
+            self.data.copy_to_device(arr)
+        self._vc[0] += 1
+        return self
+
+    # ---- autograd
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) . grad into every leaf's ``.grad``; the graph is freed on the
+        way unless ``retain_graph``."""
+        grads = {id(self): self._seed(grad)}
         for t in reversed(self._topological_order()):
             g = grads.pop(id(t), None)
             if g is None:
                 continue
             if t._ctx is None:
-                acc = kernel("copy", t.device)(g) if t.grad is None else kernel("add", t.device)(t.grad.data, g)
-                t.grad = Tensor._wrap(acc, t.device, False, None)
+                t._accumulate(g)
                 continue
-            for parent, gp, need in zip(t._ctx.parents, t._ctx.backward(g), t._ctx.needs_grad):
-                if need and gp is not None:  # (kernels by the parent's device: a device copy changes it)
-                    old = grads.get(id(parent))
-                    grads[id(parent)] = gp if old is None else kernel("add", parent.device)(old, gp)
+            for parent, gp in t._ctx._backward(g, retain_graph):
+                old = grads.get(id(parent))  # (kernels by the parent's device: a device copy changes it)
+                grads[id(parent)] = gp if old is None else kernel("add", parent.device)(old, gp)
+
+    def _seed(self, grad):
+        """backward()'s starting gradient as an array of this tensor's device, shape and dtype.
+        A Tensor must match all three; arrays and lists are cast to this dtype."""
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without grad needs a one-element tensor, got shape {self.shape}")
+            return kernel("full", self.device)(self.shape, 1.0, self.dtype)
+        if isinstance(grad, Tensor):
+            if grad.dtype != self.dtype:
+                raise TypeError(f"backward(): grad of dtype {grad.dtype} for a tensor of dtype {self.dtype}")
+            if grad.device != self.device:
+                raise ValueError(f"backward(): grad on device {grad.device!r} for a tensor on {self.device!r}")
+            arr = grad.data
+        else:
+            arr = kernel("from_host", self.device)(np.asarray(grad, self.dtype))
+        if tuple(arr.shape) != self.shape:
+            raise ValueError(f"backward(): grad of shape {tuple(arr.shape)} for a tensor of shape {self.shape}")
+        return arr
+
+    def _accumulate(self, g) -> None:
+        """A leaf's ``.grad`` += g (g already checked against this tensor); a copy the first time,
+        so no two leaves share memory."""
+        if self.grad is None:
+            self.grad = Tensor._wrap(kernel("copy", self.device)(g), self.device, False, None)
+            return
+        old = self.grad
+        if not isinstance(old, Tensor) or old.shape != self.shape or old.dtype != self.dtype or old.device != self.device:
+            raise ValueError(f"cannot accumulate into .grad ({_describe(old)}) of a tensor of shape {self.shape}, "
+                             f"dtype {self.dtype} on {self.device!r}")
+        self.grad = Tensor._wrap(kernel("add", self.device)(old.data, g), self.device, False, None)
 
     def _topological_order(self) -> list["Tensor"]:
         order, seen, stack = [], set(), [(self, False)]
@@ -174,6 +340,8 @@ class Tensor:
             seen.add(id(t))
             stack.append((t, True))
             if t._ctx is not None:
+                if t._ctx.parents is None:
+                    raise RuntimeError(_FREED)
                 stack.extend((p, False) for p in t._ctx.parents if p.requires_grad)
         return order
 
@@ -193,6 +361,12 @@ class Tensor:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return _F.reshape(self, shape)
+
+
+def _describe(t) -> str:
+    if isinstance(t, Tensor):
+        return f"shape {t.shape}, dtype {t.dtype} on {t.device!r}"
+    return f"a {type(t).__name__}"
 
 
 def from_cuda_array(obj, requires_grad: bool = False) -> Tensor:

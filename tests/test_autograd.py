@@ -1,4 +1,5 @@
-"""The Tensor and its autograd: accumulation, no_grad, detach, elementwise ops, a chained graph."""
+"""The Tensor and its autograd: accumulation, no_grad, detach, elementwise ops, a chained graph; per-thread
+grad mode, version counters, gradient checks and the freeing of the graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import cnn_numba as cn
 import cnn_numba.functional as F
 import reference as R
-from conftest import DTYPES
+from conftest import DTYPES, needs_cuda
 
 
 # ----------------------------------------------------------------------------- cn.tensor
@@ -101,7 +102,7 @@ def test_backward_seed_rules(rng):
         y.backward()                     # non-scalar needs an explicit gradient
     with pytest.raises((RuntimeError, ValueError)):
         y.backward(np.ones((3, 2)))      # wrong shape
-    y.backward(cn.tensor(np.ones((2, 3))))  # a Tensor seed works
+    y.backward(cn.tensor(np.ones((2, 3))), retain_graph=True)  # a Tensor seed works; y.sum() reuses the graph
     np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 2.0))
     s = y.sum()
     assert s.shape in ((), (1,))
@@ -234,3 +235,305 @@ def test_conv_relu_pool_sum_chain(rng, dtype, algo):
     R.assert_close(wt.grad.numpy(), gw, dtype, "gw")
     R.assert_close(bt.grad.numpy(), gb, dtype, "gb")
     R.assert_close(w2t.grad.numpy(), g_w2t, dtype, "gw2")
+
+
+# ----------------------------------------------------------------------------- grad mode: per thread
+
+
+def test_grad_mode_is_per_thread(rng):
+    """One thread inside no_grad() must not stop another thread's graph (PyTorch's mode is thread-local)."""
+    import threading
+
+    x = cn.tensor(rng.standard_normal(3), requires_grad=True)
+    inside, forward_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def eval_thread():
+        with cn.no_grad():
+            inside.set()
+            forward_done.wait(10)              # stays inside no_grad while the main thread runs its forward
+            seen["eval"] = (cn.is_grad_enabled(), (x * 2.0).requires_grad)
+
+    t = threading.Thread(target=eval_thread)
+    t.start()
+    assert inside.wait(10)
+    y = (x * 3.0).sum()                        # the main thread: grad mode still on here
+    assert cn.is_grad_enabled() and y.requires_grad
+    forward_done.set()
+    t.join(10)
+    assert seen["eval"] == (False, False)
+    y.backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.full(3, 3.0))
+    # and the other way round: a new thread starts with grad mode on, whatever its parent's mode
+    with cn.no_grad():
+        t = threading.Thread(target=lambda: seen.update(child=(cn.is_grad_enabled(), (x * 2.0).requires_grad)))
+        t.start()
+        t.join(10)
+        assert not cn.is_grad_enabled()
+    assert seen["child"] == (True, True)
+
+
+def test_enable_grad_set_grad_enabled_and_decorators(rng):
+    x = cn.tensor(rng.standard_normal(3), requires_grad=True)
+    with cn.no_grad():
+        with cn.enable_grad():
+            assert cn.is_grad_enabled() and (x * 2.0).requires_grad
+        assert not (x * 2.0).requires_grad
+    ctx = cn.set_grad_enabled(False)           # sets the mode at once, as torch.set_grad_enabled
+    assert not cn.is_grad_enabled()
+    cn.set_grad_enabled(True)
+    assert cn.is_grad_enabled()
+    with cn.set_grad_enabled(False):
+        assert not (x * 2.0).requires_grad
+        with cn.set_grad_enabled(True):
+            assert (x * 2.0).requires_grad
+        assert not cn.is_grad_enabled()
+    assert cn.is_grad_enabled() and ctx is not None
+
+    @cn.no_grad()
+    def infer(t):
+        return t * 2.0, cn.is_grad_enabled()
+
+    @cn.set_grad_enabled(False)                # decorating does not change the caller's mode
+    def infer2(t):
+        return t * 2.0
+
+    assert cn.is_grad_enabled()
+    y, mode = infer(x)
+    assert not y.requires_grad and not mode and not infer2(x).requires_grad
+    assert cn.is_grad_enabled() and (x * 2.0).requires_grad
+
+    @cn.enable_grad()
+    def train(t):
+        return t * 2.0
+
+    with cn.no_grad():
+        assert train(x).requires_grad
+        assert not cn.is_grad_enabled()
+    @cn.no_grad()
+    def fails():
+        raise KeyError("inside")
+
+    with pytest.raises(KeyError):
+        fails()
+    assert cn.is_grad_enabled()
+    with pytest.raises(KeyError):
+        with cn.enable_grad(), cn.no_grad():
+            raise KeyError("inside")
+    assert cn.is_grad_enabled()
+
+
+# ----------------------------------------------------------------------------- version counter
+
+
+def test_inplace_methods_bump_the_version_and_write(rng):
+    a = rng.standard_normal((2, 3)).astype(np.float32)
+    t = cn.tensor(a)
+    assert t._version == 0
+    assert t.zero_() is t and t._version == 1
+    np.testing.assert_array_equal(t.numpy(), np.zeros((2, 3)))
+    t.fill_(2.5)
+    assert t._version == 2
+    np.testing.assert_array_equal(t.numpy(), np.full((2, 3), 2.5, np.float32))
+    t.copy_(cn.tensor(a))
+    np.testing.assert_array_equal(t.numpy(), a)
+    t.copy_(np.arange(3.0))                    # broadcast and cast, as torch's copy_
+    assert t._version == 4 and t.dtype == np.float32
+    np.testing.assert_array_equal(t.numpy(), np.tile(np.arange(3.0, dtype=np.float32), (2, 1)))
+    with pytest.raises(ValueError, match=r"\(4,\).*\(2, 3\)"):
+        t.copy_(np.zeros(4))
+    assert t._version == 4
+    # views share the counter (and the memory)
+    d, r = t.detach(), t.reshape(3, 2)
+    d.fill_(1.0)
+    assert t._version == d._version == r._version == 5
+    np.testing.assert_array_equal(r.numpy(), np.ones((3, 2)))
+    # a leaf that requires grad: in place only under no_grad (PyTorch's rule)
+    p = cn.tensor(a, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        p.zero_()
+    with cn.no_grad():
+        p.zero_()
+    assert p._version == 1
+
+
+def _conv_loss(x, w):
+    return F.relu(F.conv2d(x, w, padding=1)).sum()
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: cn.optim.SGD(ps, lr=0.1),
+    lambda ps: cn.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True),
+    lambda ps: cn.optim.Adam(ps, lr=0.1, weight_decay=1e-2, amsgrad=True),
+    lambda ps: cn.optim.AdamW(ps, lr=0.1),
+], ids=["sgd", "sgd-momentum-wd", "adam-wd-amsgrad", "adamw"])
+def test_optimizer_step_between_forward_and_backward_raises(rng, make_opt):
+    x = cn.tensor(rng.standard_normal((1, 2, 5, 5)))
+    w = cn.nn.Parameter(rng.standard_normal((3, 2, 3, 3)))
+    opt = make_opt([w])
+    w.grad = cn.tensor(np.ones(w.shape))
+    loss = _conv_loss(x, w)                    # Conv2d saved w at version 0
+    opt.step()                                 # moves w in place: version 1
+    assert w._version == 1
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: \[Conv2d\] input 1 .*"
+                                           r"is at version 1; expected version 0 instead"):
+        loss.backward()
+
+
+def test_normal_train_loop_does_not_raise(rng):
+    """zero_grad, forward, backward, step, over and over: each forward saves the current versions."""
+    model = cn.nn.Sequential(cn.nn.Conv2d(1, 2, 3), cn.nn.ReLU(), cn.nn.Flatten(), cn.nn.Linear(2 * 4 * 4, 3))
+    opt = cn.optim.Adam(model.parameters(), lr=0.05)
+    x = cn.tensor(rng.standard_normal((4, 1, 6, 6)).astype(np.float32))
+    y = cn.tensor(np.array([0, 1, 2, 1]))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(p._version == 5 for p in model.parameters())
+
+
+def test_saved_output_and_views_are_checked(rng):
+    x = cn.tensor(rng.standard_normal(4), requires_grad=True)
+    y = F.relu(x)                              # ReLU saves its output
+    z = y.sum()                                # (Sum saves no values)
+    with cn.no_grad():
+        y.detach().zero_()                     # the same memory: the saved output changed
+    with pytest.raises(RuntimeError, match=r"\[ReLU\] its output is at version 1; expected version 0"):
+        z.backward()
+    # a parameter used through a view: the view shares the parameter's counter
+    w = cn.tensor(rng.standard_normal(6), requires_grad=True)
+    with cn.no_grad():
+        w.fill_(1.0)                           # version 1 before the forward: no error for that
+    x = cn.tensor(rng.standard_normal((2, 3)))
+    F.linear(x, w.reshape(2, 3)).sum().backward()
+    np.testing.assert_allclose(w.grad.numpy(), np.tile(x.numpy().sum(0), 2))
+    loss = F.linear(x, w.reshape(2, 3)).sum()
+    with cn.no_grad():
+        w.fill_(0.0)
+    with pytest.raises(RuntimeError, match=r"\[Linear\] input 1 \(shape \(2, 3\)\) is at version 2; expected version 1"):
+        loss.backward()
+
+
+def test_changed_inputs_that_were_not_saved_are_fine(rng):
+    """Add saves neither input (its gradient needs no values), so PyTorch lets them change; so do we."""
+    a, b = cn.tensor(rng.standard_normal(3), requires_grad=True), cn.tensor(rng.standard_normal(3))
+    y = (a + b).sum()
+    with cn.no_grad():
+        a.fill_(7.0)
+        b.fill_(7.0)
+    y.backward()
+    np.testing.assert_array_equal(a.grad.numpy(), np.ones(3))
+
+
+# ----------------------------------------------------------------------------- gradients checked where they enter
+
+
+def test_backward_grad_dtype_device_shape(rng):
+    x = cn.tensor(rng.standard_normal((2, 3)).astype(np.float32), requires_grad=True)
+    y = x * 2.0
+    with pytest.raises(TypeError, match="float64.*float32"):
+        y.backward(cn.tensor(np.ones((2, 3))))
+    with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)"):
+        y.backward(cn.tensor(np.ones((3, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"\(6,\).*\(2, 3\)"):
+        y.backward(np.ones(6))
+    assert x.grad is None                      # nothing ran
+    y.backward(np.ones((2, 3)))                # host arrays are data: cast to the tensor's dtype
+    assert x.grad.dtype == np.float32
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 3), 2.0))
+
+
+class _BadShape(cn.Function):
+    def forward(self, a):
+        return a * 2
+
+    def backward(self, gy):
+        return (gy[:1],)
+
+
+class _BadDtype(cn.Function):
+    def forward(self, a):
+        return a * 2
+
+    def backward(self, gy):
+        return (gy.astype(np.float64),)
+
+
+def test_function_gradients_are_checked():
+    x = cn.tensor(np.ones(3, np.float32), requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"_BadShape returned an invalid gradient at index 0: got shape \(1,\)"):
+        _BadShape.apply(x).sum().backward()
+    with pytest.raises(RuntimeError, match="_BadDtype returned an invalid gradient at index 0: .*float64.*float32"):
+        _BadDtype.apply(x).sum().backward()
+    assert x.grad is None
+
+
+def test_leaf_gradient_accumulation_never_broadcasts():
+    x = cn.tensor(np.ones(3), requires_grad=True)
+    x.grad = cn.tensor(np.ones(1))             # np.add would broadcast this to (3,)
+    with pytest.raises(ValueError, match=r"shape \(1,\).*shape \(3,\)"):
+        (x * 2.0).sum().backward()
+    x.grad = cn.tensor(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="float32.*float64"):
+        (x * 2.0).sum().backward()
+
+
+# ----------------------------------------------------------------------------- the graph is freed
+
+
+def test_graph_is_freed_after_backward(rng):
+    import gc
+    import weakref
+
+    x = cn.tensor(rng.standard_normal((1, 1, 5, 5)))
+    w = cn.tensor(rng.standard_normal((2, 1, 3, 3)), requires_grad=True)
+    a = F.conv2d(x, w)
+    activation = weakref.ref(a)
+    loss = F.relu(a).sum()
+    del a
+    gc.collect()
+    assert activation() is not None            # the graph holds the activation until backward
+    loss.backward()
+    gc.collect()
+    assert activation() is None                # and lets it go after
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    # retain_graph keeps it for a second pass; then the default frees it
+    w.grad = None
+    loss = _conv_loss(x, w)
+    loss.backward(retain_graph=True)
+    first = w.grad.numpy().copy()
+    loss.backward()
+    np.testing.assert_allclose(w.grad.numpy(), 2 * first)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+@needs_cuda
+def test_inplace_versions_and_optimizer_checks_on_cuda(rng):
+    a = rng.standard_normal((2, 3)).astype(np.float32)
+    t = cn.tensor(a, device="cuda")
+    t.fill_(3.0)
+    np.testing.assert_array_equal(t.numpy(), np.full((2, 3), 3.0, np.float32))
+    t.copy_(cn.tensor(a, device="cuda"))
+    np.testing.assert_array_equal(t.numpy(), a)
+    t.copy_(np.arange(3.0))                    # from the host, broadcast and cast
+    np.testing.assert_array_equal(t.numpy(), np.tile(np.arange(3.0, dtype=np.float32), (2, 1)))
+    assert t._version == 3
+    w = cn.nn.Parameter(cn.tensor(rng.standard_normal((4, 3)).astype(np.float32), device="cuda"))
+    opt = cn.optim.SGD([w], lr=0.1, momentum=0.9)
+    loss = F.linear(t, w).sum()
+    w.grad = cn.tensor(np.ones((4, 3), np.float32))                  # on the host
+    with pytest.raises(ValueError, match="parameter 0 .*device 'cuda'.*device 'cpu'"):
+        opt.step()
+    w.grad = cn.tensor(np.ones((4, 3), np.float32), device="cuda")
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"\[Linear\] input 1 .* is at version 1; expected version 0"):
+        loss.backward()
+    with pytest.raises(ValueError, match="device 'cpu'.*'cuda'"):
+        F.linear(t, w).sum().backward(cn.tensor(np.ones((), np.float32)))

@@ -224,6 +224,28 @@ def test_optimizer_state_dict_resumes_exactly(grads, cls, kw):
     np.testing.assert_array_equal(q.numpy(), p.numpy())
 
 
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW])
+def test_step_checks_every_grad_before_updating(cls):
+    """A (3,) grad on a (1000,) parameter used to read past the end of the gradient; now nothing moves."""
+    ok, big = param([1.0, 2.0]), param(np.ones(1000))
+    opt = cls([ok, big], lr=0.1, momentum=0.9) if cls is optim.SGD else cls([ok, big], lr=0.1)
+    set_grad(ok, [1.0, 1.0])
+    for bad, err, pattern in [
+            (cn.tensor(np.ones(3)), ValueError, r"parameter 1 \(shape \(1000,\).*has shape \(3,\)"),
+            (cn.tensor(np.ones(1)), ValueError, r"parameter 1 \(shape \(1000,\).*has shape \(1,\)"),
+            (cn.tensor(np.ones(1000, np.float32)), ValueError, r"parameter 1 .*float64.*dtype float32"),
+            (np.ones(1000), TypeError, r"parameter 1 .* is a ndarray, not a Tensor")]:
+        big.grad = bad
+        with pytest.raises(err, match=pattern):
+            opt.step()
+        np.testing.assert_array_equal(ok.numpy(), [1.0, 2.0])          # the good parameter did not move either
+        np.testing.assert_array_equal(big.numpy(), np.ones(1000))
+        assert ok._version == big._version == 0 and not opt.state
+    set_grad(big, np.ones(1000))
+    opt.step()
+    assert ok._version == big._version == 1 and ok.numpy()[0] < 1.0
+
+
 def test_optimizer_load_state_dict_mismatch():
     opt = optim.SGD([param([1.0]), param([2.0])], lr=0.1)
     other = optim.SGD([param([1.0])], lr=0.1)
