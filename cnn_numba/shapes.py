@@ -1,7 +1,9 @@
 """Hyper-parameter normalisation and output sizes: the one place for this arithmetic.
 
 Every public op resolves its arguments here, in Python, before any kernel runs, so a
-bad argument is a ``ValueError``/``TypeError`` naming the argument and the shapes.
+bad argument is a ``ValueError``/``TypeError`` naming the argument and the shapes. A conv
+layer's arguments become one ``ConvGeom`` (``conv2d_geom``, ``conv_transpose2d_geom``),
+which every conv launcher reads by field name.
 
 Sizes per spatial dimension (SPEC.md section 1), with ``k`` kernel, ``s`` stride,
 ``p0``/``p1`` padding before/after, ``d`` dilation, ``op`` output_padding:

@@ -119,6 +119,14 @@ def test_direct_falls_back_when_the_receptive_field_exceeds_its_patch(rng):
     R.assert_close(y.numpy(), R.conv2d(x, w, dilation=40), np.float32)
 
 
+@pytest.mark.parametrize("algo", ALGOS + ["auto"])
+def test_conv2d_huge_dilation_runs_in_memory_of_the_output(rng, algo):
+    """1x1 input, dilation = padding = 10000: a 1x1 output. Direct's shared patch cannot hold
+    the receptive field, so its forward and input-gradient fall back to im2col, whose columns
+    are C*KH*KW x OH*OW."""
+    _check_conv(rng, ((2, 3, 1, 1), (4, 3, 3, 3), True, dict(padding=10000, dilation=10000)), np.float32, algo)
+
+
 # ----------------------------------------------------------------------------- conv_transpose2d
 
 
