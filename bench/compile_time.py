@@ -48,7 +48,9 @@ def child() -> None:
 
     t = time.perf_counter()
     from cnn_numba.kernels import conv as K
+    from cnn_numba.kernels import conv_algos as A
     from cnn_numba.kernels import pool as P
+    from cnn_numba.shapes import conv2d_geom
     times["import cnn_numba kernels"] = (time.perf_counter() - t) * 1e3
 
     f32 = np.float32
@@ -57,22 +59,22 @@ def child() -> None:
     x = rng.standard_normal((2, 4, 9, 9)).astype(f32)
     w = rng.standard_normal((6, 2, 3, 3)).astype(f32)
     gy = rng.standard_normal((2, 6, 5, 5)).astype(f32)
-    conv = ((2, 2), (1, 1), (1, 1), 2)  # stride, pad, dilation, groups
-    for algo in ("direct", "im2col"):
-        first_call(f"conv2d fwd {algo}", lambda: K.forward(x, w, None, (5, 5), *conv, algo))
-        first_call(f"conv2d gx {algo}", lambda: K.backward_input(gy, w, (9, 9), *conv, algo))
-        first_call(f"conv2d gw {algo}", lambda: K.backward_weight(x, gy, (3, 3), *conv, algo))
+    geom = conv2d_geom(x.shape, w.shape, stride=2, padding=1, dilation=1, groups=2)
+    for algo in A.TABLE.names:
+        first_call(f"conv2d fwd {algo}", lambda: A.forward(x, w, None, geom, algo))
+        first_call(f"conv2d gx {algo}", lambda: A.backward_input(gy, w, geom, algo))
+        first_call(f"conv2d gw {algo}", lambda: A.backward_weight(x, gy, geom, algo))
     first_call("conv2d gb", lambda: K.backward_bias(gy))
     # stride 1, the layers of LeNet and ResNet: direct runs the flat kernels, im2col the
     # shifted products (its input-gradient is the general one, compiled above)
     x1 = rng.standard_normal((2, 4, 12, 12)).astype(f32)
     w1 = rng.standard_normal((8, 4, 3, 3)).astype(f32)
     gy1 = rng.standard_normal((2, 8, 12, 12)).astype(f32)
-    conv1 = ((1, 1), (1, 1), (1, 1), 1)
-    for algo in ("direct", "im2col"):
-        first_call(f"conv2d fwd {algo}, stride 1", lambda: K.forward(x1, w1, None, (12, 12), *conv1, algo))
-        first_call(f"conv2d gx {algo}, stride 1", lambda: K.backward_input(gy1, w1, (12, 12), *conv1, algo))
-        first_call(f"conv2d gw {algo}, stride 1", lambda: K.backward_weight(x1, gy1, (3, 3), *conv1, algo))
+    geom1 = conv2d_geom(x1.shape, w1.shape, stride=1, padding=1, dilation=1, groups=1)
+    for algo in A.TABLE.names:
+        first_call(f"conv2d fwd {algo}, stride 1", lambda: A.forward(x1, w1, None, geom1, algo))
+        first_call(f"conv2d gx {algo}, stride 1", lambda: A.backward_input(gy1, w1, geom1, algo))
+        first_call(f"conv2d gw {algo}, stride 1", lambda: A.backward_weight(x1, gy1, geom1, algo))
 
     # pooling: 3x3 stride 2 pad 1 on 9x9 -> 5x5
     px = rng.standard_normal((2, 3, 9, 9)).astype(f32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from shapes import ConvShape, conv_arrays, cpu_info, match_threads, pool_arrays, versions
+from shapes import ALGOS, ConvShape, conv_arrays, cpu_info, match_threads, pool_arrays, versions
 
 THREADS = match_threads()
 _RECORDS: list[dict] = []  # one per timed case, for the GFLOP/s summary
@@ -67,7 +67,7 @@ def pytest_terminal_summary(terminalreporter):
     rows = [r for r in _RECORDS if "gflops" in r]
     if not rows:
         return
-    impls = ["direct", "im2col", "torch"]
+    impls = [*ALGOS, "torch"]
     table: dict[str, dict[str, float]] = {}
     for r in rows:
         table.setdefault(r["group"], {})[r["impl"]] = r["gflops"]

@@ -109,7 +109,7 @@ def conv_rows(shapes, reps: int, torch) -> tuple[list[str], list[float]]:
             cudnn = f"{theirs[0] * 1e3:.3f} | {ratio:.2f}" if theirs else "— | —"
             check = f"✗ {', '.join(bad)} differ > {CHECK_RTOL}" if theirs and bad else ("ok" if theirs else "—")
             rows.append(f"| {shape.name} | {p} | {t_auto * 1e3:.3f} | "
-                        f"{ours['direct'][0] * 1e3:.3f} | {ours['im2col'][0] * 1e3:.3f} | {cudnn} | "
+                        + "".join(f"{ours[a][0] * 1e3:.3f} | " for a in S.ALGOS) + f"{cudnn} | "
                         f"{shape.flops / t_auto / 1e9:.0f} | {check} |")
             print(rows[-1], file=sys.stderr)
     return rows, ratios
@@ -154,8 +154,9 @@ def main(argv=None) -> int:
              f"{facts['clock_ghz']:.2f} GHz, FP32 peak {facts['fp32_peak_tflops']:.1f} TFLOP/s); "
              f"torch {torch.__version__ + ' + cuDNN ' + str(torch.backends.cudnn.version()) if torch else 'absent'}, "
              f"TF32 off. `python bench/gpu_report.py --reps {args.reps}`, median of {args.reps} synchronised calls.",
-             "", "| layer | pass | auto ms | direct ms | im2col ms | cuDNN ms | auto / cuDNN | GFLOP/s (auto) | vs cuDNN |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|", *rows, "",
+             "", "| layer | pass | auto ms | " + "".join(f"{a} ms | " for a in S.ALGOS)
+             + "cuDNN ms | auto / cuDNN | GFLOP/s (auto) | vs cuDNN |",
+             "|---|---|---:|" + "---:|" * len(S.ALGOS) + "---:|---:|---:|---|", *rows, "",
              f"Geometric mean of auto / cuDNN over {len(ratios)} passes: "
              + (f"**{geo:.2f}** (target <= 3.0)" if geo else "— (no CUDA PyTorch)"), "", gemm, ""]
     text = "\n".join(lines)

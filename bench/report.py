@@ -162,9 +162,9 @@ def geomean(xs):
 
 
 def conv_table(rows, peak) -> list[str]:
-    out = ["| shape | pass | direct ms | im2col ms | best | torch ms | ratio best/torch | GFLOP/s "
-           "| % of matmul peak | auto |",
-           "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    out = ["| shape | pass | " + "".join(f"{a} ms | " for a in S.ALGOS) + "best | torch ms | ratio best/torch "
+           "| GFLOP/s | % of matmul peak | auto |",
+           "|---|---|" + "---:|" * len(S.ALGOS) + "---|---:|---:|---:|---:|---|"]
     for r in rows:
         s, ms = r["shape"], r["ms"]
         best = min(S.ALGOS, key=lambda a: ms[a])
@@ -172,7 +172,7 @@ def conv_table(rows, peak) -> list[str]:
         gflops = s.flops / (ms[best] / 1e3) / 1e9
         pick = s.auto_algo(r["pass"])
         auto = pick + ("" if pick == best else " ✗")
-        out.append(f"| {s.name} | {r['pass']} | {ms['direct']:.2f} | {ms['im2col']:.2f} | {best} | "
+        out.append(f"| {s.name} | {r['pass']} | " + "".join(f"{ms[a]:.2f} | " for a in S.ALGOS) + f"{best} | "
                    f"{fmt(torch_ms)} | {fmt(torch_ms and ms[best] / torch_ms)} | {gflops:.1f} | "
                    f"{100 * gflops / peak:.1f} | {auto} |")
     return out

@@ -36,13 +36,14 @@ except ImportError:  # the numba side runs alone
 import numba
 import numpy as np
 
-from cnn_numba.kernels import conv as K
 from cnn_numba.kernels import pool as P
-from cnn_numba.shapes import conv_output_size, conv_transpose_output_size, pool_output_size
+from cnn_numba.kernels.conv_algos import TABLE
+from cnn_numba.shapes import (conv2d_geom, conv_output_size, conv_transpose2d_geom, conv_transpose_output_size,
+                              pool_output_size)
 
 CONV_PASSES = ("fwd", "gx", "gw")
 POOL_PASSES = ("fwd", "bwd")
-ALGOS = ("direct", "im2col")
+ALGOS = TABLE.names  # the conv algorithms (kernels/conv_algos.py; CUDA's table has the same names)
 
 
 def match_threads() -> int:
@@ -97,17 +98,22 @@ class ConvShape:
     def flops(self) -> int:
         return 2 * self.macs
 
-    def auto_algo(self, pass_: str) -> str:
-        """What algo='auto' picks for one pass: asked of the conv2d pass that it is (for a
-        transposed layer, fwd is conv2d's input-gradient and gx its forward, and its input is
-        that conv2d's output)."""
-        which = {"fwd": 0, "gx": 1, "gw": 2}[pass_]
+    @property
+    def geom(self):
+        """The layer's ConvGeom: for a transposed layer, that of the conv2d whose adjoint it is."""
+        s, p, d, g = self.stride, self.pad, self.dilation, self.groups
+        x, w = (self.n, self.c, self.h, self.w), self.weight_shape
         if self.transposed:
-            c, co, out_hw = self.co, self.c, (self.h, self.w)
-            which = 1 - which if which < 2 else which
-        else:
-            c, co, out_hw = self.c, self.co, self.out_hw
-        return K.auto_algo(c, co, self.groups, self.k, self.k, (self.stride, self.stride), out_hw, which)
+            return conv_transpose2d_geom(x, w, s, p, 0, g, d)
+        return conv2d_geom(x, w, s, p, d, g)
+
+    def auto_algo(self, pass_: str) -> str:
+        """What algo='auto' picks for one pass on the CPU: asked of the conv2d pass that it is
+        (for a transposed layer, fwd is conv2d's input-gradient and gx its forward)."""
+        conv_pass = {"fwd": "forward", "gx": "backward_input", "gw": "backward_weight"}[pass_]
+        if self.transposed and pass_ != "gw":
+            conv_pass = "forward" if pass_ == "gx" else "backward_input"
+        return TABLE.policy(self.geom, conv_pass)
 
     def describe(self) -> str:
         oh, ow = self.out_hw
@@ -198,19 +204,17 @@ def numba_conv_pass(shape: ConvShape, pass_: str, algo: str, a: dict, device: st
 
     check_device(device)
     fwd, bwd_in, bwd_w = (kernel(f"conv2d_{n}", device) for n in ("forward", "backward_input", "backward_weight"))
-    s, p, d = (shape.stride,) * 2, (shape.pad,) * 2, (shape.dilation,) * 2
-    g, kk, x, w, gy = shape.groups, (shape.k,) * 2, a["x"], a["w"], a["gy"]
-    in_hw, out_hw = (shape.h, shape.w), shape.out_hw
+    geom, x, w, gy = shape.geom, a["x"], a["w"], a["gy"]
     if shape.transposed:  # the layer is conv2d's adjoint: x plays conv2d's gy, gy plays its x
         return {
-            "fwd": lambda: bwd_in(x, w, out_hw, s, p, d, g, algo),
-            "gx": lambda: fwd(gy, w, None, in_hw, s, p, d, g, algo),
-            "gw": lambda: bwd_w(gy, x, kk, s, p, d, g, algo),
+            "fwd": lambda: bwd_in(x, w, geom, algo),
+            "gx": lambda: fwd(gy, w, None, geom, algo),
+            "gw": lambda: bwd_w(gy, x, geom, algo),
         }[pass_]
     return {
-        "fwd": lambda: fwd(x, w, None, out_hw, s, p, d, g, algo),
-        "gx": lambda: bwd_in(gy, w, in_hw, s, p, d, g, algo),
-        "gw": lambda: bwd_w(x, gy, kk, s, p, d, g, algo),
+        "fwd": lambda: fwd(x, w, None, geom, algo),
+        "gx": lambda: bwd_in(gy, w, geom, algo),
+        "gw": lambda: bwd_w(x, gy, geom, algo),
     }[pass_]
 
 

@@ -19,9 +19,6 @@ from . import shapes
 from .backend import kernel
 from .tensor import Function, Tensor, _host_array
 
-ALGOS = ("auto", "direct", "im2col")
-
-
 # ----------------------------------------------------------------------------- inputs
 
 def _tensor(x, name: str, like: Tensor | None = None) -> Tensor:
@@ -56,8 +53,7 @@ def _conv_args(x, weight, bias, groups, algo):
     shapes.check_same_dtype(input=x, weight=weight, bias=bias)
     if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups <= 0:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if algo not in ALGOS:
-        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    kernel("conv2d_algorithms", x.device)().check(algo)
     return x, weight, bias, int(groups)
 
 
@@ -85,49 +81,41 @@ def _inputs(*tensors):
 # ----------------------------------------------------------------------------- convolution
 
 class Conv2d(Function):
-    def forward(self, x, w, b=None, *, stride, pad, dilation, groups, out_hw, algo):
+    def forward(self, x, w, b=None, *, geom, algo):
         self.x, self.w, self.has_bias = x, w, b is not None
-        self.args = (stride, pad, dilation, groups, algo)
-        return kernel("conv2d_forward", self.device)(x, w, b, out_hw, *self.args)
+        self.geom, self.algo = geom, algo
+        return kernel("conv2d_forward", self.device)(x, w, b, geom, algo)
 
     def backward(self, gy):
-        x, w, dev = self.x, self.w, self.device
-        gx = kernel("conv2d_backward_input", dev)(gy, w, x.shape[2:], *self.args) if self.needs_grad[0] else None
-        gw = kernel("conv2d_backward_weight", dev)(x, gy, w.shape[2:], *self.args) if self.needs_grad[1] else None
+        x, w, dev, geom, algo = self.x, self.w, self.device, self.geom, self.algo
+        gx = kernel("conv2d_backward_input", dev)(gy, w, geom, algo) if self.needs_grad[0] else None
+        gw = kernel("conv2d_backward_weight", dev)(x, gy, geom, algo) if self.needs_grad[1] else None
         gb = kernel("conv2d_backward_bias", dev)(gy) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo="auto") -> Tensor:
-    """2-D cross-correlation. input (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW)."""
+    """2-D cross-correlation. input (N, C_in, H, W), weight (C_out, C_in/groups, kH, kW).
+    ``algo``: 'auto' or one of the device's algorithms (kernels/conv_algos.py)."""
     x, w, b, g = _conv_args(input, weight, bias, groups, algo)
-    (n, c, h, wd), (co, cig, kh, kw) = x.shape, w.shape
-    if c % g or co % g:
-        raise ValueError(f"groups={g} must divide in_channels={c} and out_channels={co} (input {x.shape}, weight {w.shape})")
-    if cig * g != c:
-        raise ValueError(f"weight of shape {w.shape} with groups={g} expects {cig * g} input channels, input has shape {x.shape}")
-    _check_bias(b, co, w)
-    stride = shapes.positive_pair(stride, "stride")
-    dilation = shapes.positive_pair(dilation, "dilation")
-    pt, pb, pl, pr = shapes.conv_padding(padding, (kh, kw), stride, dilation)
-    out_hw = (shapes.conv_output_size(h, kh, stride[0], pt, pb, dilation[0]),
-              shapes.conv_output_size(wd, kw, stride[1], pl, pr, dilation[1]))
-    shapes.check_output_size(out_hw, x.shape, f"conv2d with weight {w.shape}, padding={padding}, dilation={dilation}")
-    return Conv2d.apply(*_inputs(x, w, b), stride=stride, pad=(pt, pl), dilation=dilation,
-                        groups=g, out_hw=out_hw, algo=algo)
+    geom = shapes.conv2d_geom(x.shape, w.shape, stride, padding, dilation, g)
+    _check_bias(b, geom.co, w)
+    return Conv2d.apply(*_inputs(x, w, b), geom=geom, algo=algo)
 
 
 class ConvTranspose2d(Function):
-    def forward(self, x, w, b=None, *, stride, pad, dilation, groups, out_hw, algo):
+    """conv2d's adjoint: ``geom`` is that conv2d's geometry, whose input this op outputs."""
+
+    def forward(self, x, w, b=None, *, geom, algo):
         self.x, self.w, self.has_bias = x, w, b is not None
-        self.args = (stride, pad, dilation, groups, algo)
-        y = kernel("conv2d_backward_input", self.device)(x, w, out_hw, *self.args)
+        self.geom, self.algo = geom, algo
+        y = kernel("conv2d_backward_input", self.device)(x, w, geom, algo)
         return kernel("add_channel_bias", self.device)(y, b) if b is not None else y
 
     def backward(self, gy):
-        x, w, dev = self.x, self.w, self.device
-        gx = kernel("conv2d_forward", dev)(gy, w, None, x.shape[2:], *self.args) if self.needs_grad[0] else None
-        gw = kernel("conv2d_backward_weight", dev)(gy, x, w.shape[2:], *self.args) if self.needs_grad[1] else None
+        x, w, dev, geom, algo = self.x, self.w, self.device, self.geom, self.algo
+        gx = kernel("conv2d_forward", dev)(gy, w, None, geom, algo) if self.needs_grad[0] else None
+        gw = kernel("conv2d_backward_weight", dev)(gy, x, geom, algo) if self.needs_grad[1] else None
         gb = kernel("conv2d_backward_bias", dev)(gy) if self.has_bias and self.needs_grad[2] else None
         return gx, gw, gb
 
@@ -136,24 +124,9 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
                      *, algo="auto") -> Tensor:
     """Transposed convolution, the adjoint of conv2d. weight (C_in, C_out/groups, kH, kW)."""
     x, w, b, g = _conv_args(input, weight, bias, groups, algo)
-    (n, c, h, wd), (ci, cog, kh, kw) = x.shape, w.shape
-    if c % g:
-        raise ValueError(f"groups={g} must divide in_channels={c} (input {x.shape})")
-    if ci != c:
-        raise ValueError(f"weight of shape {w.shape} expects {ci} input channels (dim 0), input has shape {x.shape}")
-    _check_bias(b, cog * g, w)
-    stride = shapes.positive_pair(stride, "stride")
-    dilation = shapes.positive_pair(dilation, "dilation")
-    pad = shapes.nonnegative_pair(padding, "padding")
-    out_pad = shapes.nonnegative_pair(output_padding, "output_padding")
-    for op, s, d in zip(out_pad, stride, dilation):
-        if op >= s and op >= d:
-            raise ValueError(f"output_padding={output_padding} must be smaller than either stride={stride} or dilation={dilation}")
-    out_hw = tuple(shapes.conv_transpose_output_size(i, k, s, p, d, op)
-                   for i, k, s, p, d, op in zip((h, wd), (kh, kw), stride, pad, dilation, out_pad))
-    shapes.check_output_size(out_hw, x.shape, f"conv_transpose2d with weight {w.shape}, padding={padding}")
-    return ConvTranspose2d.apply(*_inputs(x, w, b), stride=stride, pad=pad, dilation=dilation,
-                                 groups=g, out_hw=out_hw, algo=algo)
+    geom = shapes.conv_transpose2d_geom(x.shape, w.shape, stride, padding, output_padding, g, dilation)
+    _check_bias(b, geom.c, w)
+    return ConvTranspose2d.apply(*_inputs(x, w, b), geom=geom, algo=algo)
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -1,7 +1,9 @@
 """Hyper-parameter normalisation and output sizes: the one place for this arithmetic.
 
 Every public op resolves its arguments here, in Python, before any kernel runs, so a
-bad argument is a ``ValueError``/``TypeError`` naming the argument and the shapes.
+bad argument is a ``ValueError``/``TypeError`` naming the argument and the shapes. A conv
+layer's arguments become one ``ConvGeom`` (``conv2d_geom``, ``conv_transpose2d_geom``),
+which every conv launcher reads by field name.
 
 Sizes per spatial dimension (SPEC.md section 1), with ``k`` kernel, ``s`` stride,
 ``p0``/``p1`` padding before/after, ``d`` dilation, ``op`` output_padding:
@@ -13,6 +15,7 @@ Sizes per spatial dimension (SPEC.md section 1), with ``k`` kernel, ``s`` stride
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -111,6 +114,130 @@ def check_same_dtype(**arrays) -> None:
         raise TypeError(f"dtypes differ ({desc}); cast them to one of float32/float64")
 
 
+# ----------------------------------------------------------------------------- conv geometry
+
+@dataclass(frozen=True)
+class ConvGeom:
+    """One conv2d layer's geometry: built once where the arguments are checked
+    (``conv2d_geom``, ``conv_transpose2d_geom``) and read by name by every launcher.
+
+        x (n, c, h, w)     w (co, c/g, kh, kw)     y (n, co, oh, ow)
+
+    Stride (sh, sw); padding (ph, pw) leading, top and left, and (ph_end, pw_end) trailing,
+    bottom and right, which only sets (oh, ow); dilation (dh, dw); g groups. A
+    conv_transpose2d layer is the conv2d whose adjoint it is (SPEC.md section 1): its input
+    is that conv2d's y, its output that conv2d's x, and its output_padding a trailing
+    padding of ``p - output_padding`` (a crop where negative), so the sizes above hold for
+    both.
+    """
+    n: int
+    c: int
+    h: int
+    w: int
+    co: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    ph_end: int
+    pw_end: int
+    dh: int
+    dw: int
+    g: int
+
+    @property
+    def cig(self) -> int:
+        """Input channels per group: the weight's dim 1."""
+        return self.c // self.g
+
+    @property
+    def cog(self) -> int:
+        """Output channels per group."""
+        return self.co // self.g
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.sh, self.sw
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self.dh, self.dw
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return self.n, self.c, self.h, self.w
+
+    @property
+    def w_shape(self) -> tuple[int, int, int, int]:
+        return self.co, self.cig, self.kh, self.kw
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        return self.n, self.co, self.oh, self.ow
+
+
+def _conv_sizes(what, x_shape, w_shape, c, co):
+    """The checks conv2d and conv_transpose2d share, on the conv2d they compute: kernel,
+    channels, and a non-empty plane unless the batch is (PyTorch's rules)."""
+    n, h, w, kh, kw = x_shape[0], x_shape[2], x_shape[3], w_shape[2], w_shape[3]
+    shapes = f"input of shape {tuple(x_shape)}, weight of shape {tuple(w_shape)}"
+    if min(kh, kw) <= 0:
+        raise ValueError(f"{what}: the kernel size must be positive, got ({kh}, {kw}) ({shapes})")
+    if min(c, co) <= 0:
+        raise ValueError(f"{what}: in_channels={c} and out_channels={co} must be positive ({shapes})")
+    if n and min(h, w) <= 0:
+        raise ValueError(f"{what}: only an empty batch may have empty planes, got {shapes}")
+
+
+def conv2d_geom(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom:
+    """conv2d's geometry for input ``x_shape`` (N, C, H, W) and weight ``w_shape``
+    (C_out, C_in/groups, kH, kW); ValueError/TypeError naming the argument and the shapes."""
+    (n, c, h, w), (co, cig, kh, kw), g = x_shape, w_shape, groups
+    if c % g or co % g:
+        raise ValueError(f"groups={g} must divide in_channels={c} and out_channels={co} "
+                         f"(input {tuple(x_shape)}, weight {tuple(w_shape)})")
+    if cig * g != c:
+        raise ValueError(f"weight of shape {tuple(w_shape)} with groups={g} expects {cig * g} input channels, "
+                         f"input has shape {tuple(x_shape)}")
+    _conv_sizes("conv2d", x_shape, w_shape, c, co)
+    sh, sw = positive_pair(stride, "stride")
+    dh, dw = positive_pair(dilation, "dilation")
+    pt, pb, pl, pr = conv_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+    oh, ow = conv_output_size(h, kh, sh, pt, pb, dh), conv_output_size(w, kw, sw, pl, pr, dw)
+    check_output_size((oh, ow), x_shape,
+                      f"conv2d with weight {tuple(w_shape)}, padding={padding}, dilation={(dh, dw)}")
+    return ConvGeom(n, c, h, w, co, kh, kw, oh, ow, sh, sw, pt, pl, pb, pr, dh, dw, g)
+
+
+def conv_transpose2d_geom(x_shape, w_shape, stride, padding, output_padding, groups, dilation) -> ConvGeom:
+    """The geometry of the conv2d whose adjoint conv_transpose2d is, for input ``x_shape``
+    (N, C_in, H, W) and weight ``w_shape`` (C_in, C_out/groups, kH, kW): that conv2d maps
+    (N, C_out, OH, OW) to (N, C_in, H, W) with the same weight."""
+    (n, c, h, w), (ci, cog, kh, kw), g = x_shape, w_shape, groups
+    if c % g:
+        raise ValueError(f"groups={g} must divide in_channels={c} (input {tuple(x_shape)})")
+    if ci != c:
+        raise ValueError(f"weight of shape {tuple(w_shape)} expects {ci} input channels (dim 0), "
+                         f"input has shape {tuple(x_shape)}")
+    _conv_sizes("conv_transpose2d", x_shape, w_shape, c, cog * g)
+    sh, sw = positive_pair(stride, "stride")
+    dh, dw = positive_pair(dilation, "dilation")
+    ph, pw = nonnegative_pair(padding, "padding")
+    oph, opw = nonnegative_pair(output_padding, "output_padding")
+    for op, s, d in zip((oph, opw), (sh, sw), (dh, dw)):
+        if op >= s and op >= d:
+            raise ValueError(f"output_padding={output_padding} must be smaller than either stride={(sh, sw)} "
+                             f"or dilation={(dh, dw)}")
+    out_h = conv_transpose_output_size(h, kh, sh, ph, dh, oph)
+    out_w = conv_transpose_output_size(w, kw, sw, pw, dw, opw)
+    check_output_size((out_h, out_w), x_shape, f"conv_transpose2d with weight {tuple(w_shape)}, padding={padding}")
+    return ConvGeom(n, cog * g, out_h, out_w, c, kh, kw, h, w, sh, sw, ph, pw, ph - oph, pw - opw, dh, dw, g)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -118,5 +245,5 @@ def ceil_div(a: int, b: int) -> int:
 __all__ = [
     "pair", "positive_pair", "nonnegative_pair", "conv_padding", "conv_output_size",
     "conv_transpose_output_size", "pool_output_size", "check_output_size", "check_float",
-    "check_ndim", "check_same_dtype", "ceil_div",
+    "check_ndim", "check_same_dtype", "ceil_div", "ConvGeom", "conv2d_geom", "conv_transpose2d_geom",
 ]

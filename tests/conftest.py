@@ -19,8 +19,11 @@ if ("NUMBA_ENABLE_CUDASIM" not in os.environ and os.environ.get("CNN_NUMBA_TEST_
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from cnn_numba.kernels.conv_algos import TABLE as _CONV_TABLE  # noqa: E402
+
 DTYPES = [np.float32, np.float64]
-ALGOS = ["direct", "im2col", "auto"]
+NAMED_ALGOS = list(_CONV_TABLE.names)  # the CPU's conv algorithms (kernels/conv_algos.py)
+ALGOS = NAMED_ALGOS + ["auto"]
 
 
 @pytest.fixture

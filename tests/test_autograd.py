@@ -8,7 +8,7 @@ import pytest
 import cnn_numba as cn
 import cnn_numba.functional as F
 import reference as R
-from conftest import DTYPES, needs_cuda
+from conftest import DTYPES, NAMED_ALGOS, needs_cuda
 
 
 # ----------------------------------------------------------------------------- cn.tensor
@@ -197,7 +197,7 @@ def test_scalars_arrays_sum_mean_reshape(rng):
 # ----------------------------------------------------------------------------- a small network
 
 
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", NAMED_ALGOS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_conv_relu_pool_sum_chain(rng, dtype, algo):
     x = rng.standard_normal((2, 3, 7, 6)).astype(dtype)

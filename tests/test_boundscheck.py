@@ -54,6 +54,7 @@ SCRIPT = textwrap.dedent(r'''
     assert not conv_kernels.conv2d_forward_direct.targetoptions.get("parallel"), "kernels still parallel"
     import cnn_numba.functional as F
     import reference as R
+    from cnn_numba.kernels.conv_algos import TABLE
 
     rng = np.random.default_rng(7)
     checked = 0
@@ -87,7 +88,7 @@ SCRIPT = textwrap.dedent(r'''
         ((0, 2, 4, 4), (2, 2, 3, 3), True, dict(padding=1)),
         ((5, 2, 30, 30), (4, 1, 3, 3), True, dict(groups=2, padding=1)),   # several im2col chunks
     ]
-    for algo in ("direct", "im2col", "auto"):
+    for algo in (*TABLE.names, "auto"):
         for xs, ws, bias, kw in CONV:
             x, w = rng.standard_normal(xs), rng.standard_normal(ws)
             b = rng.standard_normal(ws[0]) if bias else None
@@ -109,7 +110,7 @@ SCRIPT = textwrap.dedent(r'''
         ((1, 2, 2, 2), (2, 1, 3, 3), True, dict(stride=2, padding=2)),
         ((0, 2, 3, 3), (2, 1, 3, 3), True, dict(stride=2)),
     ]
-    for algo in ("direct", "im2col"):
+    for algo in TABLE.names:
         for xs, ws, bias, kw in TRANSPOSED:
             x, w = rng.standard_normal(xs), rng.standard_normal(ws)
             b = rng.standard_normal(ws[1] * kw.get("groups", 1)) if bias else None

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(r'''
     import numpy as np
     import cnn_numba
     import cnn_numba.functional as F
-    from cnn_numba.kernels import conv
+    from cnn_numba.kernels import conv_stride1
 
     pkg = os.path.dirname(os.path.abspath(cnn_numba.__file__))
     assert pkg.startswith(os.environ["EXPECT_PACKAGE_UNDER"]), f"imported the wrong cnn_numba: {pkg}"
@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent(r'''
                  algo="direct")
     edge = np.array([2, 3, 3, 2], np.float32)  # taps inside the 4x4 input per row/column, times 2 channels
     assert np.array_equal(y.numpy()[0, 0], 2 * np.outer(edge, edge)), y.numpy()[0, 0]
-    stats = conv.conv2d_forward_flat.stats  # direct at stride 1 runs the flat kernel
+    stats = conv_stride1.conv2d_forward_flat.stats  # direct at stride 1 runs the flat kernel
     print("cache_path", stats.cache_path)
     print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
 ''')

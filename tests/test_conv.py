@@ -9,8 +9,11 @@ from scipy import signal
 import cnn_numba as cn
 import cnn_numba.functional as F
 from cnn_numba.kernels import conv as conv_kernels
+from cnn_numba.kernels import conv_stride1
+from cnn_numba.kernels.conv_algos import TABLE, auto_algo
+from cnn_numba.shapes import conv2d_geom
 import reference as R
-from conftest import ALGOS, DTYPES, forward_backward, random
+from conftest import ALGOS, CUDA_AVAILABLE, DTYPES, NAMED_ALGOS, forward_backward, random
 
 # (x shape, w shape, bias?, conv2d keyword arguments)
 CASES = [
@@ -119,14 +122,14 @@ def test_conv2d_forward_and_grads(rng, case, dtype, algo, device):
 
 
 @pytest.mark.parametrize("case", [CASES[i] for i in (4, 6, 10, 12, 18)], ids=lambda c: str(c[3]))
-def test_direct_and_im2col_agree(rng, case):
+def test_algorithms_agree(rng, case):
     x, w, b, kw = _inputs(rng, case, np.float32)
-    res = [forward_backward(F.conv2d, (x, w, b), algo=algo, seed=1, **kw) for algo in ("direct", "im2col")]
-    (o1, g1, _), (o2, g2, _) = res
-    R.assert_close(o1, o2, np.float32, "y")
-    for a, bb in zip(g1, g2):
-        if a is not None:
-            R.assert_close(a, bb, np.float32, "grad")
+    (o1, g1, _), *rest = [forward_backward(F.conv2d, (x, w, b), algo=algo, seed=1, **kw) for algo in NAMED_ALGOS]
+    for o2, g2, _ in rest:
+        R.assert_close(o1, o2, np.float32, "y")
+        for a, bb in zip(g1, g2):
+            if a is not None:
+                R.assert_close(a, bb, np.float32, "grad")
 
 
 # The stride-1 direct kernels pass over the input with three taps for four output channels
@@ -157,7 +160,7 @@ def test_stride1_direct_every_tap_and_channel_remainder(rng, case, dtype):
     R.assert_close(gb, rgb, dtype, "gb")
 
 
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", NAMED_ALGOS)
 @pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 12, 13, 17)], ids=lambda c: str(c[3]))
 def test_conv2d_grads_match_finite_differences(rng, case, algo):
     """The package's own float64 forward, differentiated numerically."""
@@ -210,7 +213,8 @@ def test_conv2d_accepts_non_contiguous_and_read_only_arrays(rng, algo):
     y.backward(gy)
     R.assert_close(xt.grad.numpy(), R.conv2d_grads(x, wt, gy, stride=2)[0])
     # read-only inputs reach the kernels as writable copies: no second compile for them
-    kernels = [getattr(conv_kernels, name) for name in dir(conv_kernels) if name.startswith("conv2d_")]
+    kernels = [getattr(mod, name) for mod in (conv_kernels, conv_stride1) for name in dir(mod)
+               if name.startswith("conv2d_")]
     readonly = [(k.__name__, sig) for k in kernels if hasattr(k, "signatures") for sig in k.signatures
                 if any(isinstance(t, numba.types.Array) and not t.mutable for t in sig)]
     assert not readonly, readonly
@@ -249,7 +253,7 @@ def test_conv2d_propagates_nan_and_inf():
     x[0, 0, 0, 0] = np.nan
     x[0, 0, 2, 2] = np.inf
     w = np.ones((1, 1, 2, 2))
-    for algo in ("direct", "im2col"):
+    for algo in NAMED_ALGOS:
         y = F.conv2d(x, w, algo=algo).numpy()[0, 0]
         assert np.isnan(y[0, 0]) and np.isinf(y[1, 1]) and y[0, 1] == 4 and y[1, 0] == 4
     # inf times a weight stays inf: no zero weight may meet it (kernels that pad their taps
@@ -258,7 +262,7 @@ def test_conv2d_propagates_nan_and_inf():
         x = np.ones((1, 2, 6, 6))
         x[0, 1, 0, 0] = np.inf
         w = np.ones((3, 2, k, k))
-        for algo in ("direct", "im2col"):
+        for algo in NAMED_ALGOS:
             y = F.conv2d(x, w, algo=algo).numpy()
             assert np.isposinf(y[0, :, 0, 0]).all() and np.isfinite(y[0, :, 1:, 1:]).all(), (k, algo)
             # conv_transpose2d's forward is conv2d's input-gradient: at stride 1 the flipped forward
@@ -303,15 +307,126 @@ def test_blas_gemm_on_windows_and_its_bounds_check():
 
 
 @pytest.mark.parametrize("layer, picks", [
-    # (c, co, g, kh, kw, stride, out_hw) -> forward, input-gradient, weight-gradient
-    ((16, 16, 1, 3, 3, (1, 1), (32, 32)), "direct direct direct"),   # ResNet stage 1: flat kernels
-    ((1, 6, 1, 5, 5, (1, 1), (28, 28)), "direct im2col direct"),     # LeNet C1: one input channel for gx's quads
-    ((64, 64, 64, 3, 3, (1, 1), (32, 32)), "direct direct direct"),  # depthwise: 9 inputs per output
-    ((64, 128, 1, 1, 1, (1, 1), (32, 32)), "im2col im2col im2col"),  # 1x1: a plain product
-    ((64, 64, 1, 3, 3, (1, 1), (8, 8)), "im2col im2col im2col"),     # small planes
-    ((128, 128, 1, 3, 3, (1, 1), (28, 28)), "im2col im2col im2col"),  # wide: long-K BLAS products
-    ((16, 32, 1, 3, 3, (2, 2), (16, 16)), "im2col im2col im2col"),   # stride 2
+    # (x shape, w shape, conv2d keyword arguments) -> forward, input-gradient, weight-gradient
+    (((1, 16, 32, 32), (16, 16, 3, 3), dict(padding=1)), "direct direct direct"),     # ResNet stage 1: flat
+    (((1, 1, 28, 28), (6, 1, 5, 5), dict(padding=2)), "direct im2col direct"),        # LeNet C1: one input
+    (((1, 64, 32, 32), (64, 1, 3, 3), dict(padding=1, groups=64)), "direct direct direct"),  # depthwise
+    (((1, 64, 32, 32), (128, 64, 1, 1), {}), "im2col im2col im2col"),                 # 1x1: a plain product
+    (((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)), "im2col im2col im2col"),       # small planes
+    (((1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1)), "im2col im2col im2col"),  # wide: long-K products
+    (((1, 16, 32, 32), (32, 16, 3, 3), dict(stride=2, padding=1)), "im2col im2col im2col"),  # stride 2
+    (((1, 8, 12, 12), (8, 8, 3, 3), {}), "direct direct direct"),                    # gx's full padding 2, ok,
+    (((1, 8, 12, 12), (8, 8, 3, 3), dict(padding=3)), "direct im2col direct"),       # but < 0 here: im2col
+    (((1, 1, 1, 1), (1, 1, 3, 3), dict(padding=10000, dilation=10000)), "im2col im2col im2col"),  # scratch bound
 ])
 def test_auto_algo_rule(layer, picks):
-    from cnn_numba.kernels.conv import auto_algo
-    assert " ".join(auto_algo(*layer, which) for which in range(3)) == picks
+    geom = conv2d_geom(*layer[:2], stride=layer[2].get("stride", 1), padding=layer[2].get("padding", 0),
+                       dilation=layer[2].get("dilation", 1), groups=layer[2].get("groups", 1))
+    assert " ".join(auto_algo(geom, p) for p in ("forward", "backward_input", "backward_weight")) == picks
+
+
+# ----------------------------------------------------------------------------- the algorithm table
+
+
+def test_every_device_names_its_algorithms_and_rejects_an_unknown_one_alike(rng):
+    """functional checks ``algo`` against the device's table before any kernel runs; the
+    launchers do the same; the message names the argument, the value and the valid names."""
+    from cnn_numba.backend import check_device, kernel
+
+    devices = ["cpu"] + (["cuda"] if CUDA_AVAILABLE else [])
+    x, w = random(rng, (1, 2, 5, 5), np.float32), random(rng, (3, 2, 3, 3), np.float32)
+    messages = set()
+    for device in devices:
+        check_device(device)
+        assert kernel("conv2d_algorithms", device)().names == TABLE.names
+        xt, wt = cn.tensor(x, device=device), cn.tensor(w, device=device)
+        for op, ww in ((F.conv2d, wt), (F.conv_transpose2d, cn.tensor(w.transpose(1, 0, 2, 3).copy(), device=device))):
+            for bad in ("winograd", None, "Direct", 3):
+                with pytest.raises(ValueError) as e:
+                    op(xt, ww, algo=bad)
+                messages.add(str(e.value).replace(repr(bad), "<algo>"))
+        geom = conv2d_geom(x.shape, w.shape, 1, 0, 1, 1)
+        with pytest.raises(ValueError) as e:
+            kernel("conv2d_forward", device)(xt.data, wt.data, None, geom, "fft")
+        messages.add(str(e.value).replace("'fft'", "<algo>"))
+    assert messages == {f"algo must be one of {('auto',) + TABLE.names}, got <algo>"}
+
+
+def test_huge_dilation_costs_memory_of_the_output_not_the_dilation(rng):
+    """A 1x1 input, dilation=padding=10000, a 3x3 kernel: a 1x1 output, whose stride-1 padded
+    planes would be 20001^2 elements per channel and thread (4.3 GB). Every algorithm, every
+    pass runs in scratch proportional to the output, and gets PyTorch's answer (only the
+    centre tap reads the input)."""
+    import resource
+    import time
+
+    x, w, b = random(rng, (2, 3, 1, 1)), random(rng, (4, 3, 3, 3)), random(rng, (4,))
+    geom = conv2d_geom(x.shape, w.shape, 1, 10000, 10000, 1)
+    for p in ("forward", "backward_input", "backward_weight"):
+        assert not conv_stride1.supports_flat(geom, p) and not conv_stride1.supports_shifted(geom, p)
+    for algo in ALGOS:  # compile the general kernels (dilation 300 is over the bound too)
+        forward_backward(F.conv2d, (x, w, b), algo=algo, padding=300, dilation=300)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for algo in ALGOS:
+        t0 = time.perf_counter()
+        out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo=algo, padding=10000, dilation=10000)
+        assert time.perf_counter() - t0 < 2, algo  # the compiled kernels on a few elements (17 s before)
+        R.assert_close(out, np.einsum("nc,oc->no", x[:, :, 0, 0], w[:, :, 1, 1])[:, :, None, None]
+                       + b[None, :, None, None], np.float64, "y")
+        R.assert_close(gx, np.einsum("no,oc->nc", gy[:, :, 0, 0], w[:, :, 1, 1])[:, :, None, None], np.float64, "gx")
+        rgw = np.zeros_like(w)
+        rgw[:, :, 1, 1] = np.einsum("no,nc->oc", gy[:, :, 0, 0], x[:, :, 0, 0])
+        R.assert_close(gw, rgw, np.float64, "gw")
+        # conv_transpose2d's passes are the same three kernels
+        z = F.conv_transpose2d(out, w, stride=1, padding=10000, dilation=10000, algo=algo).numpy()
+        assert z.shape == (2, 3, 1, 1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nowhere near 4 GB
+
+
+def test_stride1_kernels_keep_their_geometries():
+    """The scratch bound turns down only planes far larger than the layer's input and output."""
+    for xs, ws, kw in [((64, 16, 32, 32), (16, 16, 3, 3), dict(padding=1)),
+                       ((32, 64, 32, 32), (64, 64, 3, 3), dict(padding=2, dilation=2)),
+                       ((1, 2, 1, 1), (3, 2, 3, 3), dict(padding=1)),
+                       ((1, 2, 5, 5), (3, 2, 3, 3), dict(padding=4, dilation=4))]:
+        geom = conv2d_geom(xs, ws, 1, kw["padding"], kw.get("dilation", 1), 1)
+        assert all(conv_stride1.supports_flat(geom, p) for p in ("forward", "backward_input", "backward_weight"))
+        assert conv_stride1.supports_shifted(geom, "forward") and conv_stride1.supports_shifted(geom, "backward_weight")
+    geom = conv2d_geom((1, 1, 1, 1), (1, 1, 3, 3), 1, 300, 300, 1)  # 601^2 planes for one pixel
+    assert not conv_stride1.supports_flat(geom, "forward")
+
+
+# ----------------------------------------------------------------------------- degenerate shapes
+
+
+@pytest.mark.parametrize("op, xs, ws, kw, what", [
+    (F.conv2d, (1, 1, 4, 4), (2, 1, 0, 3), {}, "kernel size"),                  # PyTorch: kernel size > 0
+    (F.conv2d, (1, 1, 4, 4), (2, 1, 3, 0), dict(padding=1), "kernel size"),
+    (F.conv2d, (1, 0, 4, 4), (2, 0, 3, 3), {}, "in_channels"),                  # an empty sum
+    (F.conv2d, (1, 0, 4, 4), (2, 0, 3, 3), dict(groups=2), "in_channels"),
+    (F.conv2d, (1, 1, 4, 4), (0, 1, 3, 3), {}, "out_channels"),                 # PyTorch: weight dim 0 >= 1
+    (F.conv2d, (1, 1, 0, 4), (2, 1, 1, 1), dict(padding=1), "empty batch"),     # PyTorch: empty planes need N = 0
+    (F.conv_transpose2d, (1, 1, 4, 4), (1, 2, 0, 3), {}, "kernel size"),
+    (F.conv_transpose2d, (1, 1, 4, 4), (1, 2, 3, 0), dict(padding=1), "kernel size"),
+    (F.conv_transpose2d, (1, 0, 4, 4), (0, 2, 3, 3), {}, "in_channels"),
+    (F.conv_transpose2d, (1, 1, 4, 4), (1, 0, 3, 3), {}, "out_channels"),
+    (F.conv_transpose2d, (1, 1, 0, 4), (1, 2, 3, 3), {}, "empty batch"),
+])
+def test_degenerate_shapes_are_value_errors_naming_the_shapes(op, xs, ws, kw, what):
+    """Where PyTorch 2.13 raises, a ValueError before any kernel runs. (For C_in = 0 PyTorch
+    returns an empty (N, 0, OH, OW) output, dropping C_out and the bias: a ValueError here.)"""
+    with pytest.raises(ValueError, match=what) as e:
+        op(np.ones(xs), np.ones(ws), **kw)
+    assert str(xs) in str(e.value) and str(ws) in str(e.value)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_empty_batch_with_empty_planes_is_pytorchs_empty_output(algo):
+    """PyTorch accepts empty planes in an empty batch: (0, 1, 0, 4) padded by 1 -> (0, 2, 2, 6)."""
+    w, b = np.ones((2, 1, 1, 1)), np.ones(2)
+    out, (gx, gw, gb), _ = forward_backward(F.conv2d, (np.ones((0, 1, 0, 4)), w, b), algo=algo, padding=1)
+    assert out.shape == (0, 2, 2, 6) and gx.shape == (0, 1, 0, 4)
+    np.testing.assert_array_equal(gw, np.zeros_like(w))
+    np.testing.assert_array_equal(gb, np.zeros_like(b))
+    z = F.conv_transpose2d(np.ones((0, 1, 0, 4)), np.ones((1, 2, 3, 3)), np.ones(2), algo=algo)
+    assert z.shape == (0, 2, 2, 6)

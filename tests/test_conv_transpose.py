@@ -7,7 +7,7 @@ import pytest
 import cnn_numba as cn
 import cnn_numba.functional as F
 import reference as R
-from conftest import ALGOS, DTYPES, forward_backward, random
+from conftest import ALGOS, DTYPES, NAMED_ALGOS, forward_backward, random
 
 # (x shape, w shape (C_in, C_out/groups, kH, kW), bias?, keyword arguments)
 CASES = [
@@ -96,7 +96,7 @@ def test_conv_transpose2d_forward_and_grads(rng, case, dtype, algo, device):
         R.assert_close(gb, rgb, dtype, "gb")
 
 
-@pytest.mark.parametrize("algo", ["direct", "im2col"])
+@pytest.mark.parametrize("algo", NAMED_ALGOS)
 @pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 11)], ids=lambda c: str(c[3]))
 def test_conv_transpose2d_grads_match_finite_differences(rng, case, algo):
     x, w, b, kw = _inputs(rng, case, np.float64)
@@ -112,13 +112,14 @@ def test_conv_transpose2d_grads_match_finite_differences(rng, case, algo):
         R.assert_close(gb, R.numerical_grad(lambda v: fwd(x, w, v), b, gy), np.float32, "gb")
 
 
-def test_direct_and_im2col_agree(rng):
+def test_algorithms_agree(rng):
     x, w, b, kw = _inputs(rng, CASES[11], np.float32)
-    (o1, g1, _), (o2, g2, _) = (forward_backward(F.conv_transpose2d, (x, w, b), algo=a, seed=3, **kw)
-                                for a in ("direct", "im2col"))
-    R.assert_close(o1, o2, np.float32)
-    for a, bb in zip(g1, g2):
-        R.assert_close(a, bb, np.float32)
+    (o1, g1, _), *rest = (forward_backward(F.conv_transpose2d, (x, w, b), algo=a, seed=3, **kw)
+                          for a in NAMED_ALGOS)
+    for o2, g2, _ in rest:
+        R.assert_close(o1, o2, np.float32)
+        for a, bb in zip(g1, g2):
+            R.assert_close(a, bb, np.float32)
 
 
 @pytest.mark.parametrize("algo", ALGOS)

@@ -15,7 +15,19 @@ import reference as R
 from conftest import CUDA_SIMULATED, forward_backward, needs_cuda, random
 
 pytestmark = needs_cuda
-ALGOS = ["direct", "im2col"]
+
+
+def _cuda_algos():
+    """The CUDA table's algorithm names (none where CUDA cannot load: the tests skip there)."""
+    try:
+        from cnn_numba.backend import check_device, kernel
+        check_device("cuda")
+        return list(kernel("conv2d_algorithms", "cuda")().names)
+    except Exception:
+        return []
+
+
+ALGOS = _cuda_algos()
 
 # (x shape, w shape, bias?, conv2d keyword arguments)
 CASES = [
@@ -105,6 +117,14 @@ def test_direct_falls_back_when_the_receptive_field_exceeds_its_patch(rng):
     x, w = random(rng, (1, 1, 81, 81), np.float32), random(rng, (1, 1, 3, 3), np.float32)
     y = F.conv2d(cn.tensor(x, device="cuda"), cn.tensor(w, device="cuda"), dilation=40, algo="direct")
     R.assert_close(y.numpy(), R.conv2d(x, w, dilation=40), np.float32)
+
+
+@pytest.mark.parametrize("algo", ALGOS + ["auto"])
+def test_conv2d_huge_dilation_runs_in_memory_of_the_output(rng, algo):
+    """1x1 input, dilation = padding = 10000: a 1x1 output. Direct's shared patch cannot hold
+    the receptive field, so its forward and input-gradient fall back to im2col, whose columns
+    are C*KH*KW x OH*OW."""
+    _check_conv(rng, ((2, 3, 1, 1), (4, 3, 3, 3), True, dict(padding=10000, dilation=10000)), np.float32, algo)
 
 
 # ----------------------------------------------------------------------------- conv_transpose2d

@@ -37,8 +37,8 @@ def typecheck(entries, tmp_path):
 def _correlate_entry(bias_ndim):
     """The direct conv kernel's float32 signature, its bias placeholder of ``bias_ndim`` dims."""
     a4 = ["array", "<f4", 4, "C"]
-    ints = lambda n: ["tuple", [["scalar", "<i8"]] * n]  # noqa: E731
-    args = [a4, a4, ["array", "<f4", bias_ndim, "C"], a4, ints(9), ints(4), ["scalar", "<i8"], ["scalar", "<i8"]]
+    # then 15 ints: stride, padding, dilation, upsampling (2 each), groups, the tile (4), flip, has_bias
+    args = [a4, a4, ["array", "<f4", bias_ndim, "C"], a4] + [["scalar", "<i8"]] * 15
     return ("cnn_numba.kernels.cuda.conv", "_correlate", json.dumps(args))
 
 

@@ -25,7 +25,7 @@ def no_compute_kernels(monkeypatch):
         return
 
     def guarded(name, device):
-        if name in ("from_host", "to_host"):
+        if name in ("from_host", "to_host", "conv2d_algorithms"):  # transfers; conv's table of names
             return real(name, device)
         raise AssertionError(f"kernel {name!r} was looked up before the arguments were rejected")
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import cnn_numba.functional as F
 import reference as R
 import cnn_numba as cn
-from conftest import CUDA_SIMULATED, forward_backward, needs_cuda
+from conftest import ALGOS, CUDA_SIMULATED, forward_backward, needs_cuda
 
 # database=None: no .hypothesis folder in the work tree; a failure prints its example anyway.
 SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -16,7 +16,7 @@ SETTINGS = settings(max_examples=25, deadline=None, database=None, suppress_heal
 # where each CUDA thread is a Python thread.
 CUDA_SETTINGS = settings(SETTINGS, max_examples=5 if CUDA_SIMULATED else 25)
 dtypes = st.sampled_from([np.float32, np.float64])
-algos = st.sampled_from(["direct", "im2col", "auto"])
+algos = st.sampled_from(ALGOS)
 small = st.integers(1, 3)
 
 

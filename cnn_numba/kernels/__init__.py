@@ -10,4 +10,4 @@ from numba.core.cpu_options import ParallelOptions
 PARALLEL = ParallelOptions(dict(prange=True, comprehension=False, reduction=False, inplace_binop=False,
                                 setitem=False, numpy=False, stencil=False, fusion=False))
 
-from . import conv, elementwise, nn, pool  # noqa: E402,F401
+from . import conv, conv_algos, elementwise, nn, pool  # noqa: E402,F401

@@ -39,7 +39,9 @@ im2col   Per chunk of samples (at most COLUMN_ELEMENTS elements of columns):
          with cols (C*KH*KW, nb*OH*OW), group g's rows [g*K, (g+1)*K), K = C/G*KH*KW,
          and the tiled GEMM of gemm.py (no transpose or sub-matrix is copied).
 
-'auto': see ``auto_algo``.
+The launchers take the layer's ``shapes.ConvGeom`` and pass its fields to the kernels as
+scalars; the table at the end lists the algorithms (kernels/conv_algos.py) and 'auto' is
+its ``auto_algo``.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
+from ..conv_algos import ConvAlgo, ConvTable
 from .gemm import _sum_partials, gemm, view, workspace
 from .index import out_range, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
@@ -83,21 +86,20 @@ def _sampled(i, u, size):
 
 
 @jit
-def _correlate(src, w, b, dst, geo, tiling, flip, has_bias):
+def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, tiles_w, flip, has_bias):
     """dst[n, d] = b[d] + sum over the group's source channels j and taps (a, bb) of
     wt[d, j, a, bb] * up(src)[n, j, tap(r, a), tap(q, bb)]   (see the module docstring).
 
-    geo = (sh, sw, ph, pw, dh, dw, uh, uw, g): the correlation's stride, leading padding,
-    dilation, the source's upsampling and the groups. wt is w (flip=0) or, flip=1, w with
-    its two channel axes swapped and its taps reversed. tiling = (th, tw, cc, tiles_w).
+    The correlation's stride (sh, sw), leading padding (ph, pw), dilation (dh, dw), the
+    source's upsampling (uh, uw) and the groups g. wt is w (flip=0) or, flip=1, w with its
+    two channel axes swapped and its taps reversed. The tile: (th, tw, cc, tiles_w), see
+    ``_tiling``.
     """
     patch = cuda.shared.array(PATCH, src.dtype)
     filt = cuda.shared.array(FILTER, src.dtype)
     acc = cuda.local.array((C_T, P_T), src.dtype)
     val = cuda.local.array(P_T, src.dtype)
     base = cuda.local.array(P_T, np.int64)
-    sh, sw, ph, pw, dh, dw, uh, uw, g = geo
-    th, tw, cc, tiles_w = tiling
     kh, kw = w.shape[2], w.shape[3]
     taps = kh * kw
     hd, wd = dst.shape[2], dst.shape[3]
@@ -179,17 +181,14 @@ def _tree_sum(red, t, rows):
 
 
 @jit
-def _weight_partials(x, gy, geo, part, per_split):
+def _weight_partials(x, gy, sh, sw, ph, pw, dh, dw, g, kh, kw, part, per_split):
     """part[z, (o*cig + ci)*taps + tp] = sum over positions [z*per_split, (z+1)*per_split)
     of the flattened (n, oh, ow) of gy[n, o, oh, ow] * x[n, c, tap(oh, a), tap(ow, bb)],
-    tp = a*kw + bb: block (o, ci) x (KT taps from blockIdx.y*KT) x (slice blockIdx.z).
-
-    geo = (sh, sw, ph, pw, dh, dw, g, kh, kw)."""
+    tp = a*kw + bb: block (o, ci) x (KT taps from blockIdx.y*KT) x (slice blockIdx.z)."""
     red = cuda.shared.array((KT, REDUCE_THREADS), x.dtype)
     acc = cuda.local.array(KT, x.dtype)
     ta = cuda.local.array(KT, np.int64)
     tb = cuda.local.array(KT, np.int64)
-    sh, sw, ph, pw, dh, dw, g, kh, kw = geo
     h, wd = x.shape[2], x.shape[3]
     oh, ow = gy.shape[2], gy.shape[3]
     cig, cog, m = x.shape[1] // g, gy.shape[1] // g, oh * ow
@@ -237,12 +236,9 @@ def _bias_partials(gy, part, per_split):
 
 
 @jit
-def _im2col(x, n0, cols, geo, oh, ow):
+def _im2col(x, n0, cols, sh, sw, ph, pw, dh, dw, kh, kw, oh, ow):
     """cols[(c*kh + a)*kw + bb, i*oh*ow + r*ow + q] = x[n0 + i, c, tap(r, a), tap(q, bb)], 0 in
-    the padding, for every channel c. Grid: (pixels, rows, samples i).
-
-    geo = (sh, sw, ph, pw, dh, dw, kh, kw)."""
-    sh, sw, ph, pw, dh, dw, kh, kw = geo
+    the padding, for every channel c. Grid: (pixels, rows, samples i)."""
     p, i, m = cuda.grid(1), cuda.blockIdx.z, oh * ow
     if p < m:
         r, q = p // ow, p % ow
@@ -255,10 +251,9 @@ def _im2col(x, n0, cols, geo, oh, ow):
 
 
 @jit
-def _col2im(cols, gx, n0, geo, oh, ow):
+def _col2im(cols, gx, n0, sh, sw, ph, pw, dh, dw, kh, kw, oh, ow):
     """gx[n0 + i, c] = the adjoint of _im2col, as a gather: each input element sums the
     column entries that read it. Grid: (pixels, channels, samples i)."""
-    sh, sw, ph, pw, dh, dw, kh, kw = geo
     h, wd = gx.shape[2], gx.shape[3]
     p, i, m = cuda.grid(1), cuda.blockIdx.z, oh * ow
     if p < h * wd:
@@ -298,13 +293,6 @@ def _add_channel_bias(y, b, m):
 # ----------------------------------------------------------------------------- launchers
 
 
-def auto_algo(c, co, g, kh, kw):
-    """'auto': direct when a group has at most 32 output channels (the GEMM's tiles are 128
-    rows: a smaller M wastes most of each) or each output reads fewer than 16 inputs
-    (depthwise); im2col otherwise. The same rule for the three passes of a layer."""
-    return "direct" if co // g <= 32 or (c // g) * kh * kw < 16 else "im2col"
-
-
 def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
     """Direct correlation tile (th, tw, cc, tiles_w): up to P_T*DIRECT_THREADS positions,
     rows of at most 64, halved until the input patch fits PATCH; None when even a single
@@ -328,20 +316,52 @@ def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
     return th, tw, cc, blocks(wd, tw)
 
 
-def _correlate_launch(src, w, b, dst, stride, pad, dilation, up, g, flip):
-    """Run _correlate; False (nothing done) when the receptive field is too large for it, or
-    there are more channel blocks than a grid's y dimension holds."""
-    n, (hd, wd) = src.shape[0], dst.shape[2:]
-    tiling = _tiling(hd, wd, w.shape[2], w.shape[3], *stride, *dilation, src.shape[1] // g)
-    channel_blocks = g * blocks(dst.shape[1] // g, C_T)
-    if tiling is None or channel_blocks > MAX_GRID:
-        return False
-    th, tw, _, tiles_w = tiling
-    grid = (blocks(hd, th) * tiles_w, channel_blocks, min(n, MAX_GRID))
-    geo = (*stride, *pad, *dilation, *up, g)
-    launch_grid(_correlate, grid, DIRECT_THREADS, src, w, flat(w) if b is None else b, dst, geo, tiling, int(flip),
-                int(b is not None))
-    return True
+def _correlation(geom, pass_):
+    """The direct correlation of a forward or input-gradient pass: (tiling, channel blocks),
+    or None when its receptive field does not fit the shared patch, or there are more
+    channel blocks than a grid's y dimension holds. The forward correlates x (c channels)
+    into y (oh, ow) with the layer's stride; the input-gradient correlates gy (co channels),
+    upsampled by the stride, into gx (h, w) with stride 1."""
+    if pass_ == "forward":
+        hd, wd, (sh, sw), spg, dpg = geom.oh, geom.ow, geom.stride, geom.cig, geom.cog
+    else:
+        hd, wd, (sh, sw), spg, dpg = geom.h, geom.w, (1, 1), geom.cog, geom.cig
+    tiling = _tiling(hd, wd, geom.kh, geom.kw, sh, sw, geom.dh, geom.dw, spg)
+    channel_blocks = geom.g * blocks(dpg, C_T)
+    return None if tiling is None or channel_blocks > MAX_GRID else (tiling, channel_blocks)
+
+
+def _direct_supports(geom, pass_):
+    return pass_ == "backward_weight" or _correlation(geom, pass_) is not None
+
+
+def _correlate_launch(src, w, b, dst, geom, pass_):
+    """Run _correlate for the forward (x correlated with w at the layer's stride and padding)
+    or the input-gradient (gy upsampled by the stride, correlated with the flipped kernel at
+    stride 1 and the full padding d*(k-1) - p)."""
+    tiling, channel_blocks = _correlation(geom, pass_)
+    if pass_ == "forward":
+        (sh, sw), (ph, pw), (uh, uw), flip = geom.stride, (geom.ph, geom.pw), (1, 1), 0
+    else:
+        (sh, sw), (uh, uw), flip = (1, 1), geom.stride, 1
+        ph, pw = geom.dh * (geom.kh - 1) - geom.ph, geom.dw * (geom.kw - 1) - geom.pw
+    th, tw, cc, tiles_w = tiling
+    grid = (blocks(dst.shape[2], th) * tiles_w, channel_blocks, min(src.shape[0], MAX_GRID))
+    launch_grid(_correlate, grid, DIRECT_THREADS, src, w, flat(w) if b is None else b, dst, sh, sw, ph, pw,
+                geom.dh, geom.dw, uh, uw, geom.g, th, tw, cc, tiles_w, flip, int(b is not None))
+
+
+def _forward_direct(x, w, b, y, geom):
+    _correlate_launch(x, w, b, y, geom, "forward")
+
+
+def _backward_input_direct(gy, w, gx, geom):
+    _correlate_launch(gy, w, None, gx, geom, "backward_input")
+
+
+def _backward_weight_direct(x, gy, gw, geom):
+    _reduce(_weight_partials, gw, (geom.co * geom.cig, blocks(geom.kh * geom.kw, KT)), geom.n * geom.oh * geom.ow,
+            x, gy, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, geom.kh, geom.kw)
 
 
 def _reduce_splits(nblocks, total):
@@ -381,94 +401,88 @@ def _fold_grid(m, rows, nc):
     return blocks(m, BLOCK), min(rows, ROW_BLOCKS), nc
 
 
-def _forward_im2col(x, w, b, y, stride, pad, dilation, g):
-    (n, c), (co, cig, kh, kw), (oh, ow) = x.shape[:2], w.shape, y.shape[2:]
-    cog, k, m, geo = co // g, cig * kh * kw, oh * ow, (*stride, *pad, *dilation, kh, kw)
-    for n0, nc, cols in _chunks(n, c * kh * kw, m, x.dtype):
-        launch_grid(_im2col, _fold_grid(m, c * kh * kw, nc), BLOCK, x, n0, cols, geo, oh, ow)
-        for gi in range(g):  # y[n0:n0+nc, group gi] = w_g @ cols_g (+ b), through y's planes
+def _window(geom):
+    """The unfold/fold kernels' window scalars: stride, leading padding, dilation, kernel."""
+    return geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.kh, geom.kw
+
+
+def _forward_im2col(x, w, b, y, geom):
+    n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
+    k = geom.cig * geom.kh * geom.kw
+    for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype):
+        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, *_window(geom),
+                    geom.oh, geom.ow)
+        for gi in range(geom.g):  # y[n0:n0+nc, group gi] = w_g @ cols_g (+ b), through y's planes
             gemm(cog, nc * m, k, flat(w), view(k, off=gi * cog * k), flat(cols), view(nc * m, off=gi * k * nc * m),
                  flat(y), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
                  bias=b, vbias=(gi * cog, 1, 0))
 
 
-def _backward_input_im2col(gy, w, gx, stride, pad, dilation, g):
-    (n, c), (co, cig, kh, kw), (oh, ow) = gx.shape[:2], w.shape, gy.shape[2:]
-    cog, k, m, geo = co // g, cig * kh * kw, oh * ow, (*stride, *pad, *dilation, kh, kw)
-    for n0, nc, cols in _chunks(n, c * kh * kw, m, gy.dtype):
-        for gi in range(g):  # cols_g = w_g^T @ gy[n0:n0+nc, group gi]
+def _backward_input_im2col(gy, w, gx, geom):
+    n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
+    k = geom.cig * geom.kh * geom.kw
+    for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, gy.dtype):
+        for gi in range(geom.g):  # cols_g = w_g^T @ gy[n0:n0+nc, group gi]
             gemm(k, nc * m, cog, flat(w), view(k, off=gi * cog * k, trans=True),
                  flat(gy), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
                  flat(cols), view(nc * m, off=gi * k * nc * m))
-        launch_grid(_col2im, _fold_grid(gx.shape[2] * gx.shape[3], c, nc), BLOCK, cols, gx, n0, geo, oh, ow)
+        launch_grid(_col2im, _fold_grid(geom.h * geom.w, c, nc), BLOCK, cols, gx, n0, *_window(geom),
+                    geom.oh, geom.ow)
 
 
-def _backward_weight_im2col(x, gy, gw, stride, pad, dilation, g):
-    (n, c), (co, cig, kh, kw), (oh, ow) = x.shape[:2], gw.shape, gy.shape[2:]
-    cog, k, m, geo = co // g, cig * kh * kw, oh * ow, (*stride, *pad, *dilation, kh, kw)
-    for n0, nc, cols in _chunks(n, c * kh * kw, m, x.dtype, bound=co):
+def _backward_weight_im2col(x, gy, gw, geom):
+    n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
+    k = geom.cig * geom.kh * geom.kw
+    for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype, bound=co):
         gyc = workspace("conv-gy-columns", co * nc * m, x.dtype).reshape(co, nc * m)
-        launch_grid(_im2col, _fold_grid(m, c * kh * kw, nc), BLOCK, x, n0, cols, geo, oh, ow)
+        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, *_window(geom),
+                    geom.oh, geom.ow)
         launch_grid(_planes_to_columns, _fold_grid(m, co, nc), BLOCK, gy.reshape(n, co, m), n0, gyc)
-        for gi in range(g):  # gw_g (=, then +=) gy_g @ cols_g^T
+        for gi in range(geom.g):  # gw_g (=, then +=) gy_g @ cols_g^T
             gemm(cog, k, nc * m, flat(gyc), view(nc * m, off=gi * cog * nc * m),
                  flat(cols), view(nc * m, off=gi * k * nc * m, trans=True),
                  flat(gw), view(k, off=gi * cog * k), accumulate=n0 > 0)
 
 
-def _run(algo, which, arrays, stride, pad, dilation, g, w_shape, c):
-    """Pass ``which`` (0 forward, 1 input-, 2 weight-gradient) with 'auto' resolved. Direct
-    falls back to im2col when a receptive field does not fit its shared patch."""
-    kh, kw = w_shape[2], w_shape[3]
-    if algo == "auto":
-        algo = auto_algo(c, w_shape[0], g, kh, kw)
-    if algo == "direct":
-        if which == 0:
-            x, w, b, y = arrays
-            if _correlate_launch(x, w, b, y, stride, pad, dilation, (1, 1), g, flip=False):
-                return
-        elif which == 1:  # the forward of gy upsampled by the stride, flipped kernel, full padding
-            gy, w, gx = arrays
-            full = (dilation[0] * (kh - 1) - pad[0], dilation[1] * (kw - 1) - pad[1])
-            if _correlate_launch(gy, w, None, gx, (1, 1), full, dilation, stride, g, flip=True):
-                return
-        else:
-            x, gy, gw = arrays
-            geo = (*stride, *pad, *dilation, g, kh, kw)
-            _reduce(_weight_partials, gw, (gw.shape[0] * gw.shape[1], blocks(kh * kw, KT)),
-                    x.shape[0] * gy.shape[2] * gy.shape[3], x, gy, geo)
-            return
-    (_forward_im2col, _backward_input_im2col, _backward_weight_im2col)[which](*arrays, stride, pad, dilation, g)
+def auto_algo(geom, pass_):
+    """'auto': direct when a group has at most 32 output channels (the GEMM's tiles are 128
+    rows: a smaller M wastes most of each) or each output reads fewer than 16 inputs
+    (depthwise); im2col otherwise. The same rule for the three passes of a layer (where
+    direct's shared patch cannot hold a receptive field, the table falls back to im2col)."""
+    return "direct" if geom.cog <= 32 or geom.cig * geom.kh * geom.kw < 16 else "im2col"
+
+
+# Direct first: where its correlation does not fit, a named 'direct' falls back to im2col.
+TABLE = ConvTable([
+    ConvAlgo("direct", _forward_direct, _backward_input_direct, _backward_weight_direct, supports=_direct_supports),
+    ConvAlgo("im2col", _forward_im2col, _backward_input_im2col, _backward_weight_im2col),
+], auto_algo)
+
+register("conv2d_algorithms", "cuda")(lambda: TABLE)
 
 
 @register("conv2d_forward", "cuda")
-def forward(x, w, b, out_hw, stride, pad, dilation, groups, algo):
-    """y (N, CO, OH, OW); ``pad`` is the leading (top, left) padding."""
-    n, c = x.shape[:2]
-    y = empty((n, w.shape[0]) + tuple(out_hw), x.dtype)
-    if n:
-        _run(algo, 0, (x, w, b, y), stride, pad, dilation, groups, w.shape, c)
-    return y
+def forward(x, w, b, geom, algo):
+    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None)."""
+    return TABLE.run(algo, "forward", geom, x, w, b, empty(geom.y_shape, x.dtype))
 
 
 @register("conv2d_backward_input", "cuda")
-def backward_input(gy, w, in_hw, stride, pad, dilation, groups, algo):
-    """gx (N, CI, H, W) from gy (N, CO, OH, OW); also conv_transpose2d's forward."""
-    n = gy.shape[0]
-    gx = empty((n, w.shape[1] * groups) + tuple(in_hw), gy.dtype)
-    if n:
-        _run(algo, 1, (gy, w, gx), stride, pad, dilation, groups, w.shape, gx.shape[1])
-    return gx
+def backward_input(gy, w, geom, algo):
+    """gx (N, C, H, W) from gy (N, CO, OH, OW); also conv_transpose2d's forward."""
+    return TABLE.run(algo, "backward_input", geom, gy, w, empty(geom.x_shape, gy.dtype))
 
 
 @register("conv2d_backward_weight", "cuda")
-def backward_weight(x, gy, kernel_hw, stride, pad, dilation, groups, algo):
-    """gw (CO, CI/G, KH, KW); also conv_transpose2d's weight-gradient with x and gy swapped.
+def backward_weight(x, gy, geom, algo):
+    """gw (CO, C/G, KH, KW); also conv_transpose2d's weight-gradient with x and gy swapped.
     An empty batch goes to the direct reduction, which writes its zeros."""
-    gw = empty((gy.shape[1], x.shape[1] // groups) + tuple(kernel_hw), x.dtype)
-    algo = algo if x.shape[0] else "direct"
-    _run(algo, 2, (x, gy, gw), stride, pad, dilation, groups, gw.shape, x.shape[1])
-    return gw
+    TABLE.check(algo)
+    gw = empty(geom.w_shape, x.dtype)
+    if not geom.n:
+        TABLE.by_name["direct"].run("backward_weight", geom, x, gy, gw)
+        return gw
+    return TABLE.run(algo, "backward_weight", geom, x, gy, gw)
 
 
 @register("conv2d_backward_bias", "cuda")

@@ -1,0 +1,152 @@
+"""conv2d's algorithm tables: which algorithms a device has, and which one runs.
+
+A table lists ``ConvAlgo`` entries, each a name and its launchers for the three passes,
+
+    forward          (x, w, b, y, geom)    y  = conv2d(x, w) + b
+    backward_input   (gy, w, gx, geom)     gx = its input-gradient; conv_transpose2d's forward
+    backward_weight  (x, gy, gw, geom)     gw = its weight-gradient
+
+with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
+written (=) by the launcher. ``supports(geom, pass_)`` says where an entry can run; a
+``special`` entry (the stride-1 kernels) runs instead of its parent wherever it supports
+the pass. ``algo="auto"`` is the table's ``policy``: a rule from the geometry to a name.
+An explicitly named algorithm that does not support a pass gives way to the first entry in
+table order that does (on CUDA, direct's shared-memory tiles to im2col).
+
+Every device's registered launchers (``conv2d_forward`` ... at the end of this module for
+the CPU, kernels/cuda/conv.py for CUDA) go through ``ConvTable.pick``, and functional.py,
+the tests and the benchmarks read the names from the tables, so an unknown name is the
+same ValueError everywhere, raised before any kernel runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..backend import register
+from . import conv as C
+from . import conv_stride1 as S
+
+PASSES = ("forward", "backward_input", "backward_weight")
+
+
+def _everywhere(geom, pass_) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ConvAlgo:
+    """One algorithm: its launchers per pass (see the module docstring), where it runs, and
+    an optional specialisation tried first."""
+    name: str
+    forward: Callable | None
+    backward_input: Callable | None
+    backward_weight: Callable | None
+    supports: Callable = _everywhere
+    special: ConvAlgo | None = None
+
+    def run(self, pass_: str, geom, *arrays) -> None:
+        """Pass ``pass_`` on ``arrays`` (inputs, then the output), by the specialisation where
+        it supports the geometry."""
+        algo = self.special if self.special is not None and self.special.supports(geom, pass_) else self
+        getattr(algo, pass_)(*arrays, geom)
+
+
+class ConvTable:
+    """A device's algorithms, in order of fallback, and its 'auto' policy.
+
+    To add an algorithm: write its module (kernels, then launchers with the signatures in
+    this module's docstring, and a ``supports(geom, pass_)`` if it does not cover every
+    geometry), and add one ``ConvAlgo`` to the device's table. functional.py, the tests and
+    the benchmarks pick its name up from the table; 'auto' chooses it once the policy names
+    it."""
+
+    def __init__(self, algos, policy: Callable):
+        self.algos = tuple(algos)
+        self.by_name = {a.name: a for a in self.algos}
+        self.names = tuple(self.by_name)
+        self.policy = policy  # (geom, pass_) -> the name 'auto' runs
+
+    def check(self, algo) -> None:
+        """ValueError naming ``algo``, its value and the valid names, unless ``algo`` is one."""
+        if not isinstance(algo, str) or (algo != "auto" and algo not in self.by_name):
+            raise ValueError(f"algo must be one of {('auto',) + self.names}, got {algo!r}")
+
+    def pick(self, algo: str, geom, pass_: str) -> ConvAlgo:
+        """The entry that runs ``pass_`` of ``geom`` for ``algo`` (a name or 'auto')."""
+        self.check(algo)
+        entry = self.by_name[self.policy(geom, pass_) if algo == "auto" else algo]
+        if not entry.supports(geom, pass_):
+            entry = next(a for a in self.algos if a.supports(geom, pass_))
+        return entry
+
+    def run(self, algo: str, pass_: str, geom, *arrays):
+        """``pass_`` of ``geom`` by ``algo`` on ``arrays`` (inputs, then the output, which it
+        returns); nothing runs for an empty batch."""
+        entry = self.pick(algo, geom, pass_)
+        if geom.n:
+            entry.run(pass_, geom, *arrays)
+        return arrays[-1]
+
+
+# ----------------------------------------------------------------------------- the CPU table
+
+FLAT = ConvAlgo("direct, stride 1", S.forward_flat, S.backward_input_flat, S.backward_weight_flat,
+                supports=S.supports_flat)
+SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weight_shifted,
+                   supports=S.supports_shifted)
+
+# 'auto' runs the stride-1 direct kernels on output planes of at least this many pixels
+# (shorter flat runs pay the per-pass set-up and the dropped columns), and only up to
+# this many inputs per output (wider layers make a BLAS product with a long K the faster).
+FLAT_MIN_PLANE = 100
+FLAT_MAX_K = 576
+
+
+def auto_algo(geom, pass_: str) -> str:
+    """The CPU's 'auto' for ``pass_`` of ``geom``. Direct when each output reads fewer than
+    16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big enough, a
+    layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap to three),
+    and for the input-gradient, whose flat pass computes the C_in/G input channels four at a
+    time, at least 8 of them. im2col otherwise, and at stride 1 wherever the flat kernels
+    cannot run (a negative full padding, or planes over the scratch bound). (Measured per
+    shape and pass in bench/results/cpu-*.md.)"""
+    k = geom.cig * geom.kh * geom.kw
+    stride1 = geom.stride == (1, 1)
+    flat = (stride1 and geom.kh * geom.kw >= S.TAPS and geom.oh * geom.ow >= FLAT_MIN_PLANE and k <= FLAT_MAX_K
+            and (pass_ != "backward_input" or geom.cig >= 2 * S.QUAD))
+    if k >= 16 and not flat:
+        return "im2col"
+    return "im2col" if stride1 and not FLAT.supports(geom, pass_) else "direct"
+
+
+TABLE = ConvTable([
+    ConvAlgo("direct", C.forward_direct, C.backward_input_direct, C.backward_weight_direct, special=FLAT),
+    ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
+], auto_algo)
+
+register("conv2d_algorithms", "cpu")(lambda: TABLE)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+@register("conv2d_forward", "cpu")
+def forward(x, w, b, geom, algo):
+    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None)."""
+    b = np.zeros(geom.co, x.dtype) if b is None else b
+    return TABLE.run(algo, "forward", geom, x, w, b, np.empty(geom.y_shape, x.dtype))
+
+
+@register("conv2d_backward_input", "cpu")
+def backward_input(gy, w, geom, algo):
+    """gx (N, C, H, W) from gy (N, CO, OH, OW); also conv_transpose2d's forward."""
+    return TABLE.run(algo, "backward_input", geom, gy, w, np.empty(geom.x_shape, gy.dtype))
+
+
+@register("conv2d_backward_weight", "cpu")
+def backward_weight(x, gy, geom, algo):
+    """gw (CO, C/G, KH, KW); also conv_transpose2d's weight-gradient with x and gy swapped.
+    Zeros for an empty batch."""
+    return TABLE.run(algo, "backward_weight", geom, x, gy, np.zeros(geom.w_shape, x.dtype))

@@ -1,0 +1,450 @@
+"""Stride-1 specialisations of conv2d's two algorithms (kernels/conv.py): the same
+layouts, symbols and contract, faster where the stride is 1.
+
+    direct, stride 1   "flat" kernels: each tap is one long vectorised loop over a
+                       padded plane; the input-gradient is the flat forward of gy with
+                       the flipped kernel (SPEC.md section 3)
+    im2col, stride 1   "shifted" products: only the kw column shifts are unfolded, the
+                       kh row shifts are windows of one BLAS product (forward and
+                       weight-gradient; its input-gradient is the general one)
+
+Both hold padded planes of (oh + dh*(kh-1)) x (ow + dw*(kw-1)) elements per channel and
+thread, which grow with the dilation squared while the work does not; ``supports_flat``
+and ``supports_shifted`` turn them down where that plane would be far larger than the
+input and output planes (SCRATCH_RATIO), and the general kernels run instead.
+"""
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from . import PARALLEL
+from .blas import gemm
+from .conv import FASTMATH, KERNEL, _biased_run, _reduce_slots, backward_weight_direct, backward_weight_im2col
+from .index import copy_run
+
+
+# ----------------------------------------------------------------------------- direct, stride 1
+#
+# With stride 1 a tap (a, bb) reads the padded input plane shifted by a constant, so
+# if the output is computed on rows as wide as the padded plane (wp = ow + dw*(kw-1))
+# the whole plane is one run: acc.flat[j] += w * xp.flat[a*dh*wp + bb*dw + j] for
+# j < (oh-1)*wp + ow, a single long vectorised loop per tap instead of oh short ones.
+# The extra dw*(kw-1) columns per row are computed and dropped. Small planes of
+# consecutive samples sit end to end, so one run covers several (up to FLAT_RUN
+# elements; LeNet's 14x14 planes go five to a run, 1.3-1.5x faster than one). Tasks
+# are (run of samples, group) pairs dealt to per-thread slots, each with its own
+# padded planes.
+#
+# Each pass over a run does three taps for four output channels ("a quad"): it loads
+# three shifted inputs and four accumulators and does twelve FMAs. One tap per pass
+# would store an accumulator per FMA, and the stores, not the FMA units, would set the
+# pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). A group's channels go in
+# quads, then one at a time (three taps per pass still; depthwise layers have one
+# channel per group). The kh*kw taps are listed flat and padded with zero-weight taps
+# to a multiple of three, which read a run of zeros: never the input, where 0 * inf
+# would turn an inf output into NaN.
+
+TAPS = 3   # taps per pass over a run
+QUAD = 4   # output channels per pass
+FLAT_RUN = 1024  # elements per run, at most, when samples are batched into one
+LINE = 16  # float32 elements per 64-byte cache line
+
+
+@njit(**KERNEL)
+def pad_planes(x, c0, xp, ph, pw):
+    """xp (cg, hp, wp) = x[c0:c0+cg] shifted by (ph, pw) into zeros; x (C, H, W).
+
+    Writes the interior only: callers zero xp once (a buffer reused with the same sizes
+    keeps its zero border)."""
+    h, wd = x.shape[1], x.shape[2]
+    hp, wp = xp.shape[1], xp.shape[2]
+    r0, r1 = max(0, ph), min(hp, h + ph)
+    q0, q1 = max(0, pw), min(wp, wd + pw)
+    for ci in range(xp.shape[0]):
+        for r in range(r0, r1):
+            copy_run(x[c0 + ci, r - ph, q0 - pw:q1 - pw], xp[ci, r, q0:])
+
+
+@njit(cache=True)
+def _flat_sizes(oh, ow, kh, kw, dh, dw):
+    """Padded plane (hp, wp) and the length of the flat run covering the output."""
+    hp, wp = oh + dh * (kh - 1), ow + dw * (kw - 1)
+    return hp, wp, (oh - 1) * wp + ow
+
+
+@njit(**KERNEL)
+def to_wide_rows(planes, wide, wp):
+    """wide[c, r*wp:r*wp + ow] = planes[c, r]: planes (C, OH, OW) onto rows wp wide (the
+    flat runs' layout); the other columns of ``wide`` are left as they are."""
+    oh, ow = planes.shape[1], planes.shape[2]
+    for c in range(planes.shape[0]):
+        for r in range(oh):
+            copy_run(planes[c, r], wide[c, r * wp:])
+
+
+@njit(cache=True)
+def _flat_plan(n, oh, ow, kh, kw, dh, dw):
+    """Sizes of a stride-1 direct pass over ``n`` samples: ``(hp, wp, run, taps, offsets, nb)``
+    with the padded plane (hp, wp), one sample's flat output run, the taps padded to a
+    multiple of TAPS, each real tap's offset in the flat padded plane, and the samples per
+    run: small planes of consecutive samples sit end to end, so one pass covers several
+    (the outputs between them are computed and dropped), in runs of up to FLAT_RUN
+    elements, which keep the four accumulator rows in L1."""
+    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    offsets = np.empty(kh * kw, np.int64)
+    for t in range(kh * kw):
+        offsets[t] = (t // kw) * dh * wp + (t % kw) * dw
+    nb = max(1, min(n, FLAT_RUN // (hp * wp)))
+    return hp, wp, run, -(-(kh * kw) // TAPS) * TAPS, offsets, nb
+
+
+@njit(cache=True)
+def _row_buffer(slots, length, dtype):
+    """Zeroed (slots, QUAD, length) rows that each start on a cache line (Numba aligns an
+    array to 32 bytes; the row length is rounded up to whole lines). Unaligned rows make
+    half the accumulators' vector loads and stores straddle two lines: 8% slower forward."""
+    return np.zeros((slots, QUAD, -(-length // LINE) * LINE), dtype)
+
+
+@njit(**KERNEL)
+def _load_run(x, i0, m, c0, xp, ph, pw, run):
+    """Pad the m samples from i0 (channels c0 onwards) into the run buffer xp (cig, nb, hp, wp);
+    the length of their flat output run (``run`` per sample, the last one's only)."""
+    for s in range(m):
+        pad_planes(x[i0 + s], c0, xp[:, s], ph, pw)
+    return (m - 1) * xp.shape[2] * xp.shape[3] + run
+
+
+@njit(cache=True, inline="always")
+def _shifted(src, offsets, t, zeros):
+    """The input run that flat tap ``t`` reads: ``src`` from its offset, or ``zeros`` for a
+    padding tap."""
+    return src[offsets[t]:] if t < offsets.size else zeros
+
+
+@njit(cache=True, inline="always")
+def _tap_runs(src, offsets, k, zeros):
+    """The input runs of flat taps k, k+1, k+2."""
+    return (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
+            _shifted(src, offsets, k + 2, zeros))
+
+
+@njit(cache=True, inline="always")
+def _block(q, cog):
+    """Channels in the block starting at ``q`` of a group of ``cog``: a quad, else one."""
+    return QUAD if cog - q >= QUAD else 1
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _axpy_quad(wq, s0, s1, s2, a0, a1, a2, a3):
+    """a_u[j] += wq[u, 0]*s0[j] + wq[u, 1]*s1[j] + wq[u, 2]*s2[j], tap by tap, for u < 4.
+
+    The twelve weights are read into scalars before the loop: LLVM cannot prove that the
+    stores into a_u leave wq alone, and would reload them every iteration."""
+    w00, w01, w02 = wq[0, 0], wq[0, 1], wq[0, 2]
+    w10, w11, w12 = wq[1, 0], wq[1, 1], wq[1, 2]
+    w20, w21, w22 = wq[2, 0], wq[2, 1], wq[2, 2]
+    w30, w31, w32 = wq[3, 0], wq[3, 1], wq[3, 2]
+    for j in range(a0.size):
+        x0, x1, x2 = s0[j], s1[j], s2[j]
+        a0[j] = ((a0[j] + w00 * x0) + w01 * x1) + w02 * x2
+        a1[j] = ((a1[j] + w10 * x0) + w11 * x1) + w12 * x2
+        a2[j] = ((a2[j] + w20 * x0) + w21 * x1) + w22 * x2
+        a3[j] = ((a3[j] + w30 * x0) + w31 * x1) + w32 * x2
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _axpy_one(wt, s0, s1, s2, a):
+    """a[j] += wt[0]*s0[j] + wt[1]*s1[j] + wt[2]*s2[j], tap by tap: one channel."""
+    w0, w1, w2 = wt[0], wt[1], wt[2]
+    for j in range(a.size):
+        a[j] = ((a[j] + w0 * s0[j]) + w1 * s1[j]) + w2 * s2[j]
+
+
+@njit(parallel=PARALLEL, **KERNEL)
+def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
+    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
+    n = x.shape[0]
+    co, cig, kh, kw = w.shape
+    oh, ow = y.shape[2], y.shape[3]
+    cog = co // g
+    hp, wp, run, taps, offsets, nb = _flat_plan(n, oh, ow, kh, kw, dh, dw)
+    plane = hp * wp
+    blocks = -(-n // nb)
+    wt = np.zeros((co, cig, taps), w.dtype)  # the taps flat, zero-padded
+    wf = w.reshape(co, cig, kh * kw)
+    for o in range(co):
+        for ci in range(cig):
+            copy_run(wf[o, ci], wt[o, ci])
+    xp_buf = np.zeros((slots, cig, nb, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    acc_buf = _row_buffer(slots, nb * plane, x.dtype)
+    zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
+    for tid in prange(slots):
+        xp, acc = xp_buf[tid], acc_buf[tid]
+        for t in range(tid, blocks * g, slots):
+            i0, gi = (t // g) * nb, t % g
+            m = min(nb, n - i0)  # samples in this run
+            length = _load_run(x, i0, m, gi * cig, xp, ph, pw, run)
+            a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
+            o = gi * cog
+            while o < (gi + 1) * cog:
+                nu = _block(o - gi * cog, cog)
+                for u in range(nu):
+                    acc[u, :] = b[o + u]
+                for ci in range(cig):
+                    src = xp[ci].reshape(nb * plane)
+                    for k in range(0, taps, TAPS):
+                        s0, s1, s2 = _tap_runs(src, offsets, k, zeros)
+                        if nu == QUAD:
+                            _axpy_quad(wt[o:o + QUAD, ci, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
+                        else:
+                            _axpy_one(wt[o, ci, k:k + TAPS], s0, s1, s2, a0)
+                for s in range(m):
+                    for u in range(nu):
+                        for r in range(oh):
+                            copy_run(acc[u, s * plane + r * wp:s * plane + r * wp + ow], y[i0 + s, o + u, r])
+                o += nu
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot_quad(s0, s1, s2, g0, g1, g2, g3, out):
+    """out[u, k] += sum_j g_u[j] * s_k[j] for u < 4, k < 3: twelve dot products sharing
+    one pass over three shifted input runs and four gy runs."""
+    z = s0.dtype.type(0)
+    t00 = t01 = t02 = t10 = t11 = t12 = t20 = t21 = t22 = t30 = t31 = t32 = z
+    for j in range(g0.size):
+        x0, x1, x2 = s0[j], s1[j], s2[j]
+        h0, h1, h2, h3 = g0[j], g1[j], g2[j], g3[j]
+        t00, t01, t02 = t00 + h0 * x0, t01 + h0 * x1, t02 + h0 * x2
+        t10, t11, t12 = t10 + h1 * x0, t11 + h1 * x1, t12 + h1 * x2
+        t20, t21, t22 = t20 + h2 * x0, t21 + h2 * x1, t22 + h2 * x2
+        t30, t31, t32 = t30 + h3 * x0, t31 + h3 * x1, t32 + h3 * x2
+    sums = ((t00, t01, t02), (t10, t11, t12), (t20, t21, t22), (t30, t31, t32))
+    for u in range(QUAD):
+        for k in range(TAPS):
+            out[u, k] += sums[u][k]
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _dot_one(s0, s1, s2, h, out):
+    """out[k] += sum_j h[j] * s_k[j] for k < 3: one channel."""
+    t0 = t1 = t2 = s0.dtype.type(0)
+    for j in range(h.size):
+        t0, t1, t2 = t0 + h[j] * s0[j], t1 + h[j] * s1[j], t2 + h[j] * s2[j]
+    out[0] += t0
+    out[1] += t1
+    out[2] += t2
+
+
+@njit(parallel=PARALLEL, **KERNEL)
+def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
+    """Stride-1 weight-gradient: a long dot product per tap, twelve (three taps by four
+    output channels) per pass over the input, in per-slot partial sums; samples batched
+    into runs as in the forward (gy is 0 between them)."""
+    n = x.shape[0]
+    co, cig, kh, kw = gw.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    cog = co // g
+    hp, wp, run, taps, offsets, nb = _flat_plan(n, oh, ow, kh, kw, dh, dw)
+    plane = hp * wp
+    blocks = -(-n // nb)
+    xp_buf = np.zeros((slots, cig, nb, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    gyw_buf = _row_buffer(slots, nb * plane, x.dtype)  # gy on wide rows; the rest stays 0
+    partial = np.zeros((slots, co, cig, taps), x.dtype)
+    zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
+    for tid in prange(slots):
+        xp, rows, part = xp_buf[tid], gyw_buf[tid], partial[tid]
+        for t in range(tid, blocks * g, slots):
+            i0, gi = (t // g) * nb, t % g
+            m = min(nb, n - i0)  # samples in this run
+            length = _load_run(x, i0, m, gi * cig, xp, ph, pw, run)
+            g0, g1, g2, g3 = rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length]
+            o = gi * cog
+            while o < (gi + 1) * cog:
+                nu = _block(o - gi * cog, cog)
+                for s in range(m):
+                    to_wide_rows(gy[i0 + s, o:o + nu], rows[:, s * plane:(s + 1) * plane], wp)
+                for ci in range(cig):
+                    src = xp[ci].reshape(nb * plane)
+                    for k in range(0, taps, TAPS):
+                        s0, s1, s2 = _tap_runs(src, offsets, k, zeros)
+                        if nu == QUAD:
+                            _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, ci, k:k + TAPS])
+                        else:
+                            _dot_one(s0, s1, s2, g0, part[o, ci, k:k + TAPS])
+                o += nu
+    _reduce_slots(partial.reshape(slots, co * cig, taps), gw.reshape(co * cig, kh * kw))
+
+
+def flip_kernel(w, g):
+    """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW) rotated 180 degrees, group by group: the
+    weight of the stride-1 conv that computes conv2d's input-gradient (SPEC.md section 3)."""
+    co, cig, kh, kw = w.shape
+    cog = co // g
+    wf = w.reshape(g, cog, cig, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    return np.ascontiguousarray(wf.reshape(g * cig, cog, kh, kw))
+
+
+# ----------------------------------------------------------------------------- im2col, stride 1
+#
+# At stride 1 the unfolded columns of tap (a, bb) are the padded plane read from offset
+# a*dh*wp + bb*dw on "wide" rows (the flat runs of the direct kernels above). So the
+# kw column shifts are copied once, shifted[ci*kw + bb, j] = xp[ci].flat[bb*dw + j], and
+# the kh row shifts cost nothing: tap row a's columns are ``shifted`` read from column
+# a*dh*wp on, a window a BLAS product takes through its leading dimension. A pass is then
+# kh products with K = cig*kw, accumulated (beta = 1) on wide output rows, and the
+# unfolded copy is kw times the input instead of kh*kw times. Weights are rearranged to
+# w3 (kh, CO, CI/G*kw): w3[a, o, ci*kw + bb] = w[o, ci, a, bb].
+
+@njit(**KERNEL)
+def shift_columns(xp, shifted, kw, dw):
+    """shifted[ci*kw + bb, :] = xp[ci].flat[bb*dw:][:L], L = shifted's row length."""
+    cig, length = xp.shape[0], shifted.shape[1]
+    for ci in range(cig):
+        src = xp[ci].reshape(xp.shape[1] * xp.shape[2])
+        for bb in range(kw):
+            copy_run(src[bb * dw:bb * dw + length], shifted[ci * kw + bb])
+
+
+@njit(cache=True)
+def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
+    """Sizes of a stride-1 im2col pass with weights w3 (kh, co, k = cig*kw):
+    ``(kh, co, k, cig, cog, kw, hp, wp, run, L)``, with the padded plane (hp, wp), the flat
+    output run, and L the shifted rows' length, the longest that every tap row's window
+    (a*dh*wp + run <= L) and every shift fit."""
+    kh, co, k = w3_shape
+    cig, cog = c // g, co // g
+    kw = k // cig
+    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
+    return kh, co, k, cig, cog, kw, hp, wp, run, hp * wp - (kw - 1) * dw
+
+
+@njit(parallel=PARALLEL, **KERNEL)
+def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
+    """Stride-1 forward as kh products per (sample, group): y_g = sum_a w3[a]_g @ shifted(a)."""
+    n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
+    kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], w3.shape, g, oh, ow, dh, dw)
+    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    sh_buf = np.empty((slots, k, length), x.dtype)
+    out_buf = np.empty((slots, cog, oh * wp), x.dtype)
+    wf = w3.reshape(kh * co * k)
+    for tid in prange(slots):
+        xp, shifted, out = xp_buf[tid], sh_buf[tid], out_buf[tid]
+        sf, of = shifted.reshape(k * length), out.reshape(cog * oh * wp)
+        for t in range(tid, n * g, slots):
+            i, gi = t // g, t % g
+            pad_planes(x[i], gi * cig, xp, ph, pw)
+            shift_columns(xp, shifted, kw, dw)
+            for a in range(kh):
+                gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
+                     0.0 if a == 0 else 1.0, of, 0, oh * wp)
+            for o in range(cog):
+                for r in range(oh):
+                    _biased_run(out[o, r * wp:r * wp + ow], b[gi * cog + o], y[i, gi * cog + o, r])
+
+
+@njit(parallel=PARALLEL, **KERNEL)
+def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
+    """Stride-1 weight-gradient: gw3[a]_g += gy_g (wide rows) @ shifted(a)^T per sample,
+    in per-slot partial sums."""
+    n, oh, ow = x.shape[0], gy.shape[2], gy.shape[3]
+    kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], gw3.shape, g, oh, ow, dh, dw)
+    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    sh_buf = np.empty((slots, k, length), x.dtype)
+    gyw_buf = np.zeros((slots, cog, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
+    partial = np.zeros((slots, kh * co * k), x.dtype)
+    for tid in prange(slots):
+        xp, shifted, gyw, part = xp_buf[tid], sh_buf[tid], gyw_buf[tid], partial[tid]
+        sf, gf = shifted.reshape(k * length), gyw.reshape(cog * oh * wp)
+        for t in range(tid, n * g, slots):
+            i, gi = t // g, t % g
+            pad_planes(x[i], gi * cig, xp, ph, pw)
+            shift_columns(xp, shifted, kw, dw)
+            to_wide_rows(gy[i, gi * cog:(gi + 1) * cog], gyw, wp)
+            for a in range(kh):
+                gemm(False, True, cog, k, run, gf, 0, oh * wp, sf, a * dh * wp, length,
+                     1.0, part, (a * co + gi * cog) * k, k)
+    _reduce_slots(partial.reshape(slots, 1, kh * co * k), gw3.reshape(1, kh * co * k))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# The stride-1 kernels run where the padded plane is at most SCRATCH_RATIO times the input
+# and output planes together, plus SCRATCH_SLACK elements for small planes (a 1x1 input
+# padded by 1 for a 3x3 kernel). A 1x1 input with dilation=10000, padding=10000 and a 3x3
+# kernel (a 1x1 output) would need planes of 20001^2 elements per channel and thread (4.3
+# GB, 17 s); the general kernels' scratch is proportional to the output.
+SCRATCH_RATIO = 4
+SCRATCH_SLACK = 4096
+
+
+def _plane_fits(geom, pass_) -> bool:
+    """Whether the padded plane of ``pass_`` is within the bound. The input-gradient's flat
+    pass computes gx (h, w) from gy; the other passes compute planes of (oh, ow)."""
+    oh, ow = (geom.h, geom.w) if pass_ == "backward_input" else (geom.oh, geom.ow)
+    plane = (oh + geom.dh * (geom.kh - 1)) * (ow + geom.dw * (geom.kw - 1))
+    return plane <= SCRATCH_RATIO * (geom.h * geom.w + geom.oh * geom.ow) + SCRATCH_SLACK
+
+
+def _full_padding(geom) -> tuple[int, int]:
+    """Leading padding of the flipped stride-1 forward that computes the input-gradient:
+    gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (SPEC.md section 3)."""
+    return geom.dh * (geom.kh - 1) - geom.ph, geom.dw * (geom.kw - 1) - geom.pw
+
+
+def supports_flat(geom, pass_) -> bool:
+    """Stride 1, the plane bound, and for the input-gradient a full padding >= 0."""
+    if geom.stride != (1, 1) or not _plane_fits(geom, pass_):
+        return False
+    return pass_ != "backward_input" or min(_full_padding(geom)) >= 0
+
+
+def supports_shifted(geom, pass_) -> bool:
+    """Stride 1 and the plane bound; forward and weight-gradient only. (As a flipped forward
+    the input-gradient's products would have only CI/G rows, and the general w^T @ gy then
+    col2im measured as fast or faster on every benchmark shape.)"""
+    return geom.stride == (1, 1) and pass_ != "backward_input" and _plane_fits(geom, pass_)
+
+
+def forward_flat(x, w, b, y, geom):
+    conv2d_forward_flat(x, w, b, y, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+
+
+def backward_input_flat(gy, w, gx, geom):
+    """gx = the stride-1 forward of gy with the flipped kernel and the full padding."""
+    fh, fw = _full_padding(geom)
+    zeros = np.zeros(geom.c, gx.dtype)
+    conv2d_forward_flat(gy, flip_kernel(w, geom.g), zeros, gx, fh, fw, geom.dh, geom.dw, geom.g, get_num_threads())
+
+
+def backward_weight_flat(x, gy, gw, geom):
+    conv2d_backward_weight_flat(x, gy, gw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+    _exact_if_nan(x, gy, gw, geom, backward_weight_direct)
+
+
+def _taps_first(w):
+    """w (CO, CI/G, KH, KW) -> w3 (KH, CO, CI/G*KW), the stride-1 im2col products' layout."""
+    co, cig, kh, kw = w.shape
+    return np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, co, cig * kw)
+
+
+def forward_shifted(x, w, b, y, geom):
+    conv2d_forward_shifted(x, _taps_first(w), b, y, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+
+
+def backward_weight_shifted(x, gy, gw, geom):
+    gw3 = np.empty((geom.kh, geom.co, geom.cig * geom.kw), gw.dtype)
+    conv2d_backward_weight_shifted(x, gy, gw3, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+    gw[:] = gw3.reshape(geom.kh, geom.co, geom.cig, geom.kw).transpose(1, 2, 0, 3)
+    _exact_if_nan(x, gy, gw, geom, backward_weight_im2col)
+
+
+def _exact_if_nan(x, gy, gw, geom, general) -> None:
+    """Redo a stride-1 weight-gradient with the ``general`` kernel when it holds a NaN.
+
+    The flat and shifted kernels sum over wide rows, whose gap columns pair zeros of gy with
+    input pixels that the true sum never reads: an inf there makes a NaN that PyTorch does
+    not have. Only a non-finite input can do that, and a NaN in gw (a small array) shows it,
+    so finite inputs pay one scan of gw; the general kernel reads exact windows only."""
+    if np.isnan(gw).any():
+        gw[...] = 0
+        general(x, gy, gw, geom)
