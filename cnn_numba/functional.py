@@ -466,8 +466,8 @@ class BatchNorm(Function):
             if running[0] is not None:
                 m = x.size // c
                 kernel("batch_norm_update_stats", dev)(running[0], running[1], mean, var, momentum, m)
-        else:
-            mean, var = running
+        else:  # backward reads the mean: a copy (C values), since a later training pass updates it in place
+            mean, var = kernel("copy", dev)(running[0]), running[1]
         y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps)
         self.x, self.mean, self.invstd, self.w, self.has_wb, self.training = x, mean, invstd, w, has_wb, training
         return y

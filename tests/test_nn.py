@@ -223,6 +223,23 @@ def test_batch_norm_eval_uses_running_stats():
     np.testing.assert_allclose(gb, gy.sum((0, 2, 3)), rtol=1e-12)
 
 
+def test_batch_norm_eval_graph_survives_a_later_training_pass():
+    # The eval graph's backward reads the mean it normalised with, not the running mean a
+    # training pass updated in place afterwards (weight gradient = sum gy * xhat).
+    r = np.random.default_rng(8)
+    x, w, b = r.standard_normal((4, 3, 2, 2)), r.standard_normal(3), r.standard_normal(3)
+    rm, rv = r.standard_normal(3), r.random(3) + 0.5
+    s = (1, 3, 1, 1)
+    xhat = (x - rm.reshape(s)) / np.sqrt(rv.reshape(s) + 1e-5)
+    running = cn.tensor(rm.copy()), cn.tensor(rv.copy())
+    wt = cn.tensor(w, requires_grad=True)
+    y = F.batch_norm(x, *running, wt, b, training=False)
+    F.batch_norm(r.standard_normal((4, 3, 2, 2)) + 5.0, *running, wt, b, training=True)
+    assert not np.allclose(running[0].numpy(), rm)  # the training pass did move the running mean
+    y.sum().backward()
+    np.testing.assert_allclose(wt.grad.numpy(), xhat.sum((0, 2, 3)), rtol=1e-12)
+
+
 def test_batchnorm2d_module_train_eval_and_running_stats():
     r = np.random.default_rng(8)
     bn = nn.BatchNorm2d(3, momentum=0.2, dtype=np.float64)
