@@ -106,22 +106,27 @@ def _prefer_light_threading_layer() -> None:
     """Prefer TBB, then Numba's own workqueue, to OpenMP for the parallel kernels.
 
     A training step launches dozens of small parallel loops with Python work between them, so
-    the per-launch cost decides. Measured through the API on the 2-core machine, each layer in
-    its own process (NUMBA_THREADING_LAYER), rounds interleaved, while other jobs loaded it
-    (load average 2-6; then 6-11), median per call (min):
-        1x6x28x28 max pool:           tbb 18-42 us (18)      omp 30-350 us (13)     workqueue 54-214 us (53)
-                                      then                    omp 120-3250 us (41)   workqueue 118-346 us (108)
-        LeNet-5 inference, batch 1:   tbb 138-274 us (134)   omp 400-1990 us (125)  workqueue 336-862 us (330)
-                                      then                    omp 1.5-65 ms (0.6)    workqueue 0.8-1.3 ms (0.6)
-        LeNet-5 training step, b64:   tbb 6.3-6.9 ms         omp 8.8-16 ms          workqueue 7.4-7.9 ms
-                                      then                    omp 286-550 ms         workqueue 39-270 ms
-    OpenMP's workers spin after each loop: with a free core its launch is the cheapest, but a
-    training step is no faster than with workqueue and costs twice the CPU time (1.6-2.1 s
-    against 0.7 s for 40 steps), and when the cores are shared its medians are many times
-    workqueue's. TBB (a dependency on x86-64 Linux and Windows, made loadable from a
-    virtualenv by _load_environment_tbb) is best everywhere. workqueue does not allow two
-    Python threads in parallel kernels at once; backend.kernel serialises CPU launches when
-    it is the layer. NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by the user win.
+    the per-launch cost decides. Measured through the API on a 2-core machine, each layer in its
+    own process (NUMBA_THREADING_LAYER), while other jobs shared the cores; three sets of
+    interleaved rounds as the load average rose (2-3, 3-6, 6-11): median per run, over the runs
+    of a set (lowest single time):
+                                 tbb                  omp                  workqueue
+        max pool 1x6x28x28       18-42 us (18)        80-350 us (13)       54-214 us (53)
+                                 18-136 us (18)       30-81 us (14)        102-147 us (81)
+                                 45-47 us (32)        68-3250 us (41)      84-346 us (73)
+        LeNet-5 inference, b1    137-274 us (134)     0.40-0.82 ms (0.27)  336-862 us (330)
+                                 134-1564 us (131)    0.42-2.0 ms (0.13)   510-815 us (408)
+                                 274-434 us (162)     1.5-65 ms (0.41)     0.56-1.3 ms (0.50)
+        LeNet-5 training, b64    6.3-6.9 ms (5.4)     8.8-16 ms (6.6)      7.4-7.9 ms (7.0)
+                                 28-230 ms (7.5)      182-262 ms (45)      11-229 ms (7.1)
+                                 69-272 ms (20)       286-550 ms (34)      14-270 ms (7.1)
+    OpenMP's workers spin after each loop: with a free core its launch is the cheapest, but the
+    training step is slower than with workqueue at twice the CPU time (1.6-2.1 s against 0.7 s
+    for 40 steps), and when the cores are shared its medians are many times workqueue's, so it
+    comes last. TBB (a dependency on x86-64 Linux and Windows, made loadable from a virtualenv
+    by _load_environment_tbb) comes first. workqueue does not allow two Python threads in
+    parallel kernels at once: backend.kernel serialises CPU launches when it is the layer.
+    NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by the user win.
     """
     import numba
 

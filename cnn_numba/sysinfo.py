@@ -31,11 +31,13 @@ def _blas(module) -> str:
 
 
 def _blas_threads() -> dict[str, int] | None:
-    """Threads of each loaded BLAS by file name (threadpoolctl, only where it is installed)."""
+    """Threads of each loaded BLAS by the folder it lies in, e.g. numpy.libs and scipy.libs for
+    the wheels' own copies (threadpoolctl, only where it is installed)."""
     if importlib.util.find_spec("threadpoolctl") is None:
         return None
     from threadpoolctl import threadpool_info
-    return {os.path.basename(i["filepath"]): i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    return {os.path.basename(os.path.dirname(i["filepath"])): i["num_threads"] for i in threadpool_info()
+            if i["user_api"] == "blas"}
 
 
 def _cuda() -> str:
