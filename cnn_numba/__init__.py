@@ -32,17 +32,101 @@ def _single_threaded_kernel_blas() -> None:
 _single_threaded_kernel_blas()
 
 
+# The file names Numba asks the loader for (numba/np/ufunc/parallel.py,
+# _check_tbb_version_compatible), and where a pip or conda install puts them relative to
+# the environment's root: pip's tbb wheel installs libtbb.so.12 as <prefix>/lib (the wheel's
+# data files) and tbb12.dll as <prefix>\Library\bin, conda's tbb package the same.
+_TBB_FILES = {"linux": ("lib", "libtbb.so.12"), "win32": (os.path.join("Library", "bin"), "tbb12.dll"),
+              "darwin": ("lib", "libtbb.12.dylib")}
+
+
+def _environment_tbb() -> str | None:
+    """The path of this environment's TBB runtime, or None: <sys.prefix>/lib first, then
+    wherever the ``tbb`` distribution's files say (``pip install --user``, ``--prefix``)."""
+    import sys
+
+    where = _TBB_FILES.get("linux" if sys.platform.startswith("linux") else sys.platform)
+    if where is None:
+        return None
+    folder, name = where
+    path = os.path.join(sys.prefix, folder, name)
+    if os.path.isfile(path):
+        return path
+    from importlib import metadata
+    try:
+        files = metadata.distribution("tbb").files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == name:
+            path = str(f.locate())
+            return path if os.path.isfile(path) else None
+    return None
+
+
+def _load_environment_tbb() -> None:
+    """Load the TBB runtime that pip installed into this environment, so that Numba can use it.
+
+    pip puts libtbb.so.12 in <venv>/lib, which the dynamic loader does not search: Numba's
+    tbbpool extension (linked against libtbb.so.12 by name) fails to import and Numba quietly
+    falls back to another threading layer (numba issues #6108, #7148; the known workaround is
+    LD_LIBRARY_PATH=<venv>/lib, which must be set before Python starts). Loading the file by
+    its path first makes both ways Numba finds it, ``ctypes.CDLL("libtbb.so.12")`` for its
+    version check and the extension's link, resolve to the loaded copy: the loader matches a
+    loaded library by its soname (Windows: by module name). RTLD_GLOBAL so that its symbols
+    also serve libraries loaded later. It also wins over an older system libtbb.so.12, which
+    Numba would reject (numba issue #9740). Skipped when the user chose another layer, when a
+    libtbb is already in the process (a second copy would run two TBB schedulers), and once
+    Numba has picked its layer.
+    """
+    import ctypes
+
+    from numba.np.ufunc import parallel
+
+    layer = os.environ.get("NUMBA_THREADING_LAYER", "default").lower()
+    if getattr(parallel, "_is_initialized", False) or layer in ("omp", "workqueue"):
+        return
+    path = _environment_tbb()
+    if path is None:
+        return
+    name = os.path.basename(path)
+    if hasattr(os, "RTLD_NOLOAD"):
+        try:
+            ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+            return  # already loaded, e.g. by another package
+        except OSError:
+            pass
+    try:
+        ctypes.CDLL(path, mode=getattr(os, "RTLD_GLOBAL", 0))
+    except OSError:  # a broken or foreign-architecture file: Numba falls back as before
+        pass
+
+
 def _prefer_light_threading_layer() -> None:
     """Prefer TBB, then Numba's own workqueue, to OpenMP for the parallel kernels.
 
-    A training step launches dozens of small parallel loops with Python work between
-    them, so the per-launch cost decides: with Numba's OpenMP layer each launch cost
-    about 1.5 ms on a 2-core machine (a LeNet-5 step: 68 ms with OpenMP, 30 ms with
-    workqueue, in an early version), and TBB (a dependency on x86-64 Linux and Windows)
-    beat workqueue again by 20-30% (LeNet-5 10-15 ms vs 16-19 ms a step). Only the order
-    of preference changes: NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by
-    the user win. (workqueue, the fallback, does not allow two Python threads to run
-    parallel kernels at once.)
+    A training step launches dozens of small parallel loops with Python work between them, so
+    the per-launch cost decides. Measured through the API on a 2-core machine, each layer in its
+    own process (NUMBA_THREADING_LAYER), while other jobs shared the cores; three sets of
+    interleaved rounds as the load average rose (2-3, 3-6, 6-11): median per run, over the runs
+    of a set (lowest single time):
+                                 tbb                  omp                  workqueue
+        max pool 1x6x28x28       18-42 us (18)        80-350 us (13)       54-214 us (53)
+                                 18-136 us (18)       30-81 us (14)        102-147 us (81)
+                                 45-47 us (32)        68-3250 us (41)      84-346 us (73)
+        LeNet-5 inference, b1    137-274 us (134)     0.40-0.82 ms (0.27)  336-862 us (330)
+                                 134-1564 us (131)    0.42-2.0 ms (0.13)   510-815 us (408)
+                                 274-434 us (162)     1.5-65 ms (0.41)     0.56-1.3 ms (0.50)
+        LeNet-5 training, b64    6.3-6.9 ms (5.4)     8.8-16 ms (6.6)      7.4-7.9 ms (7.0)
+                                 28-230 ms (7.5)      182-262 ms (45)      11-229 ms (7.1)
+                                 69-272 ms (20)       286-550 ms (34)      14-270 ms (7.1)
+    OpenMP's workers spin after each loop: with a free core its launch is the cheapest, but the
+    training step is slower than with workqueue at twice the CPU time (1.6-2.1 s against 0.7 s
+    for 40 steps), and when the cores are shared its medians are many times workqueue's, so it
+    comes last. TBB (a dependency on x86-64 Linux and Windows, made loadable from a virtualenv
+    by _load_environment_tbb) comes first. workqueue does not allow two Python threads in
+    parallel kernels at once: backend.kernel serialises CPU launches when it is the layer.
+    NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by the user win.
     """
     import numba
 
@@ -51,6 +135,7 @@ def _prefer_light_threading_layer() -> None:
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
 
 
+_load_environment_tbb()
 _prefer_light_threading_layer()
 
 from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
@@ -60,11 +145,12 @@ from .tensor import (Function, Tensor, enable_grad, from_cuda_array, is_grad_ena
 from . import models, nn, optim
 from .random import manual_seed
 from .summary import summary
+from .sysinfo import show_config
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "from_cuda_array", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled",
-           "Function", "functional", "nn", "optim", "models", "manual_seed", "summary", "cuda_is_available",
-           "__version__"]
+           "Function", "functional", "nn", "optim", "models", "manual_seed", "summary", "show_config",
+           "cuda_is_available", "__version__"]
 
 
 def cuda_is_available() -> bool:

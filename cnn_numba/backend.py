@@ -7,7 +7,9 @@ A launcher takes and returns arrays of its device (numpy on "cpu").
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from typing import Callable
 
 import numba
@@ -26,18 +28,51 @@ def check_device(device) -> str:
     return base
 
 
+# Numba's workqueue threading layer aborts the process ("Concurrent access has been detected")
+# when two Python threads run parallel kernels at once; TBB and OpenMP allow it. Under
+# workqueue every CPU launcher is called with this lock held (a re-entrant one: a launcher may
+# look up another). The layer is known once Numba has started its threads; until then the lock
+# is taken too, so that the first calls cannot race.
+_LAUNCH_LOCK = threading.RLock()
+_SERIALISED: dict[str, Callable] = {}
+_serialise: bool | None = None  # None until Numba has picked its threading layer
+
+
+def _serialised(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        with _LAUNCH_LOCK:
+            return fn(*args, **kwargs)
+    return launch
+
+
+def _workqueue() -> bool:
+    global _serialise
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return True
+    _serialise = layer == "workqueue"
+    return _serialise
+
+
 def register(name: str, device: str = "cpu"):
     def deco(fn: Callable) -> Callable:
         _KERNELS[(name, device)] = fn
+        if device == "cpu":
+            _SERIALISED[name] = _serialised(fn)
         return fn
     return deco
 
 
 def kernel(name: str, device: str) -> Callable:
     try:
-        return _KERNELS[(name, device)]
+        fn = _KERNELS[(name, device)]
     except KeyError:
         raise RuntimeError(f"op {name!r} has no kernel for device {device!r}") from None
+    if device == "cpu" and (_serialise or (_serialise is None and _workqueue())):
+        return _SERIALISED[name]
+    return fn
 
 
 _cuda_loaded = False

@@ -4,6 +4,7 @@
     cnn-numba train --checkpoint runs/lenet5 --resume --epochs 10     # continue that run
     cnn-numba evaluate --checkpoint runs/lenet5                       # latest epoch_NNN.npz
     cnn-numba predict --checkpoint runs/lenet5/epoch_005.npz --index 0 1 2
+    cnn-numba info                                                    # versions, threads, BLAS, CUDA
 
 Exit status: 0 done; 1 training diverged (non-finite loss); 2 bad options, missing or bad data,
 an unusable device or checkpoint (one message on stderr, no traceback); 130 interrupted.
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(T.model_names())
     parser = argparse.ArgumentParser(prog="cnn-numba", description="Train and run CNNs on MNIST with cnn_numba.",
                                      epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,info}")
 
     # Run-defining options default to None so that --resume can take them from the checkpoint.
     t = sub.add_parser("train", help="train a model", description="Train a model; print the test "
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="default: the checkpoint's")
     _data_options(p, "the checkpoint's")
     p.set_defaults(func=_predict)
+
+    sub.add_parser("info", help="versions, threading layer, threads, BLAS and CUDA status",
+                   description="Print what cnn_numba runs on (cnn_numba.show_config()).").set_defaults(func=_info)
     return parser
 
 
@@ -124,6 +128,12 @@ def _evaluate(args) -> int:
 def _predict(args) -> int:
     T.run_predict(args.checkpoint, args.index, model_name=args.model, dataset=args.dataset,
                   data_dir=args.data_dir, device=args.device)
+    return 0
+
+
+def _info(args) -> int:
+    from .sysinfo import show_config
+    show_config()
     return 0
 
 
