@@ -20,6 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cnn_numba
@@ -101,3 +102,45 @@ def test_cache_falls_back_to_user_dir_when_source_is_read_only(tmp_path):
     assert str(xdg / "numba") in runs[0].stdout, runs[0].stdout     # the locator Numba chose
     # the second process loads the kernel from that cache instead of compiling it again
     assert "hits 1 misses 0" in runs[1].stdout, runs[1].stdout
+
+
+EDIT_SCRIPT = textwrap.dedent(r'''
+    import numpy as np
+    from cnn_numba.kernels import pool
+
+    x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+    y, _ = pool.max_pool2d(x, (3, 3), (1, 1), (1, 1), (0, 0), (1, 1))  # 1x1 window: y = x
+    stats = pool.max_pool2d_forward.stats
+    print("y", y.ravel().tolist())
+    print("hits", sum(stats.cache_hits.values()), "misses", sum(stats.cache_misses.values()))
+''')
+
+
+def test_editing_an_inlined_helper_recompiles_the_kernels_that_use_it(tmp_path):
+    """max_pool2d_forward (pool.py) inlines ``tap`` from index.py. Numba's own stamp is
+    pool.py's alone, so after editing ``tap`` it would load the old machine code."""
+    src = Path(cnn_numba.__file__).resolve().parent
+    site = tmp_path / "site"
+    shutil.copytree(src, site / "cnn_numba", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
+    script = tmp_path / "run_pool.py"
+    script.write_text(EDIT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(PYTHONPATH=str(site), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+
+    def run():
+        proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"
+        return proc.stdout
+
+    x = list(range(9))
+    assert run() == f"y {[float(v) for v in x]}\nhits 0 misses 1\n"
+    assert run() == f"y {[float(v) for v in x]}\nhits 1 misses 0\n"  # still cached across processes
+
+    index = site / "cnn_numba" / "kernels" / "index.py"
+    text = index.read_text()
+    assert text.count("return o * s - p + t * d\n") == 1
+    index.write_text(text.replace("return o * s - p + t * d\n", "return o * s - p + t * d + 1\n"))
+    # every output now reads the input one row and one column further on; past the edge, -inf
+    shifted = [4.0, 5.0, -np.inf, 7.0, 8.0, -np.inf, -np.inf, -np.inf, -np.inf]
+    assert run() == f"y {shifted}\nhits 0 misses 1\n"
