@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(T.model_names())
     parser = argparse.ArgumentParser(prog="cnn-numba", description="Train and run CNNs on MNIST with cnn_numba.",
                                      epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,warmup}")
 
     # Run-defining options default to None so that --resume can take them from the checkpoint.
     t = sub.add_parser("train", help="train a model", description="Train a model; print the test "
@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="default: the checkpoint's")
     _data_options(p, "the checkpoint's")
     p.set_defaults(func=_predict)
+
+    w = sub.add_parser("warmup", help="compile the kernels a training run needs (train does it when needed)",
+                       description="Compile, in parallel processes, the CPU kernels that training --model "
+                       "needs and Numba's on-disk cache lacks.")
+    w.add_argument("--model", default="lenet5", help=f"one of: {models} (default: lenet5)")
+    w.add_argument("--batch-size", type=_positive_int, default=64, help="default: 64")
+    w.add_argument("--optimizer", choices=T.OPTIMIZERS, default="sgd", help="default: sgd")
+    w.add_argument("--workers", type=int, metavar="N", help="child processes (default: CPUs - 1)")
+    w.set_defaults(func=_warmup)
     return parser
 
 
@@ -124,6 +133,15 @@ def _evaluate(args) -> int:
 def _predict(args) -> int:
     T.run_predict(args.checkpoint, args.index, model_name=args.model, dataset=args.dataset,
                   data_dir=args.data_dir, device=args.device)
+    return 0
+
+
+def _warmup(args) -> int:
+    from .warmup import warm_up_training
+    model = T.build_model(args.model)
+    optimizer = T.make_optimizer(args.optimizer, model.parameters(), T.DEFAULT_LR[args.optimizer])
+    if not warm_up_training(model, optimizer, args.batch_size, args.model, workers=args.workers):
+        print(f"kernels for {args.model} already compiled")
     return 0
 
 

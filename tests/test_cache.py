@@ -144,3 +144,103 @@ def test_editing_an_inlined_helper_recompiles_the_kernels_that_use_it(tmp_path):
     # every output now reads the input one row and one column further on; past the edge, -inf
     shifted = [4.0, 5.0, -np.inf, 7.0, 8.0, -np.inf, -np.inf, -np.inf, -np.inf]
     assert run() == f"y {shifted}\nhits 0 misses 1\n"
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+def _kernel_state():
+    """Per CPU kernel dispatcher: (compiled signatures, cache hits, cache misses)."""
+    from cnn_numba import warmup
+    return {id(d): (len(d.overloads), sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))
+            for m in warmup.kernel_modules() for d in vars(m).values() if hasattr(d, "overloads")}
+
+
+def test_dry_step_runs_no_kernel_and_changes_nothing():
+    from numba.core import event
+
+    from cnn_numba import random, train, warmup
+    model = train.build_model("lenet5")
+    opt = train.make_optimizer("adam", model.parameters(), 1e-3)
+    weights = {k: v.copy() for k, v in model.state_dict().items()}
+    rng = random.default_generator().bit_generator.state
+    before = _kernel_state()
+    with event.install_recorder("numba:compile") as compiles:
+        items = warmup.training_step_signatures(model, opt, 64)
+    assert not compiles.buffer, "the dry step compiled something"
+    assert _kernel_state() == before, "the dry step ran or loaded a kernel"
+    assert all(np.array_equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert opt.state == {} and all(p.grad is None for p in model.parameters())
+    assert random.default_generator().bit_generator.state == rng
+    names = {d.py_func.__name__ for d, _ in items}
+    # LeNet-5's step: stride-1 convs, max pool and its backward, relu, cross-entropy, adam
+    assert {"relu_forward_kernel", "relu_backward_kernel", "max_pool2d_forward", "scatter_planes",
+            "cross_entropy_forward", "cross_entropy_backward", "adam_step", "conv2d_backward_bias"} <= names
+    assert len(items) == len({(id(d), s) for d, s in items}), "a signature recorded twice"
+
+
+def test_warm_up_compiles_exactly_what_the_step_then_uses():
+    """After compiling the recorded signatures, a real training step (and an eval forward)
+    compiles nothing and loads nothing: the recorded signatures are the step's own."""
+    from cnn_numba import functional as F
+    from cnn_numba import train, warmup
+    from cnn_numba.tensor import no_grad, tensor
+    model = train.build_model("lenet5")
+    opt = train.make_optimizer("sgd", model.parameters(), 0.05)
+    warmup.compile_items(warmup.training_step_signatures(model, opt, 8), workers=0)
+    before = _kernel_state()
+    x = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    loss = F.cross_entropy(model(tensor(x)), tensor(np.arange(8) % 10))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.eval()
+    with no_grad():
+        model(tensor(x))
+    assert _kernel_state() == before
+    assert warmup.missing(warmup.training_step_signatures(model, opt, 8)) == []
+
+
+WORKER_SCRIPT = textwrap.dedent(r'''
+    import sys
+    import numpy as np
+    from cnn_numba import warmup
+    from cnn_numba.kernels import elementwise as E
+
+    if sys.argv[1] == "spawn":
+        warmup._can_fork = lambda: False
+    warmup.plan = lambda items, workers, spawn: [items[:1], items[1:]]  # one here, one in the child
+    a = np.ones(3, np.float32)
+    with warmup.recording() as items:
+        E.relu_forward(a)
+        E.relu_backward(a, a)
+    todo = warmup.missing(items)
+    print("missing", sorted(d.py_func.__name__ for d, _ in todo))
+    warmup.compile_items(todo, workers=1, progress=lambda done, total: print("progress", done, total))
+    print("compiled here", sorted(d.py_func.__name__ for d, s in items if s in d.overloads))
+''')
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_worker_processes_fill_the_disk_cache(tmp_path, start):
+    script = tmp_path / "warm.py"
+    script.write_text(WORKER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    root = str(Path(cnn_numba.__file__).resolve().parent.parent)
+    env.update(PYTHONPATH=root, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, str(script), start], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = runs[0].stdout.splitlines(), runs[1].stdout.splitlines()
+    assert first[0] == "missing ['relu_backward_kernel', 'relu_forward_kernel']"
+    assert sorted(first[1:3]) == ["progress 1 2", "progress 2 2"]
+    # one kernel compiled in this process, the other in the child, which only wrote the cache
+    assert len(first[3].split(",")) == 1, first
+    assert second[0] == "missing []", second  # the child's kernel too was found in the cache
+
+
+def test_warmup_command_reports_a_warm_cache(capsys):
+    from cnn_numba import cli
+    assert cli.main(["warmup", "--model", "lenet5", "--workers", "0"]) == 0
+    assert cli.main(["warmup", "--model", "lenet5", "--workers", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "kernels for lenet5 already compiled"
