@@ -113,34 +113,42 @@ def training_step_signatures(model, optimizer, batch_size: int, num_classes: int
     from .backend import kernel
     from .tensor import no_grad, tensor
 
+    from .random import default_generator
+
     model_c, opt_c = copy.deepcopy((model, optimizer))
     device = getattr(next(iter(model.parameters()), None), "device", "cpu")
     shape = tuple(28 if v is None else v for v in getattr(model, "input_shape", (1, 28, 28)))  # MNIST
     x = np.zeros((batch_size, *shape), np.float32)
     y = np.zeros(batch_size, np.int64)
-    with recording() as found, np.errstate(all="ignore"):
-        model_c.train()
-        logits = model_c(tensor(x, device=device))
-        loss = F.cross_entropy(logits, tensor(y, device=device))
-        opt_c.zero_grad()
-        loss.backward()
-        opt_c.step()
-        kernel("count_correct", device)(logits.data, y)
-        model_c.eval()
-        with no_grad():
-            model_c(tensor(x, device=device))
+    rng = default_generator().bit_generator.state  # dropout draws from it; a resumed run replays it
+    try:
+        with recording() as found, np.errstate(all="ignore"):
+            model_c.train()
+            logits = model_c(tensor(x, device=device))
+            loss = F.cross_entropy(logits, tensor(y, device=device))
+            opt_c.zero_grad()
+            loss.backward()
+            opt_c.step()
+            kernel("count_correct", device)(logits.data, y)
+            model_c.eval()
+            with no_grad():
+                model_c(tensor(x, device=device))
+    finally:
+        default_generator().bit_generator.state = rng
     return found
 
 
 def _cached(dispatcher, sig) -> bool:
-    """Whether ``sig`` is compiled in this process or indexed in the on-disk cache."""
-    if tuple(sig) in dispatcher.overloads:
+    """Whether ``sig`` is compiled in this process or indexed in the on-disk cache (a kernel
+    without ``cache=True`` counts as cached: a warm-up could not keep it for the run)."""
+    from numba.core.caching import NullCache
+    if tuple(sig) in dispatcher.overloads or isinstance(dispatcher._cache, NullCache):
         return True
     try:
         cache = dispatcher._cache
         key = cache._index_key(sig, dispatcher.targetctx.codegen())
         return key in cache._cache_file._load_index()
-    except Exception:  # no cache (NullCache), or Numba's internals changed: compile it
+    except Exception:  # Numba's internals changed: compile it
         return False
 
 

@@ -155,11 +155,20 @@ def _kernel_state():
             for m in warmup.kernel_modules() for d in vars(m).values() if hasattr(d, "overloads")}
 
 
-def test_dry_step_runs_no_kernel_and_changes_nothing():
+def _with_dropout():
+    from cnn_numba import nn
+    return nn.Sequential(nn.Conv2d(1, 4, 5, stride=3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.5),
+                         nn.Linear(4 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "with-dropout"])
+def test_dry_step_runs_no_kernel_and_changes_nothing(name):
+    """Nothing compiles, runs or moves: weights, optimiser state, the random generator
+    (dropout draws from it; an exact resume replays it)."""
     from numba.core import event
 
     from cnn_numba import random, train, warmup
-    model = train.build_model("lenet5")
+    model = train.build_model("lenet5") if name == "lenet5" else _with_dropout()
     opt = train.make_optimizer("adam", model.parameters(), 1e-3)
     weights = {k: v.copy() for k, v in model.state_dict().items()}
     rng = random.default_generator().bit_generator.state
@@ -172,7 +181,7 @@ def test_dry_step_runs_no_kernel_and_changes_nothing():
     assert opt.state == {} and all(p.grad is None for p in model.parameters())
     assert random.default_generator().bit_generator.state == rng
     names = {d.py_func.__name__ for d, _ in items}
-    # LeNet-5's step: stride-1 convs, max pool and its backward, relu, cross-entropy, adam
+    # the step: convs, max pool and its backward, relu, cross-entropy, adam
     assert {"relu_forward_kernel", "relu_backward_kernel", "max_pool2d_forward", "scatter_planes",
             "cross_entropy_forward", "cross_entropy_backward", "adam_step", "conv2d_backward_bias"} <= names
     assert len(items) == len({(id(d), s) for d, s in items}), "a signature recorded twice"
