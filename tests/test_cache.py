@@ -253,3 +253,28 @@ def test_warmup_command_reports_a_warm_cache(capsys):
     assert cli.main(["warmup", "--model", "lenet5", "--workers", "0"]) == 0
     assert cli.main(["warmup", "--model", "lenet5", "--workers", "0"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "kernels for lenet5 already compiled"
+
+
+def test_cached_cuda_kernels_are_stamped_with_every_kernel_source(tmp_path):
+    """numba-cuda has its own caching module: the stamped locators go there too (decorating
+    needs no GPU; under the simulator nothing is cached, so this runs without it)."""
+    script = textwrap.dedent(r'''
+        from numba.cuda.dispatcher import CUDACache, CUDADispatcher
+        from cnn_numba.kernels import sourcecache
+        from cnn_numba.kernels.cuda import elementwise
+        caches = [d._cache for d in vars(elementwise).values()
+                  if isinstance(d, CUDADispatcher) and isinstance(d._cache, CUDACache)]
+        assert caches, "no cached CUDA kernel"
+        for c in caches:
+            locator = c._impl.locator
+            assert isinstance(locator, sourcecache._KernelSourcesStamp), type(locator)
+            assert locator.get_source_stamp() == ("cnn_numba.kernels", sourcecache.sources_digest())
+        print("ok", len(caches))
+    ''')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(PYTHONPATH=str(Path(cnn_numba.__file__).resolve().parent.parent), NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode and "CudaSupportError" in proc.stderr:
+        pytest.skip("numba-cuda cannot load here")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.startswith("ok ")
