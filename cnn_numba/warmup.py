@@ -252,7 +252,7 @@ def compile_items(items: list, workers: int | None = None,
                   progress: Callable[[int, int], None] = lambda done, total: None) -> None:
     """Compile each (dispatcher, signature), spread over this process and ``workers`` child
     processes (default one fewer than the CPUs); ``progress(done, total)`` after each."""
-    workers = default_workers() if workers is None else workers
+    workers = default_workers() if workers is None else max(0, workers)
     fork = _can_fork()
     shares = plan(items, min(workers, max(0, len(items) - 1)), spawn=not fork)
     total, done = len(items), [0]
