@@ -82,7 +82,8 @@ def _recording_class(cls):
 @contextlib.contextmanager
 def recording():
     """Within the block, kernel calls from Python are recorded instead of run; yields the
-    list that gets the distinct ``(dispatcher, signature)`` pairs, in call order."""
+    list that gets the distinct ``(dispatcher, signature)`` pairs, in call order. It acts on
+    the dispatchers themselves: no other thread may run kernels meanwhile."""
     global _recorded
     if _recorded is not None:
         raise RuntimeError("warm-up recording is not reentrant")
