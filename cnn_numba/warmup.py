@@ -84,22 +84,36 @@ def recording():
     """Within the block, kernel calls from Python are recorded instead of run; yields the
     list that gets the distinct ``(dispatcher, signature)`` pairs, in call order. It acts on
     the dispatchers themselves: no other thread may run kernels meanwhile."""
+    import numba
     global _recorded
     if _recorded is not None:
         raise RuntimeError("warm-up recording is not reentrant")
-    dispatchers = {id(d): d for m in kernel_modules() for d in _dispatchers(m).values()}
+    modules = kernel_modules()
+    dispatchers = {id(d): d for m in modules for d in _dispatchers(m).values()}
     classes = {i: type(d) for i, d in dispatchers.items()}
+    # numba.get_num_threads() starts the thread pool, after which forking is unsafe
+    # (_can_fork): the launchers read the count Numba would start with instead.
+    counting = [m for m in modules if getattr(m, "get_num_threads", None) is numba.get_num_threads]
     _recorded = {}
     found: list = []
     try:
         for d in dispatchers.values():
             d.__class__ = _recording_class(type(d))
+        for m in counting:
+            m.get_num_threads = _configured_threads
         yield found
     finally:
         for i, d in dispatchers.items():
             d.__class__ = classes[i]
+        for m in counting:
+            m.get_num_threads = numba.get_num_threads
         found.extend(_recorded.values())
         _recorded = None
+
+
+def _configured_threads() -> int:
+    from numba import config
+    return config.NUMBA_NUM_THREADS
 
 
 def training_step_signatures(model, optimizer, batch_size: int, num_classes: int | None = None) -> list:

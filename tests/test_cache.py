@@ -278,3 +278,19 @@ def test_cached_cuda_kernels_are_stamped_with_every_kernel_source(tmp_path):
         pytest.skip("numba-cuda cannot load here")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.startswith("ok ")
+
+
+def test_dry_step_leaves_the_process_fit_to_fork(tmp_path):
+    """The launchers ask numba.get_num_threads(), which starts the thread pool; after that
+    forking is unsafe and the warm-up would spawn children instead (~0.5 s of import each)."""
+    script = textwrap.dedent(r'''
+        from numba.np.ufunc import parallel
+        from cnn_numba import train, warmup
+        model = train.build_model("lenet5")
+        warmup.training_step_signatures(model, train.make_optimizer("sgd", model.parameters(), 0.05), 64)
+        print(parallel._is_initialized, warmup._can_fork())
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(Path(cnn_numba.__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["False", "True" if sys.platform.startswith("linux") else "False"]
