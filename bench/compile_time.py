@@ -1,6 +1,19 @@
-"""First-call (compile) time of every CPU kernel: cold cache, then warm cache.
+"""First-call (compile) time of every CPU kernel: cold cache, then warm cache; and the
+cold start of training: two LeNet-5 steps at batch 64 from an empty cache.
 
-    python bench/compile_time.py
+    python bench/compile_time.py            # both tables
+    python bench/compile_time.py --lenet5   # only the LeNet-5 cold start
+
+LeNet-5 cold start: each row a fresh process and a fresh empty NUMBA_CACHE_DIR (the warm
+rows reuse the cache the row before filled), timing import to the end of the second step
+of the default training run (sgd, momentum 0.9, batch 64; random data, so no dataset is
+needed). "serial" lets the steps compile as they go; "warm-up" first runs
+cnn_numba.warmup (what ``train`` does on a cold cache: the kernels compiled in this
+process and one fewer child processes than CPUs). CPU is user+sys, of the process and of
+its children (the warm-up's workers): on a shared machine it is the steadier figure; the
+wall time is what a user waits. The per-kernel table lists each compiled function's own
+compile time (its helpers' compiles subtracted) in the serial cold run, from Numba's
+``numba:compile`` events.
 
 Runs two child processes sharing a fresh temporary NUMBA_CACHE_DIR. The first compiles
 every kernel (cold); the second finds them all in the cache (cached: type inference is
@@ -97,8 +110,91 @@ def child() -> None:
     print(json.dumps(times))
 
 
-def run_child(env) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--child"], env=env, cwd=ROOT,
+def lenet5_child(warm_up: bool) -> None:
+    """Two LeNet-5 training steps from import on; print timings and compile events as JSON."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    from numba.core import event
+
+    events, stack = [], []
+
+    class Compiles(event.Listener):
+        def on_start(self, ev):
+            stack.append([time.process_time(), 0.0])
+
+        def on_end(self, ev):
+            start, inner = stack.pop()
+            cpu = time.process_time() - start
+            if stack:
+                stack[-1][1] += cpu
+            d = ev.data["dispatcher"]
+            events.append((f"{d.py_func.__module__.rsplit('.', 1)[-1]}.{d.py_func.__qualname__}",
+                           ", ".join(str(a) for a in ev.data["args"]), cpu - inner))
+
+    event.register("numba:compile", Compiles())
+    import numpy as np
+    from cnn_numba import functional as F
+    from cnn_numba import train as T
+    from cnn_numba import warmup
+    from cnn_numba.tensor import tensor
+
+    model = T.build_model("lenet5")
+    opt = T.make_optimizer("sgd", model.parameters(), T.DEFAULT_LR["sgd"])
+    out = {"import_s": time.perf_counter() - t0}
+    if warm_up:
+        t = time.perf_counter()
+        out["kernels_compiled_by_warmup"] = warmup.warm_up_training(model, opt, 64, "lenet5", stream=sys.stderr)
+        out["warmup_s"] = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    for step in (1, 2):
+        t = time.perf_counter()
+        x = rng.standard_normal((64, 1, 28, 28)).astype(np.float32)
+        y = rng.integers(0, 10, 64)
+        model.train()
+        loss = F.cross_entropy(model(tensor(x)), tensor(y))
+        loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out[f"step{step}_s"] = time.perf_counter() - t
+    children = os.times()
+    out.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+               children_cpu_s=children.children_user + children.children_system, compiles=events)
+    print(json.dumps(out))
+
+
+def lenet5_table() -> None:
+    rows = []
+    for label, warm_up, fresh in (("cold, serial", False, True), ("warm (cached)", False, False),
+                                  ("cold, warm-up", True, True), ("warm, warm-up (nothing to do)", True, False)):
+        if fresh:
+            cache = tempfile.mkdtemp(prefix="cnn_numba_cache_")
+            caches.append(cache)
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        rows.append((label, run_child(env, ["--lenet5-child"] + (["--warm-up"] if warm_up else []))))
+    print("\nLeNet-5, two training steps at batch 64, from import (fresh process; cold = empty cache)\n")
+    print("| run | wall s | CPU s (process + children) | import s | warm-up s | step 1 s | step 2 s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, r in rows:
+        print(f"| {label} | {r['wall_s']:.1f} | {r['cpu_s'] + r['children_cpu_s']:.1f} "
+              f"({r['cpu_s']:.1f} + {r['children_cpu_s']:.1f}) | {r['import_s']:.2f} | "
+              f"{r.get('warmup_s', 0):.1f} | {r['step1_s']:.2f} | {r['step2_s']:.3f} |")
+    serial = rows[0][1]["compiles"]
+    print("\nCompile CPU time per function and signature, serial cold run (helpers' own compiles "
+          "subtracted; numba internals under 0.05 s left out)\n")
+    print("| function | CPU s | argument types |")
+    print("|---|---:|---|")
+    for name, args, cpu in sorted(serial, key=lambda e: -e[2]):
+        if cpu >= 0.05 or name.startswith(("conv.", "pool.", "nn.", "elementwise.", "blas.", "index.")):
+            print(f"| {name} | {cpu:.2f} | {args[:120]} |")
+    print(f"| **all {len(serial)} compiles** | **{sum(e[2] for e in serial):.1f}** | |")
+
+
+caches: list = []
+
+
+def run_child(env, args=("--child",)) -> dict:
+    res = subprocess.run([sys.executable, __file__, *args], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=False)
     if res.returncode:
         sys.exit(f"child failed ({res.returncode}):\n{res.stderr}")
@@ -133,5 +229,13 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--child"]:
         child()
+    elif sys.argv[1:2] == ["--lenet5-child"]:
+        lenet5_child(warm_up="--warm-up" in sys.argv)
     else:
-        main()
+        try:
+            if sys.argv[1:] != ["--lenet5"]:
+                main()
+            lenet5_table()
+        finally:
+            for c in caches:
+                shutil.rmtree(c, ignore_errors=True)

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(T.model_names())
     parser = argparse.ArgumentParser(prog="cnn-numba", description="Train and run CNNs on MNIST with cnn_numba.",
                                      epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,info}")
+    sub = parser.add_subparsers(dest="command")
 
     # Run-defining options default to None so that --resume can take them from the checkpoint.
     t = sub.add_parser("train", help="train a model", description="Train a model; print the test "
@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="versions, threading layer, threads, BLAS and CUDA status",
                    description="Print what cnn_numba runs on (cnn_numba.show_config()).").set_defaults(func=_info)
+    w = sub.add_parser("warmup", help="compile the kernels a training run needs (train does it when needed)",
+                       description="Compile, in parallel processes, the CPU kernels that training --model "
+                       "needs and Numba's on-disk cache lacks.")
+    w.add_argument("--model", default="lenet5", help=f"one of: {models} (default: lenet5)")
+    w.add_argument("--batch-size", type=_positive_int, default=64, help="default: 64")
+    w.add_argument("--optimizer", choices=T.OPTIMIZERS, default="sgd", help="default: sgd")
+    w.add_argument("--workers", type=int, metavar="N", help="child processes (default: CPUs - 1)")
+    w.set_defaults(func=_warmup)
     return parser
 
 
@@ -134,6 +142,15 @@ def _predict(args) -> int:
 def _info(args) -> int:
     from .sysinfo import show_config
     show_config()
+    return 0
+
+
+def _warmup(args) -> int:
+    from .warmup import warm_up_training
+    model = T.build_model(args.model)
+    optimizer = T.make_optimizer(args.optimizer, model.parameters(), T.DEFAULT_LR[args.optimizer])
+    if not warm_up_training(model, optimizer, args.batch_size, args.model, workers=args.workers):
+        print(f"kernels for {args.model} already compiled")
     return 0
 
 

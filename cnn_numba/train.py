@@ -725,6 +725,9 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
     out(f"{config.model}: {log['model']['parameters']:,} parameters; {log['data']['train']} training, "
         f"{log['data']['val']} validation images; {config.optimizer} lr {config.lr:g}, batch {config.batch_size}"
         f"{extras}")
+    if device == "cpu":  # a cold cache: compile the step's kernels now, in parallel, saying so
+        from .warmup import warm_up_training
+        warm_up_training(model, optimizer, config.batch_size, config.model)
     try:
         for epoch in range((start.epoch if start else 0) + 1, config.epochs + 1):
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],

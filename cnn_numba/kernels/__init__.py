@@ -1,6 +1,10 @@
 """Numba kernels. Importing this package registers the CPU launchers with the backend."""
 from numba.core.cpu_options import ParallelOptions
 
+from .sourcecache import install_cpu
+
+install_cpu()  # before any @njit(cache=True) is decorated: the stamp covers every kernel file
+
 # What ``parallel=`` means for every parallel CPU kernel: its explicit ``prange`` loop and
 # nothing else. With ``parallel=True`` Numba also turns array expressions (np.zeros of a
 # scratch buffer, .sum of per-thread partials) into parallel loops, each compiled as one

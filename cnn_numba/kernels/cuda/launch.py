@@ -10,16 +10,20 @@ Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before numba is
 imported; CI has no GPU) every thread is a Python thread: blocks are kept small
 there so tests on tiny shapes stay fast. Kernel code is identical in both.
 
-Numba's on-disk cache checks only the source file of the kernel itself: after editing
-a helper that kernels in another module compile in (kernels/index.py, the optimiser
-updates in kernels/nn.py), delete the ``__pycache__`` folders so no stale kernel loads.
+Cached kernels are stamped with every kernel source (kernels/sourcecache.py), so editing
+a helper they compile in (kernels/index.py, the optimiser updates in kernels/nn.py)
+recompiles them.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import config, cuda
 
+from ..sourcecache import install_cuda
+
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+if not SIMULATOR:
+    install_cuda()  # before any cached @cuda.jit below is decorated
 
 # Threads per block of one-thread-per-item launches (a multiple of the warp, 32).
 BLOCK = 32 if SIMULATOR else 256
