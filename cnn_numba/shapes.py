@@ -3,7 +3,7 @@
 Every public op resolves its arguments here, in Python, before any kernel runs, so a
 bad argument is a ``ValueError``/``TypeError`` naming the argument and the shapes.
 
-Sizes per spatial dimension (SPEC.md section 1), with ``k`` kernel, ``s`` stride,
+Sizes per spatial dimension (docs/convolution.md), with ``k`` kernel, ``s`` stride,
 ``p0``/``p1`` padding before/after, ``d`` dilation, ``op`` output_padding:
 
     conv2d            o = floor((i + p0 + p1 - d*(k-1) - 1) / s) + 1

@@ -13,7 +13,7 @@ Contract: every kernel *writes* (=) its output array; none accumulates into what
 the caller passed. The caller allocates outputs; kernels never allocate per
 element.
 
-Dualities (SPEC.md section 1): conv_transpose2d's forward is ``backward_input``,
+Dualities (docs/convolution.md): conv_transpose2d's forward is ``backward_input``,
 its input-gradient is ``forward``, its weight-gradient is ``backward_weight`` with
 the roles of x and gy swapped. So this module has no transposed-conv kernels.
 
@@ -398,7 +398,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
 
 def flip_kernel(w, g):
     """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW) rotated 180 degrees, group by group: the
-    weight of the stride-1 conv that computes conv2d's input-gradient (SPEC.md section 3)."""
+    weight of the stride-1 conv that computes conv2d's input-gradient (docs/convolution.md)."""
     co, cig, kh, kw = w.shape
     cog = co // g
     wf = w.reshape(g, cog, cig, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
