@@ -48,3 +48,12 @@ def test_readme_accuracies_are_the_checked_runs():
         for k in (*T.RUN_KEYS, "epochs"):
             assert log["args"].get(k, getattr(config, k)) == getattr(config, k), (r.name, k)
         assert accuracy["check"](r, r.quoted) is None and accuracy["check"](r, r.floor - 0.01) is not None
+
+
+def test_the_repository_cites_only_what_it_holds():
+    """Docs and comments cite docs/ pages, not design notes outside the repository."""
+    files = [*ROOT.glob("*.md"), *ROOT.glob("docs/*.md"), *ROOT.glob("bench/*.md"),
+             *ROOT.glob("cnn_numba/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]
+    assert not [str(f.relative_to(ROOT)) for f in files if "SPEC" + ".md" in f.read_text()]
+    for link in re.findall(r"\]\((docs/[^)#]+)", (ROOT / "README.md").read_text()):
+        assert (ROOT / link).is_file(), link
