@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import recipes
 from . import train as T
 
 EPILOG = ("Data: MNIST/Fashion-MNIST are looked for in --data-dir (default $CNN_NUMBA_DATA, else "
@@ -70,16 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(t, "mnist")
     t.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default: 10)")
     t.add_argument("--batch-size", type=_positive_int, help="default: 64")
-    t.add_argument("--lr", type=_positive_float, help="learning rate (default: 0.05 for sgd, 0.001 for adam/adamw)")
-    t.add_argument("--optimizer", choices=T.OPTIMIZERS, help=f"sgd has momentum {T.SGD_MOMENTUM} (default: sgd)")
+    t.add_argument("--lr", type=_positive_float, help="learning rate, the peak one with onecycle (default: the "
+                   "recipe's; for another optimizer: "
+                   + ", ".join(f"{k} {v:g}" for k, v in recipes.DEFAULT_LR.items()) + ")")
+    t.add_argument("--optimizer", choices=T.OPTIMIZERS, help=f"sgd has momentum {T.SGD_MOMENTUM}. Defaults for "
+                   f"--optimizer, --lr, --schedule, --weight-decay, the model's recipe: {recipes.help_text()}")
     t.add_argument("--seed", type=int, help="seeds the split, the weights and the batch order (default: 0)")
     t.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only N training images, drawn at random with --seed")
     t.add_argument("--val-fraction", type=_fraction, help="held out for validation (default: 0.1; 0: none)")
     t.add_argument("--weight-decay", type=_non_negative_float, metavar="WD",
-                   help="L2 penalty (AdamW: decoupled) (default: the optimizer's, 0 for sgd/adam, 0.01 for adamw)")
+                   help="L2 penalty (AdamW: decoupled) (default: the recipe's, else the optimizer's: 0 for "
+                   "sgd/adam, 0.01 for adamw)")
     t.add_argument("--schedule", choices=T.SCHEDULES,
-                   help="learning rate per epoch: constant, or cosine annealing from --lr to 0 (default: constant)")
+                   help="constant; cosine: annealed from --lr to 0 epoch by epoch; onecycle: every batch, up "
+                   "from --lr/25 to --lr over the first 30%%, then down to ~0 (default: the recipe's)")
     t.add_argument("--augment", action="store_true", default=None,
                    help="random shifts of up to 2 pixels each batch; also left-right flips for fashion-mnist")
     t.add_argument("--checkpoint", metavar="DIR", help="save DIR/epoch_NNN.npz every epoch, and DIR/log.json")
@@ -110,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "needs and Numba's on-disk cache lacks.")
     w.add_argument("--model", default="lenet5", help=f"one of: {models} (default: lenet5)")
     w.add_argument("--batch-size", type=_positive_int, default=64, help="default: 64")
-    w.add_argument("--optimizer", choices=T.OPTIMIZERS, default="sgd", help="default: sgd")
+    w.add_argument("--optimizer", choices=T.OPTIMIZERS, help="default: the model's recipe (see train --help)")
     w.add_argument("--workers", type=int, metavar="N", help="child processes (default: CPUs - 1)")
     w.set_defaults(func=_warmup)
     return parser
@@ -148,7 +154,8 @@ def _info(args) -> int:
 def _warmup(args) -> int:
     from .warmup import warm_up_training
     model = T.build_model(args.model)
-    optimizer = T.make_optimizer(args.optimizer, model.parameters(), T.DEFAULT_LR[args.optimizer])
+    run = recipes.resolve(args.model, "mnist", args.optimizer)
+    optimizer = T.make_optimizer(run.optimizer, model.parameters(), run.lr)
     if not warm_up_training(model, optimizer, args.batch_size, args.model, workers=args.workers):
         print(f"kernels for {args.model} already compiled")
     return 0

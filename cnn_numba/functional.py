@@ -3,7 +3,7 @@
 Each op is a small ``Function``: ``forward`` on device arrays, then ``backward``
 right under it. Kernels come from the backend by (name, device); nothing here
 assumes the CPU. Arguments are checked in Python (shapes.py) before any kernel
-runs. Conv dualities used below (SPEC.md section 1):
+runs. Conv dualities used below (docs/convolution.md):
 
     conv_transpose2d forward         = conv2d backward_input
     conv_transpose2d backward_input  = conv2d forward

@@ -1,4 +1,4 @@
-"""Reference models built from cnn_numba.nn (SPEC.md section 4).
+"""Reference models built from cnn_numba.nn (docs/networks.md).
 
     lenet5()                  modern LeNet-5 (ReLU, max pooling), (N, 1, 28, 28)
     lenet5(classic=True)      LeCun 1998: trainable subsampling, C3 connection table, scaled tanh
@@ -39,7 +39,7 @@ class Network(nn.Sequential):
 
 
 def lenet5(num_classes: int = 10, classic: bool = False) -> Network:
-    """The common modern LeNet-5 (SPEC.md section 4) for (N, 1, 28, 28) images: ReLU instead of
+    """The common modern LeNet-5 (docs/networks.md) for (N, 1, 28, 28) images: ReLU instead of
     sigmoid squashing, max pooling instead of trainable subsampling, C3 fully connected to S2,
     and logits for softmax instead of RBF units. 61,706 parameters with 10 classes.
 
@@ -67,7 +67,7 @@ def lenet5(num_classes: int = 10, classic: bool = False) -> Network:
 
 
 def lenet5_classic(num_classes: int = 10) -> Network:
-    """LeNet-5 as LeCun et al. (1998) tabulate it (SPEC.md section 4), for (N, 1, 28, 28) MNIST
+    """LeNet-5 as LeCun et al. (1998) tabulate it (docs/networks.md), for (N, 1, 28, 28) MNIST
     images: C1 pads by 2, which is the paper's 32x32 input. Squashing after the S-layers
     (sigmoid, as the S-layers are described) and after C5 and F6 (LeCun's 1.7159 tanh(2x/3));
     a linear 10-way head replaces the RBF output units.

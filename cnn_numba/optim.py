@@ -14,6 +14,7 @@ Schedulers set ``group["lr"]`` from the closed form of their schedule at ``last_
     LinearLR           base_lr * (start + (end - start) * min(t, total_iters) / total_iters)   (warm-up)
     LambdaLR           base_lr * lr_lambda(t)
     SequentialLR       the schedule of schedulers[i] between milestones, t restarting at 0 at each
+    OneCycleLR         per batch: up from max_lr/div_factor to max_lr, then down to almost 0
 
 Closed forms make two schedulers driving one optimiser at once overwrite each other
 (PyTorch's chainable forms multiply); chain them in time with SequentialLR instead.
@@ -356,7 +357,99 @@ class SequentialLR(LRScheduler):
         super().load_state_dict(state_dict)
 
 
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy (Smith and Topin 2017), PyTorch's OneCycleLR, stepped after every batch.
+    The lr rises from ``initial_lr = max_lr / div_factor`` to ``max_lr`` over the first
+    ``pct_start * total_steps - 1`` steps, then falls to ``min_lr = initial_lr / final_div_factor``
+    at step ``total_steps - 1`` (``three_phase``: back to initial_lr first, then to min_lr). The
+    momentum (SGD's ``momentum``, Adam's ``betas[0]``) moves the other way between max_momentum
+    and base_momentum. Each phase anneals by ``"cos"`` (start + end)/2 + (start - end)/2 cos(pi p)
+    or ``"linear"``, p the fraction of the phase done. The bounds live in the param groups
+    (initial_lr, max_lr, min_lr, max_momentum, base_momentum), so a resumed optimiser carries them."""
+
+    def __init__(self, optimizer, max_lr, total_steps: int | None = None, epochs: int | None = None,
+                 steps_per_epoch: int | None = None, pct_start: float = 0.3, anneal_strategy: str = "cos",
+                 cycle_momentum: bool = True, base_momentum=0.85, max_momentum=0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False, last_epoch: int = -1):
+        if total_steps is None:
+            if epochs is None or steps_per_epoch is None:
+                raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+            total_steps = epochs * steps_per_epoch
+        if not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"Expected positive integer total_steps, but got {total_steps}")
+        if not 0 <= pct_start <= 1:
+            raise ValueError(f"Expected float between 0 and 1 pct_start, but got {pct_start}")
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', instead got {anneal_strategy}")
+        groups = optimizer.param_groups
+        self.total_steps, self.cycle_momentum = total_steps, cycle_momentum
+        self._anneal = self._cos if anneal_strategy == "cos" else self._linear
+        up = float(pct_start * total_steps) - 1
+        # (last step of the phase, lr from, lr to, momentum from, momentum to)
+        self._phases = ([(up, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                         (2 * up, "max_lr", "initial_lr", "base_momentum", "max_momentum"),
+                         (total_steps - 1, "initial_lr", "min_lr", "max_momentum", "max_momentum")]
+                        if three_phase else
+                        [(up, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                         (total_steps - 1, "max_lr", "min_lr", "base_momentum", "max_momentum")])
+        if cycle_momentum:
+            if "momentum" not in optimizer.defaults and "betas" not in optimizer.defaults:
+                raise ValueError("optimizer must support momentum or beta1 with `cycle_momentum` option enabled")
+            self._use_beta1 = "betas" in optimizer.defaults
+        if last_epoch == -1:
+            for g, top, low, high in zip(groups, _per_group(max_lr, groups, "max_lr"),
+                                         _per_group(base_momentum, groups, "base_momentum"),
+                                         _per_group(max_momentum, groups, "max_momentum")):
+                g.update(initial_lr=top / div_factor, max_lr=top, min_lr=top / div_factor / final_div_factor)
+                if cycle_momentum:
+                    g.update(max_momentum=high, base_momentum=low)
+                    self._set_momentum(g, high)
+        super().__init__(optimizer, last_epoch)
+
+    @staticmethod
+    def _cos(start, end, pct):
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    @staticmethod
+    def _linear(start, end, pct):
+        return (end - start) * pct + start
+
+    def _set_momentum(self, group, value):
+        if self._use_beta1:
+            group["betas"] = (value, *group["betas"][1:])
+        else:
+            group["momentum"] = value
+
+    def get_lr(self):
+        t = self.last_epoch
+        if t > self.total_steps:
+            raise ValueError(f"Tried to step {t} times. The specified number of total steps is {self.total_steps}")
+        lrs = []
+        for g in self.optimizer.param_groups:
+            start = 0.0
+            for i, (end, lr_a, lr_b, m_a, m_b) in enumerate(self._phases):
+                if t <= end or i == len(self._phases) - 1:
+                    pct = (t - start) / (end - start)
+                    lrs.append(self._anneal(g[lr_a], g[lr_b], pct))
+                    if self.cycle_momentum:
+                        self._set_momentum(g, self._anneal(g[m_a], g[m_b], pct))
+                    break
+                start = end
+        return lrs
+
+    def state_dict(self):
+        return {k: v for k, v in super().state_dict().items() if k != "_anneal"}
+
+
+def _per_group(value, groups, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(f"expected {len(groups)} values for {name}, got {len(value)}")
+        return list(value)
+    return [value] * len(groups)
+
+
 __all__ = [
     "Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "ExponentialLR", "CosineAnnealingLR",
-    "LinearLR", "LambdaLR", "SequentialLR",
+    "LinearLR", "LambdaLR", "SequentialLR", "OneCycleLR",
 ]

@@ -5,7 +5,7 @@ bad argument is a ``ValueError``/``TypeError`` naming the argument and the shape
 layer's arguments become one ``ConvGeom`` (``conv2d_geom``, ``conv_transpose2d_geom``),
 which every conv launcher reads by field name.
 
-Sizes per spatial dimension (SPEC.md section 1), with ``k`` kernel, ``s`` stride,
+Sizes per spatial dimension (docs/convolution.md), with ``k`` kernel, ``s`` stride,
 ``p0``/``p1`` padding before/after, ``d`` dilation, ``op`` output_padding:
 
     conv2d            o = floor((i + p0 + p1 - d*(k-1) - 1) / s) + 1
@@ -125,7 +125,7 @@ class ConvGeom:
 
     Stride (sh, sw); padding (ph, pw) leading, top and left, and (ph_end, pw_end) trailing,
     bottom and right, which only sets (oh, ow); dilation (dh, dw); g groups. A
-    conv_transpose2d layer is the conv2d whose adjoint it is (SPEC.md section 1): its input
+    conv_transpose2d layer is the conv2d whose adjoint it is (docs/convolution.md): its input
     is that conv2d's y, its output that conv2d's x, and its output_padding a trailing
     padding of ``p - output_padding`` (a crop where negative), so the sizes above hold for
     both.

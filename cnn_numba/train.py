@@ -50,7 +50,7 @@ from typing import Callable
 import numpy as np
 
 from . import functional as F
-from . import models, optim
+from . import models, optim, recipes
 from .backend import check_device, kernel
 from .fileio import atomic_write, read_npz
 from .data import (DATA_DIR_ENV, FASHION_MNIST_MEAN, FASHION_MNIST_STD, MNIST_MEAN, MNIST_STD, DataLoader,
@@ -61,14 +61,13 @@ from .tensor import no_grad, tensor
 NUM_CLASSES = 10
 NORMALIZE = {"mnist": (MNIST_MEAN, MNIST_STD), "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD)}
 OPTIMIZERS = ("sgd", "adam", "adamw")
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 SGD_MOMENTUM = 0.9
 EVAL_BATCH = 256
 CHECKPOINT_RE = re.compile(r"epoch_(\d+)\.npz")
 # Settings that define a run: resuming with any of them changed would not continue the same run.
 RUN_KEYS = ("model", "dataset", "optimizer", "lr", "batch_size", "seed", "limit", "val_fraction",
             "weight_decay", "schedule", "augment")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "onecycle")
 # Registry names for model functions called with keywords or under a shorter name.
 ALIASES = {"lenet5-classic": ("lenet5", {"classic": True}),
            "mobilenet": ("mobilenet_small", {}),
@@ -92,14 +91,15 @@ class TrainConfig:
     dataset: str = "mnist"
     epochs: int = 10
     batch_size: int = 64
-    lr: float | None = None          # None: DEFAULT_LR of the optimiser
-    optimizer: str = "sgd"           # sgd (momentum 0.9), adam, adamw
+    # None in these four: from the model's recipe (recipes.py).
+    lr: float | None = None          # the peak lr with onecycle
+    optimizer: str | None = None     # sgd (momentum 0.9), adam, adamw
     device: str = "cpu"
     seed: int = 0
     limit: int | None = None         # use only `limit` training images, drawn with `seed`
     val_fraction: float = 0.1        # 0: no validation set
-    weight_decay: float | None = None  # None: the optimiser's default (PyTorch's)
-    schedule: str = "constant"       # learning rate per epoch: constant, or cosine from lr to 0
+    weight_decay: float | None = None  # None after the recipe: the optimiser's default (PyTorch's)
+    schedule: str | None = None      # constant; cosine from lr to 0 per epoch; onecycle per batch
     augment: bool = False            # random shifts of up to 2 pixels (and flips for fashion-mnist)
     checkpoint: str | None = None    # folder for epoch_NNN.npz (and log.json)
     resume: bool = False             # continue from the latest checkpoint in `checkpoint`
@@ -580,8 +580,10 @@ class _LineProgress:
             print(f"{self.desc}: {self.n}/{self.total} batches{self.postfix}", file=sys.stderr, flush=True)
 
 
-def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool) -> dict:
-    """One pass of mini-batch updates; raises DivergedError at the first non-finite loss."""
+def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool,
+                batch_scheduler=None) -> dict:
+    """One pass of mini-batch updates, stepping ``batch_scheduler`` after each; raises
+    DivergedError at the first non-finite loss."""
     model.train()
     n = correct = 0
     loss_sum = 0.0
@@ -599,6 +601,8 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if batch_scheduler is not None:
+                batch_scheduler.step()
             n += len(y)
             loss_sum += value * len(y)
             correct += kernel("count_correct", device)(logits.data, y_dev.data)
@@ -641,9 +645,9 @@ def check_config(values: dict, where: str = "TrainConfig") -> None:
 
 def _resolve(config: TrainConfig) -> TrainConfig:
     check_config({k: getattr(config, k) for k in ("epochs", *RUN_KEYS)})
-    if config.optimizer not in OPTIMIZERS:
+    if config.optimizer not in (None, *OPTIMIZERS):
         raise TrainError(f"unknown optimizer {config.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
-    if config.schedule not in SCHEDULES:
+    if config.schedule not in (None, *SCHEDULES):
         raise TrainError(f"unknown schedule {config.schedule!r}; available: {', '.join(SCHEDULES)}")
     if config.dataset not in NORMALIZE:
         raise TrainError(f"unknown dataset {config.dataset!r}; available: {', '.join(NORMALIZE)}")
@@ -651,8 +655,9 @@ def _resolve(config: TrainConfig) -> TrainConfig:
         raise TrainError("--resume needs --checkpoint DIR (the folder of the run to continue)")
     if config.plots and importlib.util.find_spec("matplotlib") is None:
         raise TrainError("--plots needs matplotlib, which is not installed: pip install matplotlib")
-    lr = DEFAULT_LR[config.optimizer] if config.lr is None else float(config.lr)
-    return dataclasses.replace(config, lr=lr)
+    run = recipes.resolve(config.model, config.dataset, config.optimizer, config.lr, config.schedule,
+                          config.weight_decay)
+    return dataclasses.replace(config, **dataclasses.asdict(run))
 
 
 def _start_point(config: TrainConfig, out) -> Checkpoint | None:
@@ -710,6 +715,11 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
     # (PyTorch's last_epoch; the optimiser state just loaded holds each group's initial_lr).
     scheduler = (optim.CosineAnnealingLR(optimizer, config.epochs, last_epoch=start.epoch - 1 if start else -1)
                  if config.schedule == "cosine" else None)
+    # onecycle is stepped after every batch, the same way: a resumed run starts at its batch count.
+    done = (start.epoch if start else 0) * len(loader)
+    batch_scheduler = (optim.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * len(loader),
+                                        last_epoch=done - 1)
+                       if config.schedule == "onecycle" else None)
     folder = Path(config.checkpoint) if config.checkpoint else None
     log_path = Path(config.log) if config.log else folder / "log.json" if folder else None
     log = {"command": "train", "status": "running", "args": dataclasses.asdict(config),
@@ -720,7 +730,7 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
            "resumed_from": str(start.path) if start else None, "epochs": history}
     last_good = start.path if start else None
     extras = "".join([f", weight decay {config.weight_decay:g}" if config.weight_decay is not None else "",
-                      ", cosine schedule" if scheduler is not None else "",
+                      f", {config.schedule} schedule" if config.schedule != "constant" else "",
                       ", augmented" if config.augment else ""])
     out(f"{config.model}: {log['model']['parameters']:,} parameters; {log['data']['train']} training, "
         f"{log['data']['val']} validation images; {config.optimizer} lr {config.lr:g}, batch {config.batch_size}"
@@ -731,7 +741,8 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
     try:
         for epoch in range((start.epoch if start else 0) + 1, config.epochs + 1):
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                      **train_epoch(model, optimizer, loader, epoch, config.epochs, device, config.progress)}
+                      **train_epoch(model, optimizer, loader, epoch, config.epochs, device, config.progress,
+                                  batch_scheduler)}
             if scheduler is not None:
                 scheduler.step()
             _check_finite(model, epoch)

@@ -12,7 +12,7 @@ from cnn_numba import models, nn, optim
 def test_lenet5_parameter_count_and_shapes():
     cn.manual_seed(0)
     model = models.lenet5()
-    # SPEC.md section 4: conv 156 + 2,416, fc 48,120 + 10,164 + 850
+    # docs/networks.md: conv 156 + 2,416, fc 48,120 + 10,164 + 850
     assert sum(p.size for p in model.parameters()) == 61706
     counts = {k: v.size for k, v in model.state_dict().items()}
     assert counts == {"conv1.weight": 150, "conv1.bias": 6, "conv2.weight": 2400, "conv2.bias": 16,

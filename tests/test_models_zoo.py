@@ -1,5 +1,5 @@
-"""The reference models of models.py and their layers (nn/extra.py): structure and the SPEC.md
-section 4 counts taken from built modules, output shapes, a whole-model float64 gradient check
+"""The reference models of models.py and their layers (nn/extra.py): structure and the
+docs/networks.md counts taken from built modules, output shapes, a whole-model float64 gradient check
 against central finite differences for a tiny version of every model, the C3 connection mask,
 SGD steps that lower the loss, and input-shape errors."""
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_lenet5_default_is_still_the_modern_one():
 
 
 def test_inception_3a_conv_weights_from_built_modules():
-    # SPEC.md section 4: the three conv branches, no bias, pool branch not counted.
+    # docs/networks.md: the three conv branches, no bias, pool branch not counted.
     with_red = nn.InceptionBlock(192, 64, 96, 128, 16, 32, 32, bias=False)
     without = nn.InceptionBlock(192, 64, None, 128, None, 32, 32, bias=False)
     assert conv_weights(with_red.branch1, with_red.branch2, with_red.branch3) == 157184

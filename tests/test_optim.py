@@ -363,3 +363,66 @@ def test_schedulers_match_torch():
              lambda o, m: m.SequentialLR(o, [m.LinearLR(o, 0.1, total_iters=3), m.CosineAnnealingLR(o, 8)], [3])]
     for make in cases:
         np.testing.assert_allclose(lrs(lambda o: make(o, optim), 12), torch_lrs(make, 12), rtol=1e-9, atol=1e-12)
+
+
+def test_one_cycle_lr_and_momentum_match_torch():
+    """Both phases (and three_phase), cos and linear, SGD's momentum and Adam's beta1, per group."""
+    torch = pytest.importorskip("torch")
+
+    def history(make_opt, make_sched, steps, get_momentum):
+        o = make_opt()
+        s = make_sched(o)
+        out = [(o.param_groups[0]["lr"], get_momentum(o.param_groups[1]), o.param_groups[1]["lr"])]
+        for _ in range(steps):
+            o.step()
+            s.step()
+            out.append((o.param_groups[0]["lr"], get_momentum(o.param_groups[1]), o.param_groups[1]["lr"]))
+        return np.array(out)
+
+    beta1, momentum = (lambda g: g["betas"][0]), (lambda g: g["momentum"])
+    cases = [("SGD", dict(momentum=0.9), momentum, dict(max_lr=[0.5, 0.2], total_steps=11)),
+             ("Adam", {}, beta1, dict(max_lr=0.01, epochs=3, steps_per_epoch=4, pct_start=0.25,
+                                      anneal_strategy="linear", div_factor=10, final_div_factor=100)),
+             ("AdamW", {}, beta1, dict(max_lr=0.02, total_steps=13, three_phase=True, base_momentum=0.8))]
+    for name, kw, get_m, skw in cases:
+        steps = skw.get("total_steps") or skw["epochs"] * skw["steps_per_epoch"]
+        ours = history(lambda: getattr(optim, name)([{"params": [param([0.0])]}, {"params": [param([0.0])]}],
+                                                    lr=1.0, **kw),
+                       lambda o: optim.OneCycleLR(o, **skw), steps, get_m)
+        theirs = history(lambda: getattr(torch.optim, name)([{"params": [torch.zeros(1, requires_grad=True)]},
+                                                             {"params": [torch.zeros(1, requires_grad=True)]}],
+                                                            lr=1.0, **kw),
+                         lambda o: torch.optim.lr_scheduler.OneCycleLR(o, **skw), steps, get_m)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-15, err_msg=name)
+
+
+def test_one_cycle_lr_resumes_from_the_optimizer_state_and_checks_its_arguments():
+    opt = optim.Adam([param([0.0])], lr=1.0)
+    sched = optim.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    for _ in range(4):
+        sched.step()
+    expected = [sched.step() or (opt.param_groups[0]["lr"], *opt.param_groups[0]["betas"]) for _ in range(6)]
+    with pytest.raises(ValueError, match="Tried to step 11 times"):
+        sched.step()
+
+    resumed = optim.Adam([param([0.0])], lr=1.0)
+    fresh = optim.OneCycleLR(optim.Adam([param([0.0])], lr=1.0), max_lr=0.1, total_steps=10)
+    for _ in range(4):
+        fresh.step()
+    resumed.load_state_dict(fresh.optimizer.state_dict())  # holds initial_lr, max_lr, min_lr, momenta
+    again = optim.OneCycleLR(resumed, max_lr=0.1, total_steps=10, last_epoch=4)
+    got = [(resumed.param_groups[0]["lr"], *resumed.param_groups[0]["betas"])]
+    got += [again.step() or (resumed.param_groups[0]["lr"], *resumed.param_groups[0]["betas"]) for _ in range(5)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+    with pytest.raises(KeyError, match="initial_lr"):
+        optim.OneCycleLR(optim.SGD([param([0.0])], lr=1.0), max_lr=0.1, total_steps=10, last_epoch=3)
+    with pytest.raises(ValueError, match="momentum or beta1"):
+        class Plain(optim.Optimizer):
+            def _update(self, p, g, group, state):
+                pass
+        optim.OneCycleLR(Plain([param([0.0])], {"lr": 1.0}), max_lr=0.1, total_steps=10)
+    for bad in (dict(total_steps=0), dict(total_steps=5, pct_start=1.5), dict(total_steps=5, anneal_strategy="x"),
+                dict(epochs=2)):
+        with pytest.raises(ValueError):
+            optim.OneCycleLR(optim.SGD([param([0.0])], lr=1.0), max_lr=0.1, **bad)

@@ -1,5 +1,5 @@
-"""cnn_numba.summary: the SPEC.md section 4 oracles (LeNet-5's table, Inception 3a, ResNet
-blocks) read off the summary of built modules, the counting rules of section 1, receptive
+"""cnn_numba.summary: the docs/networks.md oracles (LeNet-5's table, Inception 3a, ResNet
+blocks) read off the summary of built modules, the counting rules of docs/convolution.md, receptive
 fields through known stacks, and that summarising leaves the model as it was."""
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def branch_conv_weights(block, input_shape):
 
 
 def test_inception_3a_weights_with_and_without_reductions():
-    # SPEC.md section 4: three conv branches of GoogLeNet's 3a module, no bias, pool branch not counted.
+    # docs/networks.md: three conv branches of GoogLeNet's 3a module, no bias, pool branch not counted.
     assert branch_conv_weights(nn.InceptionBlock(192, 64, 96, 128, 16, 32, 32, bias=False), (192, 2, 2)) == 157184
     assert branch_conv_weights(nn.InceptionBlock(192, 64, None, 128, None, 32, 32, bias=False), (192, 2, 2)) == 387072
     rows, totals = cn.summary(nn.InceptionBlock(192, 64, 96, 128, 16, 32, 32, bias=False), (192, 2, 2), verbose=False)

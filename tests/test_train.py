@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import cnn_numba as cn
-from cnn_numba import cli, models, nn
+from cnn_numba import cli, models, nn, recipes
 from cnn_numba import train as T
 from cnn_numba.data import datasets, fetch, write_idx
 from cnn_numba.data.fetch import FILES
@@ -112,9 +113,10 @@ def test_train_writes_checkpoint_log_and_test_accuracy(capsys, data_dir, tmp_pat
     saved = arrays(ck / "epoch_002.npz")  # loads without pickle
     assert int(saved["epoch"]) == 2 and str(saved["model_name"]) == "lenet5"
     assert saved["model/conv1.weight"].shape == (6, 1, 5, 5)
-    assert saved["optimizer/0/momentum_buffer"].shape == (6, 1, 5, 5)
+    assert saved["optimizer/0/exp_avg"].shape == (6, 1, 5, 5)
     args = json.loads(str(saved["args"]))
-    assert (args["limit"], args["batch_size"], args["seed"], args["optimizer"]) == (256, 32, 3, "sgd")
+    assert (args["limit"], args["batch_size"], args["seed"]) == (256, 32, 3)
+    assert (args["optimizer"], args["lr"], args["schedule"]) == ("adam", 0.003, "onecycle")  # lenet5's recipe
     rng = json.loads(str(saved["rng"]))
     assert rng["loader_seed"] == 3 and rng["loader_epoch"] == 2 and rng["generator"]["bit_generator"] == "PCG64"
 
@@ -206,6 +208,47 @@ def test_cosine_schedule_augmentation_and_weight_decay(capsys, data_dir, tmp_pat
         with pytest.raises(SystemExit) as info:  # argparse's usage error
             train_quick(capsys, data_dir, *bad)
         assert info.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_onecycle_run_cut_after_an_epoch_resumes_exactly(capsys, data_dir, tmp_path):
+    # The cycle spans --epochs, so the cut run is started with the same --epochs and its
+    # last checkpoint removed, as if it had been stopped there.
+    code, straight_out, err = train_quick(capsys, data_dir, "--epochs", "2", "--checkpoint", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = train_quick(capsys, data_dir, "--epochs", "2", "--checkpoint", tmp_path / "b")
+    assert code == 0, err
+    (tmp_path / "b" / "epoch_002.npz").unlink()
+    code, resumed_out, err = run(capsys, "train", "--data-dir", data_dir, "--checkpoint", tmp_path / "b",
+                                 "--resume", "--epochs", "2", "--no-progress")
+    assert code == 0 and "resumed from" in resumed_out, err
+    a, b = arrays(tmp_path / "a" / "epoch_002.npz"), arrays(tmp_path / "b" / "epoch_002.npz")
+    for k in [k for k in a if k.startswith(("model/", "optimizer/"))]:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert str(a["optimizer"]) == str(b["optimizer"])  # lr and beta1 of the cycle included
+    assert straight_out.strip().splitlines()[-1] == resumed_out.strip().splitlines()[-1]
+
+
+def test_default_recipe_and_what_overrides_it():
+    Recipe, resolve = recipes.Recipe, recipes.resolve
+    assert resolve("lenet5", "mnist") == Recipe("adam", 3e-3, "onecycle")
+    assert resolve("lenet5", "fashion-mnist", lr=1e-3) == Recipe("adam", 1e-3, "onecycle")
+    assert (resolve("lenet5", "mnist", optimizer="adam", schedule="cosine", weight_decay=1e-4)
+            == Recipe("adam", 3e-3, "cosine", 1e-4))
+    # Another optimiser drops the recipe: its own lr, a constant schedule.
+    assert resolve("lenet5", "mnist", optimizer="sgd") == Recipe("sgd", 0.05, "constant")
+    assert resolve("lenet5", "mnist", optimizer="adamw", lr=0.01) == Recipe("adamw", 0.01, "constant")
+    assert resolve("resnet8", "mnist") == Recipe("sgd", 0.05, "constant")
+
+
+def test_onecycle_steps_every_batch(capsys, data_dir, tmp_path):
+    code, out, err = train_quick(capsys, data_dir, "--epochs", "2", "--log", tmp_path / "log.json")
+    assert code == 0, err
+    assert "adam lr 0.003, batch 32, onecycle schedule" in out.splitlines()[0]
+    lrs = [e["lr"] for e in json.loads((tmp_path / "log.json").read_text())["epochs"]]
+    # 230 training images in batches of 32: 8 steps an epoch, 16 in all; the peak at step 0.3*16 - 1.
+    top, low = 0.003, 0.003 / 25 / 1e4
+    pct = (8 - 3.8) / (15 - 3.8)
+    np.testing.assert_allclose(lrs, [top / 25, low + (top - low) / 2 * (1 + math.cos(math.pi * pct))], rtol=1e-9)
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_used_folder(capsys, data_dir, tmp_path):

@@ -13,7 +13,7 @@ Contract: every kernel *writes* (=) its output array; none accumulates into what
 the caller passed. The caller allocates outputs; kernels never allocate per
 element.
 
-Dualities (SPEC.md section 1): conv_transpose2d's forward is ``backward_input``,
+Dualities (docs/convolution.md): conv_transpose2d's forward is ``backward_input``,
 its input-gradient is ``forward``, its weight-gradient is ``backward_weight`` with
 the roles of x and gy swapped. So this module has no transposed-conv kernels.
 

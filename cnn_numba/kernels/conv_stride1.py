@@ -3,7 +3,7 @@ layouts, symbols and contract, faster where the stride is 1.
 
     direct, stride 1   "flat" kernels: each tap is one long vectorised loop over a
                        padded plane; the input-gradient is the flat forward of gy with
-                       the flipped kernel (SPEC.md section 3)
+                       the flipped kernel (docs/convolution.md)
     im2col, stride 1   "shifted" products: only the kw column shifts are unfolded, the
                        kh row shifts are windows of one BLAS product (forward and
                        weight-gradient; its input-gradient is the general one)
@@ -277,7 +277,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
 
 def flip_kernel(w, g):
     """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW) rotated 180 degrees, group by group: the
-    weight of the stride-1 conv that computes conv2d's input-gradient (SPEC.md section 3)."""
+    weight of the stride-1 conv that computes conv2d's input-gradient (docs/convolution.md)."""
     co, cig, kh, kw = w.shape
     cog = co // g
     wf = w.reshape(g, cog, cig, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
@@ -387,7 +387,7 @@ def _plane_fits(geom, pass_) -> bool:
 
 def _full_padding(geom) -> tuple[int, int]:
     """Leading padding of the flipped stride-1 forward that computes the input-gradient:
-    gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (SPEC.md section 3)."""
+    gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md)."""
     return geom.dh * (geom.kh - 1) - geom.ph, geom.dw * (geom.kw - 1) - geom.pw
 
 
