@@ -217,6 +217,11 @@ class AdamW(Adam):
 
 # ----------------------------------------------------------------------------- schedulers
 
+# What schedulers write into an optimizer's param groups (PyTorch's names), beside the
+# optimizer's own hyper-parameters: a checkpoint of a scheduled run holds them.
+SCHEDULER_GROUP_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"})
+
+
 class LRScheduler(abc.ABC):
     """Base class: subclasses define ``get_lr()``, every group's lr at t = ``last_epoch``;
     ``step()`` advances t and sets them. Constructing one sets the lrs for t = 0."""

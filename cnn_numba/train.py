@@ -366,7 +366,7 @@ def check_optimizer_state(state: dict, optimizer) -> None:
     for i, (saved, mine) in enumerate(zip(state["param_groups"], own)):
         if saved["params"] != mine["params"]:
             raise ValueError(f"optimizer group {i} holds parameters {saved['params']}, the optimizer {mine['params']}")
-        missing, extra = set(mine) - set(saved), set(saved) - set(mine) - {"initial_lr"}
+        missing, extra = set(mine) - set(saved), set(saved) - set(mine) - optim.SCHEDULER_GROUP_KEYS
         if missing or extra:
             raise ValueError(f"optimizer group {i}: missing {sorted(missing)}, unknown {sorted(extra)}")
         for k, v in saved.items():

@@ -335,7 +335,8 @@ def hand_made_checkpoint(folder: Path, changes=None, epoch: int = 1) -> Path:
     opt.load_state_dict({"state": {i: {"momentum_buffer": np.zeros(p.shape, np.float32)}
                                    for i, p in enumerate(model.parameters())},
                          "param_groups": opt.state_dict()["param_groups"]})
-    config = T.TrainConfig(limit=256, batch_size=32, lr=0.05, progress=False, checkpoint=str(folder))
+    config = T.TrainConfig(limit=256, batch_size=32, lr=0.05, optimizer="sgd", schedule="constant", progress=False,
+                           checkpoint=str(folder))
     rng = {"generator": cn.random.default_generator().bit_generator.state, "loader_seed": 0, "loader_epoch": epoch}
     path = T.save_checkpoint(folder / f"epoch_{epoch:03d}.npz", model, opt, epoch=epoch, model_name="lenet5",
                              args=dataclasses.asdict(config), rng=rng,
