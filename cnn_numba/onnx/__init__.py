@@ -11,6 +11,6 @@ file runs, external data is refused), checks every tensor's size and the graph's
 builds a Module that runs the graph with cnn_numba's ops: it trains and fine-tunes like any other.
 """
 from ._export import DEFAULT_OPSET, MIN_OPSET, export
-# load: next
+from ._load import OnnxModule, load
 
-__all__ = ["export", "DEFAULT_OPSET", "MIN_OPSET"]
+__all__ = ["export", "load", "OnnxModule", "DEFAULT_OPSET", "MIN_OPSET"]

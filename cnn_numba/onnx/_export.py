@@ -43,7 +43,7 @@ class _Tracer:
         self.lazy: dict[int, tuple] = {}                  # id(indices Tensor) -> (MaxPool node, in_hw)
         self.nodes, self.inits, self.counter = [], [], 0
         self.stack: list[str] = []
-        self.param_names = {id(t): k for k, t in list(model.named_parameters()) + list(model.named_buffers())}
+        self.param_names = {id(t): k for k, t in model.named_parameters()}  # other buffers: Constant nodes
         self.array_names = {id(t.data): k for k, t in model.named_buffers()}
         self.init_names: set[str] = set()
 
@@ -222,7 +222,7 @@ class _Tracer:
 
     def _broadcast(self, op, inputs, ins):
         for t, name in zip(inputs, ins):
-            if self.dynamic and name not in self.batched and t.ndim == outs_ndim(inputs) and t.shape[0] not in (1,) \
+            if self.dynamic and name not in self.batched and t.ndim and t.ndim == outs_ndim(inputs) and t.shape[0] != 1 \
                     and any(self.is_batched(i) for i in ins):
                 self.fail(f"{op} of a batch with a constant of shape {t.shape} that has the batch size built in; "
                           "export with dynamic_batch=False")

@@ -1,0 +1,325 @@
+"""ONNX export and import, with ONNX Runtime as the independent judge.
+
+Export: every reference model (after a train-mode pass, so batch-norm statistics are not 0/1) is
+traced at batch 2 and run by ONNX Runtime at batch 3; so is each layer with its corner cases.
+Import: the exported file loaded back runs equal; hand-built graphs of what other exporters emit
+run equal to ONNX Runtime on the same graph; PyTorch's own exports equal PyTorch's outputs and
+fine-tune; bad files fail with one line.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'cnn_numba[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'cnn_numba[onnx]')")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import cnn_numba as cn  # noqa: E402
+from cnn_numba import functional as F  # noqa: E402
+from cnn_numba import models, nn  # noqa: E402
+from cnn_numba.onnx import export, load  # noqa: E402
+from cnn_numba.onnx._export import ExportError  # noqa: E402
+
+RTOL = 1e-5
+
+
+def _run_ort(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _eval(model, x):
+    model.eval()
+    with cn.no_grad():
+        return model(cn.tensor(x)).numpy()
+
+
+def _close(got, ref, rtol=RTOL):
+    assert got.shape == ref.shape
+    scale = max(float(np.abs(ref).max()), 1e-6)
+    assert float(np.abs(got - ref).max()) <= rtol * scale, (float(np.abs(got - ref).max()), scale)
+
+
+def _roundtrip(model, shape, tmp_path, rng, train_pass=True):
+    """Export at batch 2, run ORT and the re-imported model at batch 3, against eval outputs."""
+    if train_pass:
+        model.train()
+        model(cn.tensor(rng.standard_normal((4,) + shape).astype(np.float32)))  # BN statistics move
+    path = tmp_path / "m.onnx"
+    export(model, rng.standard_normal((2,) + shape).astype(np.float32), path)
+    x = rng.standard_normal((3,) + shape).astype(np.float32)
+    ref = _eval(model, x)
+    _close(_run_ort(path, x), ref)
+    loaded = load(path)
+    _close(_eval(loaded, x), ref)
+    return path, loaded
+
+
+REFERENCE = {
+    "lenet5": (lambda: models.lenet5(), (1, 28, 28)),
+    "lenet5_classic": (lambda: models.lenet5(classic=True), (1, 28, 28)),
+    "resnet8": (lambda: models.resnet8(), (1, 12, 12)),
+    "resnet20": (lambda: models.resnet20(), (1, 8, 8)),
+    "mobilenet_small": (lambda: models.mobilenet_small(), (1, 12, 12)),
+    "inception_small": (lambda: models.inception_small(), (1, 12, 12)),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_reference_models(name, tmp_path):
+    cn.manual_seed(0)
+    build, shape = REFERENCE[name]
+    model = build()
+    _, loaded = _roundtrip(model, shape, tmp_path, np.random.default_rng(1))
+    n_params = sum(p.size for p in model.parameters())
+    assert sum(p.size for p in loaded.parameters()) == n_params
+
+
+class _PoolUnpool(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=True, **kw)
+        self.unpool = nn.MaxUnpool2d(2)
+
+    def forward(self, x):
+        y, idx = self.pool(x)
+        return self.unpool(y, idx, output_size=(x.shape[2] + 1, x.shape[3]))
+
+
+class _Linear3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc(F.reshape(x, (x.shape[0], 3, 5))) * 0.5 - 1.0
+
+
+LAYERS = {
+    "conv_groups_dilation_stride": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (4, 9, 8)),
+    "conv_same_even_kernel": (lambda: nn.Conv2d(2, 3, (4, 2), padding="same", dilation=(1, 3)), (2, 7, 9)),
+    "conv_rect_no_bias": (lambda: nn.Conv2d(3, 2, (1, 3), stride=(2, 1), padding=(0, 1), bias=False), (3, 5, 6)),
+    "conv_transpose_output_padding": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1,
+                                                                 groups=2), (4, 5, 4)),
+    "conv_transpose_dilation": (lambda: nn.ConvTranspose2d(2, 3, (3, 2), stride=(1, 3), dilation=2), (2, 4, 3)),
+    "maxpool_ceil_dilation_pad": (lambda: nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True), (2, 10, 9)),
+    "maxpool_unpool": (lambda: _PoolUnpool(), (3, 6, 6)),
+    "avgpool_ceil_exclude_pad": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False), (2, 8, 7)),
+    "avgpool_include_pad": (lambda: nn.AvgPool2d((2, 3), (1, 2), (1, 1)), (2, 5, 6)),
+    "avgpool_divisor_override_ceil": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, divisor_override=5), (2, 8, 7)),
+    "adaptive_avgpool_divides": (lambda: nn.AdaptiveAvgPool2d((2, 3)), (2, 4, 6)),
+    "batchnorm1d_2d_input": (lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12)), (3, 2, 2)),
+    "batchnorm2d_no_affine": (lambda: nn.BatchNorm2d(3, affine=False, momentum=None), (3, 4, 4)),
+    "linear_3d_input_scalars": (lambda: _Linear3d(), (15,)),
+    "channel_shuffle_dropout": (lambda: nn.Sequential(nn.ChannelShuffle(3), nn.Dropout(0.3), nn.Sigmoid(),
+                                                      nn.Tanh()), (6, 3, 2)),
+    "spatially_separable": (lambda: nn.SpatiallySeparableConv2d(2, 3, 5, stride=(2, 1)), (2, 9, 8)),
+    "bottleneck": (lambda: nn.Bottleneck(8, 4, stride=2), (8, 6, 6)),
+    "subsampling_scaled_tanh": (lambda: nn.Sequential(nn.Subsampling2d(3, 2), nn.ScaledTanh()), (3, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layers(name, tmp_path):
+    cn.manual_seed(0)
+    build, shape = LAYERS[name]
+    _roundtrip(build(), shape, tmp_path, np.random.default_rng(2))
+
+
+def test_static_batch_and_opset(tmp_path):
+    cn.manual_seed(0)
+    model = models.lenet5()
+    x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    proto = export(model, x, tmp_path / "m.onnx", opset=13, dynamic_batch=False)
+    assert proto.opset_import[0].version == 13
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    _close(_run_ort(tmp_path / "m.onnx", x), _eval(model, x))
+    with pytest.raises(ValueError, match="opset"):
+        export(model, x, tmp_path / "m.onnx", opset=7)
+
+
+def test_export_restores_training_mode_and_names_params(tmp_path):
+    model = models.resnet8()
+    model.train()
+    proto = export(model, np.zeros((2, 1, 8, 8), np.float32), tmp_path / "m.onnx")
+    assert model.training and all(m.training for m in model.modules())
+    names = {t.name for t in proto.graph.initializer}
+    assert {"conv1.weight", "bn1.running_mean", "layer2.0.downsample.0.weight", "fc.bias"} <= names
+
+
+class _Loss(nn.Module):
+    def forward(self, x):
+        return F.cross_entropy(F.flatten(x), np.zeros(x.shape[0], np.int64))
+
+
+class _MergeBatch(nn.Module):
+    def forward(self, x):
+        return F.reshape(x, (-1,))
+
+
+@pytest.mark.parametrize("module, message", [
+    (nn.Sequential(OrderedDict([("head", _Loss())])), r"op CrossEntropy has no ONNX form \(in module head \(_Loss\)\)"),
+    (nn.Sequential(OrderedDict([("pool", nn.AdaptiveAvgPool2d(3))])), r"adaptive_avg_pool2d.*in module pool"),
+    (_MergeBatch(), "changes the batch dimension; export with dynamic_batch=False"),
+])
+def test_export_errors_name_the_module(module, message, tmp_path):
+    with pytest.raises(ExportError, match=message):
+        export(module, np.zeros((2, 2, 4, 4), np.float32), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_loaded_model_fine_tunes(tmp_path):
+    cn.manual_seed(0)
+    rng = np.random.default_rng(3)
+    model = models.resnet8()
+    path, _ = _roundtrip(model, (1, 8, 8), tmp_path, rng)
+    loaded = load(path)
+    params = list(loaded.parameters())
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in params)
+    x, y = cn.tensor(rng.standard_normal((4, 1, 8, 8)).astype(np.float32)), np.array([0, 1, 2, 3])
+    opt = cn.optim.SGD(params, lr=0.05)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(loaded(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None for p in params)
+    assert losses[-1] < losses[0]
+    before = loaded.bn1_running_mean.numpy().copy()  # train mode moved the BN statistics, as in PyTorch
+    assert not np.allclose(before, np.asarray(model.bn1.running_mean.numpy()))
+
+
+# ----------------------------------------------------------------------------- graphs other exporters emit
+
+def _graph(nodes, inits, in_shape, out_name="y", opset=17, in_name="x"):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, ["N"] + in_shape[1:])],
+                          [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, None)],
+                          initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _w(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _foreign_graphs():
+    rng = np.random.default_rng(4)
+    c = lambda name, arr: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(arr)))  # noqa: E731
+    return {
+        "conv_auto_pad_same_upper": ([helper.make_node("Conv", ["x", "w", "b"], ["y"], auto_pad="SAME_UPPER",
+                                                       strides=[2, 2])],
+                                     {"w": _w(rng, 3, 2, 4, 3), "b": _w(rng, 3)}, [2, 2, 7, 6]),
+        "conv_asymmetric_pads": ([helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 2, 1, 0], dilations=[2, 1])],
+                                 {"w": _w(rng, 3, 2, 3, 3)}, [2, 2, 7, 6]),
+        "conv_transpose_asymmetric": ([helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2],
+                                                        pads=[1, 0, 0, 1], output_padding=[1, 0])],
+                                      {"w": _w(rng, 2, 3, 3, 3), "b": _w(rng, 3)}, [2, 2, 4, 5]),
+        "gemm_transA_alpha_beta": ([helper.make_node("Flatten", ["x"], ["f"]),
+                                    helper.make_node("Transpose", ["f"], ["ft"]),
+                                    helper.make_node("Gemm", ["ft", "w", "c"], ["y"], transA=1, alpha=0.5, beta=2.0)],
+                                   {"w": _w(rng, 12, 5), "c": _w(rng, 5)}, [3, 3, 2, 2]),
+        "matmul_add_softmax": ([helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["m"]),
+                                helper.make_node("Add", ["m", "b"], ["z"]), helper.make_node("Softmax", ["z"], ["y"])],
+                               {"w": _w(rng, 12, 5), "b": _w(rng, 5)}, [3, 3, 2, 2]),
+        "reshape_squeeze_logsoftmax": ([helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+                                        helper.make_node("Squeeze", ["g", "axes"], ["s"]),
+                                        helper.make_node("Unsqueeze", ["s", "ax1"], ["u"]),
+                                        helper.make_node("Reshape", ["u", "shape"], ["r"]),
+                                        helper.make_node("LogSoftmax", ["r"], ["y"], axis=1)],
+                                       {"axes": np.array([2, 3]), "ax1": np.array([-1]), "shape": np.array([0, -1])},
+                                       [2, 3, 4, 4]),
+        "pad_clip_div_sub": ([c("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1])), c("v", np.float32(0.5)),
+                              helper.make_node("Pad", ["x", "pads", "v"], ["p"]),
+                              c("lo", np.float32(0.0)), c("hi", np.float32(6.0)),
+                              c("d", np.float32(4.0)), c("s", _w(rng, 1, 2, 1, 1)),
+                              helper.make_node("Div", ["p", "d"], ["q"]), helper.make_node("Sub", ["q", "s"], ["t"]),
+                              helper.make_node("Mul", ["t", "k"], ["u"]),
+                              helper.make_node("Clip", ["u", "lo", "hi"], ["y"])],
+                             {"k": np.float32(9.0)}, [2, 2, 3, 3]),
+        "bn_identity_concat_maxpool": ([helper.make_node("BatchNormalization", ["x", "sc", "bi", "mu", "var"], ["n"],
+                                                         epsilon=1e-3),
+                                        helper.make_node("Identity", ["n"], ["i"]),
+                                        helper.make_node("MaxPool", ["i"], ["mp"], kernel_shape=[2, 2], strides=[1, 1],
+                                                         pads=[1, 1, 1, 1]),
+                                        helper.make_node("AveragePool", ["i"], ["ap"], kernel_shape=[3, 3],
+                                                         pads=[1, 1, 1, 1], count_include_pad=1),
+                                        helper.make_node("Concat", ["ap", "i"], ["y"], axis=1)],
+                                       {"sc": _w(rng, 2), "bi": _w(rng, 2), "mu": _w(rng, 2),
+                                        "var": np.abs(_w(rng, 2)) + 0.5}, [2, 2, 5, 4]),
+        "shape_gather_concat_reshape": ([helper.make_node("Shape", ["x"], ["sh"]),
+                                         helper.make_node("Gather", ["sh", "zero"], ["n"], axis=0),
+                                         helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
+                                         helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+                                         helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                                        {"zero": np.array(0), "zero1": np.array([0]), "minus1": np.array([-1])},
+                                        [2, 3, 2, 2]),
+    }
+
+
+FOREIGN = _foreign_graphs()
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_import_matches_onnxruntime(name, tmp_path):
+    nodes, inits, shape = FOREIGN[name]
+    path = tmp_path / "g.onnx"
+    onnx.save(_graph(nodes, inits, shape), path)
+    x = np.random.default_rng(5).standard_normal([3] + shape[1:]).astype(np.float32)
+    _close(_eval(load(path), x), _run_ort(path, x))
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def _bad(tmp_path, data: bytes | None = None, model=None) -> str:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data if data is not None else model.SerializeToString())
+    with pytest.raises(ValueError) as e:
+        load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def _small_model():
+    return _graph([helper.make_node("Relu", ["x"], ["y"])], {}, [1, 1, 2, 2])
+
+
+def test_bad_files(tmp_path):
+    good = _small_model().SerializeToString()
+    assert "not an ONNX model" in _bad(tmp_path, good[: len(good) // 2])            # truncated
+    assert "not an ONNX model" in _bad(tmp_path, b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert "zip" in _bad(tmp_path, b"PK\x03\x04" + b"\x00" * 64)                     # an .npz, say
+    assert "empty" in _bad(tmp_path, b"")
+
+    huge = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[10 ** 6, 10 ** 6], raw_data=b"\x00" * 16)
+    m = _graph([helper.make_node("Add", ["x", "w"], ["y"])], {}, [1, 1, 2, 2])
+    m.graph.initializer.append(huge)
+    assert "claims 1000000000000 elements" in _bad(tmp_path, model=m)
+    short = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], raw_data=b"\x00" * 8)
+    m.graph.initializer[0].CopyFrom(short)
+    assert "holds 2 elements, expected 4" in _bad(tmp_path, model=m)
+
+    cycle = _graph([helper.make_node("Add", ["x", "b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                    helper.make_node("Relu", ["a"], ["y"])], {}, [1, 1, 2, 2])
+    assert "cycle" in _bad(tmp_path, model=cycle)
+    undefined = _graph([helper.make_node("Add", ["x", "nowhere"], ["y"])], {}, [1, 1, 2, 2])
+    assert "'nowhere', which nothing defines" in _bad(tmp_path, model=undefined)
+
+    unknown = _graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Foo", ["a"], ["b"], name="foo1"),
+                      helper.make_node("Erf", ["b"], ["c"], name="erf1"),
+                      helper.make_node("Conv", ["c", "w"], ["y"], name="conv3d")],
+                     {"w": np.zeros((1, 1, 1, 1, 1), np.float32)}, [1, 1, 2, 2, 2])
+    msg = _bad(tmp_path, model=unknown)
+    assert "Foo 'foo1'" in msg and "Erf 'erf1'" in msg and "conv3d" in msg and "3-D kernel" in msg
+    dyn = _graph([helper.make_node("Relu", ["x"], ["y"])], {}, [1, "C", 2, 2])
+    assert "dynamic dims [1]" in _bad(tmp_path, model=dyn)
+    old = _graph([helper.make_node("Relu", ["x"], ["y"])], {}, [1, 1, 2, 2], opset=9)
+    assert "opset 9" in _bad(tmp_path, model=old)
+    external = _graph([helper.make_node("Add", ["x", "w"], ["y"])], {"w": np.zeros(4, np.float32)}, [1, 4])
+    external.graph.initializer[0].data_location = TensorProto.EXTERNAL
+    assert "external file" in _bad(tmp_path, model=external)
