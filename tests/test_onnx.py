@@ -171,25 +171,31 @@ def test_export_errors_name_the_module(module, message, tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def _fine_tune(model, x, loss_fn, steps=5, lr=0.05):
+    """A few SGD steps in train mode: every parameter gets a gradient and the loss falls."""
+    model.train()
+    params = list(model.parameters())
+    assert params and all(isinstance(p, nn.Parameter) and p.requires_grad for p in params)
+    opt = cn.optim.SGD(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(cn.tensor(x)))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None and np.abs(p.grad.numpy()).sum() > 0 for p in params)
+    assert losses[-1] < losses[0], losses
+
+
 def test_loaded_model_fine_tunes(tmp_path):
     cn.manual_seed(0)
     rng = np.random.default_rng(3)
     model = models.resnet8()
     path, _ = _roundtrip(model, (1, 8, 8), tmp_path, rng)
     loaded = load(path)
-    params = list(loaded.parameters())
-    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in params)
-    x, y = cn.tensor(rng.standard_normal((4, 1, 8, 8)).astype(np.float32)), np.array([0, 1, 2, 3])
-    opt = cn.optim.SGD(params, lr=0.05)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = F.cross_entropy(loaded(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert all(p.grad is not None for p in params)
-    assert losses[-1] < losses[0]
+    _fine_tune(loaded, rng.standard_normal((4, 1, 8, 8)).astype(np.float32),
+               lambda out: F.cross_entropy(out, np.array([0, 1, 2, 3])))
     before = loaded.bn1_running_mean.numpy().copy()  # train mode moved the BN statistics, as in PyTorch
     assert not np.allclose(before, np.asarray(model.bn1.running_mean.numpy()))
 
@@ -323,3 +329,84 @@ def test_bad_files(tmp_path):
     external = _graph([helper.make_node("Add", ["x", "w"], ["y"])], {"w": np.zeros(4, np.float32)}, [1, 4])
     external.graph.initializer[0].data_location = TensorProto.EXTERNAL
     assert "external file" in _bad(tmp_path, model=external)
+
+
+# ----------------------------------------------------------------------------- models PyTorch exported
+
+def _torch_models():
+    import torch
+    from torch import nn as tnn
+
+    class Block(tnn.Module):  # CIFAR BasicBlock with a 1x1 strided projection + BN shortcut
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1, self.bn1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False), tnn.BatchNorm2d(cout)
+            self.conv2, self.bn2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False), tnn.BatchNorm2d(cout)
+            self.short = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+    class ViewHead(tnn.Module):  # x.view(x.size(0), -1): Shape, Gather, Unsqueeze, Concat, Reshape
+        def forward(self, x):
+            return x.view(x.size(0), -1)
+
+    def ds(cin, cout, stride):
+        return [tnn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), tnn.BatchNorm2d(cin), tnn.ReLU6(),
+                tnn.Conv2d(cin, cout, 1, bias=False), tnn.BatchNorm2d(cout), tnn.ReLU()]
+
+    return {
+        "lenet5": (lambda: tnn.Sequential(
+            tnn.Conv2d(1, 6, 5, padding=2), tnn.ReLU(), tnn.MaxPool2d(2), tnn.Conv2d(6, 16, 5), tnn.ReLU(),
+            tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(400, 120), tnn.ReLU(), tnn.Linear(120, 84), tnn.ReLU(),
+            tnn.Linear(84, 10)), (1, 28, 28)),
+        "cifar_resnet": (lambda: tnn.Sequential(
+            tnn.Conv2d(3, 8, 3, padding=1, bias=False), tnn.BatchNorm2d(8), tnn.ReLU(), Block(8, 8, 1),
+            Block(8, 16, 2), tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(16, 10)), (3, 8, 8)),
+        "depthwise_separable": (lambda: tnn.Sequential(
+            tnn.Conv2d(3, 8, 3, padding=1), tnn.BatchNorm2d(8), tnn.ReLU6(), *ds(8, 16, 2), *ds(16, 16, 1),
+            tnn.AvgPool2d(2), ViewHead(), tnn.Linear(16 * 2 * 2, 10), tnn.LogSoftmax(1)), (3, 8, 8)),
+        "conv_transpose": (lambda: tnn.Sequential(
+            tnn.Conv2d(2, 6, 3, stride=2, padding=1), tnn.ReLU(), tnn.ConvTranspose2d(6, 4, 3, stride=2, padding=1,
+                                                                                   output_padding=1),
+            tnn.Tanh(), tnn.ConvTranspose2d(4, 1, (2, 3), padding=(0, 1), groups=1), tnn.Sigmoid()), (2, 7, 6)),
+    }
+
+
+@pytest.mark.parametrize("folding", [True, False], ids=["folded", "bn_nodes"])
+@pytest.mark.parametrize("name", ["lenet5", "cifar_resnet", "depthwise_separable", "conv_transpose"])
+def test_import_pytorch_export(name, folding, tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import inspect
+    import warnings
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        pytest.skip("this torch's onnx exporter has no dynamo=False (the TorchScript exporter); the dynamo "
+                    "exporter needs onnxscript")
+    torch.manual_seed(0)
+    build, shape = _torch_models()[name]
+    model = build()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn((4,) + shape))  # BN statistics move
+    model.eval()
+    path = tmp_path / "t.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn((2,) + shape),), str(path), dynamo=False, do_constant_folding=folding,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    if name == "cifar_resnet":
+        assert ("BatchNormalization" in ops) == (not folding)
+    x = np.random.default_rng(6).standard_normal((3,) + shape).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    loaded = load(path)
+    _close(_eval(loaded, x), ref)
+    if ref.ndim == 2:
+        target = np.arange(3) % ref.shape[1]
+        loss_fn = (lambda out: F.cross_entropy(out, target)) if name != "depthwise_separable" else \
+            (lambda out: -(out * np.eye(10, dtype=np.float32)[target]).sum())  # NLL of the log-softmax
+    else:
+        loss_fn = lambda out: F.mse_loss(out, np.full(out.shape, 0.5, np.float32))  # noqa: E731
+    _fine_tune(loaded, x, loss_fn, lr=0.01)
