@@ -410,3 +410,31 @@ def test_import_pytorch_export(name, folding, tmp_path):
     else:
         loss_fn = lambda out: F.mse_loss(out, np.full(out.shape, 0.5, np.float32))  # noqa: E731
     _fine_tune(loaded, x, loss_fn, lr=0.01)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_export_and_evaluate_onnx(capsys, tmp_path):
+    """A checkpoint trained for one epoch, exported from the command line: its ONNX file, run by
+    cnn_numba and by ONNX Runtime, scores what ``evaluate --checkpoint`` scores."""
+    import test_train as TT
+    data_dir = TT.write_dataset(tmp_path / "data", *TT.fixture_digits())
+    ck = tmp_path / "run"
+    assert TT.train_quick(capsys, data_dir, "--epochs", "1", "--checkpoint", ck)[0] == 0
+    code, out, err = TT.run(capsys, "export", "--checkpoint", ck, "--onnx", tmp_path / "m.onnx")
+    assert code == 0 and "wrote" in out, err
+    results = {}
+    for source in (["--checkpoint", ck], ["--onnx", tmp_path / "m.onnx"],
+                   ["--onnx", tmp_path / "m.onnx", "--runtime", "onnxruntime"]):
+        code, out, err = TT.run(capsys, "evaluate", *source, "--data-dir", data_dir)
+        assert code == 0, err
+        lines = out.strip().splitlines()
+        results[source[-1]] = (lines[-2].split("test loss ")[1], lines[-1])
+    (loss, acc), *others = results.values()
+    assert acc.startswith("test accuracy: ")
+    assert all(o == (loss, acc) for o in others), results
+
+    code, _, err = TT.run(capsys, "evaluate", "--onnx", tmp_path / "run" / "epoch_001.npz", "--data-dir", data_dir)
+    assert code == 2 and "not an ONNX model" in err and "zip" in err
+    code, _, err = TT.run(capsys, "evaluate", "--checkpoint", ck, "--runtime", "onnxruntime")
+    assert code == 2 and "--runtime applies to --onnx" in err

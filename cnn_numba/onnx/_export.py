@@ -305,11 +305,13 @@ def _module_scopes(model, stack: list):
     return undo
 
 
-def export(model, example_input, path, opset: int | None = None, dynamic_batch: bool = True):
+def export(model, example_input, path, opset: int | None = None, dynamic_batch: bool = True, *,
+           metadata: dict | None = None):
     """Write ``model`` as an ONNX file at ``path`` (also returns the ModelProto), traced from one
     forward pass on ``example_input`` (a Tensor or array (N, ...)) in eval mode under no_grad;
     the model's training mode is restored afterwards. ``dynamic_batch``: dim 0 of the input and
-    outputs is the symbol N. ``opset`` defaults to 17; 13 up to the installed onnx's newest."""
+    outputs is the symbol N. ``opset`` defaults to 17; 13 up to the installed onnx's newest.
+    ``metadata``: string pairs stored in the model's metadata_props."""
     onnx = _onnx()
     newest = onnx.defs.onnx_opset_version()
     opset = DEFAULT_OPSET if opset is None else opset
@@ -361,6 +363,7 @@ def export(model, example_input, path, opset: int | None = None, dynamic_batch: 
                          [h.make_tensor_value_info("input", elem[x.dtype], shape_of(x, "input"))],
                          graph_outputs, initializer=tracer.inits)
     proto = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], producer_name="cnn_numba")
+    h.set_model_props(proto, {str(k): str(v) for k, v in (metadata or {}).items()})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return proto
