@@ -141,6 +141,37 @@ def test_static_batch_and_opset(tmp_path):
         export(model, x, tmp_path / "m.onnx", opset=7)
 
 
+class _SumOfSquares(nn.Module):
+    def forward(self, x):
+        return F.mean(F.mul(x, x)) + F.sum(x)
+
+
+def test_reductions_with_static_batch(tmp_path):
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    with pytest.raises(ExportError, match="sum over the batch dimension"):
+        export(_SumOfSquares(), x, tmp_path / "m.onnx")
+    export(_SumOfSquares(), x, tmp_path / "m.onnx", dynamic_batch=False)
+    _close(_run_ort(tmp_path / "m.onnx", x).reshape(-1), _eval(_SumOfSquares(), x).reshape(-1))
+    _close(_eval(load(tmp_path / "m.onnx"), x), _eval(_SumOfSquares(), x))
+
+
+def test_max_pool_indices_as_outputs_match_onnxruntime(tmp_path):
+    """Our indices are h*W + w within each plane, ONNX's flat over (N, C, H, W): the export
+    converts, ONNX Runtime must agree on every argmax (padding and dilation included)."""
+    pool = nn.MaxPool2d(3, 2, 1, dilation=2, return_indices=True, ceil_mode=True)
+    x = np.random.default_rng(7).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    export(pool, x, tmp_path / "m.onnx")
+    x3 = np.random.default_rng(8).standard_normal((3, 3, 9, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    y, idx = sess.run(None, {"input": x3})
+    ref_y, ref_idx = pool(cn.tensor(x3))
+    np.testing.assert_array_equal(y, ref_y.numpy())
+    np.testing.assert_array_equal(idx, ref_idx.numpy())
+    got_y, got_idx = load(tmp_path / "m.onnx")(x3)
+    np.testing.assert_array_equal(got_y.numpy(), ref_y.numpy())
+    np.testing.assert_array_equal(got_idx.numpy(), ref_idx.numpy())
+
+
 def test_export_restores_training_mode_and_names_params(tmp_path):
     model = models.resnet8()
     model.train()
@@ -257,6 +288,11 @@ def _foreign_graphs():
                                         helper.make_node("Concat", ["ap", "i"], ["y"], axis=1)],
                                        {"sc": _w(rng, 2), "bi": _w(rng, 2), "mu": _w(rng, 2),
                                         "var": np.abs(_w(rng, 2)) + 0.5}, [2, 2, 5, 4]),
+        "reduce_mean_sum": ([helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=1),
+                             helper.make_node("ReduceSum", ["x", "ax"], ["s"], keepdims=0),
+                             helper.make_node("Unsqueeze", ["s", "ax"], ["u"]),
+                             helper.make_node("Add", ["m", "u"], ["y"])],
+                            {"ax": np.array([1])}, [2, 3, 4, 5]),
         "shape_gather_concat_reshape": ([helper.make_node("Shape", ["x"], ["sh"]),
                                          helper.make_node("Gather", ["sh", "zero"], ["n"], axis=0),
                                          helper.make_node("Unsqueeze", ["n", "zero1"], ["n1"]),
@@ -438,3 +474,23 @@ def test_cli_export_and_evaluate_onnx(capsys, tmp_path):
     assert code == 2 and "not an ONNX model" in err and "zip" in err
     code, _, err = TT.run(capsys, "evaluate", "--checkpoint", ck, "--runtime", "onnxruntime")
     assert code == 2 and "--runtime applies to --onnx" in err
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_imported_softmax_gradient_by_finite_differences(log):
+    """Softmax/LogSoftmax are the importer's own op (host numpy): float64 central differences."""
+    from cnn_numba.onnx._load import _Softmax
+    rng = np.random.default_rng(9)
+    x0, w = rng.standard_normal((3, 4, 2)), rng.standard_normal((3, 4, 2))
+
+    def f(arr):
+        with cn.no_grad():
+            return float((_Softmax.apply(cn.tensor(arr), axis=1, log=log).numpy() * w).sum())
+    x = cn.tensor(x0, requires_grad=True)
+    (_Softmax.apply(x, axis=1, log=log) * cn.tensor(w)).sum().backward()
+    num = np.zeros_like(x0)
+    for i in np.ndindex(x0.shape):
+        e = np.zeros_like(x0)
+        e[i] = 1e-6
+        num[i] = (f(x0 + e) - f(x0 - e)) / 2e-6
+    np.testing.assert_allclose(x.grad.numpy(), num, rtol=1e-6, atol=1e-8)

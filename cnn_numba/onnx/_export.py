@@ -72,7 +72,7 @@ class _Tracer:
     def initializer(self, name: str, arr) -> str:
         if name not in self.init_names:
             self.init_names.add(name)
-            self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(arr), name=name))
+            self.inits.append(self.numpy_helper.from_array(np.array(arr, order="C"), name=name))
         return name
 
     def value(self, t: Tensor) -> str:

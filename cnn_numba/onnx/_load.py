@@ -296,6 +296,29 @@ def _unsqueeze(m, a, args):
     return (_reshape_to(x, tuple(shape)),)
 
 
+def _reduce(mean):
+    def run(m, a, args):
+        x = args[0]
+        nd = len(x.shape)
+        axes = _axes(a, args, nd)
+        if axes is None or not axes:
+            axes = list(range(nd)) if not (axes == [] and a.get("noop_with_empty_axes", 0)) else []
+        kept = [i for i in range(nd) if i not in axes]
+        out = [1 if i in axes else s for i, s in enumerate(x.shape)] if a.get("keepdims", 1) else \
+            [x.shape[i] for i in kept]
+        if isinstance(x, np.ndarray):
+            return (np.asarray((np.mean if mean else np.sum)(x, tuple(axes))).reshape(out),)
+        if not axes:
+            return (x,)
+        # the reduced axes last, flattened, then one linear layer of ones (1/k for the mean): (rest, k) -> (rest, 1)
+        k = math.prod(x.shape[i] for i in axes)
+        y = F.permute(x, kept + axes) if kept + axes != list(range(nd)) else x
+        y = F.reshape(y, (math.prod(x.shape[i] for i in kept), k))
+        w = m.tensor(np.full((1, k), 1.0 / k if mean else 1.0), x)
+        return (F.reshape(F.linear(y, w), tuple(out)),)
+    return run
+
+
 def _concat(m, a, args):
     if all(isinstance(v, np.ndarray) for v in args):
         return (np.concatenate(args, a["axis"]),)
@@ -332,10 +355,9 @@ def _clip(m, a, args):
     x = args[0]
     lo = a.get("min") if len(args) < 2 or args[1] is None else float(np.asarray(args[1]))
     hi = a.get("max") if len(args) < 3 or args[2] is None else float(np.asarray(args[2]))
-    # clip(x, lo, hi) = lo + relu(x - lo) - relu(x - hi): ReLU6 is lo = 0, hi = 6
-    y = F.relu(x) if lo in (None, 0.0) else F.relu(x - lo) + lo
-    if lo is None and hi is not None:
-        raise ValueError("Clip with only a maximum is not supported")
+    # clip(x, lo, hi) = lo + relu(x - lo) - relu(x - hi) for lo <= hi (ReLU6: lo = 0, hi = 6);
+    # without lo, x - relu(x - hi)
+    y = x if lo is None else F.relu(x) if lo == 0.0 else F.relu(x - lo) + lo
     return (y if hi is None else y - F.relu(x - hi),)
 
 
@@ -402,14 +424,15 @@ OPS = {
     "Reshape": _reshape, "Flatten": _flatten, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Concat": _concat,
     "Transpose": _transpose, "Pad": _pad, "Clip": _clip, "Softmax": _softmax(False), "LogSoftmax": _softmax(True),
     "Identity": _identity, "Dropout": _identity, "Constant": _constant,
+    "ReduceSum": _reduce(False), "ReduceMean": _reduce(True),
     "Shape": _shape, "Gather": _gather, "Slice": _slice, "Cast": _cast,
 }
 HOST_ONLY = {"Shape", "Gather", "Slice"}  # shape arithmetic: their data inputs must be host constants
 
 
-def _check_node(node, a, opset, host: set, params: set, shapes_of: dict) -> str | None:
+def _check_node(node, a, host: set, shapes_of: dict) -> str | None:
     """Why ``node`` cannot run here, or None. ``host``: names of values known before running
-    (constants, shapes); ``params``: float initializers."""
+    (constants, shapes); ``shapes_of``: shapes of initializers and Constant nodes."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx"):
         return f"domain {node.domain!r} is not ONNX's default"
@@ -426,13 +449,21 @@ def _check_node(node, a, opset, host: set, params: set, shapes_of: dict) -> str 
         return "output_shape/auto_pad (give pads and output_padding)"
     if op == "MaxPool" and a.get("storage_order", 0):
         return "storage_order=1"
+    if op in ("MaxPool", "AveragePool") and a.get("auto_pad", "NOTSET") == "NOTSET":
+        pads = a.get("pads", [0, 0, 0, 0])
+        if pads[:2] != pads[2:]:
+            return f"asymmetric pads {pads}"
+    if op == "Cast" and node.input[0] not in host and _ELEM.get(a.get("to")) not in (np.float32, np.float64):
+        return f"a cast of a tensor to element type {a.get('to')} (float/double only)"
+    if op == "Mod" and a.get("fmod", 0):
+        return "fmod=1"
     if op == "BatchNormalization" and (a.get("training_mode", 0) or len(node.output) > 1):
         return "training_mode / running-statistics outputs"
     if op == "Dropout" and len(node.output) > 1 and node.output[1]:
         return "the mask output"
     if op == "Pad" and a.get("mode", "constant") != "constant":
         return f"mode {a['mode']!r} (only 'constant')"
-    if op in ("Reshape", "Pad", "Clip", "Squeeze", "Unsqueeze") and any(i not in host for i in ins[1:] if i):
+    if op in ("Reshape", "Pad", "Clip", "Squeeze", "Unsqueeze", "ReduceSum", "ReduceMean") and any(i not in host for i in ins[1:] if i):
         return "shape/pads/bounds computed from the input (only constants)"
     if op == "Div" and ins[1] not in host:
         return "a divisor that is not a constant"
@@ -493,10 +524,9 @@ class OnnxModule(Module):
 
         order = self._order(nodes, set(self.input_names) | set(inits), where)
         bn_stats = {n.input[k] for n, _ in order if n.op_type == "BatchNormalization" for k in (3, 4)}
-        params = {k for k, v in inits.items() if v.dtype.kind == "f"}
         host = {k for k, v in inits.items() if v.dtype.kind != "f"}
         for n, a in order:
-            why = _check_node(n, a, self.opset, host, params, shapes_of)
+            why = _check_node(n, a, host, shapes_of)
             if why:
                 problems.append(f"{n.op_type} {n.name or n.output[0]!r}: {why}")
             ins = [i for i in n.input if i]
@@ -513,7 +543,7 @@ class OnnxModule(Module):
                 continue
             attr = _safe(name, taken)
             self.onnx_names[attr] = name
-            t = Tensor(np.ascontiguousarray(arr))
+            t = Tensor(np.array(arr, order="C"))  # (np.ascontiguousarray makes 0-d arrays 1-d)
             if name in bn_stats:
                 self.register_buffer(attr, t)
             else:
@@ -556,7 +586,7 @@ class OnnxModule(Module):
         if isinstance(v, Tensor) or v is None:
             return v
         dtype = like.dtype if like is not None else np.float32
-        return Tensor(np.ascontiguousarray(np.asarray(v, dtype)), device=like.device if like is not None else "cpu")
+        return Tensor(np.array(v, dtype, order="C"), device=like.device if like is not None else "cpu")
 
     def forward(self, *inputs):
         if len(inputs) != len(self.input_names):
