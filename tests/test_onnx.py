@@ -358,6 +358,8 @@ def test_bad_files(tmp_path):
                      {"w": np.zeros((1, 1, 1, 1, 1), np.float32)}, [1, 1, 2, 2, 2])
     msg = _bad(tmp_path, model=unknown)
     assert "Foo 'foo1'" in msg and "Erf 'erf1'" in msg and "conv3d" in msg and "3-D kernel" in msg
+    arity = _graph([helper.make_node("Conv", ["x"], ["y"], name="lonely")], {}, [1, 1, 2, 2])
+    assert "Conv 'lonely': 1 inputs (expected 2 to 3)" in _bad(tmp_path, model=arity)
     dyn = _graph([helper.make_node("Relu", ["x"], ["y"])], {}, [1, "C", 2, 2])
     assert "dynamic dims [1]" in _bad(tmp_path, model=dyn)
     old = _graph([helper.make_node("Relu", ["x"], ["y"])], {}, [1, 1, 2, 2], opset=9)

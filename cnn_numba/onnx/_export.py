@@ -114,13 +114,13 @@ class _Tracer:
         handler = getattr(self, "op_" + op, None)
         if handler is None:
             self.fail(f"op {op} has no ONNX form")
-        ins = [self.value(t) for t in inputs] if op != "MaxUnpool2d" else None
+        # (max_unpool2d reads its pool's flat indices itself, not our per-plane ones)
+        ins = None if op == "MaxUnpool2d" else [self.value(t) for t in inputs]
         outs = result if isinstance(result, tuple) else (result,)
-        out = handler(ctx, inputs, ins, params, outs)
-        name = out if isinstance(out, str) else out[0]
+        name = handler(ctx, inputs, ins, params, outs)
         self.names[id(outs[0])] = name
         self.keep.extend(outs)
-        if ins is not None and any(i in self.batched for i in ins) or op == "MaxUnpool2d":
+        if any(self.names.get(id(t)) in self.batched for t in inputs):
             self.batched.add(name)
 
     def is_batched(self, name: str) -> bool:
@@ -221,11 +221,14 @@ class _Tracer:
         return self.node("Tanh", ins)[0]
 
     def _broadcast(self, op, inputs, ins):
-        for t, name in zip(inputs, ins):
-            if self.dynamic and name not in self.batched and t.ndim and t.ndim == outs_ndim(inputs) and t.shape[0] != 1 \
-                    and any(self.is_batched(i) for i in ins):
-                self.fail(f"{op} of a batch with a constant of shape {t.shape} that has the batch size built in; "
-                          "export with dynamic_batch=False")
+        """Add/Mul; a constant operand as long as the output with the example's batch size at
+        dim 0 would pin the batch."""
+        if any(self.is_batched(i) for i in ins):
+            ndim = max(t.ndim for t in inputs)
+            for t, name in zip(inputs, ins):
+                if name not in self.batched and t.ndim == ndim and t.shape[0] != 1:
+                    self.fail(f"{op} of a batch with a constant of shape {t.shape} that has the batch size "
+                              "built in; export with dynamic_batch=False")
         return self.node(op, ins)[0]
 
     def op_Add(self, ctx, inputs, ins, p, outs):
@@ -278,10 +281,6 @@ class _Tracer:
         mean, var = (self.array_value(a, x.device) for a in p["running"])
         return self.node("BatchNormalization", [ins[0], w, b, mean, var], epsilon=p["eps"],
                          momentum=1.0 - p["momentum"])[0]
-
-
-def outs_ndim(inputs) -> int:
-    return max(t.ndim for t in inputs)
 
 
 def _module_scopes(model, stack: list):

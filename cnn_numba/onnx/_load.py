@@ -427,7 +427,13 @@ OPS = {
     "ReduceSum": _reduce(False), "ReduceMean": _reduce(True),
     "Shape": _shape, "Gather": _gather, "Slice": _slice, "Cast": _cast,
 }
-HOST_ONLY = {"Shape", "Gather", "Slice"}  # shape arithmetic: their data inputs must be host constants
+HOST_ONLY = {"Shape", "Gather", "Slice"}
+# (least, most) inputs per op; ops not listed take one
+ARITY = {"Conv": (2, 3), "ConvTranspose": (2, 3), "MaxUnpool": (2, 3), "BatchNormalization": (5, 5), "Gemm": (2, 3),
+         "MatMul": (2, 2), "Add": (2, 2), "Sub": (2, 2), "Mul": (2, 2), "Div": (2, 2), "Mod": (2, 2),
+         "Reshape": (2, 2), "Squeeze": (1, 2), "Unsqueeze": (1, 2), "Concat": (1, 1 << 16), "Pad": (1, 4),
+         "Clip": (1, 3), "ReduceSum": (1, 2), "ReduceMean": (1, 2), "Constant": (0, 0), "Gather": (2, 2),
+         "Slice": (3, 5), "Dropout": (1, 3)}  # shape arithmetic: their data inputs must be host constants
 
 
 def _check_node(node, a, host: set, shapes_of: dict) -> str | None:
@@ -441,6 +447,11 @@ def _check_node(node, a, host: set, shapes_of: dict) -> str | None:
     if any(v is None for v in a.values()):
         return "graph or sparse-tensor attributes"
     ins = list(node.input)
+    least, most = ARITY.get(op, (1, 1))
+    if not least <= len(ins) <= most or any(not i for i in ins[:least]):
+        return f"{len(ins)} inputs (expected {least}" + (f" to {most})" if most > least else ")")
+    if not node.output or not node.output[0]:
+        return "no output"
     if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "MaxUnpool"):
         k = a.get("kernel_shape") or shapes_of.get(ins[1], [0, 0, 0, 0])[2:]
         if len(k) != 2:
@@ -502,7 +513,6 @@ class OnnxModule(Module):
         inits = {}
         for t in graph.initializer:
             inits[t.name] = _tensor_array(t, where)
-        consts = {}
         shapes_of = {k: list(v.shape) for k, v in inits.items()}
         nodes = [(n, _attrs(n)) for n in graph.node]
         for n, a in nodes:
@@ -523,6 +533,8 @@ class OnnxModule(Module):
         self.output_names = [o.name for o in graph.output]
 
         order = self._order(nodes, set(self.input_names) | set(inits), where)
+        defined = set(self.input_names) | set(inits) | {o for n, _ in nodes for o in n.output}
+        problems += [f"output {o!r}: nothing defines it" for o in self.output_names if o not in defined]
         bn_stats = {n.input[k] for n, _ in order if n.op_type == "BatchNormalization" for k in (3, 4)}
         host = {k for k, v in inits.items() if v.dtype.kind != "f"}
         for n, a in order:
