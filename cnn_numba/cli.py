@@ -5,6 +5,8 @@
     cnn-numba evaluate --checkpoint runs/lenet5                       # latest epoch_NNN.npz
     cnn-numba predict --checkpoint runs/lenet5/epoch_005.npz --index 0 1 2
     cnn-numba info                                                    # versions, threads, BLAS, CUDA
+    cnn-numba export --checkpoint runs/lenet5 --onnx lenet5.onnx      # ONNX (needs cnn_numba[onnx])
+    cnn-numba evaluate --onnx lenet5.onnx [--runtime onnxruntime]     # an ONNX model on the test set
 
 Exit status: 0 done; 1 training diverged (non-finite loss); 2 bad options, missing or bad data,
 an unusable device or checkpoint (one message on stderr, no traceback); 130 interrupted.
@@ -95,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("evaluate", help="test accuracy of a checkpoint", epilog=EPILOG)
-    e.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a .npz, or a folder (its latest)")
+    e = sub.add_parser("evaluate", help="test accuracy of a checkpoint or an ONNX model", epilog=EPILOG)
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="FILE_OR_DIR", help="a .npz, or a folder (its latest)")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX model (imported with cnn_numba.onnx.load)")
+    e.add_argument("--runtime", choices=["cnn_numba", "onnxruntime"], default="cnn_numba",
+                   help="what runs an --onnx model (default: cnn_numba)")
     e.add_argument("--model", help="default: the checkpoint's")
     _data_options(e, "the checkpoint's")
     e.add_argument("--batch-size", type=_positive_int, default=T.EVAL_BATCH, help=f"default: {T.EVAL_BATCH}")
@@ -108,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="default: the checkpoint's")
     _data_options(p, "the checkpoint's")
     p.set_defaults(func=_predict)
+
+    x = sub.add_parser("export", help="write a checkpoint's model as ONNX",
+                       description="Trace the checkpoint's model on a batch of images and write an ONNX file "
+                       "(needs the onnx package: pip install 'cnn_numba[onnx]').")
+    x.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR", help="a .npz, or a folder (its latest)")
+    x.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    x.add_argument("--model", help="default: the checkpoint's")
+    x.add_argument("--opset", type=int, help="ONNX opset (default: 17)")
+    x.add_argument("--static-batch", action="store_true", help="fix the batch size at 2 (default: dynamic N)")
+    x.set_defaults(func=_export)
 
     sub.add_parser("info", help="versions, threading layer, threads, BLAS and CUDA status",
                    description="Print what cnn_numba runs on (cnn_numba.show_config()).").set_defaults(func=_info)
@@ -134,8 +150,24 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    if args.onnx:
+        if args.model:
+            raise T.TrainError("--model applies to --checkpoint; an ONNX file holds its model")
+        from .onnx._cli import run_evaluate
+        run_evaluate(args.onnx, runtime=args.runtime, dataset=args.dataset, data_dir=args.data_dir,
+                     device=args.device, batch_size=args.batch_size)
+        return 0
+    if args.runtime != "cnn_numba":
+        raise T.TrainError("--runtime applies to --onnx models")
     T.run_evaluate(args.checkpoint, model_name=args.model, dataset=args.dataset, data_dir=args.data_dir,
                    device=args.device, batch_size=args.batch_size)
+    return 0
+
+
+def _export(args) -> int:
+    from .onnx._cli import run_export
+    run_export(args.checkpoint, args.onnx, model_name=args.model, opset=args.opset,
+               dynamic_batch=not args.static_batch)
     return 0
 
 

@@ -34,6 +34,13 @@ class _GradModeState(threading.local):
 _grad_mode = _GradModeState()
 
 
+class _TraceState(threading.local):
+    recorder = None  # onnx.export's tracer: called as recorder(ctx, inputs, params, result) after every op
+
+
+_trace = _TraceState()
+
+
 def is_grad_enabled() -> bool:
     """Whether ops record a graph in this thread."""
     return _grad_mode.enabled
@@ -130,7 +137,9 @@ class Function:
         if record:  # versions now; backward finds out which tensors were saved only if one changed
             ctx._versions, ctx._out = [t._vc[0] for t in inputs], (y._vc, y._vc[0], id(first))
         if isinstance(out, tuple):
-            return (y,) + tuple(Tensor._wrap(o, device, False, None) for o in out[1:])
+            y = (y,) + tuple(Tensor._wrap(o, device, False, None) for o in out[1:])
+        if _trace.recorder is not None:
+            _trace.recorder(ctx, inputs, params, y)
         return y
 
     def _check_versions(self) -> None:
