@@ -1,4 +1,5 @@
 """README's code runs: its Python blocks and the quickstart example."""
+import importlib.util
 import json
 import pathlib
 import re
@@ -10,10 +11,13 @@ from cnn_numba import train as T
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "README has no python example"
+    monkeypatch.chdir(tmp_path)  # the ONNX example writes a file
     for code in blocks:
+        if "cnn_numba.onnx" in code and importlib.util.find_spec("onnx") is None:
+            continue  # the onnx extra is not installed here
         exec(compile(code, "README.md", "exec"), {})
 
 
