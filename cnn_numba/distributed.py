@@ -34,7 +34,10 @@ import sys
 import numpy as np
 
 from .backend import kernel
+from .data import DataLoader
 from .nn import Module
+from .nn.layers import _BatchNorm
+from .tensor import Function
 
 LAUNCH_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 OPS = ("sum", "mean", "max", "min")
@@ -197,34 +200,61 @@ def shard(n: int, r: int | None = None, size: int | None = None) -> slice:
     return slice(start, start + base + (r < extra))
 
 
+def select_gpu() -> int | None:
+    """One rank per GPU: this rank uses GPU (local rank mod GPUs on this machine). None without CUDA
+    (check_device then says why)."""
+    from numba import cuda
+    if not cuda.is_available():
+        return None
+    gpu = _get().local_rank % len(cuda.gpus)
+    cuda.select_device(gpu)
+    return gpu
+
+
+# ----------------------------------------------------------------------------- data
+
+class ShardedLoader(DataLoader):
+    """A DataLoader whose batches are this rank's shares of the batches one process would get:
+    the same (seed, epoch) order and augmentation draws on every rank (each rank draws them for
+    the whole global batch, then keeps its ``shard`` before the float conversion), so N ranks
+    together see exactly one process's batches. ``global_batch`` is the size of the global batch
+    the last share came from (B; the last batch of an epoch may be short, a share may be empty)."""
+
+    def __init__(self, *args, rank: int | None = None, size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank = _get().rank if rank is None else rank
+        self.size = _get().size if size is None else size
+        self.global_batch = 0
+
+    def _batches(self, rng):
+        for x, y in super()._batches(rng):  # x: this rank's share (_to_float below), y: the global batch's
+            self.global_batch = len(y)
+            yield x, y[shard(len(y), self.rank, self.size)]
+
+    def _to_float(self, x):
+        return super()._to_float(x[shard(len(x), self.rank, self.size)])
+
+
 # ----------------------------------------------------------------------------- module state
 
 def broadcast_module(module: Module, root: int = 0) -> None:
     """Copy rank ``root``'s parameters and buffers (state_dict and non-persistent buffers) into
     every rank's module."""
+    _broadcast_tensors([t for t in (*module.parameters(), *module.buffers()) if t is not None], root)
+
+
+def _broadcast_tensors(tensors, root: int = 0) -> None:
     if world_size() == 1:
         return
-    tensors = [t for t in (*module.parameters(), *module.buffers()) if t is not None]
-    for t in tensors:
-        host = np.ascontiguousarray(t.numpy())
-        if host.dtype == np.bool_:
-            host = host.view(np.uint8)
-        if host.dtype not in [np.dtype(d) for d in DTYPES]:
-            _get().comm.Bcast(host.view(np.uint8).reshape(-1), root=root)
-        else:
-            broadcast(host, root)
-        _write_host(t, host)
-
-
-def _write_host(t, host: np.ndarray) -> None:
-    """Copy a host array of ``t``'s size into ``t``'s memory without autograd's in-place check."""
-    data = host.view(t.dtype).reshape(t.shape)
-    if isinstance(t.data, np.ndarray):
-        if t.data is not host:
-            np.copyto(t.data, data)
-    else:
-        t.data.copy_to_device(np.ascontiguousarray(data))
-    t._vc[0] += 1
+    for t in tensors:  # as bytes: any dtype; a CPU buffer's own memory when it is contiguous
+        host = np.ascontiguousarray(t.numpy()).reshape(-1)
+        _get().comm.Bcast(host.view(np.uint8), root=root)
+        # Written without Tensor._write's autograd check: parameters are leaves that require grad.
+        if not isinstance(t.data, np.ndarray):
+            t.data.copy_to_device(host.reshape(t.shape))
+        elif not np.shares_memory(t.data, host):
+            np.copyto(t.data, host.reshape(t.shape))
+        t._vc[0] += 1
 
 
 class _Bucket:
@@ -297,6 +327,80 @@ def all_reduce_gradients(model: Module, cap_mb: float = BUCKET_CAP_MB) -> None:
     reduce_gradients(make_buckets([p for p in model.parameters() if p.requires_grad], cap_mb))
 
 
+# ----------------------------------------------------------------------------- synchronised batch norm
+
+class SyncBatchNormFunction(Function):
+    """Batch norm whose statistics are those of the global batch: rank r holds x (n_r, C, *);
+    M = sum of the ranks' n_r * L values per channel. Forward combines the ranks' (count, mean,
+    biased var) per channel exactly (Chan's pairwise formula, float64); backward reduces the
+    per-channel sums of gy and gy * xhat, so gx is the gradient through the global statistics;
+    gw, gb stay this rank's sums, which the gradient average of DistributedDataParallel
+    combines. Device arrays go through the host for the reductions (C values each) and the
+    backward correction."""
+
+    def forward(self, x, *wb, has_wb, running, momentum, eps):
+        dev, c = self.device, x.shape[1]
+        wb = iter(wb)
+        w = next(wb) if has_wb[0] else kernel("full", dev)((c,), 1.0, x.dtype)
+        b = next(wb) if has_wb[1] else kernel("full", dev)((c,), 0.0, x.dtype)
+        mean_r, var_r = (kernel("to_host", dev)(a).astype(np.float64).reshape(1, c)
+                         for a in kernel("batch_norm_stats", dev)(x))
+        table = np.zeros((world_size(), 3, c))  # per rank: count, mean, var (C,) each
+        table[rank()] = np.concatenate([np.full((1, c), x.size // c), mean_r, var_r])
+        counts, means, variances = all_reduce(table).transpose(1, 0, 2)
+        m = counts.sum(0)  # (C,), the same M for every channel
+        mean = (counts * means).sum(0) / m
+        var = (counts * (variances + (means - mean) ** 2)).sum(0) / m
+        mean_d, var_d = (kernel("from_host", dev)(a.astype(x.dtype)) for a in (mean, var))
+        if running[0] is not None:
+            kernel("batch_norm_update_stats", dev)(running[0], running[1], mean_d, var_d, momentum, int(m[0]))
+        y, invstd = kernel("batch_norm_forward", dev)(x, mean_d, var_d, w, b, eps)
+        self.x, self.mean, self.invstd, self.w, self.has_wb, self.m = x, mean_d, invstd, w, has_wb, m[0]
+        return y
+
+    def backward(self, gy):
+        dev = self.device
+        # training=False: gx = gy * w * invstd, gw = sum(gy * xhat), gb = sum(gy) over this rank
+        gx, gw, gb = kernel("batch_norm_backward", dev)(gy, self.x, self.mean, self.invstd, self.w, False)
+        host = lambda a: kernel("to_host", dev)(a)  # noqa: E731
+        sums = all_reduce(np.stack([host(gb), host(gw)]).astype(np.float64))  # (2, C)
+        invstd, w, mean = (host(a).astype(np.float64) for a in (self.invstd, self.w, self.mean))
+        a, bx = sums[0] / self.m, sums[1] * invstd / self.m  # mean(gy), mean(gy * xhat) * invstd
+        x = host(self.x).reshape(self.x.shape[0], self.x.shape[1], -1)  # (N, C, L)
+        k = (w * invstd)[:, None]
+        correction = k * (a[:, None] + (x - mean[:, None]) * bx[:, None])  # (N, C, L)
+        gx_host = (host(gx).reshape(x.shape) - correction).astype(gy.dtype).reshape(self.x.shape)
+        gx = kernel("reshape", dev)(kernel("from_host", dev)(np.ascontiguousarray(gx_host)), self.x.shape)
+        return (gx,) + tuple(g for g, has in zip((gw, gb), self.has_wb) if has)
+
+
+def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-5):
+    """F.batch_norm with the global batch's statistics when training under MPI (else F.batch_norm)."""
+    from . import functional as F
+    if not training or world_size() == 1:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    c = input.shape[1] if input.ndim >= 2 else None
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and (c is None or t.shape != (c,) or t.dtype != input.dtype):
+            raise ValueError(f"sync_batch_norm: {name} must be ({c},) {input.dtype} for input {input.dtype} "
+                             f"{input.shape}, got {t.dtype} {t.shape}")
+    named = [t for t in (weight, bias) if t is not None]
+    running = (None, None) if running_mean is None else (running_mean.data, running_var.data)
+    return SyncBatchNormFunction.apply(input, *named, has_wb=(weight is not None, bias is not None),
+                                       running=running, momentum=float(momentum), eps=float(eps))
+
+
+def convert_sync_batchnorm(module: Module) -> Module:
+    """Make every batch-norm layer in ``module`` use the statistics of all ranks' shares when
+    training (torch.nn.SyncBatchNorm.convert_sync_batchnorm, in place: the layers keep their
+    parameters, buffers and state_dict names). Returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, _BatchNorm):
+            object.__setattr__(m, "_batch_norm", sync_batch_norm)
+    return module
+
+
 class DistributedDataParallel(Module):
     """Wraps ``module`` for data-parallel training, as torch.nn.parallel.DistributedDataParallel:
     at construction every rank gets rank 0's parameters and buffers; calling it calls the module;
@@ -312,17 +416,25 @@ class DistributedDataParallel(Module):
             raise ValueError(f"DistributedDataParallel: bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         init()
         self.module = module
+        self.broadcast_buffers = broadcast_buffers
         object.__setattr__(self, "_ddp_buckets",
                            make_buckets([p for p in module.parameters() if p.requires_grad], bucket_cap_mb))
         broadcast_module(module)
 
     def forward(self, *args, **kwargs):
+        if self.training and self.broadcast_buffers:  # rank 0's running statistics, as PyTorch's
+            _broadcast_tensors([b for b in self.module.buffers() if b is not None])
         return self.module(*args, **kwargs)
 
     def reduce_gradients(self) -> None:
         reduce_gradients(self._ddp_buckets)
 
+    def broadcast_buffers_now(self) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank, e.g. before evaluating."""
+        _broadcast_tensors([b for b in self.module.buffers() if b is not None])
+
 
 __all__ = ["init", "launched_by_mpi", "rank", "world_size", "local_size", "is_main", "barrier", "abort",
            "all_reduce", "broadcast", "broadcast_object", "all_gather_object", "shard", "broadcast_module",
-           "all_reduce_gradients", "DistributedDataParallel", "set_threads_per_rank", "find_mpiexec"]
+           "all_reduce_gradients", "DistributedDataParallel", "ShardedLoader", "SyncBatchNormFunction",
+           "sync_batch_norm", "convert_sync_batchnorm", "select_gpu", "set_threads_per_rank", "find_mpiexec"]
