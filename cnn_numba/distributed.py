@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -43,6 +44,7 @@ LAUNCH_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_R
 OPS = ("sum", "mean", "max", "min")
 DTYPES = (np.float32, np.float64, np.int32, np.int64)
 BUCKET_CAP_MB = 1.0
+ABORT_GRACE_S = 1.0  # abort(): seconds for the launcher to forward the message printed before
 
 
 class _World:
@@ -119,6 +121,9 @@ def abort(code: int = 1) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if w.comm is not None:
+        # MPICH's launcher stops forwarding a rank's output once it handles the abort: without a
+        # pause the message just printed was lost in 1 of 12 runs here
+        time.sleep(ABORT_GRACE_S)
         w.comm.Abort(code)
     os._exit(code)
 

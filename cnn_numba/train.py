@@ -723,39 +723,37 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
         out = _quiet
     threads = dist.set_threads_per_rank() if world.size > 1 else None
 
-    def setup():
-        resolved = _resolve(config)
-        if resolved.device == "cuda" and world.size > 1:
-            dist.select_gpu()
-        device, start, splits = use_device(resolved.device), _start_point(resolved, out), load_data(resolved)
-        n, b = len(splits[0].labels), resolved.batch_size
-        if resolved.sync_bn and min(b, n % b or b) < world.size:  # a rank without images cannot join the statistics
-            raise TrainError(f"--sync-bn with {world.size} ranks needs at least {world.size} images in every batch; "
-                             f"with {n} training images and --batch-size {b} the last batch has {n % b or b}: "
-                             "change --batch-size or --limit")
-        return resolved, device, start, splits
-    config, device, start, (train_split, val, test) = _on_every_rank(setup)
-    normalize = NORMALIZE[config.dataset]
+    with _all_ranks_agree():  # a bad option, missing data, a bad checkpoint: every rank stops alike
+        config = _resolve(config)
+        device = use_device(config.device) if world.size == 1 or config.device != "cuda" else _use_gpu_of_rank()
+        start = _start_point(config, out)
+        train_split, val, test = load_data(config)
+        normalize = NORMALIZE[config.dataset]
+        n, b = len(train_split.labels), config.batch_size
+        if config.sync_bn and world.size > 1 and min(b, n % b or b) < world.size:  # a rank without images
+            raise TrainError(f"--sync-bn with {world.size} ranks needs at least {world.size} images in every "
+                             f"batch; with {n} training images and --batch-size {b} the last batch has "
+                             f"{n % b or b}: change --batch-size or --limit")
 
-    manual_seed(config.seed)
-    model = build_model(config.model).to(device)
-    if config.sync_bn and world.size > 1:
-        dist.convert_sync_batchnorm(model)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
-    loader = (dist.ShardedLoader if world.size > 1 else DataLoader)(
-        train_split.images, train_split.labels, config.batch_size, shuffle=True, seed=config.seed,
-        normalize=normalize, augment=config.augment, hflip=config.augment and config.dataset == "fashion-mnist")
-    history = []
-    if start is not None:
-        load_weights(model, start.model_state, str(start.path), config.model)
-        check_resume(start, optimizer)
-        optimizer.load_state_dict(start.optimizer_state)
-        default_generator().bit_generator.state = start.rng["generator"]
-        loader.epoch = start.rng["loader_epoch"]
-        history = start.history
-        out(f"resumed from {start.path} after epoch {start.epoch}")
-        if start.epoch >= config.epochs:
-            out(f"nothing to train: the run has {start.epoch} of --epochs {config.epochs} epochs done")
+        manual_seed(config.seed)
+        model = build_model(config.model).to(device)
+        if config.sync_bn and world.size > 1:
+            dist.convert_sync_batchnorm(model)
+        optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+        loader = (dist.ShardedLoader if world.size > 1 else DataLoader)(
+            train_split.images, train_split.labels, config.batch_size, shuffle=True, seed=config.seed,
+            normalize=normalize, augment=config.augment, hflip=config.augment and config.dataset == "fashion-mnist")
+        history = []
+        if start is not None:
+            load_weights(model, start.model_state, str(start.path), config.model)
+            check_resume(start, optimizer)
+            optimizer.load_state_dict(start.optimizer_state)
+            default_generator().bit_generator.state = start.rng["generator"]
+            loader.epoch = start.rng["loader_epoch"]
+            history = start.history
+            out(f"resumed from {start.path} after epoch {start.epoch}")
+            if start.epoch >= config.epochs:
+                out(f"nothing to train: the run has {start.epoch} of --epochs {config.epochs} epochs done")
     ddp = dist.DistributedDataParallel(model) if world.size > 1 else None  # after resuming: rank 0's state
 
     # Stepped once per epoch and closed-form: a resumed run starts it at its epoch count
@@ -829,23 +827,31 @@ def _quiet(message: str) -> None:
     """``out`` of the ranks other than 0."""
 
 
-def _on_every_rank(fn):
-    """``fn()``; under MPI, if it raised a TrainError on any rank, every rank raises the first
-    such rank's, naming it (so a bad option or missing data stops all ranks at once, before any
-    collective that would wait for the failed one)."""
-    if dist.world_size() == 1:
-        return fn()
-    try:
-        result, failure = fn(), None
-    except TrainError as e:
-        result, failure = None, (type(e).__name__, str(e))
-    for r, f in enumerate(dist.all_gather_object(failure)):
-        if f is not None:
-            cls = DivergedError if f[0] == DivergedError.__name__ else TrainError
-            error = cls(f"rank {r}: {f[1]}")
-            error.all_ranks = True
-            raise error
-    return result
+class _all_ranks_agree:
+    """A block every rank runs; under MPI, if it raised a TrainError on any rank, every rank
+    raises the first such rank's, naming it and marked ``all_ranks`` (so a bad option or missing
+    data stops all ranks at once, printed once, before any collective could wait for the failed
+    one). Other exceptions pass through (the command line aborts all ranks for them)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if dist.world_size() == 1 or (kind is not None and not issubclass(kind, TrainError)):
+            return False
+        mine = None if kind is None else (type(error).__name__, str(error))
+        for r, failure in enumerate(dist.all_gather_object(mine)):
+            if failure is not None:
+                agreed = (DivergedError if failure[0] == DivergedError.__name__ else TrainError)(f"rank {r}: {failure[1]}")
+                agreed.all_ranks = True
+                raise agreed from None
+        return False
+
+
+def _use_gpu_of_rank() -> str:
+    """One rank per GPU: the GPU (local rank mod GPUs), then use_device's checks."""
+    dist.select_gpu()
+    return use_device("cuda")
 
 
 def _epoch_line(r: dict, epochs: int) -> str:

@@ -7,6 +7,7 @@ Every launch has a bounded timeout, so a hang fails the test instead of stalling
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -165,3 +166,148 @@ def test_ddp_broadcasts_weights_and_averages_gradients(tmp_path):
         assert not np.allclose(z[0][f"local/{k}"], z[1][f"local/{k}"])
         for r in range(2):
             np.testing.assert_allclose(z[r][f"reduced/{k}"], mean, rtol=1e-14, atol=1e-17)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+RUN_TIMEOUT = 300  # seconds per launch: compiles come from Numba's cache, but the machine is shared
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from test_train import fixture_digits, write_dataset  # the same small data folder as test_train.py
+    return write_dataset(tmp_path_factory.mktemp("data"), *fixture_digits())
+
+
+def train_args(data_dir, folder, *extra) -> list[str]:
+    return ["-m", "cnn_numba", "train", "--data-dir", str(data_dir), "--checkpoint", str(folder), "--no-progress",
+            *map(str, extra)]
+
+
+def one_process(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM" and k not in dist.LAUNCH_ENV}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), NUMBA_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env)
+
+
+def weights(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k.startswith(("model/", "optimizer/"))}
+
+
+def assert_same_run(a, b, rtol):
+    """Each weight of checkpoint a within rtol of b's, relative to b's largest magnitude; the
+    optimiser state (a running sum of gradients, whose summation order differs) within 10 rtol."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wb:
+        scale = max(np.abs(wb[k]).max(), np.finfo(np.float32).tiny)
+        tol = rtol if k.startswith("model/") else 10 * rtol
+        assert np.abs(wa[k] - wb[k]).max() <= tol * scale, (k, np.abs(wa[k] - wb[k]).max() / scale)
+
+
+# 393 images, global batch 64: 7 steps per epoch, the last of 9 images (shares 5 and 4), so the
+# share weighting b_r N / B matters; 3 epochs = 21 steps.
+LENET = ["--model", "lenet5", "--limit", 393, "--batch-size", 64, "--val-fraction", 0]
+
+
+@pytest.fixture(scope="module")
+def lenet_one_process(data_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one")
+    proc = one_process(train_args(data_dir, folder, *LENET, "--epochs", 3))
+    assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+@needs_mpi
+def test_two_ranks_train_like_one_process(data_dir, tmp_path, lenet_one_process):
+    proc = one_process(train_args(data_dir, tmp_path, *LENET, "--epochs", 3, "--nproc", 2))  # starts mpiexec
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("test accuracy:") == 1 and "2 ranks x 1 threads" in proc.stdout  # rank 0 alone prints
+    assert_same_run(tmp_path / "epoch_003.npz", lenet_one_process / "epoch_003.npz", rtol=1e-5)
+    log = json.loads((tmp_path / "log.json").read_text())
+    one = json.loads((lenet_one_process / "log.json").read_text())
+    assert log["world_size"] == 2 and one["world_size"] == 1
+    assert log["test"]["accuracy"] == one["test"]["accuracy"]  # the test split shared out, counts summed
+    np.testing.assert_allclose([e["train_loss"] for e in log["epochs"]], [e["train_loss"] for e in one["epochs"]],
+                               rtol=1e-5)
+
+
+@needs_mpi
+def test_resume_with_another_world_size(data_dir, tmp_path, lenet_one_process):
+    proc = mpirun(2, train_args(data_dir, tmp_path, *LENET, "--epochs", 2), RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = one_process(train_args(data_dir, tmp_path, "--resume", "--epochs", 3))
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(tmp_path / "epoch_003.npz", lenet_one_process / "epoch_003.npz", rtol=1e-5)
+
+
+@needs_mpi
+def test_sync_bn_equals_one_process(data_dir, tmp_path):
+    resnet = ["--model", "resnet8", "--limit", 128, "--batch-size", 32, "--val-fraction", 0, "--epochs", 1]
+    runs = {"one": one_process(train_args(data_dir, tmp_path / "one", *resnet)),
+            "sync": mpirun(2, train_args(data_dir, tmp_path / "sync", *resnet, "--sync-bn"), RUN_TIMEOUT),
+            "local": mpirun(2, train_args(data_dir, tmp_path / "local", *resnet), RUN_TIMEOUT)}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
+    assert_same_run(tmp_path / "sync" / "epoch_001.npz", tmp_path / "one" / "epoch_001.npz", rtol=1e-4)
+    # per-rank statistics (the default) normalise each half-batch by its own mean: another run
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path / "local" / "epoch_001.npz", tmp_path / "one" / "epoch_001.npz", rtol=1e-4)
+
+
+@needs_mpi
+def test_error_of_every_rank_is_printed_once(data_dir, tmp_path):
+    proc = mpirun(2, train_args(data_dir, tmp_path, "--model", "no-such-model"), 120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("cnn-numba: error: rank 0: unknown model 'no-such-model'") == 1, proc.stderr
+
+
+KILLER = """
+    import os, signal, sys, threading, time
+    from pathlib import Path
+    from cnn_numba import cli, distributed as dist, train as T
+    dist.init()
+    mode, folder = sys.argv[1], Path(sys.argv[2])
+
+    def kill_after_first_checkpoint():
+        while not (folder / "epoch_001.npz").exists():
+            time.sleep(0.02)
+        (folder / "killed_at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def fail(model, epoch):
+        if epoch == 2:
+            raise RuntimeError("injected failure")
+
+    if dist.rank() == 1 and mode == "kill":
+        threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    if dist.rank() == 1 and mode == "raise":
+        T._check_finite = fail
+    sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["kill", "raise"])
+def test_failed_rank_stops_every_rank(data_dir, tmp_path, mode):
+    import time
+    from cnn_numba import train as T
+    (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    args = train_args(data_dir, folder, "--model", "lenet5", "--limit", 256, "--val-fraction", 0, "--epochs", 1000)
+    proc = mpirun(2, [str(tmp_path / "killer.py"), mode, str(folder), *args[2:]], RUN_TIMEOUT)
+    ended = time.time()
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    if mode == "kill":
+        assert ended - float((folder / "killed_at").read_text()) < 30
+        assert "BAD TERMINATION" in proc.stdout + proc.stderr  # the launcher names the killed process
+    else:
+        assert proc.stderr.count("cnn-numba: error: rank 1 of 2 failed (RuntimeError: injected failure)") == 1, \
+            proc.stdout + proc.stderr
+    # checkpoints under real names are whole (an abort mid-write leaves at most a hidden .tmp file)
+    saved = sorted(folder.glob("epoch_*.npz"))
+    assert saved
+    for path in saved:
+        T.load_checkpoint(path)
