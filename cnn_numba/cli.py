@@ -15,6 +15,7 @@ that rank, naming it, and then MPI_Abort stops every rank (no rank waits for a d
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -157,7 +158,10 @@ def launch(nproc: int, argv: list[str]) -> int:
         print("cnn-numba: error: --nproc needs mpiexec: pip install 'cnn_numba[distributed]' "
               "(mpi4py and the mpich wheel)", file=sys.stderr)
         return 2
-    proc = subprocess.Popen([mpiexec, "-n", str(nproc), sys.executable, "-m", "cnn_numba", *argv])
+    # numpy's BLAS (the linear layers) with its default thread per core in every rank oversubscribes
+    # the cores: LeNet-5 trained at ~1,000 instead of ~14,000 images/s here (docs/distributed.md)
+    env = {"OPENBLAS_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
+    proc = subprocess.Popen([mpiexec, "-n", str(nproc), sys.executable, "-m", "cnn_numba", *argv], env=env)
     try:
         return proc.wait()
     except KeyboardInterrupt:  # the terminal sent SIGINT to mpiexec and the ranks too; mpiexec forwards it
