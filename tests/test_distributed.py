@@ -311,3 +311,48 @@ def test_failed_rank_stops_every_rank(data_dir, tmp_path, mode):
     assert saved
     for path in saved:
         T.load_checkpoint(path)
+
+
+SIM_WORKER = """
+    import numpy as np
+    from cnn_numba import distributed as dist, nn, tensor
+    from cnn_numba import random
+    import cnn_numba.functional as F
+    dist.init()
+    r = dist.rank()
+    dist.select_gpu()
+    random.manual_seed(100 + r)  # rank 1's weights differ until the wrapper broadcasts rank 0's
+    model = dist.convert_sync_batchnorm(
+        nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).to("cuda"))
+    ddp = dist.DistributedDataParallel(model)
+    x = np.random.default_rng(r).standard_normal((4, 7)).astype(np.float32)
+    loss = F.cross_entropy(ddp(tensor(x, device="cuda")), tensor(np.array([0, 1, 2, r]), device="cuda"))
+    loss.backward()
+    ddp.reduce_gradients()
+    np.savez(f"rank{r}.npz", **{"grad/" + k: p.grad.numpy() for k, p in model.named_parameters()},
+             **{"state/" + k: v for k, v in model.state_dict().items()})
+"""
+
+
+@needs_mpi
+@pytest.mark.skipif(importlib.util.find_spec("numba.cuda") is None, reason="needs numba-cuda (its simulator)")
+def test_cuda_ranks_under_simulator_equal_one_process_on_the_global_batch(tmp_path):
+    # Gradients and sync-bn sums staged through the host from the (simulated) GPU: the 2 ranks'
+    # averaged gradient equals one CPU process's on both shares at once, and the running statistics
+    # are the global batch's.
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(SIM_WORKER))
+    proc = mpirun(2, [str(script)], 300, cwd=tmp_path, env={"NUMBA_ENABLE_CUDASIM": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from cnn_numba import nn, random, tensor
+    import cnn_numba.functional as F
+    random.manual_seed(100)
+    model = nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    x = np.concatenate([np.random.default_rng(r).standard_normal((4, 7)).astype(np.float32) for r in range(2)])
+    F.cross_entropy(model(tensor(x)), np.array([0, 1, 2, 0, 0, 1, 2, 1])).backward()
+    for r in range(2):
+        got = np.load(tmp_path / f"rank{r}.npz")
+        for k, p in model.named_parameters():
+            np.testing.assert_allclose(got[f"grad/{k}"], p.grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+        for k in ("1.running_mean", "1.running_var"):
+            np.testing.assert_allclose(got[f"state/{k}"], model.state_dict()[k], rtol=1e-5, atol=1e-7, err_msg=k)
