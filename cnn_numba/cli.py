@@ -164,13 +164,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     proc = subprocess.Popen([mpiexec, "-n", str(nproc), sys.executable, "-m", "cnn_numba", *argv], env=env)
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # the terminal sent SIGINT to mpiexec and the ranks too; mpiexec forwards it
+    except KeyboardInterrupt:  # the terminal sent SIGINT to mpiexec too, which forwards it; rank 0 reports it
         try:
             proc.wait(timeout=30)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             proc.kill()
             proc.wait()
-        print("cnn-numba: interrupted", file=sys.stderr)
+            print("cnn-numba: interrupted; mpiexec did not stop within 30 s and was killed", file=sys.stderr)
         return 130
 
 
@@ -212,8 +212,10 @@ def _abort_later(seconds: float, code: int) -> None:
 def _run_rank(args, world) -> int:
     """One rank of an MPI run: an error every rank raised alike returns its exit status (rank 0
     prints it); any other failure prints one line naming this rank, then MPI_Abort ends all."""
-    if world.rank > 0:  # mpiexec forwards Ctrl-C to every rank: rank 0 reports it and aborts all; if it
-        # cannot within 10 s (blocked in a call that waits on this rank), this rank aborts all itself
+    if world.rank > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints results (evaluate, predict, info)
+        # mpiexec forwards Ctrl-C to every rank: rank 0 reports it and aborts all; if it cannot
+        # within 10 s (blocked in a call that waits on this rank), this rank aborts all itself
         signal.signal(signal.SIGINT, lambda *_: _abort_later(10.0, 130))
     try:
         return args.func(args)

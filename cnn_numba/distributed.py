@@ -22,9 +22,10 @@ Gradient contract: ``reduce_gradients`` replaces each parameter's ``.grad`` (P v
 over ranks of the ranks' ``.grad`` (a parameter without ``.grad`` on a rank counts as zeros there).
 The gradients travel flattened into buckets of about ``bucket_cap_mb`` (one buffer per bucket,
 allocated once, parameters in reverse registration order, as PyTorch's DDP), each bucket reduced
-by a non-blocking in-place ``Iallreduce`` started as soon as it is packed, so packing bucket k+1
-overlaps reducing bucket k. Reduction does not overlap the backward pass itself: the autograd
-engine has no per-parameter gradient hooks. Device tensors are staged through host buffers.
+by a non-blocking in-place ``Iallreduce`` started as soon as it is packed (MPICH advances it inside
+later MPI calls, so without its asynchronous progress thread, MPICH_ASYNC_PROGRESS=1, little of it
+overlaps the packing of the next bucket). Reduction does not overlap the backward pass itself: the
+autograd engine has no per-parameter gradient hooks. Device tensors are staged through host buffers.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from .backend import kernel
 from .data import DataLoader
 from .nn import Module
 from .nn.layers import _BatchNorm
-from .tensor import Function
+from .tensor import Function, Tensor
 
 LAUNCH_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 OPS = ("sum", "mean", "max", "min")
@@ -306,7 +307,6 @@ def _unpack(bucket: _Bucket, scale) -> None:
         if p.grad is not None and isinstance(p.grad.data, np.ndarray):
             np.copyto(p.grad.data, host)
         else:
-            from .tensor import Tensor
             data = kernel("reshape", p.device)(kernel("from_host", p.device)(host.copy()), p.shape)
             p.grad = Tensor._wrap(data, p.device, False, None)
         offset += n

@@ -356,3 +356,28 @@ def test_cuda_ranks_under_simulator_equal_one_process_on_the_global_batch(tmp_pa
             np.testing.assert_allclose(got[f"grad/{k}"], p.grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
         for k in ("1.running_mean", "1.running_var"):
             np.testing.assert_allclose(got[f"state/{k}"], model.state_dict()[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@needs_mpi
+def test_ctrl_c_stops_every_rank(data_dir, tmp_path):
+    import signal
+    import time
+    args = train_args(data_dir, tmp_path, "--model", "lenet5", "--limit", 256, "--val-fraction", 0, "--epochs", 1000)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), NUMBA_NUM_THREADS="1")
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + RUN_TIMEOUT
+        while not (tmp_path / "epoch_001.npz").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends mpiexec; it forwards it to the ranks
+        sent = time.time()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert time.time() - sent < 30
+    assert proc.returncode == 130, out + err
+    assert err.count("cnn-numba: interrupted") == 1, err
