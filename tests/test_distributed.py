@@ -34,10 +34,10 @@ def mpirun(n: int, args: list[str], timeout: float, cwd=None, env=None) -> subpr
                           timeout=timeout, cwd=cwd, env=env)
 
 
-def run_script(tmp_path, body: str, n: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_script(tmp_path, body: str, n: int = 2, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(body))
-    proc = mpirun(n, [str(script)], timeout, cwd=tmp_path)
+    proc = mpirun(n, [str(script)], timeout, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -111,13 +111,15 @@ def test_collectives_against_numpy(tmp_path):
         counts = np.array([r + 1, 10 * r], np.int64)
         out["counts"] = dist.all_reduce(counts).copy()
         out["size"] = np.array(n)
+        out["local"] = np.array(dist.local_size())
+        out["threads"] = np.array(dist.set_threads_per_rank())  # NUMBA_NUM_THREADS=4 over 2 local ranks
         dist.barrier()
         np.savez(f"rank{r}.npz", **out)
-    """)
+    """, env={"NUMBA_NUM_THREADS": "4"})
     inputs = [np.random.default_rng(r).standard_normal((5, 3)) for r in range(2)]
     for r in range(2):
         got = np.load(tmp_path / f"rank{r}.npz")
-        assert got["size"] == 2 and got["rejected"]
+        assert got["size"] == 2 and got["rejected"] and got["local"] == 2 and got["threads"] == 2
         for dtype, rtol in ((np.float32, 1e-6), (np.float64, 1e-15)):
             x = [a.astype(dtype) for a in inputs]
             name = np.dtype(dtype).name
@@ -381,3 +383,42 @@ def test_ctrl_c_stops_every_rank(data_dir, tmp_path):
     assert time.time() - sent < 30
     assert proc.returncode == 130, out + err
     assert err.count("cnn-numba: interrupted") == 1, err
+
+
+EPOCHS_WORKER = """
+    import sys
+    import numpy as np
+    from cnn_numba import distributed as dist, nn, optim, random
+    from cnn_numba.data import DataLoader
+    from cnn_numba.train import train_epoch
+    dist.init()
+
+    class Float64(dist.ShardedLoader if dist.world_size() > 1 else DataLoader):
+        def _to_float(self, x):
+            return super()._to_float(x).astype(np.float64)
+
+    rng = np.random.default_rng(5)
+    images, labels = rng.integers(0, 256, (45, 8, 8), dtype=np.uint8), rng.integers(0, 10, 45)
+    random.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).double()
+    ddp = dist.DistributedDataParallel(model) if dist.world_size() > 1 else None
+    optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = Float64(images, labels, 16, seed=3)  # batches 16, 16, 13: shares 8/8, 8/8, 7/6
+    records = [train_epoch(ddp or model, optimizer, loader, e, 2, "cpu", False, ddp) for e in (1, 2)]
+    if dist.is_main():
+        np.savez(sys.argv[1], loss=[r["train_loss"] for r in records], acc=[r["train_acc"] for r in records],
+                 **{k: v for k, v in model.state_dict().items()})
+"""
+
+
+@needs_mpi
+def test_train_epoch_float64_two_ranks_equal_one_process(tmp_path):
+    # Uneven shares of every third batch: without the b_r N / B weighting the weights differ by 1.6e-4.
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(EPOCHS_WORKER))
+    for n, name in ((1, "one.npz"), (2, "two.npz")):
+        proc = mpirun(n, [str(script), str(tmp_path / name)], RUN_TIMEOUT, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for k in one.files:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-12, atol=1e-14, err_msg=k)
