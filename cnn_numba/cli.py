@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     given = {k: getattr(args, k) for k in T.RUN_KEYS if getattr(args, k) is not None}
     if args.resume and args.checkpoint:
-        given = {**T.resume_args(args.checkpoint), **given}
+        with T.all_ranks_agree():  # under MPI: a bad checkpoint is reported once, by rank 0
+            given = {**T.resume_args(args.checkpoint), **given}
     config = T.TrainConfig(**given, epochs=args.epochs, device=args.device, checkpoint=args.checkpoint,
                            resume=args.resume, data_dir=args.data_dir, log=args.log, plots=args.plots,
                            progress=not args.no_progress, sync_bn=args.sync_bn)

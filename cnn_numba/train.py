@@ -723,7 +723,7 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
         out = _quiet
     threads = dist.set_threads_per_rank() if world.size > 1 else None
 
-    with _all_ranks_agree():  # a bad option, missing data, a bad checkpoint: every rank stops alike
+    with all_ranks_agree():  # a bad option, missing data, a bad checkpoint: every rank stops alike
         config = _resolve(config)
         device = use_device(config.device) if world.size == 1 or config.device != "cuda" else _use_gpu_of_rank()
         start = _start_point(config, out)
@@ -827,7 +827,7 @@ def _quiet(message: str) -> None:
     """``out`` of the ranks other than 0."""
 
 
-class _all_ranks_agree:
+class all_ranks_agree:
     """A block every rank runs; under MPI, if it raised a TrainError on any rank, every rank
     raises the first such rank's, naming it and marked ``all_ranks`` (so a bad option or missing
     data stops all ranks at once, printed once, before any collective could wait for the failed
