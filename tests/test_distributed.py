@@ -259,10 +259,15 @@ def test_sync_bn_equals_one_process(data_dir, tmp_path):
 
 
 @needs_mpi
-def test_error_of_every_rank_is_printed_once(data_dir, tmp_path):
-    proc = mpirun(2, train_args(data_dir, tmp_path, "--model", "no-such-model"), 120)
+@pytest.mark.parametrize("options, message", [
+    (["--model", "no-such-model"], "rank 0: unknown model 'no-such-model'"),
+    # 65 images in batches of 64: the last batch's 1 image leaves rank 1 nothing to normalise
+    (["--model", "resnet8", "--limit", 65, "--sync-bn"], "rank 0: --sync-bn with 2 ranks needs at least 2 images"),
+])
+def test_error_of_every_rank_is_printed_once(data_dir, tmp_path, options, message):
+    proc = mpirun(2, train_args(data_dir, tmp_path, "--val-fraction", 0, *options), 120)
     assert proc.returncode == 2
-    assert proc.stderr.count("cnn-numba: error: rank 0: unknown model 'no-such-model'") == 1, proc.stderr
+    assert proc.stderr.count(f"cnn-numba: error: {message}") == 1, proc.stderr
 
 
 KILLER = """
