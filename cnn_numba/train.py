@@ -49,6 +49,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import distributed as dist
 from . import functional as F
 from . import models, optim, recipes
 from .backend import check_device, kernel
@@ -107,6 +108,7 @@ class TrainConfig:
     log: str | None = None           # JSON log file (default: <checkpoint>/log.json)
     plots: str | None = None         # folder for PNG plots (needs matplotlib)
     progress: bool = True            # tqdm bar per epoch
+    sync_bn: bool = False            # under MPI: batch-norm statistics over all ranks' shares
 
 
 # ----------------------------------------------------------------------------- models
@@ -260,7 +262,18 @@ def predict_logits(model, images, normalize, device: str = "cpu", batch_size: in
 
 
 def evaluate(model, split: Split, normalize, device: str = "cpu", batch_size: int = EVAL_BATCH):
-    """(mean cross-entropy, accuracy) of the model on a split."""
+    """(mean cross-entropy, accuracy) of the model on a split; under MPI each rank takes its
+    ``dist.shard`` of the split and the sums are reduced (every rank gets the result)."""
+    if dist.world_size() > 1:
+        part = dist.shard(len(split.labels))
+        sums = np.zeros(3)  # loss sum, correct, count (float64: exact counts up to 2**53)
+        if part.stop > part.start:
+            logits = predict_logits(model, split.images[part], normalize, device, batch_size)
+            labels = split.labels[part].astype(np.int64)
+            sums[:] = (F.cross_entropy(tensor(logits), labels, reduction="sum").item(),
+                       (logits.argmax(1) == labels).sum(), len(labels))
+        loss_sum, correct, n = dist.all_reduce(sums)
+        return loss_sum / n, correct / n
     logits = predict_logits(model, split.images, normalize, device, batch_size)
     labels = split.labels.astype(np.int64)
     loss = F.cross_entropy(tensor(logits), labels).item()
@@ -581,9 +594,14 @@ class _LineProgress:
 
 
 def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool,
-                batch_scheduler=None) -> dict:
+                batch_scheduler=None, ddp: dist.DistributedDataParallel | None = None) -> dict:
     """One pass of mini-batch updates, stepping ``batch_scheduler`` after each; raises
-    DivergedError at the first non-finite loss."""
+    DivergedError at the first non-finite loss.
+
+    With ``ddp`` (wrapping ``model``; ``loader`` a dist.ShardedLoader) rank r computes the mean
+    loss of its share b_r of the global batch B and seeds backward with b_r N / B, so the ranks'
+    mean gradient is one process's gradient of the mean loss over B, also when N does not divide
+    B; the loss and accuracy counted are the global batch's, the same on every rank."""
     model.train()
     n = correct = 0
     loss_sum = 0.0
@@ -591,21 +609,33 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
     # Overflow warnings would only precede the clear non-finite-loss error below.
     with _progress(len(loader), f"epoch {epoch}/{epochs}", progress) as bar, \
             np.errstate(over="ignore", invalid="ignore"):
-        for step, (x, y) in enumerate(loader, 1):  # x float32 (B, 1, 28, 28), y int64 (B,)
-            y_dev = tensor(y, device=device)  # labels go to the device once; only scalars come back
-            logits = model(tensor(x, device=device))
-            loss = F.cross_entropy(logits, y_dev)
-            value = loss.item()
+        for step, (x, y) in enumerate(loader, 1):  # x float32 (b, 1, 28, 28), y int64 (b,)
+            b = len(y)
+            total = loader.global_batch if ddp is not None else b
+            value, hits = 0.0, 0
+            if b:  # a rank's share of a short last batch may be empty
+                y_dev = tensor(y, device=device)  # labels go to the device once; only scalars come back
+                logits = model(tensor(x, device=device))
+                loss = F.cross_entropy(logits, y_dev)
+                value = loss.item()
+                hits = kernel("count_correct", device)(logits.data, y_dev.data)
+            if ddp is not None:
+                value, hits = dist.all_reduce(np.array([value * b, hits], np.float64))
+                value /= total
             if not math.isfinite(value):
                 raise DivergedError(f"loss is {value} at epoch {epoch}, step {step} of {len(loader)}")
             optimizer.zero_grad()
-            loss.backward()
+            if b:
+                scale = b * dist.world_size() / total if ddp is not None else 1.0
+                loss.backward(None if scale == 1.0 else scale)
+            if ddp is not None:
+                ddp.reduce_gradients()
             optimizer.step()
             if batch_scheduler is not None:
                 batch_scheduler.step()
-            n += len(y)
-            loss_sum += value * len(y)
-            correct += kernel("count_correct", device)(logits.data, y_dev.data)
+            n += total
+            loss_sum += value * total
+            correct += int(hits)
             bar.set_postfix(OrderedDict([("loss", f"{loss_sum / n:.4f}"), ("acc", f"{100 * correct / n:.2f}%"),
                                          ("img/s", f"{n / (time.perf_counter() - start):.0f}")]), refresh=False)
             bar.update()
@@ -686,30 +716,49 @@ def _start_point(config: TrainConfig, out) -> Checkpoint | None:
 def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
     """Run training as configured; returns the log (also written as JSON). Messages go to
     ``out``, the last one ``test accuracy: ...``. Raises TrainError (bad input) or
-    DivergedError (non-finite loss; the last good checkpoint is left as it was)."""
-    config = _resolve(config)
-    device = use_device(config.device)
-    start = _start_point(config, out)
-    train_split, val, test = load_data(config)
-    normalize = NORMALIZE[config.dataset]
+    DivergedError (non-finite loss; the last good checkpoint is left as it was).
 
-    manual_seed(config.seed)
-    model = build_model(config.model).to(device)
-    optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
-    loader = DataLoader(train_split.images, train_split.labels, config.batch_size, shuffle=True,
-                        seed=config.seed, normalize=normalize, augment=config.augment,
-                        hflip=config.augment and config.dataset == "fashion-mnist")
-    history = []
-    if start is not None:
-        load_weights(model, start.model_state, str(start.path), config.model)
-        check_resume(start, optimizer)
-        optimizer.load_state_dict(start.optimizer_state)
-        default_generator().bit_generator.state = start.rng["generator"]
-        loader.epoch = start.rng["loader_epoch"]
-        history = start.history
-        out(f"resumed from {start.path} after epoch {start.epoch}")
-        if start.epoch >= config.epochs:
-            out(f"nothing to train: the run has {start.epoch} of --epochs {config.epochs} epochs done")
+    Under MPI (``mpiexec -n N``; see cnn_numba.distributed) every rank runs this with the same
+    config: ``batch_size`` is the global batch, each rank trains on its share, validation and
+    test are split across ranks; rank 0 alone prints and writes the log and checkpoints."""
+    world = dist.init()
+    main = world.rank == 0
+    if not main:
+        out = _quiet
+    threads = dist.set_threads_per_rank() if world.size > 1 else None
+
+    with all_ranks_agree():  # a bad option, missing data, a bad checkpoint: every rank stops alike
+        config = _resolve(config)
+        device = use_device(config.device) if world.size == 1 or config.device != "cuda" else _use_gpu_of_rank()
+        start = _start_point(config, out)
+        train_split, val, test = load_data(config)
+        normalize = NORMALIZE[config.dataset]
+        n, b = len(train_split.labels), config.batch_size
+        if config.sync_bn and world.size > 1 and min(b, n % b or b) < world.size:  # a rank without images
+            raise TrainError(f"--sync-bn with {world.size} ranks needs at least {world.size} images in every "
+                             f"batch; with {n} training images and --batch-size {b} the last batch has "
+                             f"{n % b or b}: change --batch-size or --limit")
+
+        manual_seed(config.seed)
+        model = build_model(config.model).to(device)
+        if config.sync_bn and world.size > 1:
+            dist.convert_sync_batchnorm(model)
+        optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+        loader = (dist.ShardedLoader if world.size > 1 else DataLoader)(
+            train_split.images, train_split.labels, config.batch_size, shuffle=True, seed=config.seed,
+            normalize=normalize, augment=config.augment, hflip=config.augment and config.dataset == "fashion-mnist")
+        history = []
+        if start is not None:
+            load_weights(model, start.model_state, str(start.path), config.model)
+            check_resume(start, optimizer)
+            optimizer.load_state_dict(start.optimizer_state)
+            default_generator().bit_generator.state = start.rng["generator"]
+            loader.epoch = start.rng["loader_epoch"]
+            history = start.history
+            out(f"resumed from {start.path} after epoch {start.epoch}")
+            if start.epoch >= config.epochs:
+                out(f"nothing to train: the run has {start.epoch} of --epochs {config.epochs} epochs done")
+    ddp = dist.DistributedDataParallel(model) if world.size > 1 else None  # after resuming: rank 0's state
 
     # Stepped once per epoch and closed-form: a resumed run starts it at its epoch count
     # (PyTorch's last_epoch; the optimiser state just loaded holds each group's initial_lr).
@@ -727,24 +776,31 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
            "data": {"train": len(train_split.labels), "val": len(val.labels) if val else 0,
                     "test": len(test.labels), "train_source": train_split.source,
                     "test_source": test.source},
-           "resumed_from": str(start.path) if start else None, "epochs": history}
+           "resumed_from": str(start.path) if start else None, "world_size": world.size, "epochs": history}
     last_good = start.path if start else None
     extras = "".join([f", weight decay {config.weight_decay:g}" if config.weight_decay is not None else "",
                       f", {config.schedule} schedule" if config.schedule != "constant" else "",
-                      ", augmented" if config.augment else ""])
+                      ", augmented" if config.augment else "",
+                      f"; {world.size} ranks x {threads} threads" if world.size > 1 else ""])
     out(f"{config.model}: {log['model']['parameters']:,} parameters; {log['data']['train']} training, "
         f"{log['data']['val']} validation images; {config.optimizer} lr {config.lr:g}, batch {config.batch_size}"
         f"{extras}")
     if device == "cpu":  # a cold cache: compile the step's kernels now, in parallel, saying so
         from .warmup import warm_up_training
-        warm_up_training(model, optimizer, config.batch_size, config.model)
+        if main:  # under MPI rank 0 alone compiles, in its own process (no fork of an MPI
+            # process), filling the disk cache the other ranks then load from
+            warm_up_training(model, optimizer, config.batch_size, config.model, workers=0 if world.size > 1 else None)
+        if world.size > 1:
+            dist.barrier()
     try:
         for epoch in range((start.epoch if start else 0) + 1, config.epochs + 1):
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                      **train_epoch(model, optimizer, loader, epoch, config.epochs, device, config.progress,
-                                  batch_scheduler)}
+                      **train_epoch(ddp or model, optimizer, loader, epoch, config.epochs, device,
+                                    config.progress and main, batch_scheduler, ddp)}
             if scheduler is not None:
                 scheduler.step()
+            if ddp is not None:  # per-rank batch-norm statistics: rank 0's are evaluated and saved
+                ddp.broadcast_buffers_now()
             _check_finite(model, epoch)
             if val is not None:
                 t = time.perf_counter()
@@ -752,33 +808,66 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
                 record["val_time_s"] = time.perf_counter() - t
             history.append(record)
             out(_epoch_line(record, config.epochs))
-            if folder is not None:
+            if folder is not None and main:
                 rng = {"generator": default_generator().bit_generator.state,
                        "loader_seed": loader.seed, "loader_epoch": loader.epoch}
                 last_good = save_checkpoint(folder / f"epoch_{epoch:03d}.npz", model, optimizer, epoch=epoch,
                                             model_name=config.model, args=dataclasses.asdict(config),
                                             rng=rng, history=history)
-            if log_path is not None:
+            if log_path is not None and main:
                 write_log(log_path, {**log, "peak_memory_mb": peak_memory_mb()})
     except DivergedError as e:
         kept = f"last good checkpoint: {last_good} (left as it was)" if last_good else "no checkpoint was saved"
         log.update(status=f"stopped: {e}", peak_memory_mb=peak_memory_mb())
-        if log_path is not None:
+        if log_path is not None and main:
             write_log(log_path, log)
-        raise DivergedError(f"{e}: training stopped; {kept}. A smaller --lr may help.") from None
+        error = DivergedError(f"{e}: training stopped; {kept}. A smaller --lr may help.")
+        error.all_ranks = True  # from the reduced loss and _check_finite: every rank raises it
+        raise error from None
 
     test_loss, test_acc = evaluate(model, test, normalize, device)
     log.update(status="completed", peak_memory_mb=peak_memory_mb(),
                test={"loss": test_loss, "accuracy": test_acc, "images": len(test.labels),
                      "source": test.source})
-    if log_path is not None:
+    if log_path is not None and main:
         out(f"log: {write_log(log_path, log)}")
-    if config.plots:
+    if config.plots and main:
         from .plots import save_plots
         for path in save_plots(config.plots, history, model, test.images[0], normalize, device):
             out(f"plot: {path}")
     out(accuracy_line(test_acc, test))
     return log
+
+
+def _quiet(message: str) -> None:
+    """``out`` of the ranks other than 0."""
+
+
+class all_ranks_agree:
+    """A block every rank runs; under MPI, if it raised a TrainError on any rank, every rank
+    raises the first such rank's, naming it and marked ``all_ranks`` (so a bad option or missing
+    data stops all ranks at once, printed once, before any collective could wait for the failed
+    one). Other exceptions pass through (the command line aborts all ranks for them)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if dist.world_size() == 1 or (kind is not None and not issubclass(kind, TrainError)):
+            return False
+        mine = None if kind is None else (type(error).__name__, str(error))
+        for r, failure in enumerate(dist.all_gather_object(mine)):
+            if failure is not None:
+                agreed = (DivergedError if failure[0] == DivergedError.__name__ else TrainError)(f"rank {r}: {failure[1]}")
+                agreed.all_ranks = True
+                raise agreed from None
+        return False
+
+
+def _use_gpu_of_rank() -> str:
+    """One rank per GPU: the GPU (local rank mod GPUs), then use_device's checks."""
+    dist.select_gpu()
+    return use_device("cuda")
 
 
 def _epoch_line(r: dict, epochs: int) -> str:

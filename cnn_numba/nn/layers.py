@@ -209,6 +209,7 @@ class AdaptiveAvgPool2d(Module):
 class _BatchNorm(Module):
     _dims: tuple[int, ...] = ()
     _layout = ""
+    _batch_norm = staticmethod(F.batch_norm)  # distributed.SyncBatchNorm's: statistics over all ranks
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
                  dtype=None):
@@ -254,8 +255,8 @@ class _BatchNorm(Module):
         # Batch statistics when training, or always when no running statistics are kept.
         use_batch = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        return F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                            self.weight, self.bias, use_batch, factor, self.eps)
+        return self._batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                                self.weight, self.bias, use_batch, factor, self.eps)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
