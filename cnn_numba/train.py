@@ -594,7 +594,7 @@ class _LineProgress:
 
 
 def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool,
-                batch_scheduler=None, ddp: dist.DistributedDataParallel | None = None) -> dict:
+                *, batch_scheduler=None, ddp: dist.DistributedDataParallel | None = None) -> dict:
     """One pass of mini-batch updates, stepping ``batch_scheduler`` after each; raises
     DivergedError at the first non-finite loss.
 
@@ -741,8 +741,6 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
 
         manual_seed(config.seed)
         model = build_model(config.model).to(device)
-        if config.sync_bn and world.size > 1:
-            dist.convert_sync_batchnorm(model)
         optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
         loader = (dist.ShardedLoader if world.size > 1 else DataLoader)(
             train_split.images, train_split.labels, config.batch_size, shuffle=True, seed=config.seed,
@@ -792,11 +790,13 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
             warm_up_training(model, optimizer, config.batch_size, config.model, workers=0 if world.size > 1 else None)
         if world.size > 1:
             dist.barrier()
+    if config.sync_bn and world.size > 1:  # after the warm-up, whose dry step must not all-reduce
+        dist.convert_sync_batchnorm(model)
     try:
         for epoch in range((start.epoch if start else 0) + 1, config.epochs + 1):
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                       **train_epoch(ddp or model, optimizer, loader, epoch, config.epochs, device,
-                                    config.progress and main, batch_scheduler, ddp)}
+                                    config.progress and main, batch_scheduler=batch_scheduler, ddp=ddp)}
             if scheduler is not None:
                 scheduler.step()
             if ddp is not None:  # per-rank batch-norm statistics: rank 0's are evaluated and saved

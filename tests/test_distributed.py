@@ -237,8 +237,11 @@ def test_two_ranks_train_like_one_process(data_dir, tmp_path, lenet_one_process)
 
 @needs_mpi
 def test_resume_with_another_world_size(data_dir, tmp_path, lenet_one_process):
-    proc = mpirun(2, train_args(data_dir, tmp_path, *LENET, "--epochs", 2), RUN_TIMEOUT)
+    # The default schedule (1cycle) spans --epochs: the 2-rank run is planned for 3 epochs and
+    # cut after 2 by removing its last checkpoint, as if it had been stopped there.
+    proc = mpirun(2, train_args(data_dir, tmp_path, *LENET, "--epochs", 3), RUN_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (tmp_path / "epoch_003.npz").unlink()
     proc = one_process(train_args(data_dir, tmp_path, "--resume", "--epochs", 3))
     assert proc.returncode == 0, proc.stderr
     assert_same_run(tmp_path / "epoch_003.npz", lenet_one_process / "epoch_003.npz", rtol=1e-5)
@@ -409,7 +412,7 @@ EPOCHS_WORKER = """
     ddp = dist.DistributedDataParallel(model) if dist.world_size() > 1 else None
     optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loader = Float64(images, labels, 16, seed=3)  # batches 16, 16, 13: shares 8/8, 8/8, 7/6
-    records = [train_epoch(ddp or model, optimizer, loader, e, 2, "cpu", False, ddp) for e in (1, 2)]
+    records = [train_epoch(ddp or model, optimizer, loader, e, 2, "cpu", False, ddp=ddp) for e in (1, 2)]
     if dist.is_main():
         np.savez(sys.argv[1], loss=[r["train_loss"] for r in records], acc=[r["train_acc"] for r in records],
                  **{k: v for k, v in model.state_dict().items()})
