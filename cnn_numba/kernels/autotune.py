@@ -1,8 +1,9 @@
 """Per-shape autotuning of the CPU's conv2d 'auto' (opt-in: ``CNN_NUMBA_AUTOTUNE=1``).
 
-With tuning on, the first 'auto' call of a (geometry, dtype, pass) runs every algorithm of
-the table on that call's own arrays: one untimed call each (it compiles the kernels or loads
-them from Numba's cache), then ``REPEATS`` timed calls, the fastest counting. The quickest
+With tuning on (``CNN_NUMBA_AUTOTUNE`` is read at the first conv call of the process), the
+first 'auto' call of a (geometry, dtype, pass) runs every algorithm of the table on that
+call's own arrays: one untimed call each (it compiles the kernels or loads them from Numba's
+cache), then ``REPEATS`` timed calls, the fastest counting. The quickest
 algorithm is kept for the process and written to a small JSON table on disk, keyed by the
 CPU model and Numba's thread count, so the next process skips the timing and makes the same
 choice (results differ between algorithms by float rounding only, and a run resumed later
@@ -53,8 +54,7 @@ SLOW_CALL_S = 0.25
 
 
 def enabled() -> bool:
-    """Whether tuning is on: ``CNN_NUMBA_AUTOTUNE=1`` (read at every call, so it can be set
-    at run time)."""
+    """Whether tuning is on: ``CNN_NUMBA_AUTOTUNE=1``."""
     return os.environ.get(ENV, "0") == "1"
 
 
@@ -116,6 +116,7 @@ class Tuner:
         self._disk: dict | None = None  # this machine's entries, read once per (path, machine)
         self._disk_for = None
         self._lock = threading.Lock()
+        self._on: bool | None = None  # enabled(), read at the first call (a lookup costs ~1 us)
 
     def machine(self, threads: int) -> str:
         return f"{_CPU_MODEL} | {threads} threads"
@@ -127,7 +128,9 @@ class Tuner:
         return self._disk
 
     def choose(self, table, geom, pass_: str, arrays) -> str | None:
-        if not enabled() or not geom.n:
+        if self._on is None:
+            self._on = enabled()
+        if not self._on or not geom.n:
             return None
         from .. import warmup
         # In the warm-up's dry step the kernels only record, and numba.get_num_threads()
@@ -185,10 +188,11 @@ class Tuner:
         self._disk, self._disk_for = dict(machines[machine]), (path, machine)
 
     def clear(self) -> None:
-        """Forget this process's choices and the file's cached entries (tests)."""
+        """Forget this process's choices and the file's cached entries, and read
+        ``CNN_NUMBA_AUTOTUNE`` again at the next call (tests)."""
         with self._lock:
             self._chosen.clear()
-            self._disk = self._disk_for = None
+            self._disk = self._disk_for = self._on = None
 
 
 _CPU_MODEL = cpu_model()

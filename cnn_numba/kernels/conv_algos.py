@@ -72,6 +72,7 @@ class ConvTable:
         self.names = tuple(self.by_name)
         self.policy = policy  # (geom, pass_) -> the name 'auto' runs
         self.tuner = tuner    # None, or .choose(table, geom, pass_, arrays) -> a name or None
+        self._picked: dict = {}
 
     def check(self, algo) -> None:
         """ValueError naming ``algo``, its value and the valid names, unless ``algo`` is one."""
@@ -79,11 +80,19 @@ class ConvTable:
             raise ValueError(f"algo must be one of {('auto',) + self.names}, got {algo!r}")
 
     def pick(self, algo: str, geom, pass_: str) -> ConvAlgo:
-        """The entry that runs ``pass_`` of ``geom`` for ``algo`` (a name or 'auto')."""
+        """The entry that runs ``pass_`` of ``geom`` for ``algo`` (a name or 'auto'),
+        remembered per (algo, geom, pass_): the rule and ``supports`` are pure functions of
+        the geometry, and a layer asks again at every call."""
         self.check(algo)
-        entry = self.by_name[self.policy(geom, pass_) if algo == "auto" else algo]
-        if not entry.supports(geom, pass_):
-            entry = next(a for a in self.algos if a.supports(geom, pass_))
+        key = (algo, geom, pass_)
+        entry = self._picked.get(key)
+        if entry is None:
+            entry = self.by_name[self.policy(geom, pass_) if algo == "auto" else algo]
+            if not entry.supports(geom, pass_):
+                entry = next(a for a in self.algos if a.supports(geom, pass_))
+            if len(self._picked) >= 4096:  # a bound for programs that sweep shapes
+                self._picked.clear()
+            self._picked[key] = entry
         return entry
 
     def run(self, algo: str, pass_: str, geom, *arrays):
