@@ -3,18 +3,21 @@
 With tuning on (``CNN_NUMBA_AUTOTUNE`` is read at the first conv call of the process), the
 first 'auto' call of a (geometry, dtype, pass) runs every algorithm of the table on that
 call's own arrays: one untimed call each (it compiles the kernels or loads them from Numba's
-cache), then ``REPEATS`` timed calls, the fastest counting. The quickest
-algorithm is kept for the process and written to a small JSON table on disk, keyed by the
-CPU model and Numba's thread count, so the next process skips the timing and makes the same
-choice (results differ between algorithms by float rounding only, and a run resumed later
-must compute what it computed before). Without tuning, or before a choice exists, 'auto' is
-the table's rule (``conv_algos.auto_algo``).
+cache), then up to ``REPEATS`` timed rounds, the fastest call of each counting. The quickest
+algorithm (the rule's, unless another is ``MARGIN`` faster) is kept for the process and
+written to a small JSON table on disk, keyed by the CPU model and Numba's thread count, so
+the next process skips the timing and makes the same choice: results differ between
+algorithms by float rounding only, and a run resumed later must compute what it computed
+before. Without tuning, or before a choice exists, 'auto' is the table's rule
+(``conv_algos.auto_algo``).
 
 Off by default: tuning compiles the kernels of every algorithm for each pass, which a cold
-first run pays for (several seconds more for LeNet-5, see the README's notes), and it makes
-the first call of each layer slower. Not tuned: layers under ``MIN_MACS`` multiply-adds
-(the rule's choice is as good as any there, and the timing would be noise), empty batches,
-and any call during the warm-up's dry step (cnn_numba/warmup.py), whose kernels only record.
+first run pays for (LeNet-5's cold start, bench/compile_time.py --lenet5 on 2 shared cores:
+20.2 s of CPU against 14.3 s serially, 22.1 s against 17.3 s with the warm-up, whose dry
+step cannot foresee the timed algorithms), and it makes the first call of each layer slower.
+Not tuned: layers under ``MIN_MACS`` multiply-adds (the rule's choice is as good as any
+there, and the timing would be noise), empty batches, and any call during the warm-up's dry
+step (cnn_numba/warmup.py), whose kernels only record: it uses a stored choice, else the rule.
 
 The table: ``CNN_NUMBA_AUTOTUNE_FILE``, else ``cnn_numba_autotune.json`` in Numba's cache
 directory where ``NUMBA_CACHE_DIR`` sets one, else ``~/.cache/cnn_numba/autotune.json``.
@@ -44,13 +47,14 @@ from ..fileio import atomic_write
 ENV = "CNN_NUMBA_AUTOTUNE"
 FILE_ENV = "CNN_NUMBA_AUTOTUNE_FILE"
 FORMAT = "cnn_numba autotune 1"
-REPEATS = 2
+REPEATS = 3
 # Below this many multiply-adds per pass (n * co * oh * ow * c/g * kh * kw) a pass costs
 # well under a millisecond and the rule's choice stands: LeNet-5's convs at batch 64 are
 # 7.5M and 15M, at batch 1 0.1M and 0.2M.
 MIN_MACS = 1_000_000
-# Once an algorithm's first timed call has taken this long, its further repeats are skipped.
-SLOW_CALL_S = 0.25
+# Timing stops after the round that passes this many seconds (a large layer: one round).
+BUDGET_S = 0.5
+MARGIN = 0.05
 
 
 def enabled() -> bool:
@@ -160,20 +164,24 @@ class Tuner:
             return name
 
     def _time(self, table, geom, pass_, arrays) -> str:
-        """The fastest of the table's algorithms on ``arrays`` (each writes the output)."""
-        best = None
-        for entry in (a for a in table.algos if a.supports(geom, pass_)):
+        """The fastest of the table's algorithms on ``arrays`` (each writes the output): the
+        least of up to ``REPEATS`` calls each, interleaved so that a slow stretch of a shared
+        machine hits every algorithm alike; the rule's choice stays unless another is
+        ``MARGIN`` faster (a noisy timing should not move results for nothing)."""
+        entries = [a for a in table.algos if a.supports(geom, pass_)]
+        for entry in entries:
             entry.run(pass_, geom, *arrays)  # compiles (or loads) its kernels; not timed
-            fastest = float("inf")
-            for _ in range(REPEATS):
+        best = dict.fromkeys((e.name for e in entries), float("inf"))
+        start = time.perf_counter()
+        for _ in range(REPEATS):
+            for entry in entries:
                 t0 = time.perf_counter()
                 entry.run(pass_, geom, *arrays)
-                fastest = min(fastest, time.perf_counter() - t0)
-                if fastest > SLOW_CALL_S:
-                    break
-            if best is None or fastest < best[0]:
-                best = (fastest, entry.name)
-        return best[1]
+                best[entry.name] = min(best[entry.name], time.perf_counter() - t0)
+            if time.perf_counter() - start > BUDGET_S:
+                break
+        fastest, rule = min(best, key=best.get), table.policy(geom, pass_)
+        return rule if rule in best and best[fastest] > (1 - MARGIN) * best[rule] else fastest
 
     def _save(self, machine: str, key: str, name: str) -> None:
         """Add the entry to the file, merged with what other processes wrote meanwhile."""
