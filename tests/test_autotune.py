@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numba
 import numpy as np
 import pytest
 
@@ -24,8 +25,8 @@ OTHER = "im2col"
 
 @pytest.fixture
 def tune(monkeypatch, tmp_path):
-    """Tuning on, its table in tmp_path, no choices left from earlier tests; yields the
-    table's path. Records the algorithms that run into ``tune.ran`` as (name, pass)."""
+    """Tuning on, its table in tmp_path, no choices left from earlier tests. Yields (the
+    table's path, the list of (algorithm, pass) that ran, in order)."""
     path = tmp_path / "autotune.json"
     monkeypatch.setenv(autotune.ENV, "1")
     monkeypatch.setenv(autotune.FILE_ENV, str(path))
@@ -48,7 +49,7 @@ def _conv(rng, dtype=np.float64):
 
 
 def _machine():
-    return TABLE.tuner.machine(__import__("numba").get_num_threads())
+    return TABLE.tuner.machine(numba.get_num_threads())
 
 
 def test_rule_is_direct_here():
