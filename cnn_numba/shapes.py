@@ -15,6 +15,7 @@ Sizes per spatial dimension (docs/convolution.md), with ``k`` kernel, ``s`` stri
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,8 +109,8 @@ def check_ndim(name: str, arr, ndim: int, layout: str) -> None:
 
 def check_same_dtype(**arrays) -> None:
     items = [(k, v) for k, v in arrays.items() if v is not None]
-    dtypes = {np.dtype(v.dtype) for _, v in items}
-    if len(dtypes) > 1:
+    dtypes = [v.dtype for _, v in items]  # np.dtype objects compare equal across spellings
+    if dtypes and dtypes.count(dtypes[0]) != len(dtypes):
         desc = ", ".join(f"{k}: {v.dtype}" for k, v in items)
         raise TypeError(f"dtypes differ ({desc}); cast them to one of float32/float64")
 
@@ -193,6 +194,41 @@ def _conv_sizes(what, x_shape, w_shape, c, co):
         raise ValueError(f"{what}: only an empty batch may have empty planes, got {shapes}")
 
 
+def _plain_key(value):
+    """``value`` as part of a cache key if it is a plain int, str or tuple of ints, else None.
+    Exact types only: ``True == 1`` and ``np.int64(1) == 1`` hash alike, and those must reach
+    the checks (a bool is a TypeError)."""
+    if type(value) is int or type(value) is str:
+        return value
+    if type(value) is tuple and all(type(v) is int for v in value):
+        return value
+    return None
+
+
+def _memoised(geom_fn):
+    """``geom_fn`` with its ConvGeom remembered per argument tuple: a layer called again with
+    the same shapes and arguments skips the checks it passed before (a few microseconds per
+    call). Keyword calls, arguments that are not plain ints, strs or tuples of ints, and calls that raise,
+    are never remembered, so every error is raised every time."""
+    cache: dict = {}
+
+    @functools.wraps(geom_fn)
+    def memoised(*args, **kwargs):
+        key = tuple(map(_plain_key, args))
+        if kwargs or None in key:
+            return geom_fn(*args, **kwargs)
+        geom = cache.get(key)
+        if geom is None:
+            geom = geom_fn(*args)
+            if len(cache) >= 4096:  # a bound for programs that sweep shapes
+                cache.clear()
+            cache[key] = geom
+        return geom
+
+    return memoised
+
+
+@_memoised
 def conv2d_geom(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom:
     """conv2d's geometry for input ``x_shape`` (N, C, H, W) and weight ``w_shape``
     (C_out, C_in/groups, kH, kW); ValueError/TypeError naming the argument and the shapes."""
@@ -213,6 +249,7 @@ def conv2d_geom(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom
     return ConvGeom(n, c, h, w, co, kh, kw, oh, ow, sh, sw, pt, pl, pb, pr, dh, dw, g)
 
 
+@_memoised
 def conv_transpose2d_geom(x_shape, w_shape, stride, padding, output_padding, groups, dilation) -> ConvGeom:
     """The geometry of the conv2d whose adjoint conv_transpose2d is, for input ``x_shape``
     (N, C_in, H, W) and weight ``w_shape`` (C_in, C_out/groups, kH, kW): that conv2d maps

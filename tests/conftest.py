@@ -16,6 +16,11 @@ if ("NUMBA_ENABLE_CUDASIM" not in os.environ and os.environ.get("CNN_NUMBA_TEST_
         and not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"))):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
+# Conv autotuning (kernels/autotune.py) off, whatever the environment says: its choice of
+# algorithm would move results by float rounding between runs that the exactness tests
+# compare. tests/test_autotune.py switches it on per test.
+os.environ["CNN_NUMBA_AUTOTUNE"] = "0"
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

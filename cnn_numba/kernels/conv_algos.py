@@ -9,7 +9,9 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
 written (=) by the launcher. ``supports(geom, pass_)`` says where an entry can run; a
 ``special`` entry (the stride-1 kernels) runs instead of its parent wherever it supports
-the pass. ``algo="auto"`` is the table's ``policy``: a rule from the geometry to a name.
+the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
+unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, on with
+``CNN_NUMBA_AUTOTUNE=1``) with a timed choice for the geometry, dtype and pass.
 An explicitly named algorithm that does not support a pass gives way to the first entry in
 table order that does (on CUDA, direct's shared-memory tiles to im2col).
 
@@ -28,6 +30,7 @@ import numpy as np
 from ..backend import register
 from . import conv as C
 from . import conv_stride1 as S
+from .autotune import Tuner
 
 PASSES = ("forward", "backward_input", "backward_weight")
 
@@ -63,11 +66,13 @@ class ConvTable:
     the benchmarks pick its name up from the table; 'auto' chooses it once the policy names
     it."""
 
-    def __init__(self, algos, policy: Callable):
+    def __init__(self, algos, policy: Callable, tuner=None):
         self.algos = tuple(algos)
         self.by_name = {a.name: a for a in self.algos}
         self.names = tuple(self.by_name)
         self.policy = policy  # (geom, pass_) -> the name 'auto' runs
+        self.tuner = tuner    # None, or .choose(table, geom, pass_, arrays) -> a name or None
+        self._picked: dict = {}
 
     def check(self, algo) -> None:
         """ValueError naming ``algo``, its value and the valid names, unless ``algo`` is one."""
@@ -75,16 +80,27 @@ class ConvTable:
             raise ValueError(f"algo must be one of {('auto',) + self.names}, got {algo!r}")
 
     def pick(self, algo: str, geom, pass_: str) -> ConvAlgo:
-        """The entry that runs ``pass_`` of ``geom`` for ``algo`` (a name or 'auto')."""
+        """The entry that runs ``pass_`` of ``geom`` for ``algo`` (a name or 'auto'),
+        remembered per (algo, geom, pass_): the rule and ``supports`` are pure functions of
+        the geometry, and a layer asks again at every call."""
         self.check(algo)
-        entry = self.by_name[self.policy(geom, pass_) if algo == "auto" else algo]
-        if not entry.supports(geom, pass_):
-            entry = next(a for a in self.algos if a.supports(geom, pass_))
+        key = (algo, geom, pass_)
+        entry = self._picked.get(key)
+        if entry is None:
+            entry = self.by_name[self.policy(geom, pass_) if algo == "auto" else algo]
+            if not entry.supports(geom, pass_):
+                entry = next(a for a in self.algos if a.supports(geom, pass_))
+            if len(self._picked) >= 4096:  # a bound for programs that sweep shapes
+                self._picked.clear()
+            self._picked[key] = entry
         return entry
 
     def run(self, algo: str, pass_: str, geom, *arrays):
         """``pass_`` of ``geom`` by ``algo`` on ``arrays`` (inputs, then the output, which it
-        returns); nothing runs for an empty batch."""
+        returns); nothing runs for an empty batch. 'auto' runs the tuner's choice where
+        it has one (its first call for a shape times every algorithm on ``arrays``)."""
+        if algo == "auto" and self.tuner is not None:
+            algo = self.tuner.choose(self, geom, pass_, arrays) or algo
         entry = self.pick(algo, geom, pass_)
         if geom.n:
             entry.run(pass_, geom, *arrays)
@@ -125,7 +141,7 @@ def auto_algo(geom, pass_: str) -> str:
 TABLE = ConvTable([
     ConvAlgo("direct", C.forward_direct, C.backward_input_direct, C.backward_weight_direct, special=FLAT),
     ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
-], auto_algo)
+], auto_algo, tuner=Tuner())
 
 register("conv2d_algorithms", "cpu")(lambda: TABLE)
 

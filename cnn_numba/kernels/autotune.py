@@ -1,0 +1,206 @@
+"""Per-shape autotuning of the CPU's conv2d 'auto' (opt-in: ``CNN_NUMBA_AUTOTUNE=1``).
+
+With tuning on (``CNN_NUMBA_AUTOTUNE`` is read at the first conv call of the process), the
+first 'auto' call of a (geometry, dtype, pass) runs every algorithm of the table on that
+call's own arrays: one untimed call each (it compiles the kernels or loads them from Numba's
+cache), then up to ``REPEATS`` timed rounds, the fastest call of each counting. The quickest
+algorithm (the rule's, unless another is ``MARGIN`` faster) is kept for the process and
+written to a small JSON table on disk, keyed by the CPU model and Numba's thread count, so
+the next process skips the timing and makes the same choice: results differ between
+algorithms by float rounding only, and a run resumed later must compute what it computed
+before. Without tuning, or before a choice exists, 'auto' is the table's rule
+(``conv_algos.auto_algo``).
+
+Off by default: tuning compiles the kernels of every algorithm for each pass, which a cold
+first run pays for (LeNet-5's cold start, bench/compile_time.py --lenet5 on 2 shared cores:
+20.2 s of CPU against 14.3 s serially, 22.1 s against 17.3 s with the warm-up, whose dry
+step cannot foresee the timed algorithms), and it makes the first call of each layer slower.
+Not tuned: layers under ``MIN_MACS`` multiply-adds (the rule's choice is as good as any
+there, and the timing would be noise), empty batches, and any call during the warm-up's dry
+step (cnn_numba/warmup.py), whose kernels only record: it uses a stored choice, else the rule.
+
+The table: ``CNN_NUMBA_AUTOTUNE_FILE``, else ``cnn_numba_autotune.json`` in Numba's cache
+directory where ``NUMBA_CACHE_DIR`` sets one, else ``~/.cache/cnn_numba/autotune.json``.
+
+    {"format": "cnn_numba autotune 1",
+     "machines": {"<CPU model> | <threads> threads":
+                  {"forward float32 n,c,h,w,co,kh,kw,oh,ow,sh,sw,ph,pw,ph_end,pw_end,dh,dw,g": "im2col"}}}
+
+A file that cannot be read or parsed is ignored with a warning (and replaced at the next
+write); an entry naming an algorithm the table does not have is ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numba
+
+from ..fileio import atomic_write
+
+ENV = "CNN_NUMBA_AUTOTUNE"
+FILE_ENV = "CNN_NUMBA_AUTOTUNE_FILE"
+FORMAT = "cnn_numba autotune 1"
+REPEATS = 3
+# Below this many multiply-adds per pass (n * co * oh * ow * c/g * kh * kw) a pass costs
+# well under a millisecond and the rule's choice stands: LeNet-5's convs at batch 64 are
+# 7.5M and 15M, at batch 1 0.1M and 0.2M.
+MIN_MACS = 1_000_000
+# Timing stops after the round that passes this many seconds (a large layer: one round).
+BUDGET_S = 0.5
+MARGIN = 0.05
+
+
+def enabled() -> bool:
+    """Whether tuning is on: ``CNN_NUMBA_AUTOTUNE=1``."""
+    return os.environ.get(ENV, "0") == "1"
+
+
+def table_path() -> Path:
+    if os.environ.get(FILE_ENV):
+        return Path(os.environ[FILE_ENV])
+    if numba.config.CACHE_DIR:
+        return Path(numba.config.CACHE_DIR) / "cnn_numba_autotune.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cnn_numba" / "autotune.json"
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's first 'model name' (Linux), else platform.processor(), else the machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def shape_key(geom, dtype, pass_: str) -> str:
+    """The on-disk key of a (geometry, dtype, pass): every ConvGeom field, in order."""
+    return f"{pass_} {dtype.name} " + ",".join(str(v) for v in dataclasses.astuple(geom))
+
+
+def _read(path: Path) -> dict:
+    """The file's {machine: {key: name}}; {} (with a warning) if it is missing or bad."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        warnings.warn(f"ignoring the autotune table {path}: {e}", RuntimeWarning, stacklevel=2)
+        return {}
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"no 'format': {FORMAT!r}")
+        machines = data.get("machines")
+        if not isinstance(machines, dict) or not all(
+                isinstance(m, dict) and all(isinstance(v, str) for v in m.values()) for m in machines.values()):
+            raise ValueError("'machines' is not a mapping of machine to {shape: algorithm}")
+        return machines
+    except ValueError as e:  # json.JSONDecodeError included
+        warnings.warn(f"ignoring the autotune table {path}: {e}", RuntimeWarning, stacklevel=2)
+        return {}
+
+
+class Tuner:
+    """A table's tuned choices: ``choose(table, geom, pass_, arrays)`` gives the name 'auto'
+    runs, or None for the rule. One per table; choices made in this process stay fixed."""
+
+    def __init__(self):
+        self._chosen: dict = {}      # (geom, dtype, pass_, threads) -> name
+        self._disk: dict | None = None  # this machine's entries, read once per (path, machine)
+        self._disk_for = None
+        self._lock = threading.Lock()
+        self._on: bool | None = None  # enabled(), read at the first call (a lookup costs ~1 us)
+
+    def machine(self, threads: int) -> str:
+        return f"{_CPU_MODEL} | {threads} threads"
+
+    def _disk_entries(self, machine: str) -> dict:
+        path = table_path()
+        if self._disk_for != (path, machine):
+            self._disk, self._disk_for = dict(_read(path).get(machine, {})), (path, machine)
+        return self._disk
+
+    def choose(self, table, geom, pass_: str, arrays) -> str | None:
+        if self._on is None:
+            self._on = enabled()
+        if not self._on or not geom.n:
+            return None
+        from .. import warmup
+        # In the warm-up's dry step the kernels only record, and numba.get_num_threads()
+        # would start the thread pool before the warm-up forks: a known choice is used, the
+        # rule otherwise.
+        recording = warmup._recorded is not None
+        threads = warmup._configured_threads() if recording else numba.get_num_threads()
+        dtype = arrays[-1].dtype
+        pkey = (geom, dtype, pass_, threads)
+        name = self._chosen.get(pkey)
+        if name is not None:
+            return name
+        with self._lock:
+            machine, key = self.machine(threads), shape_key(geom, dtype, pass_)
+            name = self._disk_entries(machine).get(key)
+            if name in table.by_name and table.by_name[name].supports(geom, pass_):
+                self._chosen[pkey] = name
+                return name
+            if recording:
+                return None
+            if geom.n * geom.co * geom.oh * geom.ow * geom.cig * geom.kh * geom.kw < MIN_MACS:
+                name = table.policy(geom, pass_)
+            else:
+                name = self._time(table, geom, pass_, arrays)
+                self._save(machine, key, name)
+            self._chosen[pkey] = name
+            return name
+
+    def _time(self, table, geom, pass_, arrays) -> str:
+        """The fastest of the table's algorithms on ``arrays`` (each writes the output): the
+        least of up to ``REPEATS`` calls each, interleaved so that a slow stretch of a shared
+        machine hits every algorithm alike; the rule's choice stays unless another is
+        ``MARGIN`` faster (a noisy timing should not move results for nothing)."""
+        entries = [a for a in table.algos if a.supports(geom, pass_)]
+        for entry in entries:
+            entry.run(pass_, geom, *arrays)  # compiles (or loads) its kernels; not timed
+        best = dict.fromkeys((e.name for e in entries), float("inf"))
+        start = time.perf_counter()
+        for _ in range(REPEATS):
+            for entry in entries:
+                t0 = time.perf_counter()
+                entry.run(pass_, geom, *arrays)
+                best[entry.name] = min(best[entry.name], time.perf_counter() - t0)
+            if time.perf_counter() - start > BUDGET_S:
+                break
+        fastest, rule = min(best, key=best.get), table.policy(geom, pass_)
+        return rule if rule in best and best[fastest] > (1 - MARGIN) * best[rule] else fastest
+
+    def _save(self, machine: str, key: str, name: str) -> None:
+        """Add the entry to the file, merged with what other processes wrote meanwhile."""
+        path = table_path()
+        machines = _read(path)
+        machines.setdefault(machine, {})[key] = name
+        data = json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True).encode()
+        try:
+            atomic_write(path, lambda f: f.write(data))
+        except OSError as e:
+            warnings.warn(f"could not write the autotune table {path}: {e}", RuntimeWarning, stacklevel=2)
+        self._disk, self._disk_for = dict(machines[machine]), (path, machine)
+
+    def clear(self) -> None:
+        """Forget this process's choices and the file's cached entries, and read
+        ``CNN_NUMBA_AUTOTUNE`` again at the next call (tests)."""
+        with self._lock:
+            self._chosen.clear()
+            self._disk = self._disk_for = self._on = None
+
+
+_CPU_MODEL = cpu_model()
