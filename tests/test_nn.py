@@ -93,6 +93,21 @@ def test_linear_matches_reference(dtype, lead, bias):
         np.testing.assert_allclose(grads[2], gy.reshape(-1, 4).sum(0), **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, inp, out", [(203, 67, 33), (9, 300, 121), (0, 5, 3), (4, 0, 3)])
+def test_linear_blocks_of_rows_and_empty_sizes(dtype, rows, inp, out):
+    # The first two are large enough to be split into blocks of rows (one BLAS call each),
+    # with a short last block; the others are an empty batch and zero in_features.
+    r = np.random.default_rng(2)
+    x, w, b = r.standard_normal((rows, inp)), r.standard_normal((out, inp)), r.standard_normal(out)
+    y, (gx, gw, gb), gy = run(F.linear, [x.astype(dtype), w.astype(dtype), b.astype(dtype)])
+    gy = gy.astype(np.float64)
+    np.testing.assert_allclose(y, np.einsum("ni,oi->no", x, w) + b, **tol(dtype))
+    np.testing.assert_allclose(gx, np.einsum("no,oi->ni", gy, w), **tol(dtype))
+    np.testing.assert_allclose(gw, np.einsum("no,ni->oi", gy, x), **tol(dtype))
+    np.testing.assert_allclose(gb, gy.sum(0), **tol(dtype))
+
+
 def test_linear_finite_differences():
     r = np.random.default_rng(1)
     check_finite_differences(F.linear, [r.standard_normal((3, 5)), r.standard_normal((2, 5)), r.standard_normal(2)])
