@@ -103,36 +103,29 @@ def _load_environment_tbb() -> None:
 
 
 def _prefer_light_threading_layer() -> None:
-    """Prefer TBB, then Numba's own workqueue, to OpenMP for the parallel kernels.
+    """Prefer TBB, then OpenMP, then Numba's own workqueue for the parallel kernels.
 
     A training step launches dozens of small parallel loops with Python work between them, so
-    the per-launch cost decides. Measured through the API on a 2-core machine, each layer in its
-    own process (NUMBA_THREADING_LAYER), while other jobs shared the cores; three sets of
-    interleaved rounds as the load average rose (2-3, 3-6, 6-11): median per run, over the runs
-    of a set (lowest single time):
-                                 tbb                  omp                  workqueue
-        max pool 1x6x28x28       18-42 us (18)        80-350 us (13)       54-214 us (53)
-                                 18-136 us (18)       30-81 us (14)        102-147 us (81)
-                                 45-47 us (32)        68-3250 us (41)      84-346 us (73)
-        LeNet-5 inference, b1    137-274 us (134)     0.40-0.82 ms (0.27)  336-862 us (330)
-                                 134-1564 us (131)    0.42-2.0 ms (0.13)   510-815 us (408)
-                                 274-434 us (162)     1.5-65 ms (0.41)     0.56-1.3 ms (0.50)
-        LeNet-5 training, b64    6.3-6.9 ms (5.4)     8.8-16 ms (6.6)      7.4-7.9 ms (7.0)
-                                 28-230 ms (7.5)      182-262 ms (45)      11-229 ms (7.1)
-                                 69-272 ms (20)       286-550 ms (34)      14-270 ms (7.1)
-    OpenMP's workers spin after each loop: with a free core its launch is the cheapest, but the
-    training step is slower than with workqueue at twice the CPU time (1.6-2.1 s against 0.7 s
-    for 40 steps), and when the cores are shared its medians are many times workqueue's, so it
-    comes last. TBB (a dependency on x86-64 Linux and Windows, made loadable from a virtualenv
-    by _load_environment_tbb) comes first. workqueue does not allow two Python threads in
-    parallel kernels at once: backend.kernel serialises CPU launches when it is the layer.
-    NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by the user win.
+    the per-launch cost decides. On an otherwise idle 2-core machine, each layer in its own
+    process (NUMBA_THREADING_LAYER), two interleaved rounds, min/median of 5 timings:
+                                     tbb              omp              workqueue
+        max pool 1x6x28x28, per call 15.6-23.7 us     13.1-13.5 us     81.5-84.7 us
+        LeNet-5 inference, batch 1   178-188 us       160-164 us       801-839 us
+        LeNet-5 training, batch 64   4.1-5.0 ms       3.9-4.2 ms       7.8-8.0 ms
+    OpenMP's workers spin after each loop: that makes its launches cheap while a core is free,
+    and costly when other jobs share the cores (with a load average of 6-11 on 2 cores its
+    LeNet-5 step took 286-550 ms against workqueue's 14-270 ms). Where that matters, set
+    NUMBA_THREADING_LAYER=workqueue or OMP_WAIT_POLICY=passive. TBB (a dependency on x86-64
+    Linux and Windows, made loadable from a virtualenv by _load_environment_tbb) comes first: it
+    is nearly as cheap and neither spins nor minds being shared. workqueue does not allow two
+    Python threads in parallel kernels at once: backend.kernel serialises CPU launches when it
+    is the layer. NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY set by the user win.
     """
     import numba
 
     if "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ:
         return
-    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "omp", "workqueue"]
 
 
 _load_environment_tbb()
