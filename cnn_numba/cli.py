@@ -215,8 +215,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         print("cnn-numba: error: --nproc needs mpiexec: pip install 'cnn_numba[distributed]' "
               "(mpi4py and the mpich wheel)", file=sys.stderr)
         return 2
-    # numpy's BLAS (the linear layers) with its default thread per core in every rank oversubscribes
-    # the cores: LeNet-5 trained at ~1,000 instead of ~14,000 images/s here (docs/distributed.md)
+    # numpy's BLAS with its default thread per core in every rank would oversubscribe the cores
+    # for numpy work outside the kernels (the kernels' own BLAS is single-threaded)
     env = {"OPENBLAS_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
     proc = subprocess.Popen([mpiexec, "-n", str(nproc), sys.executable, "-m", "cnn_numba", *argv], env=env)
     try:
