@@ -35,11 +35,12 @@ import time
 
 import numpy as np
 
+from . import functional as F
 from .backend import kernel
 from .data import DataLoader
 from .nn import Module
 from .nn.layers import _BatchNorm
-from .tensor import Function, Tensor
+from .tensor import Function, Tensor, no_grad
 
 LAUNCH_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 OPS = ("sum", "mean", "max", "min")
@@ -255,12 +256,11 @@ def _broadcast_tensors(tensors, root: int = 0) -> None:
     for t in tensors:  # as bytes: any dtype; a CPU buffer's own memory when it is contiguous
         host = np.ascontiguousarray(t.numpy()).reshape(-1)
         _get().comm.Bcast(host.view(np.uint8), root=root)
-        # Written without Tensor._write's autograd check: parameters are leaves that require grad.
-        if not isinstance(t.data, np.ndarray):
-            t.data.copy_to_device(host.reshape(t.shape))
-        elif not np.shares_memory(t.data, host):
-            np.copyto(t.data, host.reshape(t.shape))
-        t._vc[0] += 1
+        if isinstance(t.data, np.ndarray) and np.shares_memory(t.data, host):
+            t._vc[0] += 1  # received in place
+        else:
+            with no_grad():  # parameters are leaves that require grad
+                t._write(host.reshape(t.shape))
 
 
 class _Bucket:
@@ -345,9 +345,7 @@ class SyncBatchNormFunction(Function):
 
     def forward(self, x, *wb, has_wb, running, momentum, eps):
         dev, c = self.device, x.shape[1]
-        wb = iter(wb)
-        w = next(wb) if has_wb[0] else kernel("full", dev)((c,), 1.0, x.dtype)
-        b = next(wb) if has_wb[1] else kernel("full", dev)((c,), 0.0, x.dtype)
+        w, b = F._affine(x, wb, has_wb, dev)
         mean_r, var_r = (kernel("to_host", dev)(a).astype(np.float64).reshape(1, c)
                          for a in kernel("batch_norm_stats", dev)(x))
         table = np.zeros((world_size(), 3, c))  # per rank: count, mean, var (C,) each
@@ -382,17 +380,10 @@ class SyncBatchNormFunction(Function):
 def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                     eps=1e-5):
     """F.batch_norm with the global batch's statistics when training under MPI (else F.batch_norm)."""
-    from . import functional as F
     if not training or world_size() == 1:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    c = input.shape[1] if input.ndim >= 2 else None
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and (c is None or t.shape != (c,) or t.dtype != input.dtype):
-            raise ValueError(f"sync_batch_norm: {name} must be ({c},) {input.dtype} for input {input.dtype} "
-                             f"{input.shape}, got {t.dtype} {t.shape}")
-    named = [t for t in (weight, bias) if t is not None]
-    running = (None, None) if running_mean is None else (running_mean.data, running_var.data)
-    return SyncBatchNormFunction.apply(input, *named, has_wb=(weight is not None, bias is not None),
+    x, w, b, running = F._batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    return SyncBatchNormFunction.apply(*F._inputs(x, w, b), has_wb=(w is not None, b is not None),
                                        running=running, momentum=float(momentum), eps=float(eps))
 
 

@@ -455,12 +455,18 @@ def dropout(input, p: float = 0.5, training: bool = True) -> Tensor:
     return mul(x, Tensor(mask, device=x.device))
 
 
+def _affine(x, wb, has_wb, dev):
+    """The scale and shift (C,) of a batch norm: the given ones (``wb``, in order), else 1 and 0."""
+    c, wb = x.shape[1], iter(wb)
+    w = next(wb) if has_wb[0] else kernel("full", dev)((c,), 1.0, x.dtype)
+    b = next(wb) if has_wb[1] else kernel("full", dev)((c,), 0.0, x.dtype)
+    return w, b
+
+
 class BatchNorm(Function):
     def forward(self, x, *wb, has_wb, running, training, momentum, eps):
         dev, c = self.device, x.shape[1]
-        wb = iter(wb)
-        w = next(wb) if has_wb[0] else kernel("full", dev)((c,), 1.0, x.dtype)
-        b = next(wb) if has_wb[1] else kernel("full", dev)((c,), 0.0, x.dtype)
+        w, b = _affine(x, wb, has_wb, dev)
         if training:
             mean, var = kernel("batch_norm_stats", dev)(x)
             if running[0] is not None:
@@ -483,6 +489,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """Normalise each channel of input (N, C, *) over (N, *): with the batch's statistics when
     training (then running_mean/var, if given, are updated in place with ``momentum``, the variance
     unbiased), with the running statistics otherwise; then scale by weight and shift by bias (C,)."""
+    x, w, b, running = _batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    if training and x.size // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
+    return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
+                           training=bool(training), momentum=float(momentum), eps=float(eps))
+
+
+def _batch_norm_args(input, running_mean, running_var, weight, bias, training):
+    """batch_norm's checks: (input, weight or None, bias or None, (running arrays or Nones))."""
     x = _float(input, "input")
     if x.ndim < 2:
         raise ValueError(f"batch_norm: input must be (N, C) or (N, C, ...), got shape {x.shape}")
@@ -499,12 +514,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError("batch_norm: give both running_mean and running_var, or neither")
     if not training and rm is None:
         raise ValueError("batch_norm: running_mean and running_var are needed when not training")
-    if training and x.size // max(c, 1) <= 1:
-        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
-    w, b = named["weight"], named["bias"]
-    running = (None, None) if rm is None else (rm.data, rv.data)
-    return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
-                           training=bool(training), momentum=float(momentum), eps=float(eps))
+    return x, named["weight"], named["bias"], (None, None) if rm is None else (rm.data, rv.data)
 
 
 REDUCTIONS = ("none", "mean", "sum")

@@ -180,6 +180,12 @@ class ConvGeom:
     def y_shape(self) -> tuple[int, int, int, int]:
         return self.n, self.co, self.oh, self.ow
 
+    @property
+    def full_padding(self) -> tuple[int, int]:
+        """Leading padding of the flipped stride-1 correlation that computes the input-gradient:
+        gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md)."""
+        return self.dh * (self.kh - 1) - self.ph, self.dw * (self.kw - 1) - self.pw
+
 
 def _conv_sizes(what, x_shape, w_shape, c, co):
     """The checks conv2d and conv_transpose2d share, on the conv2d they compute: kernel,

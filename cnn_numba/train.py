@@ -10,7 +10,8 @@ checkpoint; at the end it measures the test accuracy. Everything random comes fr
 the split, the initial weights (``cnn_numba.random``), the batch order (the DataLoader's
 (seed, epoch)); so a run resumed from a checkpoint repeats an uninterrupted one bit for bit.
 
-A checkpoint ``DIR/epoch_NNN.npz`` is a plain .npz, read with ``np.load(path, allow_pickle=False)``:
+A checkpoint ``DIR/epoch_NNN.npz`` is a plain .npz, read with ``fileio.read_npz`` (no pickle; each array's header is checked
+against its size before it is read):
 
     model/<name>          arrays of the model's state_dict()
     optimizer/<i>/<key>   arrays of the optimiser's state for parameter i (momentum buffers, ...)
@@ -440,9 +441,11 @@ def load_checkpoint(path) -> Checkpoint:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise TrainError(f"{path}: not a readable cnn_numba checkpoint ({type(e).__name__}: {e})") from None
     try:
-        return _parse_checkpoint(path, z)
+        ck = _parse_checkpoint(path, z)
     except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise TrainError(f"{path}: not a valid cnn_numba checkpoint: {e}") from None
+    check_config({k: ck.args[k] for k in RUN_KEYS if k in ck.args}, f"{path}: args")
+    return ck
 
 
 CHECKPOINT_FIELDS = {"epoch": "iu", "model_name": "U", "optimizer": "U", "args": "U", "rng": "U", "history": "U"}
@@ -534,9 +537,7 @@ def resume_args(folder) -> dict:
     if latest is None:
         return {}
     args = load_checkpoint(latest).args
-    saved = {k: args[k] for k in RUN_KEYS if k in args}
-    check_config(saved, f"{latest}: args")
-    return saved
+    return {k: args[k] for k in RUN_KEYS if k in args}
 
 
 # ----------------------------------------------------------------------------- training
@@ -886,7 +887,6 @@ def restore(checkpoint, model_name: str | None = None, device: str = "cpu"):
     """(model with the checkpoint's weights, Checkpoint); ``model_name`` defaults to the saved one."""
     device = use_device(device)
     ck = load_checkpoint(find_checkpoint(checkpoint))
-    check_config({k: ck.args[k] for k in RUN_KEYS if k in ck.args}, f"{ck.path}: args")
     name = model_name or ck.model_name
     model = build_model(name)
     load_weights(model, ck.model_state, f"checkpoint {ck.path} (saved from model {ck.model_name!r})", name)

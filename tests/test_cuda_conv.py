@@ -12,22 +12,13 @@ import pytest
 
 import cnn_numba.functional as F
 import reference as R
-from conftest import CUDA_SIMULATED, forward_backward, needs_cuda, random
+from cnn_numba.backend import kernel
+from conftest import CUDA_AVAILABLE, CUDA_SIMULATED, forward_backward, needs_cuda, random
 
 pytestmark = needs_cuda
 
-
-def _cuda_algos():
-    """The CUDA table's algorithm names (none where CUDA cannot load: the tests skip there)."""
-    try:
-        from cnn_numba.backend import check_device, kernel
-        check_device("cuda")
-        return list(kernel("conv2d_algorithms", "cuda")().names)
-    except Exception:
-        return []
-
-
-ALGOS = _cuda_algos()
+# The CUDA table's algorithm names; none where CUDA cannot load (needs_cuda skips the file there).
+ALGOS = list(kernel("conv2d_algorithms", "cuda")().names) if CUDA_AVAILABLE else []
 
 # (x shape, w shape, bias?, conv2d keyword arguments)
 CASES = [

@@ -385,17 +385,11 @@ def _plane_fits(geom, pass_) -> bool:
     return plane <= SCRATCH_RATIO * (geom.h * geom.w + geom.oh * geom.ow) + SCRATCH_SLACK
 
 
-def _full_padding(geom) -> tuple[int, int]:
-    """Leading padding of the flipped stride-1 forward that computes the input-gradient:
-    gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md)."""
-    return geom.dh * (geom.kh - 1) - geom.ph, geom.dw * (geom.kw - 1) - geom.pw
-
-
 def supports_flat(geom, pass_) -> bool:
     """Stride 1, the plane bound, and for the input-gradient a full padding >= 0."""
     if geom.stride != (1, 1) or not _plane_fits(geom, pass_):
         return False
-    return pass_ != "backward_input" or min(_full_padding(geom)) >= 0
+    return pass_ != "backward_input" or min(geom.full_padding) >= 0
 
 
 def supports_shifted(geom, pass_) -> bool:
@@ -411,7 +405,7 @@ def forward_flat(x, w, b, y, geom):
 
 def backward_input_flat(gy, w, gx, geom):
     """gx = the stride-1 forward of gy with the flipped kernel and the full padding."""
-    fh, fw = _full_padding(geom)
+    fh, fw = geom.full_padding
     zeros = np.zeros(geom.c, gx.dtype)
     conv2d_forward_flat(gy, flip_kernel(w, geom.g), zeros, gx, fh, fw, geom.dh, geom.dw, geom.g, get_num_threads())
 

@@ -27,9 +27,7 @@ def _param(shape, device, dtype) -> Parameter:
 
 
 def _reset_fan_in(weight: Parameter, bias: Parameter | None) -> None:
-    """PyTorch's default for conv and linear layers (nothing to draw for an empty weight)."""
-    if weight.size == 0:
-        return
+    """PyTorch's default for conv and linear layers."""
     init.kaiming_uniform_(weight, a=math.sqrt(5))
     if bias is not None:
         fan_in, _ = init._calculate_fan_in_and_fan_out(weight)

@@ -60,10 +60,10 @@ def run_evaluate(onnx_path, *, runtime="cnn_numba", dataset=None, data_dir=None,
     """Test loss and accuracy of an ONNX model, run by cnn_numba (imported with onnx.load) or
     by ONNX Runtime; prints ``test accuracy: ...`` last, as ``evaluate --checkpoint`` does."""
     _need_onnx("evaluate --onnx")
-    import onnx
-    from . import load
+    from ._load import OnnxModule, _read
     path = Path(onnx_path)
     try:
+        proto = _read(path)
         if runtime == "onnxruntime":
             if device != "cpu":
                 raise T.TrainError("--runtime onnxruntime runs on the CPU here; leave out --device")
@@ -72,8 +72,8 @@ def run_evaluate(onnx_path, *, runtime="cnn_numba", dataset=None, data_dir=None,
             except ImportError:
                 raise T.TrainError("--runtime onnxruntime needs onnxruntime: pip install 'cnn_numba[onnx]'") from None
         else:
-            model = load(path).to(T.use_device(device))
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            model = OnnxModule(proto, str(path)).to(T.use_device(device))
+        meta = {p.key: p.value for p in proto.metadata_props}
     except (ValueError, OSError) as e:
         raise T.TrainError(str(e)) from None
     except Exception as e:  # ONNX Runtime's own errors on a file it refuses

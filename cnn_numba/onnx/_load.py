@@ -183,6 +183,8 @@ def _plane_base(shape, hw):
 def _max_pool(m, a, args):
     x = args[0]
     k, s, p, d, ceil = _pool_args(a, x)
+    if not a["indices_used"]:  # (set by OnnxModule) most graphs never read the second output
+        return (F.max_pool2d(x, k, s, p, d, ceil),)
     y, idx = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
     h, w = x.shape[2:]
     return y, idx.numpy() + _plane_base(x.shape, h * w)  # ONNX's indices: flat over N, C, H, W
@@ -561,6 +563,9 @@ class OnnxModule(Module):
             else:
                 self.register_parameter(attr, Parameter(t))
             self._tensors.append((name, attr))
+        for n, a in order:
+            if n.op_type == "MaxPool":
+                a["indices_used"] = len(n.output) > 1 and bool(n.output[1])
         self._steps = [(OPS[n.op_type], a, list(n.input), list(n.output), n) for n, a in order]
 
     @staticmethod

@@ -344,7 +344,7 @@ def _correlate_launch(src, w, b, dst, geom, pass_):
         (sh, sw), (ph, pw), (uh, uw), flip = geom.stride, (geom.ph, geom.pw), (1, 1), 0
     else:
         (sh, sw), (uh, uw), flip = (1, 1), geom.stride, 1
-        ph, pw = geom.dh * (geom.kh - 1) - geom.ph, geom.dw * (geom.kw - 1) - geom.pw
+        ph, pw = geom.full_padding
     th, tw, cc, tiles_w = tiling
     grid = (blocks(dst.shape[2], th) * tiles_w, channel_blocks, min(src.shape[0], MAX_GRID))
     launch_grid(_correlate, grid, DIRECT_THREADS, src, w, flat(w) if b is None else b, dst, sh, sw, ph, pw,
