@@ -109,7 +109,7 @@ class ConvTable:
 
 # ----------------------------------------------------------------------------- the CPU table
 
-FLAT = ConvAlgo("direct, stride 1", S.forward_flat, S.backward_input_flat, S.backward_weight_flat,
+FLAT = ConvAlgo("direct, flat", S.forward_flat, S.backward_input_flat, S.backward_weight_flat,
                 supports=S.supports_flat)
 SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weight_shifted,
                    supports=S.supports_shifted)

@@ -1,28 +1,32 @@
-"""Stride-1 specialisations of conv2d's two algorithms (kernels/conv.py): the same
-layouts, symbols and contract, faster where the stride is 1.
+"""Specialisations of conv2d's two algorithms (kernels/conv.py): the same layouts, symbols
+and contract, faster where they apply.
 
-    direct, stride 1   "flat" kernels: each tap is one long vectorised loop over a
-                       padded plane; the input-gradient is the flat forward of gy with
-                       the flipped kernel (docs/convolution.md)
+    direct, flat       each tap is one long vectorised loop over a padded plane; at stride
+                       s > 1 over the input's s*s polyphase planes, and the input-gradient
+                       is the "adjoint" flat pass over gy, one stride-1 correlation per
+                       phase of gx (docs/convolution.md); any stride
     im2col, stride 1   "shifted" products: only the kw column shifts are unfolded, the
                        kh row shifts are windows of one BLAS product (forward and
                        weight-gradient; its input-gradient is the general one)
 
-Both hold padded planes of (oh + dh*(kh-1)) x (ow + dw*(kw-1)) elements per channel and
-thread, which grow with the dilation squared while the work does not; ``supports_flat``
-and ``supports_shifted`` turn them down where that plane would be far larger than the
-input and output planes (SCRATCH_RATIO), and the general kernels run instead.
+Both hold padded planes of about (oh*sh + dh*(kh-1)) x (ow*sw + dw*(kw-1)) elements per
+channel and thread, which grow with the dilation squared while the work does not;
+``supports_flat`` and ``supports_shifted`` turn them down where that plane would be far
+larger than the input and output planes (SCRATCH_RATIO), and the general kernels run
+instead.
 """
+import functools
+
 import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
 from .blas import gemm
 from .conv import FASTMATH, KERNEL, _biased_run, _reduce_slots, backward_weight_direct, backward_weight_im2col
-from .index import copy_run
+from .index import copy_run, out_range, tap
 
 
-# ----------------------------------------------------------------------------- direct, stride 1
+# ----------------------------------------------------------------------------- direct, flat
 #
 # With stride 1 a tap (a, bb) reads the padded input plane shifted by a constant, so
 # if the output is computed on rows as wide as the padded plane (wp = ow + dw*(kw-1))
@@ -42,6 +46,26 @@ from .index import copy_run
 # channel per group). The kh*kw taps are listed flat and padded with zero-weight taps
 # to a multiple of three, which read a run of zeros: never the input, where 0 * inf
 # would turn an inf output into NaN.
+#
+# Stride s > 1: polyphase planes (docs/convolution.md). Per axis, with xpad the input
+# padded by p, split xpad into s phase planes X_r[u] = xpad[s*u + r], r < s. Output o's
+# tap a reads xpad[s*o + a*d] = X_{(a*d) % s}[o + (a*d)//s]: a constant shift into one
+# phase plane, so the strided forward and weight-gradient are the flat kernels above on
+# the phase planes (each channel's planes laid out (phase, sample, hp, wp), hp = oh +
+# dh*(kh-1)//sh, wp likewise), with kh*kw taps, no zero taps but the rounding to three.
+#
+# The input-gradient (conv_transpose2d's forward) runs the same kernel the other way
+# round, "adjoint": gx[i] = sum over (o, a) with s*o - p + a*d = i of gy[o] * w[a].
+# Split gx into phases i = s*u + r: then o = u + (r + p - a*d)/s, a whole number only
+# for r = (a*d - p) mod s, so tap a serves one output phase r alone, reading gy at the
+# constant shift (r + p - a*d)/s. Each output phase is a stride-1 correlation of gy
+# (padded by P, the least that makes every shift >= 0) with its own taps: for k = 3,
+# s = 2, p = 1, d = 1 phase 0 has tap 1 (shift 0), phase 1 taps 0 and 2 (shifts 1, 0);
+# for k = 4 two taps per phase. So one loaded gy plane serves s*s passes, one per
+# output phase of gx, each with its taps padded to a multiple of three, and each writes
+# its accumulators straight into gx[..., r::sh, q::sw]. At stride 1 that is the flat
+# forward of gy with the flipped kernel and the full padding d*(k-1) - p (or, where that
+# is negative, a crop: P = 0 and every shift > 0).
 
 TAPS = 3   # taps per pass over a run
 QUAD = 4   # output channels per pass
@@ -50,25 +74,87 @@ LINE = 16  # float32 elements per 64-byte cache line
 
 
 @njit(**KERNEL)
-def pad_planes(x, c0, xp, ph, pw):
-    """xp (cg, hp, wp) = x[c0:c0+cg] shifted by (ph, pw) into zeros; x (C, H, W).
+def pad_phases(x, c0, xp, ph, pw, sh, sw):
+    """xp (cg, sh*sw, hp, wp) = the sh*sw phase planes of x[c0:c0+cg] shifted by (ph, pw)
+    into zeros: xp[ci, r*sw + q, u, v] = x[c0 + ci, sh*u + r - ph, sw*v + q - pw]; x (C, H, W).
+    At stride 1, one plane: x padded. A negative ph/pw crops.
 
     Writes the interior only: callers zero xp once (a buffer reused with the same sizes
     keeps its zero border)."""
     h, wd = x.shape[1], x.shape[2]
-    hp, wp = xp.shape[1], xp.shape[2]
-    r0, r1 = max(0, ph), min(hp, h + ph)
-    q0, q1 = max(0, pw), min(wp, wd + pw)
-    for ci in range(xp.shape[0]):
-        for r in range(r0, r1):
-            copy_run(x[c0 + ci, r - ph, q0 - pw:q1 - pw], xp[ci, r, q0:])
+    hp, wp = xp.shape[2], xp.shape[3]
+    for f in range(sh * sw):
+        r, q = f // sw, f % sw
+        u0, u1 = out_range(r, sh, ph, 1, h, hp)  # the phase rows and columns inside x
+        v0, v1 = out_range(q, sw, pw, 1, wd, wp)
+        j0 = tap(v0, sw, pw, q, 1)
+        for ci in range(xp.shape[0]):
+            for u in range(u0, u1):
+                row, dst = x[c0 + ci, tap(u, sh, ph, r, 1)], xp[ci, f, u]
+                if sw == 1:
+                    copy_run(row[j0:j0 + v1 - v0], dst[v0:])
+                else:
+                    for v in range(v0, v1):
+                        dst[v] = row[j0 + (v - v0) * sw]
 
 
 @njit(cache=True)
-def _flat_sizes(oh, ow, kh, kw, dh, dw):
-    """Padded plane (hp, wp) and the length of the flat run covering the output."""
-    hp, wp = oh + dh * (kh - 1), ow + dw * (kw - 1)
-    return hp, wp, (oh - 1) * wp + ow
+def _axis_plan(k, s, p, d, size, adjoint):
+    """One axis of a flat pass (see above): ``(out_phase, in_phase, shift, lead, u, extent)``,
+    per tap a < k the output phase it serves, the input phase it reads and its shift there,
+    then the loaded planes' leading padding, the accumulator rows (u) and the planes' rows.
+    ``size`` is the pass's output size: oh for the forward, h (gx's) for the adjoint."""
+    out_phase, in_phase, shift = np.zeros(k, np.int64), np.zeros(k, np.int64), np.empty(k, np.int64)
+    for a in range(k):
+        if adjoint:
+            out_phase[a] = (a * d - p) % s
+            shift[a] = (out_phase[a] + p - a * d) // s
+        else:
+            in_phase[a], shift[a] = (a * d) % s, (a * d) // s
+    lead, u = p, size
+    if adjoint:
+        lead, u = max(0, -shift.min()), -(-size // s)
+        shift += lead
+    return out_phase, in_phase, shift, lead, u, u + shift.max()
+
+
+@njit(cache=True)
+def _flat_plan(n, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
+    """Sizes of a direct pass over ``n`` samples (see above), ``(lead, phases_in, phases_out,
+    (hp, wp), (uh, uw), nb, counts, taps, offsets)``:
+      lead          the leading padding (rows, columns) of the loaded planes
+      phases_in     (sh, sw) for the forward (the planes it loads), (1, 1) for the adjoint
+      phases_out    (1, 1) for the forward, (sh, sw) for the adjoint (gx's phases)
+      hp, wp        one phase plane's size; the output runs lie on rows wp wide
+      uh, uw        an output phase's accumulator plane (its output is at most that)
+      nb            samples per run: small planes of consecutive samples sit end to end, so
+                    one pass covers several (the outputs between them are computed and
+                    dropped), in runs of up to FLAT_RUN elements, which keep the four
+                    accumulator rows in L1
+      counts        (phases_out,) real taps per output phase, listed first in its row of
+      taps          (phases_out, width) the kernel tap a*kw + bb, -1 for a padding tap; width a
+                    multiple of TAPS
+      offsets       (phases_out, width) where each real tap reads in a channel's run buffer
+                    (phases_in, nb, hp, wp), flat
+    The forward's taps are in kernel order (taps[0, t] = t for t < kh*kw)."""
+    oph, iph, shh, lh, uh, hp = _axis_plan(kh, sh, ph, dh, size_h, adjoint)
+    opw, ipw, shw, lw, uw, wp = _axis_plan(kw, sw, pw, dw, size_w, adjoint)
+    phases_in, phases_out = ((1, 1), (sh, sw)) if adjoint else ((sh, sw), (1, 1))
+    nb = max(1, min(n, FLAT_RUN // (hp * wp)))
+    counts = np.zeros(phases_out[0] * phases_out[1], np.int64)
+    for t in range(kh * kw):
+        counts[oph[t // kw] * phases_out[1] + opw[t % kw]] += 1
+    width = -(-counts.max() // TAPS) * TAPS
+    taps = np.full((counts.size, width), -1, np.int64)
+    offsets = np.zeros((counts.size, width), np.int64)
+    counts[:] = 0
+    for t in range(kh * kw):
+        a, bb = t // kw, t % kw
+        f = oph[a] * phases_out[1] + opw[bb]
+        taps[f, counts[f]] = t
+        offsets[f, counts[f]] = (iph[a] * phases_in[1] + ipw[bb]) * nb * hp * wp + shh[a] * wp + shw[bb]
+        counts[f] += 1
+    return (lh, lw), phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, offsets
 
 
 @njit(**KERNEL)
@@ -82,22 +168,6 @@ def to_wide_rows(planes, wide, wp):
 
 
 @njit(cache=True)
-def _flat_plan(n, oh, ow, kh, kw, dh, dw):
-    """Sizes of a stride-1 direct pass over ``n`` samples: ``(hp, wp, run, taps, offsets, nb)``
-    with the padded plane (hp, wp), one sample's flat output run, the taps padded to a
-    multiple of TAPS, each real tap's offset in the flat padded plane, and the samples per
-    run: small planes of consecutive samples sit end to end, so one pass covers several
-    (the outputs between them are computed and dropped), in runs of up to FLAT_RUN
-    elements, which keep the four accumulator rows in L1."""
-    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
-    offsets = np.empty(kh * kw, np.int64)
-    for t in range(kh * kw):
-        offsets[t] = (t // kw) * dh * wp + (t % kw) * dw
-    nb = max(1, min(n, FLAT_RUN // (hp * wp)))
-    return hp, wp, run, -(-(kh * kw) // TAPS) * TAPS, offsets, nb
-
-
-@njit(cache=True)
 def _row_buffer(slots, length, dtype):
     """Zeroed (slots, QUAD, length) rows that each start on a cache line (Numba aligns an
     array to 32 bytes; the row length is rounded up to whole lines). Unaligned rows make
@@ -106,26 +176,38 @@ def _row_buffer(slots, length, dtype):
 
 
 @njit(**KERNEL)
-def _load_run(x, i0, m, c0, xp, ph, pw, run):
-    """Pad the m samples from i0 (channels c0 onwards) into the run buffer xp (cig, nb, hp, wp);
-    the length of their flat output run (``run`` per sample, the last one's only)."""
+def _load_run(x, i0, m, c0, xp, lead, phases, run):
+    """Pad the m samples from i0 (channels c0 onwards) into the run buffer xp (cig, phases,
+    nb, hp, wp), split into phase planes; the length of their flat output run (``run`` per
+    sample, the last one's only)."""
     for s in range(m):
-        pad_planes(x[i0 + s], c0, xp[:, s], ph, pw)
-    return (m - 1) * xp.shape[2] * xp.shape[3] + run
+        pad_phases(x[i0 + s], c0, xp[:, :, s], lead[0], lead[1], phases[0], phases[1])
+    return (m - 1) * xp.shape[3] * xp.shape[4] + run
 
 
 @njit(cache=True, inline="always")
-def _shifted(src, offsets, t, zeros):
-    """The input run that flat tap ``t`` reads: ``src`` from its offset, or ``zeros`` for a
-    padding tap."""
-    return src[offsets[t]:] if t < offsets.size else zeros
+def _shifted(src, offsets, count, t, zeros):
+    """The input run that tap ``t`` of an output phase reads: ``src`` from its offset, or
+    ``zeros`` for a padding tap (t >= count)."""
+    return src[offsets[t]:] if t < count else zeros
 
 
 @njit(cache=True, inline="always")
-def _tap_runs(src, offsets, k, zeros):
-    """The input runs of flat taps k, k+1, k+2."""
-    return (_shifted(src, offsets, k, zeros), _shifted(src, offsets, k + 1, zeros),
-            _shifted(src, offsets, k + 2, zeros))
+def _tap_runs(src, offsets, count, k, zeros):
+    """The input runs of taps k, k+1, k+2 of an output phase."""
+    return (_shifted(src, offsets, count, k, zeros), _shifted(src, offsets, count, k + 1, zeros),
+            _shifted(src, offsets, count, k + 2, zeros))
+
+
+@njit(cache=True, inline="always")
+def _store_run(src, dst, q0, step):
+    """dst[q0 + j*step] = src[j] for j < src.size: accumulators into an output row (every
+    step-th element from q0: one phase of gx's columns)."""
+    if step == 1:
+        copy_run(src, dst[q0:])
+    else:
+        for j in range(src.size):
+            dst[q0 + j * step] = src[j]
 
 
 @njit(cache=True, inline="always")
@@ -160,22 +242,34 @@ def _axpy_one(wt, s0, s1, s2, a):
         a[j] = ((a[j] + w0 * s0[j]) + w1 * s1[j]) + w2 * s2[j]
 
 
+@njit(cache=True, inline="always")
+def _phase_size(size, s, r):
+    """Elements i < size with i % s == r: the rows (or columns) of output phase r."""
+    return (size - r + s - 1) // s
+
+
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
-    """Stride-1 forward (see above); ph/pw may exceed the kernel (any leading padding >= 0)."""
+def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
+    """The flat forward (see above): y = conv2d(x, w) + b at stride (sh, sw), any leading
+    padding ph/pw >= 0; or, ``adjoint``, y = the input-gradient of the conv2d with that
+    stride, padding and dilation, from x = its gy, w = its weight with each group's channels
+    transposed (C, CO/G, KH, KW; ``transpose_groups``) and b = 0."""
     n = x.shape[0]
     co, cig, kh, kw = w.shape
-    oh, ow = y.shape[2], y.shape[3]
     cog = co // g
-    hp, wp, run, taps, offsets, nb = _flat_plan(n, oh, ow, kh, kw, dh, dw)
-    plane = hp * wp
+    lead, phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, offsets = _flat_plan(
+        n, y.shape[2], y.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
+    plane, nin = hp * wp, phases_in[0] * phases_in[1]
+    run = (uh - 1) * wp + uw  # one sample's output run
     blocks = -(-n // nb)
-    wt = np.zeros((co, cig, taps), w.dtype)  # the taps flat, zero-padded
+    wt = np.zeros((counts.size, co, cig, taps.shape[1]), w.dtype)  # each output phase's taps, zero-padded
     wf = w.reshape(co, cig, kh * kw)
-    for o in range(co):
-        for ci in range(cig):
-            copy_run(wf[o, ci], wt[o, ci])
-    xp_buf = np.zeros((slots, cig, nb, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    for f in range(counts.size):
+        for j in range(counts[f]):
+            for o in range(co):
+                for ci in range(cig):
+                    wt[f, o, ci, j] = wf[o, ci, taps[f, j]]
+    xp_buf = np.zeros((slots, cig, nin, nb, hp, wp), x.dtype)  # borders stay 0 (pad_phases)
     acc_buf = _row_buffer(slots, nb * plane, x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
     for tid in prange(slots):
@@ -183,26 +277,34 @@ def conv2d_forward_flat(x, w, b, y, ph, pw, dh, dw, g, slots):
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
-            length = _load_run(x, i0, m, gi * cig, xp, ph, pw, run)
+            length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run)
             a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
-            o = gi * cog
-            while o < (gi + 1) * cog:
-                nu = _block(o - gi * cog, cog)
-                for u in range(nu):
-                    acc[u, :] = b[o + u]
-                for ci in range(cig):
-                    src = xp[ci].reshape(nb * plane)
-                    for k in range(0, taps, TAPS):
-                        s0, s1, s2 = _tap_runs(src, offsets, k, zeros)
-                        if nu == QUAD:
-                            _axpy_quad(wt[o:o + QUAD, ci, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
-                        else:
-                            _axpy_one(wt[o, ci, k:k + TAPS], s0, s1, s2, a0)
-                for s in range(m):
+            for f in range(counts.size):
+                r, q = f // phases_out[1], f % phases_out[1]
+                rows, cols = _phase_size(y.shape[2], phases_out[0], r), _phase_size(y.shape[3], phases_out[1], q)
+                if rows * cols == 0:
+                    continue
+                o = gi * cog
+                while o < (gi + 1) * cog:
+                    nu = _block(o - gi * cog, cog)
                     for u in range(nu):
-                        for r in range(oh):
-                            copy_run(acc[u, s * plane + r * wp:s * plane + r * wp + ow], y[i0 + s, o + u, r])
-                o += nu
+                        acc[u, :] = b[o + u]
+                    for ci in range(cig):
+                        src = xp[ci].reshape(nin * nb * plane)
+                        wc = wt[f, :, ci]
+                        for k in range(0, counts[f], TAPS):
+                            s0, s1, s2 = _tap_runs(src, offsets[f], counts[f], k, zeros)
+                            if nu == QUAD:
+                                _axpy_quad(wc[o:o + QUAD, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
+                            else:
+                                _axpy_one(wc[o, k:k + TAPS], s0, s1, s2, a0)
+                    for s in range(m):
+                        for u in range(nu):
+                            for row in range(rows):
+                                j = s * plane + row * wp
+                                _store_run(acc[u, j:j + cols], y[i0 + s, o + u, r + phases_out[0] * row], q,
+                                           phases_out[1])
+                    o += nu
 
 
 @njit(cache=True, fastmath=FASTMATH, inline="always")
@@ -236,18 +338,20 @@ def _dot_one(s0, s1, s2, h, out):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
-    """Stride-1 weight-gradient: a long dot product per tap, twelve (three taps by four
-    output channels) per pass over the input, in per-slot partial sums; samples batched
-    into runs as in the forward (gy is 0 between them)."""
+def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
+    """The flat weight-gradient at stride (sh, sw): a long dot product per tap, twelve (three
+    taps by four output channels) per pass over the input's phase planes, in per-slot partial
+    sums; samples batched into runs as in the forward (gy is 0 between them)."""
     n = x.shape[0]
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
-    hp, wp, run, taps, offsets, nb = _flat_plan(n, oh, ow, kh, kw, dh, dw)
-    plane = hp * wp
+    lead, phases, _, (hp, wp), _, nb, counts, _, offsets = _flat_plan(n, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw,
+                                                                       False)
+    plane, nin = hp * wp, phases[0] * phases[1]
+    taps, count, tap_offsets = offsets.shape[1], counts[0], offsets[0]  # one output phase, taps in kernel order
     blocks = -(-n // nb)
-    xp_buf = np.zeros((slots, cig, nb, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    xp_buf = np.zeros((slots, cig, nin, nb, hp, wp), x.dtype)  # borders stay 0 (pad_phases)
     gyw_buf = _row_buffer(slots, nb * plane, x.dtype)  # gy on wide rows; the rest stays 0
     partial = np.zeros((slots, co, cig, taps), x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
@@ -256,7 +360,7 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
-            length = _load_run(x, i0, m, gi * cig, xp, ph, pw, run)
+            length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wp + ow)
             g0, g1, g2, g3 = rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length]
             o = gi * cog
             while o < (gi + 1) * cog:
@@ -264,9 +368,9 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
                 for s in range(m):
                     to_wide_rows(gy[i0 + s, o:o + nu], rows[:, s * plane:(s + 1) * plane], wp)
                 for ci in range(cig):
-                    src = xp[ci].reshape(nb * plane)
+                    src = xp[ci].reshape(nin * nb * plane)
                     for k in range(0, taps, TAPS):
-                        s0, s1, s2 = _tap_runs(src, offsets, k, zeros)
+                        s0, s1, s2 = _tap_runs(src, tap_offsets, count, k, zeros)
                         if nu == QUAD:
                             _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, ci, k:k + TAPS])
                         else:
@@ -275,13 +379,13 @@ def conv2d_backward_weight_flat(x, gy, gw, ph, pw, dh, dw, g, slots):
     _reduce_slots(partial.reshape(slots, co * cig, taps), gw.reshape(co * cig, kh * kw))
 
 
-def flip_kernel(w, g):
-    """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW) rotated 180 degrees, group by group: the
-    weight of the stride-1 conv that computes conv2d's input-gradient (docs/convolution.md)."""
+def transpose_groups(w, g):
+    """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW), each group's channels transposed: the weight
+    of the adjoint flat pass that computes conv2d's input-gradient (its tap offsets hold the
+    180-degree rotation; docs/convolution.md)."""
     co, cig, kh, kw = w.shape
-    cog = co // g
-    wf = w.reshape(g, cog, cig, kh, kw).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
-    return np.ascontiguousarray(wf.reshape(g * cig, cog, kh, kw))
+    wt = w.reshape(g, co // g, cig, kh, kw).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(wt).reshape(g * cig, co // g, kh, kw)
 
 
 # ----------------------------------------------------------------------------- im2col, stride 1
@@ -314,8 +418,8 @@ def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
     kh, co, k = w3_shape
     cig, cog = c // g, co // g
     kw = k // cig
-    hp, wp, run = _flat_sizes(oh, ow, kh, kw, dh, dw)
-    return kh, co, k, cig, cog, kw, hp, wp, run, hp * wp - (kw - 1) * dw
+    hp, wp = _axis_plan(kh, 1, 0, dh, oh, False)[5], _axis_plan(kw, 1, 0, dw, ow, False)[5]
+    return kh, co, k, cig, cog, kw, hp, wp, (oh - 1) * wp + ow, hp * wp - (kw - 1) * dw
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -323,7 +427,7 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
     """Stride-1 forward as kh products per (sample, group): y_g = sum_a w3[a]_g @ shifted(a)."""
     n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
     kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], w3.shape, g, oh, ow, dh, dw)
-    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    xp_buf = np.zeros((slots, cig, 1, hp, wp), x.dtype)  # one phase; borders stay 0 (pad_phases)
     sh_buf = np.empty((slots, k, length), x.dtype)
     out_buf = np.empty((slots, cog, oh * wp), x.dtype)
     wf = w3.reshape(kh * co * k)
@@ -332,8 +436,8 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
         sf, of = shifted.reshape(k * length), out.reshape(cog * oh * wp)
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
-            pad_planes(x[i], gi * cig, xp, ph, pw)
-            shift_columns(xp, shifted, kw, dw)
+            pad_phases(x[i], gi * cig, xp, ph, pw, 1, 1)
+            shift_columns(xp[:, 0], shifted, kw, dw)
             for a in range(kh):
                 gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
                      0.0 if a == 0 else 1.0, of, 0, oh * wp)
@@ -348,7 +452,7 @@ def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
     in per-slot partial sums."""
     n, oh, ow = x.shape[0], gy.shape[2], gy.shape[3]
     kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], gw3.shape, g, oh, ow, dh, dw)
-    xp_buf = np.zeros((slots, cig, hp, wp), x.dtype)  # borders stay 0 (pad_planes)
+    xp_buf = np.zeros((slots, cig, 1, hp, wp), x.dtype)  # one phase; borders stay 0 (pad_phases)
     sh_buf = np.empty((slots, k, length), x.dtype)
     gyw_buf = np.zeros((slots, cog, oh * wp), x.dtype)  # gy on wide rows; the extra columns stay 0
     partial = np.zeros((slots, kh * co * k), x.dtype)
@@ -357,8 +461,8 @@ def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
         sf, gf = shifted.reshape(k * length), gyw.reshape(cog * oh * wp)
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
-            pad_planes(x[i], gi * cig, xp, ph, pw)
-            shift_columns(xp, shifted, kw, dw)
+            pad_phases(x[i], gi * cig, xp, ph, pw, 1, 1)
+            shift_columns(xp[:, 0], shifted, kw, dw)
             to_wide_rows(gy[i, gi * cog:(gi + 1) * cog], gyw, wp)
             for a in range(kh):
                 gemm(False, True, cog, k, run, gf, 0, oh * wp, sf, a * dh * wp, length,
@@ -368,28 +472,32 @@ def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
 
 # ----------------------------------------------------------------------------- launchers
 
-# The stride-1 kernels run where the padded plane is at most SCRATCH_RATIO times the input
-# and output planes together, plus SCRATCH_SLACK elements for small planes (a 1x1 input
-# padded by 1 for a 3x3 kernel). A 1x1 input with dilation=10000, padding=10000 and a 3x3
-# kernel (a 1x1 output) would need planes of 20001^2 elements per channel and thread (4.3
-# GB, 17 s); the general kernels' scratch is proportional to the output.
+# The flat and shifted kernels run where their planes (all phases of one channel and sample)
+# are at most SCRATCH_RATIO times the input and output planes together, plus SCRATCH_SLACK
+# elements for small planes (a 1x1 input padded by 1 for a 3x3 kernel). A 1x1 input with
+# dilation=10000, padding=10000 and a 3x3 kernel (a 1x1 output) would need planes of 20001^2
+# elements per channel and thread (4.3 GB, 17 s); the general kernels' scratch is
+# proportional to the output.
 SCRATCH_RATIO = 4
 SCRATCH_SLACK = 4096
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every call of a layer
 def _plane_fits(geom, pass_) -> bool:
-    """Whether the padded plane of ``pass_`` is within the bound. The input-gradient's flat
-    pass computes gx (h, w) from gy; the other passes compute planes of (oh, ow)."""
-    oh, ow = (geom.h, geom.w) if pass_ == "backward_input" else (geom.oh, geom.ow)
-    plane = (oh + geom.dh * (geom.kh - 1)) * (ow + geom.dw * (geom.kw - 1))
+    """Whether the planes of ``pass_`` are within the bound: the forward and weight-gradient
+    load sh*sw phase planes of the input (one padded plane at stride 1); the input-gradient's
+    adjoint pass one plane of gy (_flat_plan)."""
+    adjoint = pass_ == "backward_input"
+    sizes = (geom.h, geom.w) if adjoint else (geom.oh, geom.ow)
+    plane = 1
+    for k, s, p, d, size in zip((geom.kh, geom.kw), geom.stride, (geom.ph, geom.pw), geom.dilation, sizes):
+        plane *= _axis_plan(k, s, p, d, size, adjoint)[5] * (1 if adjoint else s)
     return plane <= SCRATCH_RATIO * (geom.h * geom.w + geom.oh * geom.ow) + SCRATCH_SLACK
 
 
 def supports_flat(geom, pass_) -> bool:
-    """Stride 1, the plane bound, and for the input-gradient a full padding >= 0."""
-    if geom.stride != (1, 1) or not _plane_fits(geom, pass_):
-        return False
-    return pass_ != "backward_input" or min(geom.full_padding) >= 0
+    """Any stride, within the plane bound."""
+    return _plane_fits(geom, pass_)
 
 
 def supports_shifted(geom, pass_) -> bool:
@@ -400,18 +508,19 @@ def supports_shifted(geom, pass_) -> bool:
 
 
 def forward_flat(x, w, b, y, geom):
-    conv2d_forward_flat(x, w, b, y, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+    conv2d_forward_flat(x, w, b, y, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, False,
+                        get_num_threads())
 
 
 def backward_input_flat(gy, w, gx, geom):
-    """gx = the stride-1 forward of gy with the flipped kernel and the full padding."""
-    fh, fw = geom.full_padding
-    zeros = np.zeros(geom.c, gx.dtype)
-    conv2d_forward_flat(gy, flip_kernel(w, geom.g), zeros, gx, fh, fw, geom.dh, geom.dw, geom.g, get_num_threads())
+    """gx = the adjoint flat pass over gy (one stride-1 correlation per phase of gx)."""
+    conv2d_forward_flat(gy, transpose_groups(w, geom.g), np.zeros(geom.c, gx.dtype), gx, geom.sh, geom.sw,
+                        geom.ph, geom.pw, geom.dh, geom.dw, geom.g, True, get_num_threads())
 
 
 def backward_weight_flat(x, gy, gw, geom):
-    conv2d_backward_weight_flat(x, gy, gw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+    conv2d_backward_weight_flat(x, gy, gw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g,
+                                get_num_threads())
     _exact_if_nan(x, gy, gw, geom, backward_weight_direct)
 
 
@@ -433,7 +542,7 @@ def backward_weight_shifted(x, gy, gw, geom):
 
 
 def _exact_if_nan(x, gy, gw, geom, general) -> None:
-    """Redo a stride-1 weight-gradient with the ``general`` kernel when it holds a NaN.
+    """Redo a flat or shifted weight-gradient with the ``general`` kernel when it holds a NaN.
 
     The flat and shifted kernels sum over wide rows, whose gap columns pair zeros of gy with
     input pixels that the true sum never reads: an inf there makes a NaN that PyTorch does
