@@ -43,16 +43,20 @@ from .index import copy_run, out_range, tap
 # would store an accumulator per FMA, and the stores, not the FMA units, would set the
 # pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). A group's channels go in
 # quads, then one at a time (three taps per pass still; depthwise layers have one
-# channel per group). The kh*kw taps are listed flat and padded with zero-weight taps
-# to a multiple of three, which read a run of zeros: never the input, where 0 * inf
-# would turn an inf output into NaN.
+# channel per group). The taps of all input channels of the group are listed flat, as
+# cig*kh*kw (channel, tap) pairs, so a pass may take its three from two channels, and
+# padded with zero-weight pairs to a multiple of three, which read a run of zeros: never
+# the input, where 0 * inf would turn an inf output into NaN. (Padding each channel's
+# kh*kw taps instead would waste a third of the passes of a 2x2 kernel, two thirds of a
+# 1x1's, and of the input-gradient's phases at stride 2 below, whose taps number 1, 2, 4.)
 #
 # Stride s > 1: polyphase planes (docs/convolution.md). Per axis, with xpad the input
 # padded by p, split xpad into s phase planes X_r[u] = xpad[s*u + r], r < s. Output o's
 # tap a reads xpad[s*o + a*d] = X_{(a*d) % s}[o + (a*d)//s]: a constant shift into one
 # phase plane, so the strided forward and weight-gradient are the flat kernels above on
 # the phase planes (each channel's planes laid out (phase, sample, hp, wp), hp = oh +
-# dh*(kh-1)//sh, wp likewise), with kh*kw taps, no zero taps but the rounding to three.
+# dh*(kh-1)//sh, wp likewise), with kh*kw taps a channel and no zero taps beyond the
+# rounding of the group's pairs to three.
 #
 # The input-gradient (conv_transpose2d's forward) runs the same kernel the other way
 # round, "adjoint": gx[i] = sum over (o, a) with s*o - p + a*d = i of gy[o] * w[a].
@@ -62,8 +66,8 @@ from .index import copy_run, out_range, tap
 # (padded by P, the least that makes every shift >= 0) with its own taps: for k = 3,
 # s = 2, p = 1, d = 1 phase 0 has tap 1 (shift 0), phase 1 taps 0 and 2 (shifts 1, 0);
 # for k = 4 two taps per phase. So one loaded gy plane serves s*s passes, one per
-# output phase of gx, each with its taps padded to a multiple of three, and each writes
-# its accumulators straight into gx[..., r::sh, q::sw]. At stride 1 that is the flat
+# output phase of gx, each over its own (channel, tap) pairs, and each writes its
+# accumulators straight into gx[..., r::sh, q::sw]. At stride 1 that is the flat
 # forward of gy with the flipped kernel and the full padding d*(k-1) - p (or, where that
 # is negative, a crop: P = 0 and every shift > 0).
 
@@ -119,9 +123,9 @@ def _axis_plan(k, s, p, d, size, adjoint):
 
 
 @njit(cache=True)
-def _flat_plan(n, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
-    """Sizes of a direct pass over ``n`` samples (see above), ``(lead, phases_in, phases_out,
-    (hp, wp), (uh, uw), nb, counts, taps, offsets)``:
+def _flat_plan(n, cig, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
+    """Sizes of a direct pass over ``n`` samples of ``cig`` channels (see above),
+    ``(lead, phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, sources)``:
       lead          the leading padding (rows, columns) of the loaded planes
       phases_in     (sh, sw) for the forward (the planes it loads), (1, 1) for the adjoint
       phases_out    (1, 1) for the forward, (sh, sw) for the adjoint (gx's phases)
@@ -131,30 +135,34 @@ def _flat_plan(n, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
                     one pass covers several (the outputs between them are computed and
                     dropped), in runs of up to FLAT_RUN elements, which keep the four
                     accumulator rows in L1
-      counts        (phases_out,) real taps per output phase, listed first in its row of
-      taps          (phases_out, width) the kernel tap a*kw + bb, -1 for a padding tap; width a
+      counts        (phases_out,) the (channel, tap) pairs that each output phase sums
+      taps          (phases_out, width) its pairs, first, as ci*kh*kw + a*kw + bb (the flat
+                    weight's column), then -1 for padding pairs up to a width that is a
                     multiple of TAPS
-      offsets       (phases_out, width) where each real tap reads in a channel's run buffer
-                    (phases_in, nb, hp, wp), flat
-    The forward's taps are in kernel order (taps[0, t] = t for t < kh*kw)."""
+      sources       (phases_out, width) where each real pair reads in a run buffer
+                    (cig, phases_in, nb, hp, wp), flat
+    The forward's pairs are in the flat weight's order (taps[0, j] = j for j < cig*kh*kw)."""
     oph, iph, shh, lh, uh, hp = _axis_plan(kh, sh, ph, dh, size_h, adjoint)
     opw, ipw, shw, lw, uw, wp = _axis_plan(kw, sw, pw, dw, size_w, adjoint)
     phases_in, phases_out = ((1, 1), (sh, sw)) if adjoint else ((sh, sw), (1, 1))
     nb = max(1, min(n, FLAT_RUN // (hp * wp)))
+    phase_run = nb * hp * wp  # one phase plane of a run buffer's channel
     counts = np.zeros(phases_out[0] * phases_out[1], np.int64)
     for t in range(kh * kw):
-        counts[oph[t // kw] * phases_out[1] + opw[t % kw]] += 1
+        counts[oph[t // kw] * phases_out[1] + opw[t % kw]] += cig
     width = -(-counts.max() // TAPS) * TAPS
     taps = np.full((counts.size, width), -1, np.int64)
-    offsets = np.zeros((counts.size, width), np.int64)
+    sources = np.zeros((counts.size, width), np.int64)
     counts[:] = 0
-    for t in range(kh * kw):
-        a, bb = t // kw, t % kw
-        f = oph[a] * phases_out[1] + opw[bb]
-        taps[f, counts[f]] = t
-        offsets[f, counts[f]] = (iph[a] * phases_in[1] + ipw[bb]) * nb * hp * wp + shh[a] * wp + shw[bb]
-        counts[f] += 1
-    return (lh, lw), phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, offsets
+    for ci in range(cig):
+        for t in range(kh * kw):
+            a, bb = t // kw, t % kw
+            f = oph[a] * phases_out[1] + opw[bb]
+            taps[f, counts[f]] = ci * kh * kw + t
+            sources[f, counts[f]] = ((ci * phases_in[0] + iph[a]) * phases_in[1] + ipw[bb]) * phase_run \
+                + shh[a] * wp + shw[bb]
+            counts[f] += 1
+    return (lh, lw), phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, sources
 
 
 @njit(**KERNEL)
@@ -186,17 +194,17 @@ def _load_run(x, i0, m, c0, xp, lead, phases, run):
 
 
 @njit(cache=True, inline="always")
-def _shifted(src, offsets, count, t, zeros):
-    """The input run that tap ``t`` of an output phase reads: ``src`` from its offset, or
-    ``zeros`` for a padding tap (t >= count)."""
-    return src[offsets[t]:] if t < count else zeros
+def _shifted(src, sources, count, t, zeros):
+    """The input run that pair ``t`` of an output phase reads: ``src`` from its source, or
+    ``zeros`` for a padding pair (t >= count)."""
+    return src[sources[t]:] if t < count else zeros
 
 
 @njit(cache=True, inline="always")
-def _tap_runs(src, offsets, count, k, zeros):
-    """The input runs of taps k, k+1, k+2 of an output phase."""
-    return (_shifted(src, offsets, count, k, zeros), _shifted(src, offsets, count, k + 1, zeros),
-            _shifted(src, offsets, count, k + 2, zeros))
+def _tap_runs(src, sources, count, k, zeros):
+    """The input runs of pairs k, k+1, k+2 of an output phase."""
+    return (_shifted(src, sources, count, k, zeros), _shifted(src, sources, count, k + 1, zeros),
+            _shifted(src, sources, count, k + 2, zeros))
 
 
 @njit(cache=True, inline="always")
@@ -257,18 +265,17 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     cog = co // g
-    lead, phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, offsets = _flat_plan(
-        n, y.shape[2], y.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
+    lead, phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, sources = _flat_plan(
+        n, cig, y.shape[2], y.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
     plane, nin = hp * wp, phases_in[0] * phases_in[1]
     run = (uh - 1) * wp + uw  # one sample's output run
     blocks = -(-n // nb)
-    wt = np.zeros((counts.size, co, cig, taps.shape[1]), w.dtype)  # each output phase's taps, zero-padded
-    wf = w.reshape(co, cig, kh * kw)
+    wt = np.zeros((counts.size, co, taps.shape[1]), w.dtype)  # each output phase's pairs, zero-padded
+    wf = w.reshape(co, cig * kh * kw)
     for f in range(counts.size):
         for j in range(counts[f]):
             for o in range(co):
-                for ci in range(cig):
-                    wt[f, o, ci, j] = wf[o, ci, taps[f, j]]
+                wt[f, o, j] = wf[o, taps[f, j]]
     xp_buf = np.zeros((slots, cig, nin, nb, hp, wp), x.dtype)  # borders stay 0 (pad_phases)
     acc_buf = _row_buffer(slots, nb * plane, x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
@@ -278,6 +285,7 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
             length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run)
+            src = xp.reshape(cig * nin * nb * plane)
             a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
             for f in range(counts.size):
                 r, q = f // phases_out[1], f % phases_out[1]
@@ -289,15 +297,12 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
                     nu = _block(o - gi * cog, cog)
                     for u in range(nu):
                         acc[u, :] = b[o + u]
-                    for ci in range(cig):
-                        src = xp[ci].reshape(nin * nb * plane)
-                        wc = wt[f, :, ci]
-                        for k in range(0, counts[f], TAPS):
-                            s0, s1, s2 = _tap_runs(src, offsets[f], counts[f], k, zeros)
-                            if nu == QUAD:
-                                _axpy_quad(wc[o:o + QUAD, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
-                            else:
-                                _axpy_one(wc[o, k:k + TAPS], s0, s1, s2, a0)
+                    for k in range(0, counts[f], TAPS):
+                        s0, s1, s2 = _tap_runs(src, sources[f], counts[f], k, zeros)
+                        if nu == QUAD:
+                            _axpy_quad(wt[f, o:o + QUAD, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
+                        else:
+                            _axpy_one(wt[f, o, k:k + TAPS], s0, s1, s2, a0)
                     for s in range(m):
                         for u in range(nu):
                             for row in range(rows):
@@ -346,14 +351,14 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
-    lead, phases, _, (hp, wp), _, nb, counts, _, offsets = _flat_plan(n, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw,
-                                                                       False)
+    lead, phases, _, (hp, wp), _, nb, counts, _, sources = _flat_plan(n, cig, oh, ow, kh, kw, sh, sw, ph, pw, dh,
+                                                                       dw, False)
     plane, nin = hp * wp, phases[0] * phases[1]
-    taps, count, tap_offsets = offsets.shape[1], counts[0], offsets[0]  # one output phase, taps in kernel order
+    width, count, pairs = sources.shape[1], counts[0], sources[0]  # one output phase, pairs in gw's order
     blocks = -(-n // nb)
     xp_buf = np.zeros((slots, cig, nin, nb, hp, wp), x.dtype)  # borders stay 0 (pad_phases)
     gyw_buf = _row_buffer(slots, nb * plane, x.dtype)  # gy on wide rows; the rest stays 0
-    partial = np.zeros((slots, co, cig, taps), x.dtype)
+    partial = np.zeros((slots, co, width), x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
     for tid in prange(slots):
         xp, rows, part = xp_buf[tid], gyw_buf[tid], partial[tid]
@@ -361,22 +366,21 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
             length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wp + ow)
+            src = xp.reshape(cig * nin * nb * plane)
             g0, g1, g2, g3 = rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length]
             o = gi * cog
             while o < (gi + 1) * cog:
                 nu = _block(o - gi * cog, cog)
                 for s in range(m):
                     to_wide_rows(gy[i0 + s, o:o + nu], rows[:, s * plane:(s + 1) * plane], wp)
-                for ci in range(cig):
-                    src = xp[ci].reshape(nin * nb * plane)
-                    for k in range(0, taps, TAPS):
-                        s0, s1, s2 = _tap_runs(src, tap_offsets, count, k, zeros)
-                        if nu == QUAD:
-                            _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, ci, k:k + TAPS])
-                        else:
-                            _dot_one(s0, s1, s2, g0, part[o, ci, k:k + TAPS])
+                for k in range(0, width, TAPS):
+                    s0, s1, s2 = _tap_runs(src, pairs, count, k, zeros)
+                    if nu == QUAD:
+                        _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[o:o + QUAD, k:k + TAPS])
+                    else:
+                        _dot_one(s0, s1, s2, g0, part[o, k:k + TAPS])
                 o += nu
-    _reduce_slots(partial.reshape(slots, co * cig, taps), gw.reshape(co * cig, kh * kw))
+    _reduce_slots(partial, gw.reshape(co, cig * kh * kw))
 
 
 def transpose_groups(w, g):
