@@ -10,7 +10,7 @@ import cnn_numba as cn
 import cnn_numba.functional as F
 from cnn_numba.kernels import conv as conv_kernels
 from cnn_numba.kernels import conv_stride1
-from cnn_numba.kernels.conv_algos import TABLE, auto_algo
+from cnn_numba.kernels.conv_algos import FLAT, TABLE, auto_algo
 from cnn_numba.shapes import conv2d_geom
 import reference as R
 from conftest import ALGOS, CUDA_AVAILABLE, DTYPES, NAMED_ALGOS, forward_backward, random
@@ -160,6 +160,44 @@ def test_stride1_direct_every_tap_and_channel_remainder(rng, case, dtype):
     R.assert_close(gb, rgb, dtype, "gb")
 
 
+# The flat kernels at stride > 1 (kernels/conv_stride1.py): the forward and weight-gradient
+# on the input's polyphase planes, the input-gradient one stride-1 correlation per phase of
+# gx. Strides 2 and 3, dilation, every padding below the kernel, odd and even sizes, groups.
+STRIDED_CASES = [
+    ((2, 3, 9, 8), (4, 3, 3, 3), dict(stride=2, padding=1)),                    # resnet_down's, odd and even
+    ((3, 4, 8, 8), (5, 4, 3, 3), dict(stride=2)),                                # padding 0
+    ((2, 2, 10, 9), (6, 2, 3, 3), dict(stride=2, padding=2)),                    # padding k - 1
+    ((2, 4, 11, 10), (4, 2, 4, 4), dict(stride=2, padding=(1, 3), groups=2)),    # 4x4: 4 taps per gx phase
+    ((1, 3, 13, 12), (4, 3, 3, 3), dict(stride=3, padding=(2, 1))),              # stride 3
+    ((2, 2, 12, 11), (3, 2, 3, 3), dict(stride=2, dilation=2, padding=2)),       # every tap in one phase
+    ((1, 2, 13, 14), (3, 2, 3, 2), dict(stride=(3, 2), dilation=(2, 3), padding=(0, 2))),
+    ((2, 3, 9, 9), (3, 1, 5, 5), dict(stride=2, padding=4, groups=3)),           # depthwise 5x5, padding past k/2
+    ((2, 3, 7, 6), (5, 3, 1, 1), dict(stride=2)),                                # 1x1: one phase read
+    ((2, 2, 5, 5), (2, 2, 2, 2), dict(stride=3)),                                # k < s: gx phases with no tap
+    ((1, 2, 4, 3), (2, 2, 3, 3), dict(stride=3, padding=2, dilation=2)),         # a 1-pixel output
+    ((7, 2, 34, 34), (4, 2, 3, 3), dict(stride=2, padding=1)),                   # samples in runs of 3, 3, 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=[str(c[2]) for c in STRIDED_CASES])
+def test_strided_direct_runs_the_flat_kernels(rng, case, bias, dtype):
+    xs, ws, kw = case
+    geom = conv2d_geom(xs, ws, kw["stride"], kw.get("padding", 0), kw.get("dilation", 1), kw.get("groups", 1))
+    for p in ("forward", "backward_input", "backward_weight"):
+        assert TABLE.pick("direct", geom, p).special is FLAT and FLAT.supports(geom, p), p
+    x, w = random(rng, xs, dtype), random(rng, ws, dtype)
+    b = random(rng, ws[:1], dtype) if bias else None
+    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo="direct", **kw)
+    R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
+    rgx, rgw, rgb = R.conv2d_grads(x, w, gy, **kw)
+    R.assert_close(gx, rgx, dtype, "gx")
+    R.assert_close(gw, rgw, dtype, "gw")
+    if bias:
+        R.assert_close(gb, rgb, dtype, "gb")
+
+
 @pytest.mark.parametrize("algo", NAMED_ALGOS)
 @pytest.mark.parametrize("case", [CASES[i] for i in (2, 5, 7, 12, 13, 17)], ids=lambda c: str(c[3]))
 def test_conv2d_grads_match_finite_differences(rng, case, algo):
@@ -270,19 +308,21 @@ def test_conv2d_propagates_nan_and_inf():
             assert np.isposinf(z[0, :, 0, 0]).all() and np.isfinite(z[0, :, k:, k:]).all(), (k, algo)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv2d_weight_gradient_of_an_inf_input_matches_the_reference(dtype):
-    # The stride-1 kernels sum over wide rows, whose gap columns pair zeros of gy with input
-    # pixels that the true sum never reads for that tap: an inf there must not make a NaN.
+def test_conv2d_weight_gradient_of_an_inf_input_matches_the_reference(dtype, stride):
+    # The flat and shifted kernels sum over wide rows, whose gap columns pair zeros of gy with
+    # input pixels that the true sum never reads for that tap: an inf there must not make a NaN.
     rng = np.random.default_rng(0)
-    x, w, gy = random(rng, (2, 4, 12, 12)), random(rng, (8, 4, 3, 3)), random(rng, (2, 8, 12, 12))
+    x, w = random(rng, (2, 4, 12, 12)), random(rng, (8, 4, 3, 3))
+    gy = random(rng, (2, 8, 12 // stride, 12 // stride))
     x[0, 1, 5, 11] = np.inf  # the last column: tap column 0 never reads it
     x[1, 2, 0, 3] = -np.inf
-    _, gw_ref, _ = R.conv2d_grads(x, w, gy, padding=1)
+    _, gw_ref, _ = R.conv2d_grads(x, w, gy, padding=1, stride=stride)
     assert np.isinf(gw_ref).any() and not np.isnan(gw_ref).any()
     for algo in ALGOS:
         _, (_, gw), _ = forward_backward(F.conv2d, (x.astype(dtype), w.astype(dtype)), gy=gy.astype(dtype),
-                                         padding=1, algo=algo)
+                                         padding=1, stride=stride, algo=algo)
         np.testing.assert_array_equal(np.isposinf(gw), np.isposinf(gw_ref), err_msg=algo)
         np.testing.assert_array_equal(np.isneginf(gw), np.isneginf(gw_ref), err_msg=algo)
         finite = np.isfinite(gw_ref)
@@ -314,10 +354,15 @@ def test_blas_gemm_on_windows_and_its_bounds_check():
     (((1, 64, 32, 32), (128, 64, 1, 1), {}), "im2col im2col im2col"),                 # 1x1: a plain product
     (((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)), "im2col im2col im2col"),       # small planes
     (((1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1)), "im2col im2col im2col"),  # wide: long-K products
-    (((1, 16, 32, 32), (32, 16, 3, 3), dict(stride=2, padding=1)), "im2col im2col im2col"),  # stride 2
-    (((1, 8, 12, 12), (8, 8, 3, 3), {}), "direct direct direct"),                    # gx's full padding 2, ok,
-    (((1, 8, 12, 12), (8, 8, 3, 3), dict(padding=3)), "direct im2col direct"),       # but < 0 here: im2col
+    (((1, 16, 32, 32), (32, 16, 3, 3), dict(stride=2, padding=1)), "direct direct direct"),  # stride 2: flat
+    (((1, 32, 16, 16), (64, 32, 3, 3), dict(stride=2, padding=1)), "direct direct direct"),  # small planes too
+    (((1, 128, 16, 16), (256, 128, 3, 3), dict(stride=2, padding=1)), "direct direct direct"),  # and wide
+    (((1, 16, 32, 32), (32, 16, 1, 1), dict(stride=2)), "im2col im2col im2col"),      # 1x1 shortcut
+    (((1, 32, 28, 28), (32, 1, 3, 3), dict(stride=2, padding=1, groups=32)), "direct direct direct"),
+    (((1, 8, 12, 12), (8, 8, 3, 3), {}), "direct direct direct"),                    # gx's full padding 2,
+    (((1, 8, 12, 12), (8, 8, 3, 3), dict(padding=3)), "direct direct direct"),       # or < 0: a crop
     (((1, 1, 1, 1), (1, 1, 3, 3), dict(padding=10000, dilation=10000)), "im2col im2col im2col"),  # scratch bound
+    (((1, 2, 1, 1), (1, 2, 3, 3), dict(stride=2, padding=10000, dilation=10000)), "im2col im2col im2col"),
 ])
 def test_auto_algo_rule(layer, picks):
     geom = conv2d_geom(*layer[:2], stride=layer[2].get("stride", 1), padding=layer[2].get("padding", 0),
@@ -388,12 +433,19 @@ def test_stride1_kernels_keep_their_geometries():
     for xs, ws, kw in [((64, 16, 32, 32), (16, 16, 3, 3), dict(padding=1)),
                        ((32, 64, 32, 32), (64, 64, 3, 3), dict(padding=2, dilation=2)),
                        ((1, 2, 1, 1), (3, 2, 3, 3), dict(padding=1)),
-                       ((1, 2, 5, 5), (3, 2, 3, 3), dict(padding=4, dilation=4))]:
-        geom = conv2d_geom(xs, ws, 1, kw["padding"], kw.get("dilation", 1), 1)
+                       ((1, 2, 5, 5), (3, 2, 3, 3), dict(padding=4, dilation=4)),
+                       ((64, 16, 32, 32), (32, 16, 3, 3), dict(padding=1, stride=2)),
+                       ((32, 64, 8, 8), (64, 64, 3, 3), dict(padding=2, dilation=2, stride=3))]:
+        geom = conv2d_geom(xs, ws, kw.get("stride", 1), kw["padding"], kw.get("dilation", 1), 1)
+        if geom.stride != (1, 1):
+            assert all(conv_stride1.supports_flat(geom, p) for p in ("forward", "backward_input", "backward_weight"))
+            continue
         assert all(conv_stride1.supports_flat(geom, p) for p in ("forward", "backward_input", "backward_weight"))
         assert conv_stride1.supports_shifted(geom, "forward") and conv_stride1.supports_shifted(geom, "backward_weight")
     geom = conv2d_geom((1, 1, 1, 1), (1, 1, 3, 3), 1, 300, 300, 1)  # 601^2 planes for one pixel
     assert not conv_stride1.supports_flat(geom, "forward")
+    geom = conv2d_geom((1, 1, 1, 1), (1, 1, 3, 3), 2, 300, 300, 1)  # at stride 2, 4 phases of 301^2, or 301^2
+    assert not any(conv_stride1.supports_flat(geom, p) for p in ("forward", "backward_input", "backward_weight"))
 
 
 # ----------------------------------------------------------------------------- degenerate shapes

@@ -112,6 +112,40 @@ def test_conv_transpose2d_grads_match_finite_differences(rng, case, algo):
         R.assert_close(gb, R.numerical_grad(lambda v: fwd(x, w, v), b, gy), np.float32, "gb")
 
 
+# conv_transpose2d at stride > 1 through the flat kernels (kernels/conv_stride1.py): its
+# forward is their adjoint pass (one stride-1 correlation per phase of the output), its
+# input-gradient their polyphase forward. output_padding (a trailing crop of the conv2d),
+# strides 2 and 3, dilation, odd and even kernels, groups.
+STRIDED_CASES = [
+    ((2, 8, 5, 6), (8, 4, 4, 4), dict(stride=2, padding=1)),                       # the benchmark's layer
+    ((2, 4, 4, 5), (4, 3, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+    ((1, 3, 4, 3), (3, 2, 3, 3), dict(stride=3, padding=(0, 2), output_padding=(2, 1))),
+    ((2, 4, 3, 4), (4, 1, 3, 3), dict(stride=2, dilation=2, padding=2, output_padding=1, groups=4)),
+    ((1, 4, 4, 4), (4, 3, 5, 4), dict(stride=(2, 3), padding=(4, 1), groups=2)),
+    ((1, 2, 3, 3), (2, 2, 2, 2), dict(stride=3, output_padding=2)),                 # outputs no tap reaches
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=[str(c[2]) for c in STRIDED_CASES])
+def test_strided_direct_runs_the_flat_kernels(rng, case, dtype):
+    from cnn_numba.kernels.conv_algos import FLAT, TABLE
+    from cnn_numba.shapes import conv_transpose2d_geom
+    xs, ws, kw = case
+    geom = conv_transpose2d_geom(xs, ws, kw["stride"], kw.get("padding", 0), kw.get("output_padding", 0),
+                                 kw.get("groups", 1), kw.get("dilation", 1))
+    for p in ("forward", "backward_input", "backward_weight"):
+        assert TABLE.pick("direct", geom, p).special is FLAT and FLAT.supports(geom, p), p
+    x, w = random(rng, xs, dtype), random(rng, ws, dtype)
+    b = random(rng, (ws[1] * kw.get("groups", 1),), dtype)
+    out, (gx, gw, gb), gy = forward_backward(F.conv_transpose2d, (x, w, b), algo="direct", **kw)
+    R.assert_close(out, R.conv_transpose2d(x, w, b, **kw), dtype, "y")
+    rgx, rgw, rgb = R.conv_transpose2d_grads(x, w, gy, **kw)
+    R.assert_close(gx, rgx, dtype, "gx")
+    R.assert_close(gw, rgw, dtype, "gw")
+    R.assert_close(gb, rgb, dtype, "gb")
+
+
 def test_algorithms_agree(rng):
     x, w, b, kw = _inputs(rng, CASES[11], np.float32)
     (o1, g1, _), *rest = (forward_backward(F.conv_transpose2d, (x, w, b), algo=a, seed=3, **kw)

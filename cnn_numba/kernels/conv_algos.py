@@ -120,19 +120,33 @@ SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weigh
 FLAT_MIN_PLANE = 100
 FLAT_MAX_K = 576
 
+# At stride > 1 im2col's unfolding gathers every other pixel and its col2im scatters them
+# back, while the flat kernels' polyphase planes keep the stride-1 inner loops, so 'auto'
+# runs them wherever the kernel has at least TAPS taps. Measured (2026-12-01, 2 shared
+# cores, float32, /tmp A/B interleaved per pass, fastest of 7; im2col time / direct time,
+# fwd gx gw): resnet_down 16->32 32x32 k3 s2 1.95 1.89 1.88; ResNet-20's 32->64 16x16 k3
+# s2 1.36 1.49 1.55; 128->256 16x16 k3 s2 (K = 1152) 1.14 1.32 1.10; 64->128 8x8 k3 s2
+# (a 4x4 output) 0.96 1.03 1.16; 3->16 32x32 k3 s2 1.72 1.29 1.93; depthwise 32ch 28x28
+# s2 1.54 1.78 1.61; transposed 64->32 16x16 k4 s2 (its fwd is conv2d's gx) 1.40 1.69
+# 1.98. The 1x1 stride-2 shortcuts (16->32 32x32, 32->64 16x16) stay im2col: 0.46-0.80.
+
 
 def auto_algo(geom, pass_: str) -> str:
     """The CPU's 'auto' for ``pass_`` of ``geom``. Direct when each output reads fewer than
     16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big enough, a
     layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap to three),
     and for the input-gradient, whose flat pass computes the C_in/G input channels four at a
-    time, at least 8 of them. im2col otherwise, and at stride 1 wherever the flat kernels
-    cannot run (a negative full padding, or planes over the scratch bound). (Measured per
-    shape and pass in bench/results/cpu-*.md.)"""
+    time, at least 8 of them; at stride > 1 direct wherever the kernel has TAPS taps and the
+    flat kernels can run. im2col otherwise, and at stride 1 wherever the flat kernels
+    cannot run (planes over the scratch bound). (Measured per shape and pass in
+    bench/results/cpu-*.md, and for stride > 1 above.)"""
     k = geom.cig * geom.kh * geom.kw
     stride1 = geom.stride == (1, 1)
-    flat = (stride1 and geom.kh * geom.kw >= S.TAPS and geom.oh * geom.ow >= FLAT_MIN_PLANE and k <= FLAT_MAX_K
-            and (pass_ != "backward_input" or geom.cig >= 2 * S.QUAD))
+    if stride1:
+        flat = (geom.kh * geom.kw >= S.TAPS and geom.oh * geom.ow >= FLAT_MIN_PLANE and k <= FLAT_MAX_K
+                and (pass_ != "backward_input" or geom.cig >= 2 * S.QUAD))
+    else:
+        flat = geom.kh * geom.kw >= S.TAPS and FLAT.supports(geom, pass_)
     if k >= 16 and not flat:
         return "im2col"
     return "im2col" if stride1 and not FLAT.supports(geom, pass_) else "direct"

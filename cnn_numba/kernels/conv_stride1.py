@@ -441,7 +441,7 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_phases(x[i], gi * cig, xp, ph, pw, 1, 1)
-            shift_columns(xp[:, 0], shifted, kw, dw)
+            shift_columns(xp.reshape(cig, hp, wp), shifted, kw, dw)
             for a in range(kh):
                 gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
                      0.0 if a == 0 else 1.0, of, 0, oh * wp)
@@ -466,7 +466,7 @@ def conv2d_backward_weight_shifted(x, gy, gw3, ph, pw, dh, dw, g, slots):
         for t in range(tid, n * g, slots):
             i, gi = t // g, t % g
             pad_phases(x[i], gi * cig, xp, ph, pw, 1, 1)
-            shift_columns(xp[:, 0], shifted, kw, dw)
+            shift_columns(xp.reshape(cig, hp, wp), shifted, kw, dw)
             to_wide_rows(gy[i, gi * cog:(gi + 1) * cog], gyw, wp)
             for a in range(kh):
                 gemm(False, True, cog, k, run, gf, 0, oh * wp, sf, a * dh * wp, length,
