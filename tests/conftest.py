@@ -83,6 +83,19 @@ def forward_backward(op, inputs, gy=None, seed=0, device="cpu", **params):
     return out.numpy(), grads, gy
 
 
+def assert_matches_reference(op, reference, reference_grads, inputs, dtype, algo, **params):
+    """``op(*inputs, algo=algo, **params)`` and its gradients against the float64 references:
+    y = reference(*inputs, **params), then gx, gw (and gb where a bias is given) from
+    reference_grads(x, w, gy, **params)."""
+    import reference as R
+
+    out, grads, gy = forward_backward(op, inputs, algo=algo, **params)
+    R.assert_close(out, reference(*inputs, **params), dtype, "y")
+    for got, ref, what in zip(grads, reference_grads(*inputs[:2], gy, **params), ("gx", "gw", "gb")):
+        if got is not None:
+            R.assert_close(got, ref, dtype, what)
+
+
 def random(rng, shape, dtype=np.float64):
     return rng.standard_normal(shape).astype(dtype)
 

@@ -13,7 +13,7 @@ from cnn_numba.kernels import conv_stride1
 from cnn_numba.kernels.conv_algos import FLAT, TABLE, auto_algo
 from cnn_numba.shapes import conv2d_geom
 import reference as R
-from conftest import ALGOS, CUDA_AVAILABLE, DTYPES, NAMED_ALGOS, forward_backward, random
+from conftest import ALGOS, CUDA_AVAILABLE, DTYPES, NAMED_ALGOS, assert_matches_reference, forward_backward, random
 
 # (x shape, w shape, bias?, conv2d keyword arguments)
 CASES = [
@@ -152,12 +152,7 @@ FLAT_CASES = [
 def test_stride1_direct_every_tap_and_channel_remainder(rng, case, dtype):
     xs, ws, kw = case
     x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
-    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo="direct", **kw)
-    R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
-    rgx, rgw, rgb = R.conv2d_grads(x, w, gy, **kw)
-    R.assert_close(gx, rgx, dtype, "gx")
-    R.assert_close(gw, rgw, dtype, "gw")
-    R.assert_close(gb, rgb, dtype, "gb")
+    assert_matches_reference(F.conv2d, R.conv2d, R.conv2d_grads, (x, w, b), dtype, "direct", **kw)
 
 
 # The flat kernels at stride > 1 (kernels/conv_stride1.py): the forward and weight-gradient
@@ -189,13 +184,7 @@ def test_strided_direct_runs_the_flat_kernels(rng, case, bias, dtype):
         assert TABLE.pick("direct", geom, p).special is FLAT and FLAT.supports(geom, p), p
     x, w = random(rng, xs, dtype), random(rng, ws, dtype)
     b = random(rng, ws[:1], dtype) if bias else None
-    out, (gx, gw, gb), gy = forward_backward(F.conv2d, (x, w, b), algo="direct", **kw)
-    R.assert_close(out, R.conv2d(x, w, b, **kw), dtype, "y")
-    rgx, rgw, rgb = R.conv2d_grads(x, w, gy, **kw)
-    R.assert_close(gx, rgx, dtype, "gx")
-    R.assert_close(gw, rgw, dtype, "gw")
-    if bias:
-        R.assert_close(gb, rgb, dtype, "gb")
+    assert_matches_reference(F.conv2d, R.conv2d, R.conv2d_grads, (x, w, b), dtype, "direct", **kw)
 
 
 @pytest.mark.parametrize("algo", NAMED_ALGOS)

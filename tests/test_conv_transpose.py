@@ -7,7 +7,7 @@ import pytest
 import cnn_numba as cn
 import cnn_numba.functional as F
 import reference as R
-from conftest import ALGOS, DTYPES, NAMED_ALGOS, forward_backward, random
+from conftest import ALGOS, DTYPES, NAMED_ALGOS, assert_matches_reference, forward_backward, random
 
 # (x shape, w shape (C_in, C_out/groups, kH, kW), bias?, keyword arguments)
 CASES = [
@@ -138,12 +138,8 @@ def test_strided_direct_runs_the_flat_kernels(rng, case, dtype):
         assert TABLE.pick("direct", geom, p).special is FLAT and FLAT.supports(geom, p), p
     x, w = random(rng, xs, dtype), random(rng, ws, dtype)
     b = random(rng, (ws[1] * kw.get("groups", 1),), dtype)
-    out, (gx, gw, gb), gy = forward_backward(F.conv_transpose2d, (x, w, b), algo="direct", **kw)
-    R.assert_close(out, R.conv_transpose2d(x, w, b, **kw), dtype, "y")
-    rgx, rgw, rgb = R.conv_transpose2d_grads(x, w, gy, **kw)
-    R.assert_close(gx, rgx, dtype, "gx")
-    R.assert_close(gw, rgw, dtype, "gw")
-    R.assert_close(gb, rgb, dtype, "gb")
+    assert_matches_reference(F.conv_transpose2d, R.conv_transpose2d, R.conv_transpose2d_grads, (x, w, b), dtype,
+                             "direct", **kw)
 
 
 def test_algorithms_agree(rng):

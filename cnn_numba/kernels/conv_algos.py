@@ -8,7 +8,7 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
 written (=) by the launcher. ``supports(geom, pass_)`` says where an entry can run; a
-``special`` entry (the stride-1 kernels) runs instead of its parent wherever it supports
+``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its parent wherever it supports
 the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
 unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, on with
 ``CNN_NUMBA_AUTOTUNE=1``) with a timed choice for the geometry, dtype and pass.
@@ -123,12 +123,17 @@ FLAT_MAX_K = 576
 # At stride > 1 im2col's unfolding gathers every other pixel and its col2im scatters them
 # back, while the flat kernels' polyphase planes keep the stride-1 inner loops, so 'auto'
 # runs them wherever the kernel has at least TAPS taps. Measured (2026-12-01, 2 shared
-# cores, float32, /tmp A/B interleaved per pass, fastest of 7; im2col time / direct time,
-# fwd gx gw): resnet_down 16->32 32x32 k3 s2 1.95 1.89 1.88; ResNet-20's 32->64 16x16 k3
-# s2 1.36 1.49 1.55; 128->256 16x16 k3 s2 (K = 1152) 1.14 1.32 1.10; 64->128 8x8 k3 s2
-# (a 4x4 output) 0.96 1.03 1.16; 3->16 32x32 k3 s2 1.72 1.29 1.93; depthwise 32ch 28x28
-# s2 1.54 1.78 1.61; transposed 64->32 16x16 k4 s2 (its fwd is conv2d's gx) 1.40 1.69
-# 1.98. The 1x1 stride-2 shortcuts (16->32 32x32, 32->64 16x16) stay im2col: 0.46-0.80.
+# cores, float32, batch 64 (32 for 128->256 and the transposed layer), TABLE.run per pass,
+# the two algorithms interleaved, fastest of 7; im2col time / direct time, fwd gx gw):
+#   resnet_down 16->32 32x32 k3 s2                 1.95 1.89 1.88
+#   ResNet-20's 32->64 16x16 k3 s2                 1.36 1.49 1.55
+#   128->256 16x16 k3 s2 (K = 1152)                1.14 1.32 1.10
+#   64->128 8x8 k3 s2 (a 4x4 output)               0.96 1.03 1.16
+#   3->16 32x32 k3 s2                              1.72 1.29 1.93
+#   depthwise 32 ch 28x28 k3 s2                    1.54 1.78 1.61
+#   transposed 64->32 16x16 k4 s2 (fwd = gx here)  1.40 1.69 1.98
+# The 1x1 stride-2 shortcuts (16->32 32x32, 32->64 16x16) stay im2col: 0.46-0.80 (the
+# flat kernels load four phase planes to read one; im2col's columns are one BLAS product).
 
 
 def auto_algo(geom, pass_: str) -> str:

@@ -495,7 +495,9 @@ def _plane_fits(geom, pass_) -> bool:
     sizes = (geom.h, geom.w) if adjoint else (geom.oh, geom.ow)
     plane = 1
     for k, s, p, d, size in zip((geom.kh, geom.kw), geom.stride, (geom.ph, geom.pw), geom.dilation, sizes):
-        plane *= _axis_plan(k, s, p, d, size, adjoint)[5] * (1 if adjoint else s)
+        # The Python function, not the compiled one: kernels called from Python are only
+        # recorded, not run, while cnn_numba.warmup records a step.
+        plane *= _axis_plan.py_func(k, s, p, d, size, adjoint)[5] * (1 if adjoint else s)
     return plane <= SCRATCH_RATIO * (geom.h * geom.w + geom.oh * geom.ow) + SCRATCH_SLACK
 
 
