@@ -183,7 +183,9 @@ class ConvGeom:
     @property
     def full_padding(self) -> tuple[int, int]:
         """Leading padding of the flipped stride-1 correlation that computes the input-gradient:
-        gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md)."""
+        gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md);
+        the CUDA direct launcher's. (The CPU's flat kernels derive theirs per phase of gx,
+        kernels/conv_stride1._axis_plan.)"""
         return self.dh * (self.kh - 1) - self.ph, self.dw * (self.kw - 1) - self.pw
 
 

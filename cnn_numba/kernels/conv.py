@@ -18,7 +18,8 @@ its input-gradient is ``forward``, its weight-gradient is ``backward_weight`` wi
 the roles of x and gy swapped. So this module has no transposed-conv kernels.
 
 Two algorithms, same signatures (kernels/conv_algos.py lists them, with their
-stride-1 specialisations in kernels/conv_stride1.py):
+specialisations in kernels/conv_stride1.py: direct's flat kernels, any stride; im2col's
+shifted products, stride 1):
     direct   loops over output planes and kernel taps; no unfolded copy.
     im2col   unfolds receptive fields of a chunk of samples into columns
              cols (cig*kh*kw, nb*oh*ow) and does one BLAS product per group:
