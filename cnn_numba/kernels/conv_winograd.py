@@ -74,7 +74,7 @@ from numba import get_num_threads, njit, prange
 from . import PARALLEL
 from .conv import KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, forward_direct
 from .conv_stride1 import QUAD, TAPS, _axpy_one, _axpy_quad, _block, _dot_one, _dot_quad, flip_kernel
-from .index import copy_run
+from .index import axpy, out_range, tap
 
 # F(4x4) where both sides of the computed plane are at least this (smaller planes drop too
 # many of its outputs; measured in the module's A/B, see docs/convolution.md).
@@ -83,295 +83,250 @@ F4_MIN_SIDE = 12
 # group), asserted by tests/test_winograd.py.
 ERR_F2 = 2e-6
 ERR_F4 = 1e-5
-# Elements of a thread's V buffer (a*a x cip x T), at most: it stays in the L2 cache while
-# each quad of output channels streams through it (measured: see docs/convolution.md).
-V_ELEMENTS = 1 << 16
+# Tiles per block (T, rounded up to whole tile rows): the products' inner loop runs over
+# them (measured: see docs/convolution.md).
+TILES = 128
 
 G_F2 = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 G_F4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 
 
-# ----------------------------------------------------------------------------- 1-d transforms
+BT_F2 = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+AT_F2 = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+BT_F4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64)
+AT_F4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
+
+
+# ----------------------------------------------------------------------------- transforms of a block
 #
-# Each takes and returns scalars of the arrays' dtype; ``one`` carries that dtype, so that
-# no integer or float64 literal widens float32 arithmetic.
+# A block is nr tile rows of tw tiles, tile (k, j) at f = k*(tw + 1) + j in every
+# per-block buffer: one column per tile row more than the tiles, so that each transform
+# stage is one long loop over the block (j = tw is a dropped tile; its gy is 0). Tile j of a
+# tile row reads input columns j*m - pw + c, c < a. Each of the tile row's a input rows is
+# first split by phase, p[r, c, f] = row r's column j*m - pw + c for c < m (a strided
+# gather, zeros outside the plane); columns m and m+1 of tile f are then columns 0 and 1
+# of tile f + 1. Each stage of a 2-d transform is then, per output row, a few axpys over
+# the block (``_mix``): down the rows (B^T d), then along each tile (d B); the output and
+# gy transforms likewise. (One loop per output row: a loop writing all a rows at once
+# reads and writes too many arrays for LLVM's run-time alias checks, and stays scalar.)
 
 @njit(cache=True, inline="always")
-def _bt4(d0, d1, d2, d3):
-    """B^T d, F(2x2): 4 -> 4."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
-
-@njit(cache=True, inline="always")
-def _bt6(d0, d1, d2, d3, d4, d5, one):
-    """B^T d, F(4x4): 6 -> 6."""
-    two = one + one
-    four = two + two
-    five = four + one
-    return (four * d0 - five * d2 + d4, d3 + d4 - four * (d1 + d2), four * (d1 - d2) + d4 - d3,
-            two * (d3 - d1) + d4 - d2, two * (d1 - d3) + d4 - d2, four * d1 - five * d3 + d5)
-
-
-@njit(cache=True, inline="always")
-def _at4(m0, m1, m2, m3):
-    """A^T m, F(2x2): 4 -> 2."""
-    return m0 + m1 + m2, m1 - m2 - m3
+def _mix(mat, k, src, period, dst, length):
+    """dst[:length] = sum_r mat[k, r] * src[r % period, r // period:][:length]: row k of a
+    transform matrix applied to rows of ``src`` (shifted by one tile past ``period``)."""
+    dst[:length] = 0
+    for r in range(mat.shape[1]):
+        if mat[k, r] != 0:
+            axpy(mat[k, r], src[r % period], r // period, 1, dst, 0, 1, length)
 
 
 @njit(cache=True, inline="always")
-def _at6(m0, m1, m2, m3, m4, m5, one):
-    """A^T m, F(4x4): 6 -> 4."""
-    two = one + one
-    four = two + two
-    p, q, r, s = m1 + m2, m1 - m2, m3 + m4, m3 - m4
-    return m0 + p + r, q + two * s, p + four * r, q + (four + four) * s + m5
+def _phases(row, c0, m, pb, r, f0, nt):
+    """pb[r, c, f0 + j] = row[j*m + c - c0] for c < m, j < nt, 0 outside ``row``."""
+    for c in range(m):
+        lo, hi = out_range(c, m, c0, 1, row.size, nt)
+        dst = pb[r, c, f0:f0 + nt]
+        dst[:lo] = 0
+        for j in range(lo, hi):
+            dst[j] = row[tap(j, m, c0, c, 1)]
+        dst[hi:] = 0
 
 
 @njit(cache=True, inline="always")
-def _a4(g0, g1):
-    """A g, F(2x2): 2 -> 4 (the adjoint of _at4)."""
-    return g0, g0 + g1, g0 - g1, -g1
-
-
-@njit(cache=True, inline="always")
-def _a6(g0, g1, g2, g3, one):
-    """A g, F(4x4): 4 -> 6 (the adjoint of _at6)."""
-    two = one + one
-    four = two + two
-    e, o, e2, o2 = g0 + g2, g1 + g3, g0 + four * g2, two * g1 + (four + four) * g3
-    return g0, e + o, e - o, e2 + o2, e2 - o2, g3
-
-
-# ----------------------------------------------------------------------------- 2-d transforms of a tile row
-#
-# A tile row is tw tiles side by side. Each 2-d transform is separable: first down the
-# columns of a strip of rows (a loop over the strip's columns, contiguous), then along
-# each tile's row (a loop over tiles, writing the tile-contiguous rows of V or reading M).
-
-@njit(**KERNEL)
-def _input_tile_row(xc, r0, pw, strip, td, v):
-    """v[t, j] = (B^T d_j B)[t] for the tiles j < tw of one tile row; xc (H, W) one input
-    plane, r0 the input row of the tiles' first row (may be < 0 or past the plane: zeros);
-    strip, td (a, wp = tw*m + 2) scratch whose columns outside [pw, pw + W) stay 0."""
-    h, wd = xc.shape
-    a, wp = strip.shape
-    m, tw = a - 2, v.shape[1]
-    ncol = min(wd, wp - pw)
-    for rr in range(a):
-        if 0 <= r0 + rr < h:
-            copy_run(xc[r0 + rr, :ncol], strip[rr, pw:])
-        else:
-            strip[rr, pw:pw + ncol] = 0
-    one = xc.dtype.type(1)
-    if a == 4:
-        s0, s1, s2, s3 = strip[0], strip[1], strip[2], strip[3]
-        for c in range(wp):
-            td[0, c], td[1, c], td[2, c], td[3, c] = _bt4(s0[c], s1[c], s2[c], s3[c])
-        for k in range(4):
-            tk = td[k]
-            for j in range(tw):
-                q = j * m
-                v[4 * k, j], v[4 * k + 1, j], v[4 * k + 2, j], v[4 * k + 3, j] = _bt4(tk[q], tk[q + 1], tk[q + 2],
-                                                                                     tk[q + 3])
-    else:
-        s0, s1, s2, s3, s4, s5 = strip[0], strip[1], strip[2], strip[3], strip[4], strip[5]
-        for c in range(wp):
-            td[0, c], td[1, c], td[2, c], td[3, c], td[4, c], td[5, c] = _bt6(s0[c], s1[c], s2[c], s3[c], s4[c],
-                                                                              s5[c], one)
-        for k in range(6):
-            tk = td[k]
-            for j in range(tw):
-                q = j * m
-                (v[6 * k, j], v[6 * k + 1, j], v[6 * k + 2, j], v[6 * k + 3, j], v[6 * k + 4, j],
-                 v[6 * k + 5, j]) = _bt6(tk[q], tk[q + 1], tk[q + 2], tk[q + 3], tk[q + 4], tk[q + 5], one)
+def _tile_row(t0, k, th):
+    """Sample and tile row of the block's k-th tile row."""
+    return (t0 + k) // th, (t0 + k) % th
 
 
 @njit(**KERNEL)
-def _output_tile_row(mt, bias, yp, r0, rows):
-    """yp[r0 + r, j*m + c] = (A^T M_j A)[r, c] + bias for one tile row, inside the plane
-    yp (OH, OW); mt (a*a, tw) its tiles' M; ``rows`` (a, m*tw) scratch. Returns the count
-    of non-finite outputs written."""
-    oh, ow = yp.shape
-    a, tw = rows.shape[0], mt.shape[1]
-    m = a - 2
-    one = mt.dtype.type(1)
-    # rows[k, j*m + c] = (M_j A)[k, c]: along each tile's rows first
-    for k in range(a):
-        for j in range(tw):
-            q = j * m
-            if a == 4:
-                rows[k, q], rows[k, q + 1] = _at4(mt[4 * k, j], mt[4 * k + 1, j], mt[4 * k + 2, j], mt[4 * k + 3, j])
+def _input_block(x, c0, cig, t0, nr, th, tw, ph, pw, bt, pb, td, v):
+    """v[t, ci, f] = (B^T d_f B)[t] for the tiles f of the block's tile rows t0 + k (k < nr,
+    over samples) and the group's channels c0 + ci; pb, td (a, m, span + 1) scratch."""
+    h = x.shape[2]
+    a, m, width = pb.shape[0], pb.shape[1], pb.shape[2]
+    length = nr * (tw + 1)
+    p, d = pb.reshape(a, m * width), td.reshape(a, m * width)
+    for ci in range(cig):
+        for k in range(nr):
+            i, tr = _tile_row(t0, k, th)
+            f0 = k * (tw + 1)
+            for r in range(a):
+                xr = tr * m - ph + r
+                if 0 <= xr < h:
+                    _phases(x[i, c0 + ci, xr], pw, m, pb, r, f0, tw + 1)
+                else:
+                    pb[r, :, f0:f0 + tw + 1] = 0
+        for k in range(a):  # td[k] = (B^T p)[k], all phases at once
+            _mix(bt, k, p, a, d[k], m * width)
+        for k in range(a):  # v[k*a + l] = (td[k] B)[l]
+            for q in range(a):
+                _mix(bt, q, td[k], m, v[k * a + q, ci], length)
+
+
+@njit(**KERNEL)
+def _output_block(mt, bias, y, o, t0, nr, th, tw, at, rt, yt):
+    """y[i, o, tr*m + r, j*m + c] = (A^T M_f A)[r, c] + bias for the block's tiles inside
+    the plane, M_f[t] = mt[t, f] (a*a, span); rt (m, a, span) and yt (m, m, span) scratch.
+    Returns 0, or NaN where an output is not finite."""
+    oh, ow = y.shape[2], y.shape[3]
+    m, a = rt.shape[0], rt.shape[1]
+    length = nr * (tw + 1)
+    chk = zero = mt.dtype.type(0)
+    for k in range(a):  # rt[c, k] = (M A)[k, c]
+        for c in range(m):
+            _mix(at, c, mt[k * a:(k + 1) * a], a, rt[c, k], length)
+    for c in range(m):  # yt[r, c] = (A^T M A)[r, c]
+        for r in range(m):
+            _mix(at, r, rt[c], a, yt[r, c], length)
+    for k in range(nr):
+        i, tr = _tile_row(t0, k, th)
+        f0 = k * (tw + 1)
+        full = ow // m  # tiles entirely inside the plane; their m stores unrolled
+        for r in range(min(m, oh - tr * m)):
+            yr = y[i, o, tr * m + r]
+            s0, s1 = yt[r, 0, f0:], yt[r, 1, f0:]
+            if m == 2:
+                for j in range(full):
+                    v0, v1 = s0[j] + bias, s1[j] + bias
+                    yr[2 * j], yr[2 * j + 1] = v0, v1
+                    chk += (v0 + v1) * zero  # NaN once a value is inf or NaN
             else:
-                rows[k, q], rows[k, q + 1], rows[k, q + 2], rows[k, q + 3] = _at6(
-                    mt[6 * k, j], mt[6 * k + 1, j], mt[6 * k + 2, j], mt[6 * k + 3, j], mt[6 * k + 4, j],
-                    mt[6 * k + 5, j], one)
-    bad = 0
-    nr = min(m, oh - r0)
-    if a == 4:
-        s0, s1, s2, s3 = rows[0], rows[1], rows[2], rows[3]
-        y0 = yp[r0]
-        for c in range(ow):
-            y0[c] = s0[c] + s1[c] + s2[c] + bias
-        if nr > 1:
-            y1 = yp[r0 + 1]
-            for c in range(ow):
-                y1[c] = s1[c] - s2[c] - s3[c] + bias
-    else:
-        s0, s1, s2, s3, s4, s5 = rows[0], rows[1], rows[2], rows[3], rows[4], rows[5]
-        for c in range(ow):
-            out = _at6(s0[c], s1[c], s2[c], s3[c], s4[c], s5[c], one)
-            for r in range(nr):
-                yp[r0 + r, c] = out[r] + bias
-    for r in range(nr):
-        yr = yp[r0 + r]
-        for c in range(ow):
-            bad += not np.isfinite(yr[c])
-    return bad
+                s2, s3 = yt[r, 2, f0:], yt[r, 3, f0:]
+                for j in range(full):
+                    v0, v1, v2, v3 = s0[j] + bias, s1[j] + bias, s2[j] + bias, s3[j] + bias
+                    yr[4 * j], yr[4 * j + 1], yr[4 * j + 2], yr[4 * j + 3] = v0, v1, v2, v3
+                    chk += (v0 + v1 + v2 + v3) * zero
+            for c in range(ow - full * m):  # the last, partial tile
+                val = yt[r, c, f0 + full] + bias
+                yr[full * m + c] = val
+                chk += val * zero
+    return chk
 
 
 @njit(**KERNEL)
-def _gy_tile_row(gyp, r0, strip, rows, gt):
-    """gt[t, j] = (A g_j A^T)[t] for the tiles j < tw of one tile row of gy; gyp (OH, OW),
-    r0 the tile row's first output row; outputs past the plane are 0. strip (m, m*tw) and
-    rows (a, m*tw) scratch; strip's columns from OW on stay 0."""
-    oh, ow = gyp.shape
-    m, tw = strip.shape[0], gt.shape[1]
-    for r in range(m):
-        if r0 + r < oh:
-            copy_run(gyp[r0 + r], strip[r])
-        else:
-            strip[r, :ow] = 0
-    one = gyp.dtype.type(1)
-    if m == 2:
-        s0, s1 = strip[0], strip[1]
-        for c in range(m * tw):
-            rows[0, c], rows[1, c], rows[2, c], rows[3, c] = _a4(s0[c], s1[c])
-        for k in range(4):
-            tk = rows[k]
-            for j in range(tw):
-                q = j * m
-                gt[4 * k, j], gt[4 * k + 1, j], gt[4 * k + 2, j], gt[4 * k + 3, j] = _a4(tk[q], tk[q + 1])
-    else:
-        s0, s1, s2, s3 = strip[0], strip[1], strip[2], strip[3]
-        for c in range(m * tw):
-            rows[0, c], rows[1, c], rows[2, c], rows[3, c], rows[4, c], rows[5, c] = _a6(s0[c], s1[c], s2[c], s3[c],
-                                                                                      one)
-        for k in range(6):
-            tk = rows[k]
-            for j in range(tw):
-                q = j * m
-                (gt[6 * k, j], gt[6 * k + 1, j], gt[6 * k + 2, j], gt[6 * k + 3, j], gt[6 * k + 4, j],
-                 gt[6 * k + 5, j]) = _a6(tk[q], tk[q + 1], tk[q + 2], tk[q + 3], one)
+def _gy_block(gy, o, t0, nr, th, tw, ag, gb, tg, gt):
+    """gt[t, f] = (A g_f A^T)[t] for the block's tiles of gy[:, o] (0 past the plane, and in
+    the dropped tiles); ag = A (a, m); gb (m, m, span + 1) and tg (a, m, span + 1) scratch."""
+    oh = gy.shape[2]
+    m, width = gb.shape[0], gb.shape[2]
+    a = m + 2
+    length = nr * (tw + 1)
+    for k in range(nr):
+        i, tr = _tile_row(t0, k, th)
+        f0 = k * (tw + 1)
+        for r in range(m):
+            if tr * m + r < oh:
+                _phases(gy[i, o, tr * m + r], 0, m, gb, r, f0, tw + 1)
+            else:
+                gb[r, :, f0:f0 + tw + 1] = 0
+    p, d = gb.reshape(m, m * width), tg.reshape(a, m * width)
+    for k in range(a):  # tg[k] = (A g)[k]
+        _mix(ag, k, p, m, d[k], m * width)
+    for k in range(a):  # gt[k*a + l] = (tg[k] A^T)[l]
+        for q in range(a):
+            _mix(ag, q, tg[k], m, gt[k * a + q], length)
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @njit(cache=True)
-def _tile_plan(n, oh, ow, m, cip, slots, g):
-    """Sizes of a Winograd pass: ``(a, th, tw, rows, tasks)``, with ``rows`` tile rows per
-    block (V of a*a x cip x rows*tw elements within V_ELEMENTS, and at least two tasks per
-    slot where the batch allows) and one task per (block, group)."""
+def _tile_plan(n, oh, ow, m, slots, g):
+    """Sizes of a Winograd pass: ``(a, th, tw, rows, span, tasks)``, with ``rows`` tile rows
+    per block (about TILES tiles, and at least two tasks per slot where the batch allows),
+    ``span`` = rows*(tw + 1) tiles in the block's buffers, and one task per (block, group)."""
     a, th, tw = m + 2, -(-oh // m), -(-ow // m)
-    rows = max(1, min(n * th, V_ELEMENTS // (a * a * cip * tw), -(-(n * th * g) // (2 * slots))))
-    return a, th, tw, rows, -(-(n * th) // rows) * g
-
-
-@njit(**KERNEL)
-def _input_block(x, c0, cig, t0, nr, th, m, ph, pw, strip, td, v):
-    """v[t, ci, k*tw + j] for the block's tile rows t0 + k (k < nr, over samples) and the
-    group's channels c0 + ci."""
-    tw = (td.shape[1] - 2) // m
-    for k in range(nr):
-        i, tr = (t0 + k) // th, (t0 + k) % th
-        for ci in range(cig):
-            _input_tile_row(x[i, c0 + ci], tr * m - ph, pw, strip, td, v[:, ci, k * tw:(k + 1) * tw])
+    rows = max(1, min(n * th, -(-TILES // (tw + 1)), -(-(n * th * g) // (2 * slots))))
+    return a, th, tw, rows, rows * (tw + 1), -(-(n * th) // rows) * g
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_winograd(x, u, b, y, ph, pw, g, m, slots):
-    """y = conv2d(x, w) + b with u (a*a, CO, cip) = G w G^T; returns the count of
-    non-finite outputs."""
+def conv2d_forward_winograd(x, u, b, y, ph, pw, g, bt, at, slots):
+    """y = conv2d(x, w) + b with u (a*a, CO, cip) = G w G^T, bt = B^T (a, a), at = A^T
+    (m, a); returns 0, or NaN where an output is not finite."""
     n, c = x.shape[0], x.shape[1]
+    m = at.shape[0]
     co, oh, ow = y.shape[1], y.shape[2], y.shape[3]
     cig, cog, cip = c // g, co // g, u.shape[2]
-    a, th, tw, rows, tasks = _tile_plan(n, oh, ow, m, cip, slots, g)
-    span = rows * tw
+    a, th, tw, rows, span, tasks = _tile_plan(n, oh, ow, m, slots, g)
     v_buf = np.zeros((slots, a * a, cip, span), x.dtype)  # rows cig.. stay 0
-    m_buf = np.empty((slots, a * a, QUAD, span), x.dtype)
-    strip_buf = np.zeros((slots, a, tw * m + 2), x.dtype)
-    td_buf = np.zeros((slots, a, tw * m + 2), x.dtype)
-    bad = np.zeros(slots, np.int64)
+    m_buf = np.empty((slots, cog, a * a, span), x.dtype)
+    pb_buf = np.empty((slots, a, m, span + 1), x.dtype)
+    td_buf = np.empty((slots, a, m, span + 1), x.dtype)
+    rt_buf = np.empty((slots, m, a, span), x.dtype)
+    yt_buf = np.empty((slots, m, m, span), x.dtype)
+    chk = np.zeros(slots, x.dtype)
     for tid in prange(slots):
-        v, mq, strip, td = v_buf[tid], m_buf[tid], strip_buf[tid], td_buf[tid]
+        v, mm = v_buf[tid], m_buf[tid]
         for task in range(tid, tasks, slots):
             t0, gi = (task // g) * rows, task % g
             nr = min(rows, n * th - t0)  # tile rows in this block
-            length = nr * tw
-            _input_block(x, gi * cig, cig, t0, nr, th, m, ph, pw, strip, td, v)
-            o = gi * cog
-            while o < (gi + 1) * cog:
-                nu = _block(o - gi * cog, cog)
-                for t in range(a * a):
-                    vt, acc = v[t], mq[t]
-                    a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
-                    acc[:nu, :length] = 0
+            length = nr * (tw + 1)
+            og = gi * cog
+            _input_block(x, gi * cig, cig, t0, nr, th, tw, ph, pw, bt, pb_buf[tid], td_buf[tid], v)
+            for t in range(a * a):  # M[t] = U[t] @ V[t], V[t] (cip, length) reused by every quad
+                vt = v[t]
+                o = 0
+                while o < cog:
+                    nu = _block(o, cog)
+                    for uu in range(nu):
+                        mm[o + uu, t, :length] = 0
+                    a0 = mm[o, t, :length]
                     for ci in range(0, cip, TAPS):
                         s0, s1, s2 = vt[ci, :length], vt[ci + 1, :length], vt[ci + 2, :length]
                         if nu == QUAD:
-                            _axpy_quad(u[t, o:o + QUAD, ci:ci + TAPS], s0, s1, s2, a0, a1, a2, a3)
+                            _axpy_quad(u[t, og + o:og + o + QUAD, ci:ci + TAPS], s0, s1, s2, a0, mm[o + 1, t, :length],
+                                       mm[o + 2, t, :length], mm[o + 3, t, :length])
                         else:
-                            _axpy_one(u[t, o, ci:ci + TAPS], s0, s1, s2, a0)
-                for uu in range(nu):
-                    for k in range(nr):
-                        i, tr = (t0 + k) // th, (t0 + k) % th
-                        bad[tid] += _output_tile_row(mq[:, uu, k * tw:(k + 1) * tw], b[o + uu], y[i, o + uu],
-                                                     tr * m, td)
-                o += nu
-    return bad.sum()
+                            _axpy_one(u[t, og + o, ci:ci + TAPS], s0, s1, s2, a0)
+                    o += nu
+            for o in range(cog):
+                chk[tid] += _output_block(mm[o], b[og + o], y, og + o, t0, nr, th, tw, at, rt_buf[tid], yt_buf[tid])
+    return chk.sum()
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_backward_weight_winograd(x, gy, gu, ph, pw, g, m, slots):
+def conv2d_backward_weight_winograd(x, gy, gu, ph, pw, g, bt, ag, slots):
     """gu (a*a*CO, cip) = sum over tiles of (A gy A^T) . V, the weight-gradient before
-    gw = G^T gu G; per-slot partial sums, reduced."""
+    gw = G^T gu G, with bt = B^T (a, a) and ag = A (a, m); per-slot partial sums, reduced."""
     n, c = x.shape[0], x.shape[1]
+    m = ag.shape[1]
     co, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
     cip = gu.shape[1]
     cig, cog = c // g, co // g
-    a, th, tw, rows, tasks = _tile_plan(n, oh, ow, m, cip, slots, g)
-    span = rows * tw
+    a, th, tw, rows, span, tasks = _tile_plan(n, oh, ow, m, slots, g)
     v_buf = np.zeros((slots, a * a, cip, span), x.dtype)  # rows cig.. stay 0
-    gt_buf = np.zeros((slots, a * a, QUAD, span), x.dtype)
-    strip_buf = np.zeros((slots, a, tw * m + 2), x.dtype)
-    td_buf = np.zeros((slots, a, tw * m + 2), x.dtype)
-    gstrip_buf = np.zeros((slots, m, tw * m), x.dtype)  # columns from ow on stay 0
+    gt_buf = np.empty((slots, cog, a * a, span), x.dtype)
+    pb_buf = np.empty((slots, a, m, span + 1), x.dtype)
+    td_buf = np.empty((slots, a, m, span + 1), x.dtype)
+    gb_buf = np.empty((slots, m, m, span + 1), x.dtype)
+    tg_buf = np.empty((slots, a, m, span + 1), x.dtype)
     partial = np.zeros((slots, a * a, co, cip), x.dtype)
     for tid in prange(slots):
-        v, gq, strip, td, gstrip, part = v_buf[tid], gt_buf[tid], strip_buf[tid], td_buf[tid], gstrip_buf[tid], \
-            partial[tid]
+        v, gq, part = v_buf[tid], gt_buf[tid], partial[tid]
         for task in range(tid, tasks, slots):
             t0, gi = (task // g) * rows, task % g
             nr = min(rows, n * th - t0)
-            length = nr * tw
-            _input_block(x, gi * cig, cig, t0, nr, th, m, ph, pw, strip, td, v)
-            o = gi * cog
-            while o < (gi + 1) * cog:
-                nu = _block(o - gi * cog, cog)
-                for uu in range(nu):
-                    for k in range(nr):
-                        i, tr = (t0 + k) // th, (t0 + k) % th
-                        _gy_tile_row(gy[i, o + uu], tr * m, gstrip, td[:, :tw * m], gq[:, uu, k * tw:(k + 1) * tw])
-                for t in range(a * a):
-                    vt, gt = v[t], gq[t]
-                    g0, g1, g2, g3 = gt[0, :length], gt[1, :length], gt[2, :length], gt[3, :length]
+            length = nr * (tw + 1)
+            og = gi * cog
+            _input_block(x, gi * cig, cig, t0, nr, th, tw, ph, pw, bt, pb_buf[tid], td_buf[tid], v)
+            for o in range(cog):
+                _gy_block(gy, og + o, t0, nr, th, tw, ag, gb_buf[tid], tg_buf[tid], gq[o])
+            for t in range(a * a):  # GU[t] += G'[t] @ V[t]^T, V[t] (cip, length) reused by every quad
+                vt = v[t]
+                o = 0
+                while o < cog:
+                    nu = _block(o, cog)
+                    g0 = gq[o, t, :length]
                     for ci in range(0, cip, TAPS):
                         s0, s1, s2 = vt[ci, :length], vt[ci + 1, :length], vt[ci + 2, :length]
                         if nu == QUAD:
-                            _dot_quad(s0, s1, s2, g0, g1, g2, g3, part[t, o:o + QUAD, ci:ci + TAPS])
+                            _dot_quad(s0, s1, s2, g0, gq[o + 1, t, :length], gq[o + 2, t, :length],
+                                      gq[o + 3, t, :length], part[t, og + o:og + o + QUAD, ci:ci + TAPS])
                         else:
-                            _dot_one(s0, s1, s2, g0, part[t, o, ci:ci + TAPS])
-                o += nu
+                            _dot_one(s0, s1, s2, g0, part[t, og + o, ci:ci + TAPS])
+                    o += nu
     _reduce_slots(partial.reshape(slots, a * a * co, cip), gu)
 
 
@@ -381,7 +336,7 @@ def supports(geom, pass_) -> bool:
     """3x3, stride 1, dilation 1, at least 16 input channels per group; for the
     input-gradient (the flipped forward, whose input channels are the CO/G) also at least 16
     output channels per group and a full padding >= 0. The scratch is a block of tiles
-    (V_ELEMENTS), whatever the plane or the padding."""
+    (TILES), whatever the plane or the padding."""
     if (geom.kh, geom.kw, geom.sh, geom.sw, geom.dh, geom.dw) != (3, 3, 1, 1, 1, 1) or geom.cig < 16:
         return False
     return pass_ != "backward_input" or (geom.cog >= 16 and min(geom.full_padding) >= 0)
@@ -394,6 +349,12 @@ def tile_size(oh, ow) -> int:
 
 def _gmat(m):
     return G_F4 if m == 4 else G_F2
+
+
+def _matrices(m, dtype):
+    """B^T (a, a) and A^T (m, a) of F(m x m, 3x3) in ``dtype``."""
+    bt, at = (BT_F4, AT_F4) if m == 4 else (BT_F2, AT_F2)
+    return bt.astype(dtype), at.astype(dtype)
 
 
 def transform_weight(w, m):
@@ -411,7 +372,8 @@ def _forward(x, w, b, y, ph, pw, g):
     """y = conv2d(x, w, padding=(ph, pw)) + b at stride 1 by Winograd; False where an output
     is not finite (the caller recomputes)."""
     m = tile_size(y.shape[2], y.shape[3])
-    return conv2d_forward_winograd(x, transform_weight(w, m), b, y, ph, pw, g, m, get_num_threads()) == 0
+    bt, at = _matrices(m, y.dtype)
+    return conv2d_forward_winograd(x, transform_weight(w, m), b, y, ph, pw, g, bt, at, get_num_threads()) == 0
 
 
 def forward(x, w, b, y, geom):
@@ -430,7 +392,8 @@ def backward_weight(x, gy, gw, geom):
     m = tile_size(geom.oh, geom.ow)
     a, co, cig = m + 2, geom.co, geom.cig
     gu = np.empty((a * a * co, -(-cig // TAPS) * TAPS), gw.dtype)
-    conv2d_backward_weight_winograd(x, gy, gu, geom.ph, geom.pw, geom.g, m, get_num_threads())
+    bt, at = _matrices(m, gw.dtype)
+    conv2d_backward_weight_winograd(x, gy, gu, geom.ph, geom.pw, geom.g, bt, np.ascontiguousarray(at.T), get_num_threads())
     gm = _gmat(m)
     gu4 = gu[:, :cig].reshape(a, a, co, cig).astype(np.float64)
     gw[...] = np.einsum("ta,tsoi,sb->oiab", gm, gu4, gm)
