@@ -87,6 +87,7 @@ SCRIPT = textwrap.dedent(r'''
         ((1, 2, 3, 3), (1, 2, 1, 1), True, dict(stride=5)),
         ((0, 2, 4, 4), (2, 2, 3, 3), True, dict(padding=1)),
         ((5, 2, 30, 30), (4, 1, 3, 3), True, dict(groups=2, padding=1)),   # several im2col chunks
+        ((2, 16, 5, 7), (17, 16, 3, 3), True, dict(padding=1)),            # Winograd runs (>= 16 channels)
     ]
     for algo in (*TABLE.names, "auto"):
         for xs, ws, bias, kw in CONV:

@@ -13,12 +13,15 @@ the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to
 unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, on with
 ``CNN_NUMBA_AUTOTUNE=1``) with a timed choice for the geometry, dtype and pass.
 An explicitly named algorithm that does not support a pass gives way to the first entry in
-table order that does (on CUDA, direct's shared-memory tiles to im2col).
+table order that does (on CUDA, direct's shared-memory tiles to im2col), and so does a name
+that another device's table has and this one lacks (the CPU's 'winograd' on CUDA): one
+``algo`` serves a model on any device. The names every device knows are ``ConvTable.known``.
 
 Every device's registered launchers (``conv2d_forward`` ... at the end of this module for
 the CPU, kernels/cuda/conv.py for CUDA) go through ``ConvTable.pick``, and functional.py,
 the tests and the benchmarks read the names from the tables, so an unknown name is the
-same ValueError everywhere, raised before any kernel runs.
+same ValueError everywhere (listing the names known on any device), raised before any
+kernel runs.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 from ..backend import register
 from . import conv as C
 from . import conv_stride1 as S
+from . import conv_winograd as WG
 from .autotune import Tuner
 
 PASSES = ("forward", "backward_input", "backward_weight")
@@ -64,20 +68,24 @@ class ConvTable:
     this module's docstring, and a ``supports(geom, pass_)`` if it does not cover every
     geometry), and add one ``ConvAlgo`` to the device's table. functional.py, the tests and
     the benchmarks pick its name up from the table; 'auto' chooses it once the policy names
-    it."""
+    it. Every table's names join ``known``, the names any device accepts."""
+
+    known: dict = {}  # every table's names, in order of creation (a dict as an ordered set)
 
     def __init__(self, algos, policy: Callable, tuner=None):
         self.algos = tuple(algos)
         self.by_name = {a.name: a for a in self.algos}
         self.names = tuple(self.by_name)
+        ConvTable.known.update(dict.fromkeys(self.names))
         self.policy = policy  # (geom, pass_) -> the name 'auto' runs
         self.tuner = tuner    # None, or .choose(table, geom, pass_, arrays) -> a name or None
         self._picked: dict = {}
 
     def check(self, algo) -> None:
-        """ValueError naming ``algo``, its value and the valid names, unless ``algo`` is one."""
-        if not isinstance(algo, str) or (algo != "auto" and algo not in self.by_name):
-            raise ValueError(f"algo must be one of {('auto',) + self.names}, got {algo!r}")
+        """ValueError naming ``algo``, its value and the valid names (any device's), unless
+        ``algo`` is one."""
+        if not isinstance(algo, str) or (algo != "auto" and algo not in ConvTable.known):
+            raise ValueError(f"algo must be one of {('auto',) + tuple(ConvTable.known)}, got {algo!r}")
 
     def pick(self, algo: str, geom, pass_: str) -> ConvAlgo:
         """The entry that runs ``pass_`` of ``geom`` for ``algo`` (a name or 'auto'),
@@ -87,8 +95,8 @@ class ConvTable:
         key = (algo, geom, pass_)
         entry = self._picked.get(key)
         if entry is None:
-            entry = self.by_name[self.policy(geom, pass_) if algo == "auto" else algo]
-            if not entry.supports(geom, pass_):
+            entry = self.by_name.get(self.policy(geom, pass_) if algo == "auto" else algo)
+            if entry is None or not entry.supports(geom, pass_):
                 entry = next(a for a in self.algos if a.supports(geom, pass_))
             if len(self._picked) >= 4096:  # a bound for programs that sweep shapes
                 self._picked.clear()
@@ -160,6 +168,7 @@ def auto_algo(geom, pass_: str) -> str:
 TABLE = ConvTable([
     ConvAlgo("direct", C.forward_direct, C.backward_input_direct, C.backward_weight_direct, special=FLAT),
     ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
+    ConvAlgo("winograd", WG.forward, WG.backward_input, WG.backward_weight, supports=WG.supports),
 ], auto_algo, tuner=Tuner())
 
 register("conv2d_algorithms", "cpu")(lambda: TABLE)
