@@ -42,7 +42,7 @@ Passes:
     forward          as above; blocks of T tiles (consecutive tile rows, across samples)
                      are dealt to per-thread slots, each with its own V and M buffers.
     backward_input   the same forward, of gy with the flipped kernel and the full
-                     padding (conv_stride1.flip_kernel, docs/convolution.md): no new kernel.
+                     padding (``flip_kernel``, docs/convolution.md): no new kernel.
     backward_weight  y = A^T [U . V] A is linear in U, so its adjoint gives
                          GU[t, co, ci] = sum_tiles (A gy[co, tile] A^T)[t] * V[t, ci, tile]
                          gw[co, ci]    = G^T GU[:, co, ci] G
@@ -78,8 +78,15 @@ from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
 from .conv import KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, forward_direct
-from .conv_stride1 import QUAD, TAPS, _axpy_one, _axpy_quad, _block, _dot_one, _dot_quad, flip_kernel
+from .conv_stride1 import QUAD, TAPS, _axpy_one, _axpy_quad, _block, _dot_one, _dot_quad, transpose_groups
 from .index import axpy, out_range, tap
+
+
+def flip_kernel(w, g):
+    """w (CO, CI/G, 3, 3) -> (CI, CO/G, 3, 3), group by group, rotated 180 degrees: the weight of the
+    stride-1 forward that computes conv2d's input-gradient (the flat kernels keep the rotation
+    in their tap offsets instead, conv_stride1.transpose_groups)."""
+    return np.ascontiguousarray(transpose_groups(w, g)[..., ::-1, ::-1])
 
 # F(4x4) where both sides of the computed plane are at least this: below it the dropped
 # outputs of partial tiles eat F(4x4)'s saving (a 12-pixel side is 3 whole tiles).

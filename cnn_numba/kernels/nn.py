@@ -33,6 +33,7 @@ from numba import get_num_threads, njit, prange
 from ..backend import register
 from . import PARALLEL
 from .blas import gemm
+from .index import dot
 
 CPU = "cpu"
 KERNEL = dict(cache=True)  # no fastmath: NaN must propagate, and these are memory-bound
@@ -232,6 +233,16 @@ def rows_product(trans_a, trans_b, m, n, k, a, b, c, chunks):
             gemm(trans_a, trans_b, r1 - r0, n, k, a, r0 if trans_a else r0 * k, lda, b, 0, ldb, 0.0, c, r0 * n, n)
 
 
+@njit(**REDUCTION)
+def rows_dot(x, w, b, y):
+    """y (m, n) = x (m, k) @ w (n, k)^T + b (n,): one dot product per output, serial, for
+    products too small to pay for a parallel launch or a BLAS call (LeNet-5's linear layers
+    at batch 1: 17 us for the 400x120 BLAS call from Numba, 1.3 us here)."""
+    for i in range(x.shape[0]):
+        for j in range(w.shape[0]):
+            y[i, j] = dot(x[i], 0, 1, w[j], 0, 1, x.shape[1], b[j])
+
+
 def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int):
     """op(a) @ op(b), (m, n), a fresh array of a's dtype (see rows_product)."""
     c = np.empty((m, n), a.dtype)
@@ -244,16 +255,26 @@ def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int):
     return c
 
 
+def _rows(a) -> int:
+    """Rows of a (*, features) array: the product of its leading dims."""
+    return math.prod(a.shape[:-1])
+
+
 # ----------------------------------------------------------------------------- launchers
 
 @register("linear_forward", CPU)
 def linear_forward(x, w, b):
-    """y (*, OUT) = x @ w.T + b."""
+    """y (*, OUT) = x @ w.T + b; products under ROWS_PARALLEL_MACS in one serial kernel with
+    the bias added in it."""
     out_f, in_f = w.shape
-    m = int(np.prod(x.shape[:-1]))
-    y = _product(x, False, w, True, m, out_f, in_f)
-    if b is not None:
-        y += b
+    m = _rows(x)
+    if 0 < m * out_f * in_f < ROWS_PARALLEL_MACS:
+        y = np.empty((m, out_f), x.dtype)
+        rows_dot(np.ascontiguousarray(x).reshape(m, in_f), w, np.zeros(out_f, x.dtype) if b is None else b, y)
+    else:
+        y = _product(x, False, w, True, m, out_f, in_f)
+        if b is not None:
+            y += b
     return y.reshape(*x.shape[:-1], out_f)
 
 
@@ -261,15 +282,14 @@ def linear_forward(x, w, b):
 def linear_backward_input(gy, w):
     """gx (*, IN) = gy @ w."""
     out_f, in_f = w.shape
-    m = int(np.prod(gy.shape[:-1]))
-    return _product(gy, False, w, False, m, in_f, out_f).reshape(*gy.shape[:-1], in_f)
+    return _product(gy, False, w, False, _rows(gy), in_f, out_f).reshape(*gy.shape[:-1], in_f)
 
 
 @register("linear_backward_weight", CPU)
 def linear_backward_weight(gy, x):
     """gw (OUT, IN) = sum over rows of gy^T x."""
     out_f, in_f = gy.shape[-1], x.shape[-1]
-    return _product(gy, True, x, False, out_f, in_f, int(np.prod(x.shape[:-1])))
+    return _product(gy, True, x, False, out_f, in_f, _rows(x))
 
 
 # sigmoid through tanh: no overflow for large |x|, and numpy keeps the dtype
