@@ -123,10 +123,18 @@ SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weigh
                    supports=S.supports_shifted)
 
 # 'auto' runs the stride-1 direct kernels on output planes of at least this many pixels
-# (shorter flat runs pay the per-pass set-up and the dropped columns), and only up to
-# this many inputs per output (wider layers make a BLAS product with a long K the faster).
+# whatever the width, and on smaller planes for layers up to this many inputs per output
+# (a small plane with a long K is one good BLAS product). Measured 2026-12-01 (TABLE.run per
+# pass, interleaved, direct ms / im2col ms, fwd gx gw): 128->128 28x28 b32 (K = 1152)
+# 25.0/33.8 25.1/47.9 22.2/33.8; 64->64 7x7 b128 2.09/3.58 2.15/3.10 2.08/3.11 and b16
+# 0.49/0.46 0.38/0.38 0.37/0.43; 256->256 8x8 b32 (K = 2304) 17.9/13.7 18.2/10.4 10.5/12.5.
 FLAT_MIN_PLANE = 100
 FLAT_MAX_K = 576
+# At stride > 1 the flat kernels want output planes of at least this many pixels: a 7x7
+# output (32->64 14x14 k3 s2, resnet8's third stage) at b16 took 0.43/0.24 0.38/0.23
+# 0.35/0.25 ms direct/im2col, at b128 1.68/1.79 1.62/1.93 1.44/1.90; a 4x4 one (64->128
+# 8x8 s2, b64) 1.32/0.99 1.36/1.04 1.03/1.02.
+STRIDED_MIN_PLANE = 64
 
 # At stride > 1 im2col's unfolding gathers every other pixel and its col2im scatters them
 # back, while the flat kernels' polyphase planes keep the stride-1 inner loops, so 'auto'
@@ -146,20 +154,21 @@ FLAT_MAX_K = 576
 
 def auto_algo(geom, pass_: str) -> str:
     """The CPU's 'auto' for ``pass_`` of ``geom``. Direct when each output reads fewer than
-    16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big enough, a
-    layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap to three),
+    16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big enough or
+    a layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap to three),
     and for the input-gradient, whose flat pass computes the C_in/G input channels four at a
-    time, at least 8 of them; at stride > 1 direct wherever the kernel has TAPS taps and the
-    flat kernels can run. im2col otherwise, and at stride 1 wherever the flat kernels
+    time, at least 8 of them; at stride > 1 direct wherever the kernel has TAPS taps, the
+    output planes are at least STRIDED_MIN_PLANE and the flat kernels can run. im2col otherwise, and at stride 1 wherever the flat kernels
     cannot run (planes over the scratch bound). (Measured per shape and pass in
     bench/results/cpu-*.md, and for stride > 1 above.)"""
     k = geom.cig * geom.kh * geom.kw
     stride1 = geom.stride == (1, 1)
     if stride1:
-        flat = (geom.kh * geom.kw >= S.TAPS and geom.oh * geom.ow >= FLAT_MIN_PLANE and k <= FLAT_MAX_K
+        flat = (geom.kh * geom.kw >= S.TAPS and (geom.oh * geom.ow >= FLAT_MIN_PLANE or k <= FLAT_MAX_K)
                 and (pass_ != "backward_input" or geom.cig >= 2 * S.QUAD))
     else:
-        flat = geom.kh * geom.kw >= S.TAPS and FLAT.supports(geom, pass_)
+        flat = (geom.kh * geom.kw >= S.TAPS and geom.oh * geom.ow >= STRIDED_MIN_PLANE
+                and FLAT.supports(geom, pass_))
     if k >= 16 and not flat:
         return "im2col"
     return "im2col" if stride1 and not FLAT.supports(geom, pass_) else "direct"
