@@ -122,7 +122,7 @@ def run_numba(shape, budget: float, torch_side: dict | None, log) -> list[dict]:
         if torch_side:
             t, ref = torch_side[p]
             row["ms"]["torch"] = t * 1e3
-        impls = {algo: S.numba_conv_pass(shape, p, algo, a) for algo in S.ALGOS} if conv \
+        impls = {algo: S.numba_conv_pass(shape, p, algo, a) for algo in S.ALGOS if shape.runs(algo, p)} if conv \
             else {"numba": S.numba_pool_pass(shape, p, a)}
         for name, fn in impls.items():
             t, out = best_of(fn, budget)
@@ -167,12 +167,12 @@ def conv_table(rows, peak) -> list[str]:
            "|---|---|" + "---:|" * len(S.ALGOS) + "---|---:|---:|---:|---:|---|"]
     for r in rows:
         s, ms = r["shape"], r["ms"]
-        best = min(S.ALGOS, key=lambda a: ms[a])
+        best = min((a for a in S.ALGOS if a in ms), key=lambda a: ms[a])
         torch_ms = ms.get("torch")
         gflops = s.flops / (ms[best] / 1e3) / 1e9
         pick = s.auto_algo(r["pass"])
         auto = pick + ("" if pick == best else " ✗")
-        out.append(f"| {s.name} | {r['pass']} | " + "".join(f"{ms[a]:.2f} | " for a in S.ALGOS) + f"{best} | "
+        out.append(f"| {s.name} | {r['pass']} | " + "".join(f"{ms[a]:.2f} | " if a in ms else "– | " for a in S.ALGOS) + f"{best} | "
                    f"{fmt(torch_ms)} | {fmt(torch_ms and ms[best] / torch_ms)} | {gflops:.1f} | "
                    f"{100 * gflops / peak:.1f} | {auto} |")
     return out
@@ -185,7 +185,7 @@ def per_shape(rows, impls, auto=None) -> dict[str, dict]:
     for r in rows:
         s, ms = r["shape"], r["ms"]
         t = totals.setdefault(s.name, {"shape": s, "best": 0.0, "auto": 0.0, "torch": 0.0})
-        t["best"] += min(ms[a] for a in impls)
+        t["best"] += min(ms[a] for a in impls if a in ms)
         t["auto"] += ms[auto(s, r["pass"])] if auto else 0.0
         t["torch"] = t["torch"] + ms["torch"] if "torch" in ms and t["torch"] is not None else None
     return totals

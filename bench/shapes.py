@@ -110,10 +110,18 @@ class ConvShape:
     def auto_algo(self, pass_: str) -> str:
         """What algo='auto' picks for one pass on the CPU: asked of the conv2d pass that it is
         (for a transposed layer, fwd is conv2d's input-gradient and gx its forward)."""
+        return TABLE.policy(self.geom, self.conv_pass(pass_))
+
+    def conv_pass(self, pass_: str) -> str:
+        """The conv2d pass (a name of conv_algos.PASSES) that ``pass_`` of this layer runs."""
         conv_pass = {"fwd": "forward", "gx": "backward_input", "gw": "backward_weight"}[pass_]
         if self.transposed and pass_ != "gw":
             conv_pass = "forward" if pass_ == "gx" else "backward_input"
-        return TABLE.policy(self.geom, conv_pass)
+        return conv_pass
+
+    def runs(self, algo: str, pass_: str) -> bool:
+        """Whether ``algo`` runs ``pass_`` itself, rather than giving way to another entry."""
+        return TABLE.pick(algo, self.geom, self.conv_pass(pass_)).name == algo
 
     def describe(self) -> str:
         oh, ow = self.out_hw
