@@ -8,8 +8,8 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
 written (=) by the launcher. ``supports(geom, pass_)`` says where an entry can run; a
-``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its parent wherever it supports
-the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
+``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its
+parent wherever it supports the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
 unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, on with
 ``CNN_NUMBA_AUTOTUNE=1``) with a timed choice for the geometry, dtype and pass.
 An explicitly named algorithm that does not support a pass gives way to the first entry in
@@ -130,15 +130,9 @@ SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weigh
 # 0.49/0.46 0.38/0.38 0.37/0.43; 256->256 8x8 b32 (K = 2304) 17.9/13.7 18.2/10.4 10.5/12.5.
 FLAT_MIN_PLANE = 100
 FLAT_MAX_K = 576
-# At stride > 1 the flat kernels want output planes of at least this many pixels: a 7x7
-# output (32->64 14x14 k3 s2, resnet8's third stage) at b16 took 0.43/0.24 0.38/0.23
-# 0.35/0.25 ms direct/im2col, at b128 1.68/1.79 1.62/1.93 1.44/1.90; a 4x4 one (64->128
-# 8x8 s2, b64) 1.32/0.99 1.36/1.04 1.03/1.02.
-STRIDED_MIN_PLANE = 64
-
 # At stride > 1 im2col's unfolding gathers every other pixel and its col2im scatters them
 # back, while the flat kernels' polyphase planes keep the stride-1 inner loops, so 'auto'
-# runs them wherever the kernel has at least TAPS taps. Measured (2026-12-01, 2 shared
+# runs them where the kernel has at least TAPS taps. Measured (2026-12-01, 2 shared
 # cores, float32, batch 64 (32 for 128->256 and the transposed layer), TABLE.run per pass,
 # the two algorithms interleaved, fastest of 7; im2col time / direct time, fwd gx gw):
 #   resnet_down 16->32 32x32 k3 s2                 1.95 1.89 1.88
@@ -150,6 +144,11 @@ STRIDED_MIN_PLANE = 64
 #   transposed 64->32 16x16 k4 s2 (fwd = gx here)  1.40 1.69 1.98
 # The 1x1 stride-2 shortcuts (16->32 32x32, 32->64 16x16) stay im2col: 0.46-0.80 (the
 # flat kernels load four phase planes to read one; im2col's columns are one BLAS product).
+# And they want output planes of at least this many pixels: a 7x7
+# output (32->64 14x14 k3 s2, resnet8's third stage) at b16 took 0.43/0.24 0.38/0.23
+# 0.35/0.25 ms direct/im2col, at b128 1.68/1.79 1.62/1.93 1.44/1.90; a 4x4 one (64->128
+# 8x8 s2, b64) 1.32/0.99 1.36/1.04 1.03/1.02.
+STRIDED_MIN_PLANE = 64
 
 
 def auto_algo(geom, pass_: str) -> str:
@@ -157,9 +156,10 @@ def auto_algo(geom, pass_: str) -> str:
     16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big enough or
     a layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap to three),
     and for the input-gradient, whose flat pass computes the C_in/G input channels four at a
-    time, at least 8 of them; at stride > 1 direct wherever the kernel has TAPS taps, the
-    output planes are at least STRIDED_MIN_PLANE and the flat kernels can run. im2col otherwise, and at stride 1 wherever the flat kernels
-    cannot run (planes over the scratch bound). (Measured per shape and pass in
+    time, at least 8 of them; at stride > 1 direct where the kernel has TAPS taps, the
+    output planes are at least STRIDED_MIN_PLANE and the flat kernels can run. im2col
+    otherwise, and at stride 1 wherever the flat kernels cannot run (planes over the
+    scratch bound). (Measured per shape and pass in
     bench/results/cpu-*.md, and for stride > 1 above.)"""
     k = geom.cig * geom.kh * geom.kw
     stride1 = geom.stride == (1, 1)
