@@ -142,8 +142,14 @@ FLAT_CASES = [
     ((2, 6, 8, 8), (7, 6, 3, 3), dict(padding=(2, 0), dilation=(1, 2))),  # quad + 3
     ((1, 2, 9, 9), (8, 1, 5, 5), dict(groups=2, padding=2)),              # 25 taps
     ((1, 3, 7, 7), (3, 3, 3, 1), dict(padding=(4, 0))),                   # padding past the kernel
-    ((7, 2, 15, 15), (5, 2, 3, 3), dict(padding=1)),                      # samples in runs of 3, 3, 1
+    ((7, 2, 15, 15), (5, 2, 3, 3), dict(padding=1)),                      # samples in runs of 4, 3
     ((5, 4, 18, 18), (6, 2, 3, 3), dict(groups=2, padding=1)),            # runs of 2, 2, 1 per group
+    # shared padding (kernels/conv_stride1.py): rows wq = w + max(pl, pr) wide, samples hq apart
+    ((61, 1, 8, 8), (2, 1, 3, 3), dict(padding=1)),                       # runs of 12: a slot's last is partial
+    ((3, 2, 9, 1), (3, 2, 3, 3), dict(padding=(1, 2))),                   # 1-pixel-wide input, padding 2 > k/2
+    ((4, 2, 6, 5), (3, 2, 4, 2), dict(padding="same")),                   # pads 1, 2 and 0, 1: unequal
+    ((3, 2, 7, 6), (4, 2, 3, 3), dict(padding=3, dilation=2)),            # padding past the dilated footprint/2
+    ((2, 2, 3, 2), (2, 2, 2, 2), dict(padding=4)),                        # padding past the kernel
 ]
 
 
@@ -316,6 +322,36 @@ def test_conv2d_weight_gradient_of_an_inf_input_matches_the_reference(dtype, str
         np.testing.assert_array_equal(np.isneginf(gw), np.isneginf(gw_ref), err_msg=algo)
         finite = np.isfinite(gw_ref)
         R.assert_close(gw[finite], gw_ref[finite], dtype, algo)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_flat_kernels_keep_border_infs_in_their_windows(dtype):
+    # With shared padding (kernels/conv_stride1.py) a row's trailing zeros are the next row's
+    # leading ones and a sample's last zero rows the next one's first: an inf on a plane's
+    # border, of x (forward) or of gy (input-gradient), must reach only the outputs whose
+    # windows hold it, and the weight-gradient's gap products must not make NaNs. (gy's
+    # infs stay out of the weight-gradient: the reference pairs them with padding zeros.)
+    rng = np.random.default_rng(1)
+    x, w = random(rng, (3, 2, 7, 6)), random(rng, (4, 2, 3, 3))
+    x_inf = x.copy()
+    x_inf[0, 0, :, -1], x_inf[2, 0, :, 0], x_inf[1, 1, -1, :], x_inf[1, 0, 0, 2:] = np.inf, np.inf, -np.inf, np.inf
+    for kw in (dict(padding=1), dict(padding=(2, 1), dilation=2), dict(padding=(1, 3))):
+        y_ref = R.conv2d(x_inf, w, **kw)
+        gy = random(rng, y_ref.shape)
+        gy_inf = gy.copy()
+        gy_inf[0, 1, :, -1], gy_inf[1, 2, 0, :], gy_inf[2, 3, :, 0] = np.inf, -np.inf, np.inf
+        _, gw_ref, _ = R.conv2d_grads(x_inf, w, gy, **kw)
+        gx_ref, _, _ = R.conv2d_grads(x, w, gy_inf, **kw)
+        y, (_, gw), _ = forward_backward(F.conv2d, (x_inf.astype(dtype), w.astype(dtype)), gy=gy.astype(dtype),
+                                         algo="direct", **kw)
+        _, (gx, _), _ = forward_backward(F.conv2d, (x.astype(dtype), w.astype(dtype)), gy=gy_inf.astype(dtype),
+                                         algo="direct", **kw)
+        for got, ref, what in ((y, y_ref, "y"), (gx, gx_ref, "gx"), (gw, gw_ref, "gw")):
+            assert np.isinf(ref).any(), what
+            for test in (np.isnan, np.isposinf, np.isneginf):
+                np.testing.assert_array_equal(test(got), test(ref), err_msg=f"{kw} {what} {test.__name__}")
+            finite = np.isfinite(ref)
+            R.assert_close(got[finite], ref[finite], dtype, what)
 
 
 def test_blas_gemm_on_windows_and_its_bounds_check():

@@ -70,6 +70,26 @@ from .index import copy_run, out_range, tap
 # accumulators straight into gx[..., r::sh, q::sw]. At stride 1 that is the flat
 # forward of gy with the flipped kernel and the full padding d*(k-1) - p (or, where that
 # is negative, a crop: P = 0 and every shift > 0).
+#
+# Shared padding. A phase plane (either kind) is, per axis, ``extent`` = u + max shift
+# long (u outputs, the accumulator rows), its data in [lo, hi) and zeros around. In a run
+# buffer its rows are not ``extent`` but ``pitch`` apart, and each sample's plane starts
+# ``pitch`` rows after the previous one's: output (v, q) accumulates at v*wq + q (hq*wq
+# a sample further on) and tap shift (a, b) still reads one constant offset a*wq + b. Per
+# axis, output v's tap reads position v + a of its row, which lies in [0, extent); with
+# data at [lo, hi) of every row (sample), that read is right if it lands in its own row's
+# data or in zeros, which holds when the row before ends its data before the read window
+# starts, pitch >= hi - min a, and the next row's data starts after it ends,
+# pitch >= u + max a - lo; rows do not collide, pitch >= hi - lo and pitch >= u. So the
+# zeros between two rows' data need only be max(leading, trailing padding) long, not their
+# sum: at stride 1, w + max(pl, pr) instead of w + pl + pr (ResNet's 8x8 k3 p1 planes:
+# 9x9 = 81 positions per 64 outputs instead of 10x10 = 100; LeNet's input-gradient, 10x10
+# gy padded by 4 for 14x14 gx: 14x14 instead of 18x18; an unpadded forward gains nothing).
+# _axis_plan takes pitch >= hi (not hi - min a): each row's data stays within its row of
+# the buffer, so pad_phases writes each sample into a view (hp rows of wq) as before; the
+# views of consecutive samples overlap in their shared zero rows. Gap outputs (between
+# rows and samples) are computed and dropped as before; their taps may now read data, so
+# the weight-gradient's gy holds zeros there and _exact_if_nan catches 0 * inf.
 
 TAPS = 3   # taps per pass over a run
 QUAD = 4   # output channels per pass
@@ -103,11 +123,13 @@ def pad_phases(x, c0, xp, ph, pw, sh, sw):
 
 
 @njit(cache=True)
-def _axis_plan(k, s, p, d, size, adjoint):
-    """One axis of a flat pass (see above): ``(out_phase, in_phase, shift, lead, u, extent)``,
-    per tap a < k the output phase it serves, the input phase it reads and its shift there,
-    then the loaded planes' leading padding, the accumulator rows (u) and the planes' rows.
-    ``size`` is the pass's output size: oh for the forward, h (gx's) for the adjoint."""
+def _axis_plan(k, s, p, d, size, size_in, adjoint):
+    """One axis of a flat pass (see above): ``(out_phase, in_phase, shift, lead, u, extent,
+    pitch)``, per tap a < k the output phase it serves, the input phase it reads and its
+    shift there, then the loaded planes' leading padding, the accumulator rows (u), the
+    planes' rows (extent: the padded plane) and the rows they take in a run buffer, where
+    the padding is shared (pitch <= extent; see above). ``size`` is the pass's output size:
+    oh for the forward, h (gx's) for the adjoint; ``size_in`` the loaded input's: h, or oh."""
     out_phase, in_phase, shift = np.zeros(k, np.int64), np.zeros(k, np.int64), np.empty(k, np.int64)
     for a in range(k):
         if adjoint:
@@ -115,21 +137,34 @@ def _axis_plan(k, s, p, d, size, adjoint):
             shift[a] = (out_phase[a] + p - a * d) // s
         else:
             in_phase[a], shift[a] = (a * d) % s, (a * d) // s
-    lead, u = p, size
+    lead, u, s_in = p, size, s
     if adjoint:
-        lead, u = max(0, -shift.min()), -(-size // s)
+        lead, u, s_in = max(0, -shift.min()), -(-size // s), 1
         shift += lead
-    return out_phase, in_phase, shift, lead, u, u + shift.max()
+    extent = u + shift.max()
+    pitch = u  # each output its own position
+    for r in range(s_in):
+        # Phase r's rows hold the padded positions s_in*v + r, its data those in
+        # [lead, lead + size_in): rows [lo, hi), pad_phases' (out_range's) bounds, written
+        # out because _plane_fits runs this function as Python.
+        lo = max(0, -((r - lead) // s_in))
+        hi = min(extent, max(lo, -((r - lead - size_in) // s_in)))
+        pitch = max(pitch, hi)
+        for a in range(k):
+            if in_phase[a] == r and hi > lo:
+                pitch = max(pitch, shift[a] + u - lo)
+    return out_phase, in_phase, shift, lead, u, extent, pitch
 
 
 @njit(cache=True)
-def _flat_plan(n, cig, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
+def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
     """Sizes of a direct pass over ``n`` samples of ``cig`` channels (see above),
-    ``(lead, phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, sources)``:
+    ``(lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, rows))``:
       lead          the leading padding (rows, columns) of the loaded planes
       phases_in     (sh, sw) for the forward (the planes it loads), (1, 1) for the adjoint
       phases_out    (1, 1) for the forward, (sh, sw) for the adjoint (gx's phases)
-      hp, wp        one phase plane's size; the output runs lie on rows wp wide
+      hq, wq        the pitches of a run buffer's phase planes: rows wq wide (the output
+                    runs lie on rows that wide too), a sample every hq rows
       uh, uw        an output phase's accumulator plane (its output is at most that)
       nb            samples per run: small planes of consecutive samples sit end to end, so
                     one pass covers several (the outputs between them are computed and
@@ -140,13 +175,18 @@ def _flat_plan(n, cig, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
                     weight's column), then -1 for padding pairs up to a width that is a
                     multiple of TAPS
       sources       (phases_out, width) where each real pair reads in a run buffer
-                    (cig, phases_in, nb, hp, wp), flat
+                    (cig, phases_in, rows, wq), flat
+      hp            one phase plane's rows (each sample's, from row s*hq)
+      rows          a run buffer's rows per channel and phase
     The forward's pairs are in the flat weight's order (taps[0, j] = j for j < cig*kh*kw)."""
-    oph, iph, shh, lh, uh, hp = _axis_plan(kh, sh, ph, dh, size_h, adjoint)
-    opw, ipw, shw, lw, uw, wp = _axis_plan(kw, sw, pw, dw, size_w, adjoint)
+    oph, iph, shh, lh, uh, hp, hq = _axis_plan(kh, sh, ph, dh, size_h, in_h, adjoint)
+    opw, ipw, shw, lw, uw, wp, wq = _axis_plan(kw, sw, pw, dw, size_w, in_w, adjoint)
     phases_in, phases_out = ((1, 1), (sh, sw)) if adjoint else ((sh, sw), (1, 1))
-    nb = max(1, min(n, FLAT_RUN // (hp * wp)))
-    phase_run = nb * hp * wp  # one phase plane of a run buffer's channel
+    nb = max(1, min(n, FLAT_RUN // (hq * wq)))
+    # a run buffer's rows per phase plane: the last sample's plane is hp rows, and its
+    # last row's taps reach wp - wq columns past them (see above)
+    rows = (nb - 1) * hq + hp - (-(wp - wq) // wq)
+    phase_run = rows * wq  # one phase plane of a run buffer's channel
     counts = np.zeros(phases_out[0] * phases_out[1], np.int64)
     for t in range(kh * kw):
         counts[oph[t // kw] * phases_out[1] + opw[t % kw]] += cig
@@ -160,9 +200,9 @@ def _flat_plan(n, cig, size_h, size_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
             f = oph[a] * phases_out[1] + opw[bb]
             taps[f, counts[f]] = ci * kh * kw + t
             sources[f, counts[f]] = ((ci * phases_in[0] + iph[a]) * phases_in[1] + ipw[bb]) * phase_run \
-                + shh[a] * wp + shw[bb]
+                + shh[a] * wq + shw[bb]
             counts[f] += 1
-    return (lh, lw), phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, sources
+    return (lh, lw), phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, rows)
 
 
 @njit(**KERNEL)
@@ -184,13 +224,14 @@ def _row_buffer(slots, length, dtype):
 
 
 @njit(**KERNEL)
-def _load_run(x, i0, m, c0, xp, lead, phases, run):
+def _load_run(x, i0, m, c0, xp, lead, phases, run, hq, hp):
     """Pad the m samples from i0 (channels c0 onwards) into the run buffer xp (cig, phases,
-    nb, hp, wp), split into phase planes; the length of their flat output run (``run`` per
-    sample, the last one's only)."""
+    rows, wq), split into phase planes, sample s's hp rows from row s*hq; the length of their
+    flat output run (``run`` per sample, the last one's only). The samples' planes overlap
+    in their shared padding, which pad_phases leaves as it is (see above)."""
     for s in range(m):
-        pad_phases(x[i0 + s], c0, xp[:, :, s], lead[0], lead[1], phases[0], phases[1])
-    return (m - 1) * xp.shape[3] * xp.shape[4] + run
+        pad_phases(x[i0 + s], c0, xp[:, :, s * hq:s * hq + hp], lead[0], lead[1], phases[0], phases[1])
+    return (m - 1) * hq * xp.shape[3] + run
 
 
 @njit(cache=True, inline="always")
@@ -265,10 +306,10 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     cog = co // g
-    lead, phases_in, phases_out, (hp, wp), (uh, uw), nb, counts, taps, sources = _flat_plan(
-        n, cig, y.shape[2], y.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
-    plane, nin = hp * wp, phases_in[0] * phases_in[1]
-    run = (uh - 1) * wp + uw  # one sample's output run
+    lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, buf_rows) = _flat_plan(
+        n, cig, y.shape[2], y.shape[3], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
+    plane, nin = hq * wq, phases_in[0] * phases_in[1]
+    run = (uh - 1) * wq + uw  # one sample's output run
     blocks = -(-n // nb)
     wt = np.zeros((counts.size, co, taps.shape[1]), w.dtype)  # each output phase's pairs, zero-padded
     wf = w.reshape(co, cig * kh * kw)
@@ -276,7 +317,7 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
         for j in range(counts[f]):
             for o in range(co):
                 wt[f, o, j] = wf[o, taps[f, j]]
-    xp_buf = np.zeros((slots, cig, nin, nb, hp, wp), x.dtype)  # borders stay 0 (pad_phases)
+    xp_buf = np.zeros((slots, cig, nin, buf_rows, wq), x.dtype)  # padding stays 0 (pad_phases)
     acc_buf = _row_buffer(slots, nb * plane, x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
     for tid in prange(slots):
@@ -284,8 +325,8 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
-            length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run)
-            src = xp.reshape(cig * nin * nb * plane)
+            length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run, hq, hp)
+            src = xp.reshape(xp.size)
             a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
             for f in range(counts.size):
                 r, q = f // phases_out[1], f % phases_out[1]
@@ -306,7 +347,7 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
                     for s in range(m):
                         for u in range(nu):
                             for row in range(rows):
-                                j = s * plane + row * wp
+                                j = s * plane + row * wq
                                 _store_run(acc[u, j:j + cols], y[i0 + s, o + u, r + phases_out[0] * row], q,
                                            phases_out[1])
                     o += nu
@@ -351,28 +392,28 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
-    lead, phases, _, (hp, wp), _, nb, counts, _, sources = _flat_plan(n, cig, oh, ow, kh, kw, sh, sw, ph, pw, dh,
-                                                                       dw, False)
-    plane, nin = hp * wp, phases[0] * phases[1]
+    lead, phases, _, (hq, wq), _, nb, counts, _, sources, (hp, buf_rows) = _flat_plan(
+        n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False)
+    plane, nin = hq * wq, phases[0] * phases[1]
     width, count, pairs = sources.shape[1], counts[0], sources[0]  # one output phase, pairs in gw's order
     blocks = -(-n // nb)
-    xp_buf = np.zeros((slots, cig, nin, nb, hp, wp), x.dtype)  # borders stay 0 (pad_phases)
+    xp_buf = np.zeros((slots, cig, nin, buf_rows, wq), x.dtype)  # padding stays 0 (pad_phases)
     gyw_buf = _row_buffer(slots, nb * plane, x.dtype)  # gy on wide rows; the rest stays 0
     partial = np.zeros((slots, co, width), x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
     for tid in prange(slots):
-        xp, rows, part = xp_buf[tid], gyw_buf[tid], partial[tid]
+        xp, gyw, part = xp_buf[tid], gyw_buf[tid], partial[tid]
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
-            length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wp + ow)
-            src = xp.reshape(cig * nin * nb * plane)
-            g0, g1, g2, g3 = rows[0, :length], rows[1, :length], rows[2, :length], rows[3, :length]
+            length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wq + ow, hq, hp)
+            src = xp.reshape(xp.size)
+            g0, g1, g2, g3 = gyw[0, :length], gyw[1, :length], gyw[2, :length], gyw[3, :length]
             o = gi * cog
             while o < (gi + 1) * cog:
                 nu = _block(o - gi * cog, cog)
                 for s in range(m):
-                    to_wide_rows(gy[i0 + s, o:o + nu], rows[:, s * plane:(s + 1) * plane], wp)
+                    to_wide_rows(gy[i0 + s, o:o + nu], gyw[:, s * plane:(s + 1) * plane], wq)
                 for k in range(0, width, TAPS):
                     s0, s1, s2 = _tap_runs(src, pairs, count, k, zeros)
                     if nu == QUAD:
@@ -422,7 +463,7 @@ def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
     kh, co, k = w3_shape
     cig, cog = c // g, co // g
     kw = k // cig
-    hp, wp = _axis_plan(kh, 1, 0, dh, oh, False)[5], _axis_plan(kw, 1, 0, dw, ow, False)[5]
+    hp, wp = _axis_plan(kh, 1, 0, dh, oh, 0, False)[5], _axis_plan(kw, 1, 0, dw, ow, 0, False)[5]
     return kh, co, k, cig, cog, kw, hp, wp, (oh - 1) * wp + ow, hp * wp - (kw - 1) * dw
 
 
@@ -493,11 +534,13 @@ def _plane_fits(geom, pass_) -> bool:
     adjoint pass one plane of gy (_flat_plan)."""
     adjoint = pass_ == "backward_input"
     sizes = (geom.h, geom.w) if adjoint else (geom.oh, geom.ow)
-    plane = 1
-    for k, s, p, d, size in zip((geom.kh, geom.kw), geom.stride, (geom.ph, geom.pw), geom.dilation, sizes):
-        # The Python function, not the compiled one: kernels called from Python are only
-        # recorded, not run, while cnn_numba.warmup records a step.
-        plane *= _axis_plan.py_func(k, s, p, d, size, adjoint)[5] * (1 if adjoint else s)
+    sizes_in = (geom.oh, geom.ow) if adjoint else (geom.h, geom.w)
+    # The Python function, not the compiled one: kernels called from Python are only
+    # recorded, not run, while cnn_numba.warmup records a step.
+    hp, wq = (_axis_plan.py_func(k, s, p, d, size, size_in, adjoint)[i] * (1 if adjoint else s)
+              for k, s, p, d, size, size_in, i in zip((geom.kh, geom.kw), geom.stride, (geom.ph, geom.pw),
+                                                      geom.dilation, sizes, sizes_in, (5, 6)))
+    plane = hp * wq  # a sample alone in a run buffer (nb = 1): hp rows (all phases) wq wide
     return plane <= SCRATCH_RATIO * (geom.h * geom.w + geom.oh * geom.ow) + SCRATCH_SLACK
 
 
