@@ -131,6 +131,10 @@ def _prefer_light_threading_layer() -> None:
 _load_environment_tbb()
 _prefer_light_threading_layer()
 
+from . import hostmem  # noqa: E402
+
+hostmem.keep_freed_memory()  # a training step's arrays reuse freed memory (hostmem's docstring)
+
 from . import kernels  # noqa: F401  (registers the CPU kernels with the backend)
 from . import functional
 from .tensor import (Function, Tensor, enable_grad, from_cuda_array, is_grad_enabled, no_grad, set_grad_enabled,

@@ -64,7 +64,7 @@ def config() -> dict[str, str]:
     import scipy
 
     import cnn_numba
-    from . import _environment_tbb
+    from . import _environment_tbb, hostmem
 
     threads = numba.get_num_threads()  # starts Numba's thread pool: the layer is chosen now
     layer = numba.threading_layer()
@@ -85,6 +85,7 @@ def config() -> dict[str, str]:
         "tbb": f"{_version('tbb')} ({tbb})" if tbb else f"{_version('tbb') or 'not installed'}",
         "numpy BLAS": _blas(numpy),
         "kernel BLAS": f"{_blas(scipy)} (SciPy's, called by Numba's np.dot), threads: {kernel_blas_threads}",
+        "host memory": hostmem.status(),
         "cuda": _cuda(),
     }
     counts = _blas_threads()
