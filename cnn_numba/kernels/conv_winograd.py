@@ -361,13 +361,13 @@ def tile_size(oh, ow) -> int:
     return 4 if min(oh, ow) >= F4_MIN_SIDE else 2
 
 
-def _gmat(m):
-    return G_F4 if m == 4 else G_F2
+# B^T (a, a), A^T (m, a) and G (a, 3) of F(m x m, 3x3), by m
+MATRICES = {2: (BT_F2, AT_F2, G_F2), 4: (BT_F4, AT_F4, G_F4)}
 
 
 def _matrices(m, dtype):
-    """B^T (a, a) and A^T (m, a) of F(m x m, 3x3) in ``dtype``."""
-    bt, at = (BT_F4, AT_F4) if m == 4 else (BT_F2, AT_F2)
+    """B^T and A^T of F(m x m, 3x3) in ``dtype`` (the kernels' transforms)."""
+    bt, at, _ = MATRICES[m]
     return bt.astype(dtype), at.astype(dtype)
 
 
@@ -375,7 +375,7 @@ def transform_weight(w, m):
     """u (a*a, CO, cip) = G w G^T per (co, ci), in float64, cast to w's dtype; the input
     channels zero-padded to a multiple of TAPS."""
     co, cig = w.shape[:2]
-    gm = _gmat(m)
+    gm = MATRICES[m][2]
     a = m + 2
     u = np.zeros((a * a, co, -(-cig // TAPS) * TAPS), w.dtype)
     u[:, :, :cig] = np.einsum("ta,oiab,sb->tsoi", gm, w.astype(np.float64), gm).reshape(a * a, co, cig)
@@ -408,7 +408,7 @@ def backward_weight(x, gy, gw, geom):
     gu = np.empty((a * a * co, -(-cig // TAPS) * TAPS), gw.dtype)
     bt, at = _matrices(m, gw.dtype)
     conv2d_backward_weight_winograd(x, gy, gu, geom.ph, geom.pw, geom.g, bt, np.ascontiguousarray(at.T), get_num_threads())
-    gm = _gmat(m)
+    gm = MATRICES[m][2]
     gu4 = gu[:, :cig].reshape(a, a, co, cig).astype(np.float64)
     gw[...] = np.einsum("ta,tsoi,sb->oiab", gm, gu4, gm)
     if not np.isfinite(gw).all():
