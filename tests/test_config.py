@@ -80,7 +80,7 @@ def test_freed_host_memory_is_reused_unless_turned_off():
     glibc's defaults trim the 24 MB freed at the heap's top and fault it back, ~6000 pages);
     CNN_NUMBA_MALLOC=0 keeps glibc's defaults."""
     if cnn_numba.hostmem.status().startswith("the C library"):
-        pytest.skip("not glibc: hostmem sets nothing")
+        pytest.skip("hostmem tunes glibc's malloc only; with another C library it sets nothing (its status says so)")
     runs = {}
     for value in ("1", "0"):
         env = dict(os.environ, CNN_NUMBA_MALLOC=value)
