@@ -86,12 +86,22 @@ def config() -> dict[str, str]:
         "numpy BLAS": _blas(numpy),
         "kernel BLAS": f"{_blas(scipy)} (SciPy's, called by Numba's np.dot), threads: {kernel_blas_threads}",
         "host memory": hostmem.status(),
+        "conv autotune": _autotune(),
         "cuda": _cuda(),
     }
     counts = _blas_threads()
     if counts:
         info["BLAS threads"] = ", ".join(f"{name}: {n}" for name, n in counts.items())
     return info
+
+
+def _autotune() -> str:
+    """Whether the CPU's conv 'auto' is tuned, and the table of its choices."""
+    from .kernels import autotune
+    if not autotune.enabled():
+        return f"off ({autotune.ENV}=0): 'auto' is the rule"
+    path = autotune.table_path()
+    return f"on ({autotune.ENV}=0 turns it off), choices in {path}" + ("" if path.exists() else " (none yet)")
 
 
 def show_config(file=None) -> None:

@@ -120,14 +120,10 @@ def test_unknown_algorithm_in_the_table_is_ignored(tune, rng):
     assert ran == [("direct", "forward")]  # tiny: the rule
 
 
-@pytest.mark.parametrize("setting", ["0", None])
-def test_off_keeps_the_rule(tune, rng, monkeypatch, setting):
+def test_off_keeps_the_rule(tune, rng, monkeypatch):
     path, ran = tune
     monkeypatch.setattr(autotune, "MIN_MACS", 0)
-    if setting is None:
-        monkeypatch.delenv(autotune.ENV)  # off unless asked for
-    else:
-        monkeypatch.setenv(autotune.ENV, setting)
+    monkeypatch.setenv(autotune.ENV, "0")
     TABLE.tuner.clear()
     _conv(rng)
     assert sorted(ran) == sorted(("direct", p) for p in PASSES)
@@ -143,4 +139,20 @@ def test_small_layers_and_the_warmup_dry_step_are_not_timed(tune, rng):
     ran.clear()
     with warmup.recording() as found:
         F.conv2d(big, w, padding=1)
-    assert ran == [("direct", "forward")] and found and not path.exists()
+    # Every algorithm's launcher ran (then the rule's, the dry step's own call), so the
+    # warm-up compiles what the real step will time.
+    geom = shapes.conv2d_geom(big.shape, W_SHAPE, 1, 1, 1, 1)
+    every = [(a.name, "forward") for a in TABLE.algos if a.supports(geom, "forward")]
+    assert len(every) >= 2 and sorted(ran) == sorted(every + [("direct", "forward")]) and not path.exists()
+    compiled = {d.py_func.__name__ for d, _ in found}
+    assert {"conv2d_forward_flat", "conv2d_forward_shifted"} <= compiled
+
+
+def test_on_by_default(monkeypatch):
+    monkeypatch.delenv(autotune.ENV, raising=False)
+    assert autotune.enabled()
+    for off in ("0", " 0 "):  # what conftest.py sets for every other test
+        monkeypatch.setenv(autotune.ENV, off)
+        assert not autotune.enabled()
+    monkeypatch.setenv(autotune.ENV, "1")
+    assert autotune.enabled()

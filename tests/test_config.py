@@ -18,7 +18,7 @@ import cnn_numba
 from cnn_numba.cli import main
 
 LABELS = ["cnn_numba", "python", "numba", "numpy", "scipy", "threading layer", "threads", "kernels from threads",
-          "tbb", "numpy BLAS", "kernel BLAS", "host memory", "cuda"]
+          "tbb", "numpy BLAS", "kernel BLAS", "host memory", "conv autotune", "cuda"]
 
 
 def _parse(text: str) -> dict[str, str]:
@@ -37,6 +37,7 @@ def test_show_config_reports_what_runs():
     assert info["numba"].split()[0] == numba.__version__
     assert info["numpy"] == np.__version__ and info["scipy"] == scipy.__version__
     assert info["cnn_numba"].startswith(cnn_numba.__version__)
+    assert info["conv autotune"].startswith("off")  # conftest.py turns it off for the tests
     assert info["kernels from threads"].startswith("serialised" if numba.threading_layer() == "workqueue"
                                                    else "concurrent")
     if importlib.util.find_spec("numba_cuda") is None:

@@ -1,4 +1,4 @@
-"""Per-shape autotuning of the CPU's conv2d 'auto' (opt-in: ``CNN_NUMBA_AUTOTUNE=1``).
+"""Per-shape autotuning of the CPU's conv2d 'auto' (on unless ``CNN_NUMBA_AUTOTUNE=0``).
 
 With tuning on (``CNN_NUMBA_AUTOTUNE`` is read at the first conv call of the process), the
 first 'auto' call of a (geometry, dtype, pass) runs every algorithm of the table on that
@@ -11,13 +11,14 @@ algorithms by float rounding only, and a run resumed later must compute what it 
 before. Without tuning, or before a choice exists, 'auto' is the table's rule
 (``conv_algos.auto_algo``).
 
-Off by default: tuning compiles the kernels of every algorithm for each pass, which a cold
-first run pays for (LeNet-5's cold start, bench/compile_time.py --lenet5 on 2 shared cores:
-20.2 s of CPU against 14.3 s serially, 22.1 s against 17.3 s with the warm-up, whose dry
-step cannot foresee the timed algorithms), and it makes the first call of each layer slower.
-Not tuned: layers under ``MIN_MACS`` multiply-adds (the rule's choice is as good as any
-there, and the timing would be noise), empty batches, and any call during the warm-up's dry
-step (cnn_numba/warmup.py), whose kernels only record: it uses a stored choice, else the rule.
+What it costs: the kernels of every algorithm compile once per machine (Numba's cache keeps
+them), and the first call of each layer shape times them. LeNet-5's cold start
+(bench/compile_time.py --lenet5, 2 shared cores, 2026-12-01): 86 compiles for 22.5 s of CPU
+against 69 for 17.2 s untuned, serially; the warm-up's dry step (cnn_numba/warmup.py), in
+which the kernels only record, runs every algorithm's launcher for a shape it will time, so
+``train`` compiles them all in its parallel warm-up and the first step's timing then takes
+~0.04 s. Not tuned: layers under ``MIN_MACS`` multiply-adds (the rule's choice is as good as
+any there, and the timing would be noise), and empty batches.
 
 The table: ``CNN_NUMBA_AUTOTUNE_FILE``, else ``cnn_numba_autotune.json`` in Numba's cache
 directory where ``NUMBA_CACHE_DIR`` sets one, else ``~/.cache/cnn_numba/autotune.json``.
@@ -58,8 +59,8 @@ MARGIN = 0.05
 
 
 def enabled() -> bool:
-    """Whether tuning is on: ``CNN_NUMBA_AUTOTUNE=1``."""
-    return os.environ.get(ENV, "0") == "1"
+    """Whether tuning is on: unless ``CNN_NUMBA_AUTOTUNE=0``."""
+    return os.environ.get(ENV, "1").strip() != "0"
 
 
 def table_path() -> Path:
@@ -153,9 +154,14 @@ class Tuner:
             if name in table.by_name and table.by_name[name].supports(geom, pass_):
                 self._chosen[pkey] = name
                 return name
+            small = geom.n * geom.co * geom.oh * geom.ow * geom.cig * geom.kh * geom.kw < MIN_MACS
             if recording:
+                if not small:  # the real step will time them all: compile them all now
+                    for entry in table.algos:
+                        if entry.supports(geom, pass_):
+                            entry.run(pass_, geom, *arrays)
                 return None
-            if geom.n * geom.co * geom.oh * geom.ow * geom.cig * geom.kh * geom.kw < MIN_MACS:
+            if small:
                 name = table.policy(geom, pass_)
             else:
                 name = self._time(table, geom, pass_, arrays)

@@ -10,8 +10,8 @@ with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the 
 written (=) by the launcher. ``supports(geom, pass_)`` says where an entry can run; a
 ``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its
 parent wherever it supports the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
-unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, on with
-``CNN_NUMBA_AUTOTUNE=1``) with a timed choice for the geometry, dtype and pass.
+unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, off with
+``CNN_NUMBA_AUTOTUNE=0``) with a timed choice for the geometry, dtype and pass.
 An explicitly named algorithm that does not support a pass gives way to the first entry in
 table order that does (on CUDA, direct's shared-memory tiles to im2col), and so does a name
 that another device's table has and this one lacks (the CPU's 'winograd' on CUDA): one
