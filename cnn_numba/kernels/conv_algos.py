@@ -32,6 +32,7 @@ import numpy as np
 
 from ..backend import register
 from . import conv as C
+from . import conv_batchlast as BL
 from . import conv_stride1 as S
 from . import conv_winograd as WG
 from .autotune import Tuner
@@ -178,6 +179,7 @@ TABLE = ConvTable([
     ConvAlgo("direct", C.forward_direct, C.backward_input_direct, C.backward_weight_direct, special=FLAT),
     ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
     ConvAlgo("winograd", WG.forward, WG.backward_input, WG.backward_weight, supports=WG.supports),
+    ConvAlgo("batchlast", BL.forward, BL.backward_input, None, supports=BL.supports),
 ], auto_algo, tuner=Tuner())
 
 register("conv2d_algorithms", "cpu")(lambda: TABLE)
