@@ -107,19 +107,55 @@ def pad_phases(x, c0, xp, ph, pw, sh, sw):
     keeps its zero border)."""
     h, wd = x.shape[1], x.shape[2]
     hp, wp = xp.shape[2], xp.shape[3]
+    if sw == 2:
+        _pad_phase_pairs(x, c0, xp, ph, pw, sh)
+        return
     for f in range(sh * sw):
         r, q = f // sw, f % sw
         u0, u1 = out_range(r, sh, ph, 1, h, hp)  # the phase rows and columns inside x
         v0, v1 = out_range(q, sw, pw, 1, wd, wp)
-        j0 = tap(v0, sw, pw, q, 1)
         for ci in range(xp.shape[0]):
             for u in range(u0, u1):
-                row, dst = x[c0 + ci, tap(u, sh, ph, r, 1)], xp[ci, f, u]
-                if sw == 1:
-                    copy_run(row[j0:j0 + v1 - v0], dst[v0:])
-                else:
-                    for v in range(v0, v1):
-                        dst[v] = row[j0 + (v - v0) * sw]
+                _phase_columns(x[c0 + ci, tap(u, sh, ph, r, 1)], xp[ci, f, u], v0, v1, sw, pw, q)
+
+
+@njit(cache=True, inline="always")
+def _phase_columns(row, dst, v0, v1, sw, pw, q):
+    """dst[v] = row[sw*v - pw + q] for v0 <= v < v1: one row of column phase q."""
+    j0 = tap(v0, sw, pw, q, 1)
+    if sw == 1:
+        copy_run(row[j0:j0 + v1 - v0], dst[v0:])
+    else:
+        for v in range(v0, v1):
+            dst[v] = row[j0 + (v - v0) * sw]
+
+
+@njit(cache=True)
+def _pad_phase_pairs(x, c0, xp, ph, pw, sh):
+    """pad_phases at column stride 2: both column phases of a row in one loop, where both
+    read inside x, so the loads are one interleaved pair (two vector loads and a shuffle
+    per 32 values) instead of a strided gather per phase: resnet_down's 16x32x32 input
+    took 13 us per sample to split, 40% of its forward on one thread."""
+    h, wd = x.shape[1], x.shape[2]
+    hp, wp = xp.shape[2], xp.shape[3]
+    v00, v10 = out_range(0, 2, pw, 1, wd, wp)
+    v01, v11 = out_range(1, 2, pw, 1, wd, wp)
+    lo, hi = max(v00, v01), min(v10, v11)  # columns where both phases read x
+    hi = max(hi, lo)
+    for r in range(sh):
+        u0, u1 = out_range(r, sh, ph, 1, h, hp)
+        for ci in range(xp.shape[0]):
+            for u in range(u0, u1):
+                row = x[c0 + ci, tap(u, sh, ph, r, 1)]
+                d0, d1 = xp[ci, r * 2, u], xp[ci, r * 2 + 1, u]
+                _phase_columns(row, d0, v00, min(v10, lo), 2, pw, 0)  # the edges, phase by phase
+                _phase_columns(row, d1, v01, min(v11, lo), 2, pw, 1)
+                _phase_columns(row, d0, max(v00, hi), v10, 2, pw, 0)
+                _phase_columns(row, d1, max(v01, hi), v11, 2, pw, 1)
+                for v in range(lo, hi):
+                    e = 2 * v - pw
+                    d0[v] = row[e]
+                    d1[v] = row[e + 1]
 
 
 @njit(cache=True)
