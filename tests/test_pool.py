@@ -349,3 +349,25 @@ def test_relu_at_nan_passes_the_gradient_like_pytorch():
     out, (gx,), _ = forward_backward(F.relu, (x,), gy=np.ones(4))
     assert np.isnan(out[0])
     np.testing.assert_array_equal(gx, R.relu_grad(x, np.ones(4)))  # [1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 5, 7), (3, 1, 2, 2)], ids=str)
+def test_max_pool_2x2_fast_path_keeps_the_rules(rng, dtype, shape, monkeypatch):
+    """kernels/pool.py's 2x2 stride-2 kernel: values and indices as the reference, with ties
+    (the first wins), NaNs (the last wins), -inf and inf; odd sizes drop the last row or column.
+    The fast kernel must be the one that ran."""
+    from cnn_numba.kernels import pool
+    calls = []
+    fast = pool.max_pool2d_forward_2x2
+    monkeypatch.setattr(pool, "max_pool2d_forward_2x2", lambda *a: (calls.append(1), fast(*a)))
+    x = rng.integers(-2, 3, size=shape).astype(dtype)  # many ties
+    flat = x.reshape(-1)
+    flat[::7] = np.nan
+    flat[3::11] = -np.inf
+    flat[5::13] = np.inf
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    ref, ref_idx = R.max_pool2d(x, 2)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_array_equal(out.numpy(), ref.astype(dtype))
+    assert calls

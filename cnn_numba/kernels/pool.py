@@ -51,6 +51,39 @@ def max_pool2d_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
                 idx[i, cc, r, q] = arg
 
 
+@njit(cache=True, inline="always")
+def _later_max(v, at, best, arg):
+    """The general kernel's rule for the next candidate ``v`` (at ``at``) against (best, arg):
+    a larger value or a NaN wins. Selects, not branches, so a loop of them vectorises."""
+    take = (v > best) | np.isnan(v)
+    return (v if take else best), (at if take else arg)
+
+
+@njit(parallel=PARALLEL, **KERNEL)
+def max_pool2d_forward_2x2(x, y, idx):
+    """max_pool2d_forward for 2x2 windows at stride 2 with no padding or dilation whose
+    windows all lie inside x (2*OH <= H, 2*OW <= W): each output row compares its windows'
+    four candidates in the general kernel's order (row by row, left to right) in one
+    branch-free loop. LeNet-5's 64x6x28x28 pooling took 0.5 ms in the general kernel."""
+    n, c, h, wd = x.shape
+    oh, ow = y.shape[2], y.shape[3]
+    for p in prange(n * c):
+        i, cc = p // c, p % c
+        plane, yp, ip = x[i, cc], y[i, cc], idx[i, cc]
+        for r in range(oh):
+            top, bottom = plane[2 * r], plane[2 * r + 1]
+            yr, ir = yp[r], ip[r]
+            at = 2 * r * wd
+            for q in range(ow):
+                j = 2 * q
+                best, arg = top[j], at + j
+                best, arg = _later_max(top[j + 1], at + j + 1, best, arg)
+                best, arg = _later_max(bottom[j], at + wd + j, best, arg)
+                best, arg = _later_max(bottom[j + 1], at + wd + j + 1, best, arg)
+                yr[q] = best
+                ir[q] = arg
+
+
 @njit(parallel=PARALLEL, **KERNEL)
 def scatter_planes(src, idx, dst, accumulate):
     """dst[n, c].flat[idx[n, c, j]] (+)= src[n, c].flat[j]; the rest of dst is zero."""
@@ -190,7 +223,12 @@ __all__ = [
 def max_pool2d(x, out_hw, kernel, stride, pad, dilation):
     y = np.empty(x.shape[:2] + tuple(out_hw), x.dtype)
     idx = np.empty(y.shape, np.int64)
-    if y.size:
+    if not y.size:
+        return y, idx
+    if (tuple(kernel) == tuple(stride) == (2, 2) and tuple(pad) == (0, 0) and tuple(dilation) == (1, 1)
+            and 2 * y.shape[2] <= x.shape[2] and 2 * y.shape[3] <= x.shape[3]):
+        max_pool2d_forward_2x2(x, y, idx)
+    else:
         max_pool2d_forward(x, y, idx, *kernel, *stride, *pad, *dilation)
     return y, idx
 
