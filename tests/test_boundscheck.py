@@ -130,6 +130,7 @@ SCRIPT = textwrap.dedent(r'''
         ((1, 2, 7, 4), dict(kernel_size=3, stride=(3, 2), padding=(1, 0), dilation=2, ceil_mode=True)),
         ((1, 2, 9, 7), dict(kernel_size=(3, 2), stride=2, padding=1, dilation=(3, 2), ceil_mode=True)),
         ((2, 2, 4, 3), dict(kernel_size=(4, 3))),
+        ((2, 3, 5, 7), dict(kernel_size=2)),  # the 2x2 stride-2 kernel, odd sizes
         ((0, 2, 4, 4), dict(kernel_size=2)),
     ]
     for xs, kw in MAX:
