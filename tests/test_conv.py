@@ -411,6 +411,10 @@ def test_blas_gemm_on_windows_and_its_bounds_check():
     (((1, 64, 32, 32), (64, 1, 3, 3), dict(padding=1, groups=64)), "direct direct direct"),  # depthwise
     (((1, 64, 32, 32), (128, 64, 1, 1), {}), "im2col im2col im2col"),                 # 1x1: a plain product
     (((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),       # small planes
+    (((16, 64, 7, 7), (64, 64, 3, 3), dict(padding=1)), "batchlast batchlast direct"),  # 7x7, a batch
+    (((15, 64, 7, 7), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),      # too few samples
+    (((16, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),      # 8x8: mixed, the tuner's
+    (((16, 6, 14, 14), (16, 6, 5, 5), {}), "direct im2col direct"),                   # LeNet's C3 at b16
     (((1, 64, 4, 4), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),       # K = 576
     (((1, 256, 8, 8), (256, 256, 3, 3), dict(padding=1)), "im2col im2col im2col"),    # small and wide: long K
     (((1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1)), "direct direct direct"),  # wide, big planes
