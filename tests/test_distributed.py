@@ -255,10 +255,15 @@ def test_sync_bn_equals_one_process(data_dir, tmp_path):
             "local": mpirun(2, train_args(data_dir, tmp_path / "local", *resnet), RUN_TIMEOUT)}
     for name, proc in runs.items():
         assert proc.returncode == 0, (name, proc.stdout + proc.stderr)
-    assert_same_run(tmp_path / "sync" / "epoch_001.npz", tmp_path / "one" / "epoch_001.npz", rtol=1e-4)
+    # The ranks' kernels see batches of 16, the one process's 32: in float32 the sums run in
+    # another order (a run's vectorised body and its remainder split it elsewhere, 'auto' may
+    # pick another algorithm), and the batch-norm gradients, sums that nearly cancel, carry
+    # that into the weights. Measured 2026-12-01: sync within 2.7e-4 of the weights' largest
+    # magnitude (6.2e-4 for the momentum buffers), local statistics 0.02 (median) to 0.52.
+    assert_same_run(tmp_path / "sync" / "epoch_001.npz", tmp_path / "one" / "epoch_001.npz", rtol=1e-3)
     # per-rank statistics (the default) normalise each half-batch by its own mean: another run
     with pytest.raises(AssertionError):
-        assert_same_run(tmp_path / "local" / "epoch_001.npz", tmp_path / "one" / "epoch_001.npz", rtol=1e-4)
+        assert_same_run(tmp_path / "local" / "epoch_001.npz", tmp_path / "one" / "epoch_001.npz", rtol=1e-3)
 
 
 @needs_mpi
