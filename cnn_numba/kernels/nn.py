@@ -33,7 +33,7 @@ from numba import get_num_threads, njit, prange
 from ..backend import register
 from . import PARALLEL
 from .blas import gemm
-from .index import dot
+from .index import axpy, dot
 
 CPU = "cpu"
 KERNEL = dict(cache=True)  # no fastmath: NaN must propagate, and these are memory-bound
@@ -209,7 +209,8 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- linear
 
-# Below this many multiply-adds a product is one BLAS call: a parallel launch costs more.
+# Below this many multiply-adds a product is one serial Numba kernel (small_product): a
+# parallel launch, or even one BLAS call from Numba, costs more.
 ROWS_PARALLEL_MACS = 1 << 18
 
 
@@ -234,24 +235,39 @@ def rows_product(trans_a, trans_b, m, n, k, a, b, c, chunks):
 
 
 @njit(**REDUCTION)
-def rows_dot(x, w, b, y):
-    """y (m, n) = x (m, k) @ w (n, k)^T + b (n,): one dot product per output, serial, for
-    products too small to pay for a parallel launch or a BLAS call (LeNet-5's linear layers
-    at batch 1: 17 us for the 400x120 BLAS call from Numba, 1.3 us here)."""
-    for i in range(x.shape[0]):
-        for j in range(w.shape[0]):
-            y[i, j] = dot(x[i], 0, 1, w[j], 0, 1, x.shape[1], b[j])
+def small_product(a, b, trans_b, bias, c):
+    """c (m, n) = a (m, k) @ op(b) + bias (n,), serial, for products under ROWS_PARALLEL_MACS:
+    op(b) is b stored (n, k) with ``trans_b`` (a dot product of two rows per output), else b
+    stored (k, n) (c's rows as sums of b's rows). SciPy's BLAS called from Numba takes 17 us
+    for LeNet-5's 1x400 by 400x120 product at batch 1, this 1.3 us."""
+    m, n, k = c.shape[0], c.shape[1], a.shape[1]
+    for i in range(m):
+        row = c[i]
+        if trans_b:
+            for j in range(n):
+                row[j] = dot(a[i], 0, 1, b[j], 0, 1, k, bias[j])
+        else:
+            for j in range(n):
+                row[j] = bias[j]
+            for kk in range(k):
+                axpy(a[i, kk], b[kk], 0, 1, row, 0, 1, n)
 
 
-def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int):
-    """op(a) @ op(b), (m, n), a fresh array of a's dtype (see rows_product)."""
+def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int, bias=None):
+    """op(a) @ op(b) (+ bias), (m, n), a fresh array of a's dtype: small_product under
+    ROWS_PARALLEL_MACS, else rows_product."""
     c = np.empty((m, n), a.dtype)
+    a, b = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
+    if 0 < m * n * k < ROWS_PARALLEL_MACS:
+        small_product(a.reshape(k, m).T if trans_a else a.reshape(m, k), b.reshape(n, k) if trans_b else b.reshape(k, n),
+                      trans_b, np.zeros(n, c.dtype) if bias is None else bias, c)
+        return c
     if k == 0:
         c[...] = 0
-        return c
-    chunks = 1 if m * n * k < ROWS_PARALLEL_MACS else max(1, min(get_num_threads(), m // 8))
-    rows_product(trans_a, trans_b, m, n, k, np.ascontiguousarray(a).reshape(-1),
-                 np.ascontiguousarray(b).reshape(-1), c.reshape(-1), chunks)
+    else:
+        rows_product(trans_a, trans_b, m, n, k, a, b, c.reshape(-1), max(1, min(get_num_threads(), m // 8)))
+    if bias is not None:
+        c += bias
     return c
 
 
@@ -264,18 +280,9 @@ def _rows(a) -> int:
 
 @register("linear_forward", CPU)
 def linear_forward(x, w, b):
-    """y (*, OUT) = x @ w.T + b; products under ROWS_PARALLEL_MACS in one serial kernel with
-    the bias added in it."""
+    """y (*, OUT) = x @ w.T + b."""
     out_f, in_f = w.shape
-    m = _rows(x)
-    if 0 < m * out_f * in_f < ROWS_PARALLEL_MACS:
-        y = np.empty((m, out_f), x.dtype)
-        rows_dot(np.ascontiguousarray(x).reshape(m, in_f), w, np.zeros(out_f, x.dtype) if b is None else b, y)
-    else:
-        y = _product(x, False, w, True, m, out_f, in_f)
-        if b is not None:
-            y += b
-    return y.reshape(*x.shape[:-1], out_f)
+    return _product(x, False, w, True, _rows(x), out_f, in_f, b).reshape(*x.shape[:-1], out_f)
 
 
 @register("linear_backward_input", CPU)
