@@ -83,6 +83,8 @@ class Linear(Module):
 class Conv2d(Module):
     """weight (out_channels, in_channels/groups, kH, kW); ``algo`` picks the conv kernels."""
 
+    _fusion_role = "conv"  # eval-mode fusion with a following BatchNorm2d/ReLU (nn/module.py)
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, algo="auto"):
         super().__init__()
@@ -103,6 +105,13 @@ class Conv2d(Module):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                         algo=self.algo)
+
+    def _fused_forward(self, x, bn=None, relu=None):
+        """``relu(bn(self(x)))`` in one conv pass (nn/module.py's conv_chain decides when):
+        bn an eval-mode BatchNorm2d or None, relu a ReLU or None."""
+        stats = None if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return F.conv2d_bn_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                bn=stats, with_relu=relu is not None, algo=self.algo)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -264,6 +273,7 @@ class _BatchNorm(Module):
 class BatchNorm2d(_BatchNorm):
     """Per-channel normalisation of (N, C, H, W) over (N, H, W)."""
     _dims, _layout = (4,), "(N, C, H, W)"
+    _fusion_role = "bn"
 
 
 class BatchNorm1d(_BatchNorm):
@@ -274,6 +284,8 @@ class BatchNorm1d(_BatchNorm):
 # ----------------------------------------------------------------------------- activations and reshaping
 
 class ReLU(Module):
+    _fusion_role = "relu"
+
     def __init__(self, inplace: bool = False):  # inplace is accepted for compatibility; ops never alias
         super().__init__()
 

@@ -9,6 +9,7 @@ so ``np.savez(path, **model.state_dict())`` saves a model and
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict, namedtuple
 from typing import Iterator
 
@@ -283,6 +284,54 @@ class Module:
         return head + ("\n  " + "\n  ".join(lines) + "\n)" if lines else ")")
 
 
+# ----------------------------------------------------------------------------- eval-mode fusion
+#
+# In eval mode a Conv2d followed by a BatchNorm2d and/or a ReLU runs as one conv pass that
+# applies the batch norm and relu as it stores each output (functional.conv2d_bn_relu, which
+# itself runs the ops one by one where a graph is recorded or the device lacks the epilogue):
+# Sequential finds such runs among its children, BasicBlock, Bottleneck and friends call
+# ``conv_chain``. Only modules of exactly the library's classes take part (a subclass may
+# change forward: ConnectionTableConv2d, SyncBatchNorm), all in eval mode, and none observed
+# through an instance-level ``forward`` (how summary() and onnx.export watch each module's
+# output). Bit for bit the outputs of the unfused modules (tests/test_fusion.py).
+# ``CNN_NUMBA_FUSE=0`` in the environment, or ``FUSE = False`` here, turns it off.
+FUSE = os.environ.get("CNN_NUMBA_FUSE", "1") != "0"
+
+
+def _plain(m, role: str) -> bool:
+    """``m`` is the library's layer of ``role`` ('conv', 'bn', 'relu': its class's own
+    ``_fusion_role``, not a subclass's), in eval mode and not observed."""
+    return type(m).__dict__.get("_fusion_role") == role and not m.training and "forward" not in m.__dict__
+
+
+def _fusable(conv, bn, relu) -> bool:
+    """Whether conv [-> bn] [-> relu] (bn, relu None when absent) runs fused."""
+    return (FUSE and (bn is not None or relu is not None) and _plain(conv, "conv")
+            and (bn is None or (_plain(bn, "bn") and bn.running_mean is not None))
+            and (relu is None or _plain(relu, "relu")))
+
+
+def conv_chain(x, conv, bn=None, relu=None):
+    """``relu(bn(conv(x)))``, bn and relu optional (None): one fused pass where ``_fusable``,
+    the modules one by one otherwise."""
+    if _fusable(conv, bn, relu):
+        return conv._fused_forward(x, bn, relu)
+    for m in (conv, bn, relu):
+        if m is not None:
+            x = m(x)
+    return x
+
+
+def _fused_run(mods, i):
+    """(bn, relu, length) of the fusable run that starts with the conv ``mods[i]``: a
+    BatchNorm2d and/or ReLU right after it; length 0 where none."""
+    n = len(mods)
+    bn = mods[i + 1] if i + 1 < n and _plain(mods[i + 1], "bn") else None
+    j = i + 1 + (bn is not None)
+    relu = mods[j] if j < n and _plain(mods[j], "relu") else None
+    return bn, relu, (1 + (bn is not None) + (relu is not None) if _fusable(mods[i], bn, relu) else 0)
+
+
 class Sequential(Module):
     """Modules applied in order; ``Sequential(a, b)`` names them "0", "1", and
     ``Sequential(OrderedDict(conv=a, relu=b))`` by the dict's keys."""
@@ -297,8 +346,18 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x):
-        for m in self._modules.values():
+        mods = tuple(self._modules.values())
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            if FUSE and type(m).__dict__.get("_fusion_role") == "conv":  # a conv: maybe a fused run
+                bn, relu, length = _fused_run(mods, i)
+                if length:
+                    x = m._fused_forward(x, bn, relu)
+                    i += length
+                    continue
             x = m(x)
+            i += 1
         return x
 
     def __len__(self):
