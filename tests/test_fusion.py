@@ -269,3 +269,30 @@ def test_errors_are_those_of_the_unfused_modules(rng):
     seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     with cn.no_grad(), pytest.raises(ValueError, match="expected 4-D|must be 4-D|\\(N, C, H, W\\)"):
         seq(random(rng, (3, 6, 6), np.float32))
+
+
+# ----------------------------------------------------------------------------- nn.utils.fuse_conv_bn_eval
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,affine,groups,stride", [(True, True, 1, 1), (False, True, 2, 2), (False, False, 1, 1)])
+def test_fuse_conv_bn_eval(bias, affine, groups, stride, dtype, rng):
+    """PyTorch's explicit folding: one conv equal to conv -> bn (eval) within the float tolerance
+    of the float64 reference; the layers themselves unchanged."""
+    conv = nn.Conv2d(4, 6, 3, stride, 1, groups=groups, bias=bias, dtype=dtype).eval()
+    bn = nn.BatchNorm2d(6, affine=affine, dtype=dtype).eval()
+    mean, var, w, b = _bn_stats(rng, 6, dtype, affine)
+    bn.running_mean.data[:], bn.running_var.data[:] = mean, var
+    if affine:
+        bn.weight.data[:], bn.bias.data[:] = w, b
+    before = [p.numpy().copy() for p in (*conv.parameters(), *bn.parameters())]
+    fused = nn.utils.fuse_conv_bn_eval(conv, bn)
+    assert [n for n, _ in fused.named_parameters()] == ["weight", "bias"] and fused.bias.dtype == dtype
+    x = random(rng, (2, 4, 9, 9), dtype)
+    with cn.no_grad():
+        got = fused(x).numpy()
+    ref = R.batch_norm_eval(R.conv2d(x, conv.weight.numpy(), None if conv.bias is None else conv.bias.numpy(),
+                                     stride, 1, 1, groups), mean, var, w, b)
+    R.assert_close(got, ref, dtype, "fused conv")
+    assert all(np.array_equal(a, p.numpy()) for a, p in zip(before, (*conv.parameters(), *bn.parameters())))
+    with pytest.raises(ValueError, match="eval mode"):
+        nn.utils.fuse_conv_bn_eval(conv.train(), bn)

@@ -28,7 +28,9 @@ from .extra import (  # noqa: E402  (reference-model layers)
     ScaledTanh, SpatiallySeparableConv2d, Subsampling2d,
 )
 
+from . import utils  # noqa: E402  (nn.utils.fuse_conv_bn_eval)
+
 __all__ += [
-    "Subsampling2d", "ConnectionTableConv2d", "ScaledTanh", "BasicBlock", "Bottleneck", "DepthwiseSeparableConv2d",
+    "utils", "Subsampling2d", "ConnectionTableConv2d", "ScaledTanh", "BasicBlock", "Bottleneck", "DepthwiseSeparableConv2d",
     "SpatiallySeparableConv2d", "InceptionBlock",
 ]
