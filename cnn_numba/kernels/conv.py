@@ -361,10 +361,12 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
 # ----------------------------------------------------------------------------- launchers
 #
 # One per pass and algorithm, as kernels/conv_algos.py's table calls them: the arrays,
-# outputs allocated by the caller, then the layer's ConvGeom.
+# outputs allocated by the caller, then the layer's ConvGeom (and the forward's optional
+# ``epilogue=(ep, relu)``, no_epilogue when None).
 
 def forward_direct(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_direct(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g)
+    conv2d_forward_direct(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+                          geom.dh, geom.dw, geom.g)
 
 
 def backward_input_direct(gy, w, gx, geom):
@@ -376,8 +378,8 @@ def backward_weight_direct(x, gy, gw, geom):
 
 
 def forward_im2col(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_im2col(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g,
-                          get_num_threads())
+    conv2d_forward_im2col(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+                          geom.dh, geom.dw, geom.g, get_num_threads())
 
 
 def backward_input_im2col(gy, w, gx, geom):

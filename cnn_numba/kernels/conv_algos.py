@@ -9,7 +9,8 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
 written (=) by the launcher. The CPU's forward launchers also take ``epilogue=(ep, relu)``,
 applied as each output is stored (kernels/conv.py): y = relu(batch_norm_eval(conv + b)) in
-one pass; ``ConvTable.run(..., epilogue=...)`` passes it on. ``supports(geom, pass_)`` says where an entry can run; a
+one pass; ``ConvTable.run(..., epilogue=...)`` passes it on (``conv2d_epilogue`` at the end
+of this module builds it). ``supports(geom, pass_)`` says where an entry can run; a
 ``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its
 parent wherever it supports the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
 unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, on with
@@ -34,10 +35,10 @@ import numpy as np
 
 from ..backend import register
 from . import conv as C
-from .nn import batch_norm_invstd
 from . import conv_stride1 as S
 from . import conv_winograd as WG
 from .autotune import Tuner
+from .nn import batch_norm_invstd
 
 PASSES = ("forward", "backward_input", "backward_weight")
 

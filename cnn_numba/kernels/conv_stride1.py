@@ -290,9 +290,10 @@ def _phase_size(size, s, r):
 @njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     """The flat forward (see above): y = epilogue(conv2d(x, w) + b) at stride (sh, sw), any
-    leading padding ph/pw >= 0 (kernels/conv.py's epilogue: ep, relu); or, ``adjoint``, y = the input-gradient of the conv2d with that
-    stride, padding and dilation, from x = its gy, w = its weight with each group's channels
-    transposed (C, CO/G, KH, KW; ``transpose_groups``) and b = 0."""
+    leading padding ph/pw >= 0 (kernels/conv.py's epilogue: ep, relu); or, ``adjoint``, y =
+    the input-gradient of the conv2d with that stride, padding and dilation, from x = its gy,
+    w = its weight with each group's channels transposed (C, CO/G, KH, KW;
+    ``transpose_groups``), b = 0 and no epilogue."""
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     cog = co // g
@@ -460,7 +461,8 @@ def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
 
 @njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_shifted(x, w3, b, y, ep, relu, ph, pw, dh, dw, g, slots):
-    """Stride-1 forward as kh products per (sample, group): y_g = epilogue(sum_a w3[a]_g @ shifted(a) + b_g)."""
+    """Stride-1 forward as kh products per (sample, group): y_g = epilogue(sum_a w3[a]_g @ shifted(a)
+    + b_g)."""
     n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
     kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], w3.shape, g, oh, ow, dh, dw)
     xp_buf = np.zeros((slots, cig, 1, hp, wp), x.dtype)  # one phase; borders stay 0 (pad_phases)
@@ -572,7 +574,8 @@ def _taps_first(w):
 
 
 def forward_shifted(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_shifted(x, _taps_first(w), b, y, *(epilogue or no_epilogue(y.dtype)), geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+    conv2d_forward_shifted(x, _taps_first(w), b, y, *(epilogue or no_epilogue(y.dtype)), geom.ph, geom.pw, geom.dh,
+                           geom.dw, geom.g, get_num_threads())
 
 
 def backward_weight_shifted(x, gy, gw, geom):

@@ -259,8 +259,9 @@ def _tile_plan(n, oh, ow, m, slots, g):
 
 @njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_winograd(x, u, b, y, ep, relu, ph, pw, g, bt, at, slots):
-    """y = epilogue(conv2d(x, w) + b) (kernels/conv.py's: ep, relu) with u (a*a, CO, cip) = G w G^T, bt = B^T (a, a), at = A^T
-    (m, a); returns 0, or NaN where an output is not finite."""
+    """y = epilogue(conv2d(x, w) + b) (kernels/conv.py's: ep, relu) with u (a*a, CO, cip) =
+    G w G^T, bt = B^T (a, a), at = A^T (m, a); returns 0, or NaN where an output before the
+    epilogue is not finite."""
     n, c = x.shape[0], x.shape[1]
     m = at.shape[0]
     co, oh, ow = y.shape[1], y.shape[2], y.shape[3]
