@@ -13,7 +13,7 @@ from .. import shapes
 from ..backend import check_device
 from ..tensor import Tensor
 from . import init
-from .module import Module, Parameter, _device_array
+from .module import FUSION_ROLES, Module, Parameter, _device_array
 
 
 def _zeros(shape, device, dtype) -> Tensor:
@@ -82,8 +82,6 @@ class Linear(Module):
 
 class Conv2d(Module):
     """weight (out_channels, in_channels/groups, kH, kW); ``algo`` picks the conv kernels."""
-
-    _fusion_role = "conv"  # eval-mode fusion with a following BatchNorm2d/ReLU (nn/module.py)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", device=None, dtype=None, *, algo="auto"):
@@ -273,7 +271,6 @@ class _BatchNorm(Module):
 class BatchNorm2d(_BatchNorm):
     """Per-channel normalisation of (N, C, H, W) over (N, H, W)."""
     _dims, _layout = (4,), "(N, C, H, W)"
-    _fusion_role = "bn"
 
 
 class BatchNorm1d(_BatchNorm):
@@ -284,8 +281,6 @@ class BatchNorm1d(_BatchNorm):
 # ----------------------------------------------------------------------------- activations and reshaping
 
 class ReLU(Module):
-    _fusion_role = "relu"
-
     def __init__(self, inplace: bool = False):  # inplace is accepted for compatibility; ops never alias
         super().__init__()
 
@@ -341,6 +336,10 @@ class ChannelShuffle(Module):
 
     def extra_repr(self):
         return f"groups={self.groups}"
+
+
+# Eval-mode fusion of Conv2d -> BatchNorm2d -> ReLU runs (nn/module.py): these exact classes.
+FUSION_ROLES.update({Conv2d: "conv", BatchNorm2d: "bn", ReLU: "relu"})
 
 
 # ----------------------------------------------------------------------------- losses

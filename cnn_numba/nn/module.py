@@ -296,12 +296,13 @@ class Module:
 # output). Bit for bit the outputs of the unfused modules (tests/test_fusion.py).
 # ``CNN_NUMBA_FUSE=0`` in the environment, or ``FUSE = False`` here, turns it off.
 FUSE = os.environ.get("CNN_NUMBA_FUSE", "1") != "0"
+FUSION_ROLES: dict = {}  # class -> 'conv', 'bn' or 'relu' (nn/layers.py fills it): exact classes only
 
 
 def _plain(m, role: str) -> bool:
-    """``m`` is the library's layer of ``role`` ('conv', 'bn', 'relu': its class's own
-    ``_fusion_role``, not a subclass's), in eval mode and not observed."""
-    return type(m).__dict__.get("_fusion_role") == role and not m.training and "forward" not in m.__dict__
+    """``m`` is the library's layer of ``role`` (its class, not a subclass), in eval mode and
+    not observed."""
+    return FUSION_ROLES.get(type(m)) == role and not m.training and "forward" not in m.__dict__
 
 
 def _fusable(conv, bn, relu) -> bool:
@@ -346,17 +347,16 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x):
-        mods = tuple(self._modules.values())
-        i = 0
-        while i < len(mods):
-            m = mods[i]
-            if FUSE and type(m).__dict__.get("_fusion_role") == "conv":  # a conv: maybe a fused run
-                bn, relu, length = _fused_run(mods, i)
-                if length:
-                    x = m._fused_forward(x, bn, relu)
-                    i += length
-                    continue
-            x = m(x)
+        skip = i = 0  # skip: the modules of a fused run still to pass over
+        for m in self._modules.values():
+            if skip:
+                skip -= 1
+            elif FUSE and type(m) in FUSION_ROLES and FUSION_ROLES[type(m)] == "conv":  # maybe a fused run
+                bn, relu, length = _fused_run(tuple(self._modules.values()), i)
+                x = m._fused_forward(x, bn, relu) if length else m(x)
+                skip = max(length - 1, 0)
+            else:
+                x = m(x)
             i += 1
         return x
 
