@@ -166,8 +166,7 @@ class BasicBlock(Module):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_chain(x, self.conv1, self.bn1, self.relu1)
-        out = conv_chain(out, self.conv2, self.bn2)
-        return self.relu2(out + identity)
+        return conv_chain(out, self.conv2, self.bn2, self.relu2, residual=identity)
 
 
 class Bottleneck(Module):
@@ -195,8 +194,7 @@ class Bottleneck(Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_chain(x, self.conv1, self.bn1, self.relu1)
         out = conv_chain(out, self.conv2, self.bn2, self.relu2)
-        out = conv_chain(out, self.conv3, self.bn3)
-        return self.relu3(out + identity)
+        return conv_chain(out, self.conv3, self.bn3, self.relu3, residual=identity)
 
 
 # ----------------------------------------------------------------------------- factorised convolutions
