@@ -131,36 +131,28 @@ def _bn_tensors(bn, x, co):
     return (*named, float(bn[4]))
 
 
-def conv2d_bn_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, bn=None, residual=None,
+def conv2d_bn_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, bn=None,
                    with_relu=False, algo="auto") -> Tensor:
-    """``relu(batch_norm(conv2d(input, weight, bias, ...), *bn, training=False) + residual)``,
-    with bn = (running_mean, running_var, weight, bias, eps) (weight and bias may be None) or
-    None for no batch norm, ``residual`` a tensor to add or None, and the relu only
-    ``with_relu``: eval-mode Conv2d -> BatchNorm2d (-> + shortcut) -> ReLU.
+    """``relu(batch_norm(conv2d(input, weight, bias, ...), *bn, training=False))``, with bn =
+    (running_mean, running_var, weight, bias, eps) (weight and bias may be None) or None for no
+    batch norm, and the relu only ``with_relu``: eval-mode Conv2d -> BatchNorm2d -> ReLU.
 
-    One pass over the output, batch norm, residual and relu applied as the conv stores each
-    value, where no graph is recorded (no_grad, or no input requiring grad), the device has
-    the epilogue (the CPU), onnx.export is not tracing and the residual has the output's
-    shape and dtype; the ops one by one otherwise. Either way the same arithmetic: the
-    outputs agree bit for bit (tests/test_fusion.py)."""
+    One pass over the output, batch norm and relu applied as the conv stores each value, where
+    no graph is recorded (no_grad, or no input requiring grad), the device has the epilogue
+    (the CPU) and onnx.export is not tracing; the ops one by one otherwise. Either way the same
+    arithmetic: the outputs agree bit for bit (tests/test_fusion.py)."""
     x, w, b, g = _conv_args(input, weight, bias, groups, algo)
     stats = None if bn is None else _bn_tensors(bn, x, w.shape[0])
-    res = None if residual is None else _tensor(residual, "residual")
-    fused = not ((bn is not None and stats is None) or _autograd._trace.recorder is not None or not has_kernel(
-        "conv2d_epilogue", x.device) or _records(x, w, b, res, *(stats[2:4] if stats else ())))
-    if fused:
-        geom = shapes.conv2d_geom(x.shape, w.shape, stride, padding, dilation, g)
-        fused = res is None or (res.shape == geom.y_shape and res.dtype == x.dtype and res.device == x.device)
-    if not fused:
+    if (bn is not None and stats is None) or _autograd._trace.recorder is not None or not has_kernel(
+            "conv2d_epilogue", x.device) or _records(x, w, b, *(stats[2:4] if stats else ())):
         y = conv2d(x, w, b, stride, padding, dilation, groups, algo=algo)
         if bn is not None:
             y = batch_norm(y, bn[0], bn[1], bn[2], bn[3], False, 0.0, bn[4])
-        if res is not None:
-            y = add(y, res)
         return relu(y) if with_relu else y
+    geom = shapes.conv2d_geom(x.shape, w.shape, stride, padding, dilation, g)
     _check_bias(b, geom.co, w)
     arrays = None if stats is None else tuple(None if t is None else t.data for t in stats[:4]) + (stats[4],)
-    epilogue = kernel("conv2d_epilogue", x.device)(x.dtype, arrays, with_relu, None if res is None else res.data)
+    epilogue = kernel("conv2d_epilogue", x.device)(x.dtype, arrays, with_relu)
     return Conv2dEpilogue.apply(*_inputs(x, w, b), geom=geom, algo=algo, epilogue=epilogue)
 
 

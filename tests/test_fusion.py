@@ -49,20 +49,17 @@ def _bn_stats(rng, c, dtype, affine=True):
     return mean, var, w, b
 
 
-def _bn_relu(y, stats, relu, residual=None):
-    """batch_norm (eval), + residual and relu of the conv output y, one by one through the
-    public functions."""
+def _bn_relu(y, stats, relu):
+    """batch_norm (eval) and relu of the conv output y, one by one through the public functions."""
     y = cn.Tensor(y)
     if stats is not None:
         y = F.batch_norm(y, *stats[:4], training=False, eps=1e-5)
-    if residual is not None:
-        y = y + cn.Tensor(residual)
     return (F.relu(y) if relu else y).numpy()
 
 
-def _unfused(x, w, b, geom_args, stats, relu, algo, residual=None):
-    """conv2d, batch_norm (eval), + residual, relu, one by one through the public functions."""
-    return _bn_relu(F.conv2d(x, w, b, *geom_args, algo=algo).numpy(), stats, relu, residual)
+def _unfused(x, w, b, geom_args, stats, relu, algo):
+    """conv2d, batch_norm (eval), relu, one by one through the public functions."""
+    return _bn_relu(F.conv2d(x, w, b, *geom_args, algo=algo).numpy(), stats, relu)
 
 
 def _same_bits(a, b):
@@ -91,41 +88,36 @@ def test_every_launcher_fused_equals_unfused(name, case, dtype, rng):
         entry.forward(x, w, np.zeros(ws[0], dtype) if b is None else b, y, geom, **epilogue)
         return y
 
-    res = random(rng, geom.y_shape, dtype)
     for b in (None, random(rng, (ws[0],), dtype)):
         conv = launch(b, {})  # this launcher's plain conv: the unfused ops start from it
         for relu in (False, True):
-            for r in (None, res):
-                y = launch(b, dict(epilogue=kernel("conv2d_epilogue", "cpu")(dtype, (*stats, 1e-5), relu, r)))
-                want = _bn_relu(conv, stats, relu, r)
-                assert _same_bits(y, want), (name, b is None, relu, r is None, np.abs(y - want).max())
-                ref = R.batch_norm_eval(R.conv2d(x, w, b, s, p, d, g), *stats) + (0 if r is None else r)
-                R.assert_close(y, R.relu(ref) if relu else ref, dtype, f"{name} relu={relu}")
+            y = launch(b, dict(epilogue=kernel("conv2d_epilogue", "cpu")(dtype, (*stats, 1e-5), relu)))
+            want = _bn_relu(conv, stats, relu)
+            assert _same_bits(y, want), (name, b is None, relu, np.abs(y - want).max())
+            ref = R.batch_norm_eval(R.conv2d(x, w, b, s, p, d, g), *stats)
+            R.assert_close(y, R.relu(ref) if relu else ref, dtype, f"{name} relu={relu}")
         # relu alone, no batch norm: the plain conv's bits, the negatives cut
-        assert _same_bits(launch(b, dict(epilogue=(no_epilogue(dtype)[0], True, None))), _bn_relu(conv, None, True))
+        assert _same_bits(launch(b, dict(epilogue=(no_epilogue(dtype)[0], True))), _bn_relu(conv, None, True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("algo", list(TABLE.names) + ["auto"])
 @pytest.mark.parametrize("bn,relu", [("affine", True), ("affine", False), ("plain", True), (None, True)])
-@pytest.mark.parametrize("residual", [None, (2, 6, 9, 9), (1, 6, 1, 1)])
-def test_conv2d_bn_relu_function(algo, bn, relu, residual, dtype, spy, rng):
-    """functional.conv2d_bn_relu under no_grad: the fused op runs (not for a residual that
-    broadcasts), the bits are the unfused ops'; with a graph recorded it is the unfused ops
-    (and differentiable)."""
+def test_conv2d_bn_relu_function(algo, bn, relu, dtype, rng):
+    """functional.conv2d_bn_relu under no_grad: the fused op runs, the bits are the unfused
+    ops'; with a graph recorded it is the unfused ops (and differentiable)."""
     x, w, b = random(rng, (2, 4, 9, 9), dtype), random(rng, (6, 4, 3, 3), dtype), random(rng, (6,), dtype)
     stats = None if bn is None else _bn_stats(rng, 6, dtype, affine=bn == "affine")
     args = None if stats is None else (*stats, 1e-5)
-    res = None if residual is None else random(rng, residual, dtype)
-    want = _unfused(x, w, b, (1, 1, 1, 1), stats, relu, algo, res)
+    want = _unfused(x, w, b, (1, 1, 1, 1), stats, relu, algo)
     with cn.no_grad():
-        got = F.conv2d_bn_relu(x, w, b, 1, 1, bn=args, residual=res, with_relu=relu, algo=algo)
+        got = F.conv2d_bn_relu(x, w, b, 1, 1, bn=args, with_relu=relu, algo=algo)
     assert _same_bits(got.numpy(), want)
-    assert got._ctx is None and not got.requires_grad and len(spy) == (residual != (1, 6, 1, 1))
+    assert got._ctx is None and not got.requires_grad
     wt = cn.Tensor(w, requires_grad=True)
-    y = F.conv2d_bn_relu(x, wt, b, 1, 1, bn=args, residual=res, with_relu=relu, algo=algo)
-    assert y.requires_grad and type(y._ctx).__name__ in ("ReLU", "BatchNorm", "Add")
-    assert _same_bits(y.numpy(), want) and len(spy) == (residual != (1, 6, 1, 1))
+    y = F.conv2d_bn_relu(x, wt, b, 1, 1, bn=args, with_relu=relu, algo=algo)
+    assert y.requires_grad and type(y._ctx).__name__ in ("ReLU", "BatchNorm")
+    assert _same_bits(y.numpy(), want)
     y.sum().backward()
     assert wt.grad is not None
 
@@ -210,7 +202,7 @@ def test_bottleneck_fuses_its_three_convs(spy, rng):
     x = random(rng, (2, 8, 9, 9), np.float32)
     with cn.no_grad():
         got = block(x).numpy()
-    assert spy == [False, True, True, True]  # the projection conv+bn first, conv1..3+bn+relu (conv3's with the shortcut)
+    assert spy == [False, True, True, False]  # the projection conv+bn first, conv1+bn+relu, conv2+bn+relu, conv3+bn
     assert _same_bits(got, block(x).numpy())
 
 

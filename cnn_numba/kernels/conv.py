@@ -26,14 +26,11 @@ shifted products, stride 1):
                forward          y_g   = w_g   @ cols
                backward_input   cols  = w_g^T @ gy_g,   then col2im (a gather)
                backward_weight  gw_g += gy_g  @ cols^T
-Epilogue: the forward kernels (every algorithm's) take ``ep, res, residual, relu`` and apply
-``epilogue`` to each output as they store it: y = relu((conv + b - mean) * scale + shift + res)
-per output channel, with ep (3, CO) the rows (mean, scale, shift), or (3, 0) for no affine
-step, res (N, CO, OH, OW) added where ``residual`` (y itself stands in otherwise), and
-``relu`` a flag. That is eval-mode batch_norm, a residual add, then relu, operation for
-operation (see ``epilogue``), in the pass that writes y instead of up to three more passes
-over it. The launchers take ``epilogue=(ep, relu, res or None)``; ``no_epilogue`` is the
-plain conv.
+Epilogue: the forward kernels (every algorithm's) take ``ep, relu`` and apply ``epilogue`` to
+each output as they store it: y = relu((conv + b - mean) * scale + shift) per output channel,
+with ep (3, CO) the rows (mean, scale, shift), or (3, 0) for no affine step, and ``relu`` a
+flag. That is eval-mode batch_norm then relu, operation for operation (see ``epilogue``), in
+the pass that writes y instead of two more passes over it. ``no_epilogue`` is the plain conv.
 
 Parallel loops run over outputs only (an output plane, a weight slice, a column
 row): no two iterations write the same element. The launchers at the end take a
@@ -55,44 +52,33 @@ IM2COL_COLUMNS = 4096
 
 
 @njit(cache=True, fastmath=False)
-def epilogue(v, chan, r):
-    """One output ``v`` (conv + bias) of a channel whose ``chan`` = (affine, mean, scale, shift,
-    residual, relu) (``channel``), with ``r`` its residual: ``(v - mean) * scale + shift``
-    where affine, ``+ r`` where residual, then 0 where relu and it is below 0.
-    kernels/nn.py's batch_norm_forward, numpy's add and relu_forward_kernel, operation for
+def epilogue(v, chan, relu):
+    """One output ``v`` (conv + bias) of a channel whose ``chan`` = (affine, mean, scale, shift)
+    (``channel``): ``(v - mean) * scale + shift`` where affine, then 0 where ``relu`` and it is
+    below 0. kernels/nn.py's batch_norm_forward and relu_forward_kernel, operation for
     operation: fastmath=False stated, not inherited from the fastmath kernels that call this
     (Numba's default), so LLVM cannot fuse the multiply-add into an FMA, and fused and unfused
     outputs agree bit for bit. Not inline="always": that would inline Numba's IR under the
     caller's flags; LLVM inlines the compiled function, flags kept, and still vectorises."""
-    affine, mu, scale, shift, residual, relu = chan
+    affine, mu, scale, shift = chan
     if affine:
         v = (v - mu) * scale + shift
-    if residual:
-        v = v + r
     return 0.0 if relu and v < 0 else v  # NaN passes, as relu's; 0.0 casts back to y's dtype on store
 
 
 @njit(cache=True, inline="always")
-def channel(ep, o, residual, relu):
-    """``epilogue``'s per-channel values for output channel o: (affine, mean, scale, shift,
-    residual, relu), read once per row or plane (scalars: LLVM cannot hoist loads from ep past
-    stores into y)."""
+def channel(ep, o):
+    """``epilogue``'s per-channel values for output channel o: (affine, mean, scale, shift),
+    read once per row or plane (scalars: LLVM cannot hoist loads from ep past stores into y)."""
     z = ep.dtype.type(0)
     if ep.shape[1] == 0:
-        return False, z, z, z, residual, relu
-    return True, ep[0, o], ep[1, o], ep[2, o], residual, relu
+        return False, z, z, z
+    return True, ep[0, o], ep[1, o], ep[2, o]
 
 
 def no_epilogue(dtype):
-    """``(ep, relu, res)`` of a plain conv: no affine step, no relu, no residual."""
-    return np.empty((3, 0), dtype), False, None
-
-
-def epilogue_args(epilogue, y):
-    """The forward kernels' ``ep, res, residual, relu`` from a launcher's ``epilogue`` (None for
-    the plain conv): y stands in for a missing residual (never added, a valid array to index)."""
-    ep, relu, res = no_epilogue(y.dtype) if epilogue is None else epilogue
-    return ep, (y if res is None else res), res is not None, relu
+    """``(ep, relu)`` of a plain conv: no affine step, no relu."""
+    return np.empty((3, 0), dtype), False
 
 
 @njit(cache=True)
@@ -110,7 +96,7 @@ def _reduce_slots(partial, out):
 # ----------------------------------------------------------------------------- direct
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_direct(x, w, b, y, ep, res, residual, relu, sh, sw, ph, pw, dh, dw, g):
+def conv2d_forward_direct(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g):
     """y[n, o] = b[o] + sum_{ci, a, bb} w[o, ci, a, bb] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)],
     then the epilogue over the plane (still in cache)."""
     n, c, h, wd = x.shape
@@ -131,10 +117,10 @@ def conv2d_forward_direct(x, w, b, y, ep, res, residual, relu, sh, sw, ph, pw, d
                     for r in range(r0, r1):
                         axpy(wv, x[i, c0 + ci, tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw), sw,
                              acc[r], q0, 1, q1 - q0)
-        chan = channel(ep, o, residual, relu)
-        if chan[0] or residual or relu:
+        chan = channel(ep, o)
+        if chan[0] or relu:
             for r in range(oh):
-                store_run(acc[r], acc[r], 0, 1, chan, res[i, o, r])
+                store_run(acc[r], acc[r], 0, 1, chan, relu)
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -262,38 +248,35 @@ def planes_to_columns(y, c0, out):
 
 
 @njit(cache=True, inline="always")
-def store_run(src, dst, q0, step, chan, res):
-    """dst[q0 + j*step] = epilogue(src[j], res[q0 + j*step]) for j < src.size (1-d; src may be
-    dst, res is dst's residual row): accumulators into an output row, every step-th element
-    from q0 (one phase of gx's columns)."""
+def store_run(src, dst, q0, step, chan, relu):
+    """dst[q0 + j*step] = epilogue(src[j]) for j < src.size (1-d; src may be dst): accumulators
+    into an output row, every step-th element from q0 (one phase of gx's columns)."""
     if step == 1:
-        d, r = dst[q0:q0 + src.size], res[q0:q0 + src.size]  # views indexed from 0: the loop vectorises
+        d = dst[q0:q0 + src.size]  # a view indexed from 0: the loop vectorises
         for j in range(src.size):
-            d[j] = epilogue(src[j], chan, r[j])
+            d[j] = epilogue(src[j], chan, relu)
     else:
         for j in range(src.size):
-            dst[q0 + j * step] = epilogue(src[j], chan, res[q0 + j * step])
+            dst[q0 + j * step] = epilogue(src[j], chan, relu)
 
 
 @njit(cache=True, inline="always")
-def biased_run(src, bias, dst, chan, res):
-    """dst[j] = epilogue(src[j] + bias, res[j]) for j < src.size (1-d): a product's output row
-    into y."""
+def biased_run(src, bias, dst, chan, relu):
+    """dst[j] = epilogue(src[j] + bias) for j < src.size (1-d): a product's output row into y."""
     for j in range(src.size):
-        dst[j] = epilogue(src[j] + bias, chan, res[j])
+        dst[j] = epilogue(src[j] + bias, chan, relu)
 
 
 @njit(**KERNEL)
-def columns_to_planes(src, b, ep, res, residual, relu, c0, y):
-    """y[:, c0:c0+cg] = epilogue(src (cg, nb*oh*ow) + b[c0:c0+cg]) (res like y): the inverse of
+def columns_to_planes(src, b, ep, relu, c0, y):
+    """y[:, c0:c0+cg] = epilogue(src (cg, nb*oh*ow) + b[c0:c0+cg]): the inverse of
     planes_to_columns, plus bias and epilogue."""
     nb, oh, ow = y.shape[0], y.shape[2], y.shape[3]
     m = oh * ow
     for o in range(src.shape[0]):
-        chan = channel(ep, c0 + o, residual, relu)
+        chan = channel(ep, c0 + o)
         for i in range(nb):
-            biased_run(src[o, i * m:(i + 1) * m], b[c0 + o], y[i, c0 + o].reshape(m), chan,
-                       res[i, c0 + o].reshape(m))
+            biased_run(src[o, i * m:(i + 1) * m], b[c0 + o], y[i, c0 + o].reshape(m), chan, relu)
 
 
 @njit(cache=True)
@@ -314,7 +297,7 @@ def _task(t, g, nb, n):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_im2col(x, w, b, y, ep, res, residual, relu, sh, sw, ph, pw, dh, dw, g, slots):
+def conv2d_forward_im2col(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -329,7 +312,7 @@ def conv2d_forward_im2col(x, w, b, y, ep, res, residual, relu, sh, sw, ph, pw, d
             out = out_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
             np.dot(w2[gi * cog:(gi + 1) * cog], cols, out)
-            columns_to_planes(out, b, ep, res[n0:n0 + nc], residual, relu, gi * cog, y[n0:n0 + nc])
+            columns_to_planes(out, b, ep, relu, gi * cog, y[n0:n0 + nc])
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -379,10 +362,10 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
 #
 # One per pass and algorithm, as kernels/conv_algos.py's table calls them: the arrays,
 # outputs allocated by the caller, then the layer's ConvGeom (and the forward's optional
-# ``epilogue=(ep, relu, res)``, no_epilogue when None).
+# ``epilogue=(ep, relu)``, no_epilogue when None).
 
 def forward_direct(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_direct(x, w, b, y, *epilogue_args(epilogue, y), geom.sh, geom.sw, geom.ph, geom.pw,
+    conv2d_forward_direct(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
                           geom.dh, geom.dw, geom.g)
 
 
@@ -395,7 +378,7 @@ def backward_weight_direct(x, gy, gw, geom):
 
 
 def forward_im2col(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_im2col(x, w, b, y, *epilogue_args(epilogue, y), geom.sh, geom.sw, geom.ph, geom.pw,
+    conv2d_forward_im2col(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
                           geom.dh, geom.dw, geom.g, get_num_threads())
 
 

@@ -7,9 +7,9 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
     backward_weight  (x, gy, gw, geom)     gw = its weight-gradient
 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
-written (=) by the launcher. The CPU's forward launchers also take ``epilogue=(ep, relu,
-res)``, applied as each output is stored (kernels/conv.py): y = relu(batch_norm_eval(conv +
-b) + res) in one pass; ``ConvTable.run(..., epilogue=...)`` passes it on (``conv2d_epilogue`` at the end
+written (=) by the launcher. The CPU's forward launchers also take ``epilogue=(ep, relu)``,
+applied as each output is stored (kernels/conv.py): y = relu(batch_norm_eval(conv + b)) in
+one pass; ``ConvTable.run(..., epilogue=...)`` passes it on (``conv2d_epilogue`` at the end
 of this module builds it). ``supports(geom, pass_)`` says where an entry can run; a
 ``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its
 parent wherever it supports the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
@@ -192,31 +192,28 @@ register("conv2d_algorithms", "cpu")(lambda: TABLE)
 
 @register("conv2d_forward", "cpu")
 def forward(x, w, b, geom, algo, epilogue=None):
-    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None); with ``epilogue=(ep, relu, res)``
-    (``epilogue`` below), relu((y - ep[0]) * ep[1] + ep[2] + res) per channel as it is stored
-    (kernels/conv.py)."""
+    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None); with ``epilogue=(ep, relu)``,
+    relu((y - ep[0]) * ep[1] + ep[2]) per channel as it is stored (kernels/conv.py)."""
     b = np.zeros(geom.co, x.dtype) if b is None else b
     kw = {} if epilogue is None else {"epilogue": epilogue}
     return TABLE.run(algo, "forward", geom, x, w, b, np.empty(geom.y_shape, x.dtype), **kw)
 
 
 @register("conv2d_epilogue", "cpu")
-def epilogue(dtype, bn=None, relu=False, residual=None):
-    """``forward``'s ``epilogue=(ep, relu, res)``: ep (3, CO) the rows (mean, scale, shift) of
+def epilogue(dtype, bn=None, relu=False):
+    """``forward``'s ``epilogue=(ep, relu)``: ep (3, CO) the rows (mean, scale, shift) of
     eval-mode batch_norm from ``bn = (running_mean, running_var, weight, bias, eps)``
     (weight and bias arrays or None), computed as kernels/nn.py's batch_norm_forward does:
     scale = invstd * weight in ``dtype``, its kernel's ``invstd[ch] * w[ch]``; (3, 0) without
-    ``bn``. ``residual``: an array of the output's shape and dtype to add before the relu, or
-    None."""
-    residual = None if residual is None else np.ascontiguousarray(residual)  # the kernels index it as y
+    ``bn``."""
     if bn is None:
-        return C.no_epilogue(dtype)[0], bool(relu), residual
+        return C.no_epilogue(dtype)[0], bool(relu)
     mean, var, w, b, eps = bn
     scale = batch_norm_invstd(var, eps, dtype)
     if w is not None:
         scale = scale * w
     shift = np.zeros_like(mean) if b is None else b
-    return np.stack((mean, scale, shift)).astype(dtype, copy=False), bool(relu), residual
+    return np.stack((mean, scale, shift)).astype(dtype, copy=False), bool(relu)
 
 
 @register("conv2d_backward_input", "cpu")

@@ -23,7 +23,7 @@ from numba import get_num_threads, njit, prange
 from . import PARALLEL
 from .blas import gemm
 from .conv import (FASTMATH, KERNEL, _reduce_slots, backward_weight_direct, backward_weight_im2col, biased_run, channel,
-                   epilogue_args, store_run)
+                   no_epilogue, store_run)
 from .index import copy_run, out_range, tap
 
 
@@ -288,9 +288,9 @@ def _phase_size(size, s, r):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_flat(x, w, b, y, ep, res, residual, relu, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
+def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     """The flat forward (see above): y = epilogue(conv2d(x, w) + b) at stride (sh, sw), any
-    leading padding ph/pw >= 0 (kernels/conv.py's epilogue: ep, res, residual, relu); or, ``adjoint``, y =
+    leading padding ph/pw >= 0 (kernels/conv.py's epilogue: ep, relu); or, ``adjoint``, y =
     the input-gradient of the conv2d with that stride, padding and dilation, from x = its gy,
     w = its weight with each group's channels transposed (C, CO/G, KH, KW;
     ``transpose_groups``), b = 0 and no epilogue."""
@@ -336,12 +336,12 @@ def conv2d_forward_flat(x, w, b, y, ep, res, residual, relu, sh, sw, ph, pw, dh,
                         else:
                             _axpy_one(wt[f, o, k:k + TAPS], s0, s1, s2, a0)
                     for u in range(nu):
-                        chan = channel(ep, o + u, residual, relu)
+                        chan = channel(ep, o + u)
                         for s in range(m):
                             for row in range(rows):
-                                j, yr = s * plane + row * wq, r + phases_out[0] * row
-                                store_run(acc[u, j:j + cols], y[i0 + s, o + u, yr], q, phases_out[1], chan,
-                                          res[i0 + s, o + u, yr])
+                                j = s * plane + row * wq
+                                store_run(acc[u, j:j + cols], y[i0 + s, o + u, r + phases_out[0] * row], q,
+                                          phases_out[1], chan, relu)
                     o += nu
 
 
@@ -460,7 +460,7 @@ def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_shifted(x, w3, b, y, ep, res, residual, relu, ph, pw, dh, dw, g, slots):
+def conv2d_forward_shifted(x, w3, b, y, ep, relu, ph, pw, dh, dw, g, slots):
     """Stride-1 forward as kh products per (sample, group): y_g = epilogue(sum_a w3[a]_g @ shifted(a)
     + b_g)."""
     n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
@@ -480,10 +480,9 @@ def conv2d_forward_shifted(x, w3, b, y, ep, res, residual, relu, ph, pw, dh, dw,
                 gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
                      0.0 if a == 0 else 1.0, of, 0, oh * wp)
             for o in range(cog):
-                c = gi * cog + o
-                chan = channel(ep, c, residual, relu)
+                chan = channel(ep, gi * cog + o)
                 for r in range(oh):
-                    biased_run(out[o, r * wp:r * wp + ow], b[c], y[i, c, r], chan, res[i, c, r])
+                    biased_run(out[o, r * wp:r * wp + ow], b[gi * cog + o], y[i, gi * cog + o, r], chan, relu)
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -552,13 +551,13 @@ def supports_shifted(geom, pass_) -> bool:
 
 
 def forward_flat(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_flat(x, w, b, y, *epilogue_args(epilogue, y), geom.sh, geom.sw, geom.ph, geom.pw,
+    conv2d_forward_flat(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
                         geom.dh, geom.dw, geom.g, False, get_num_threads())
 
 
 def backward_input_flat(gy, w, gx, geom):
     """gx = the adjoint flat pass over gy (one stride-1 correlation per phase of gx)."""
-    conv2d_forward_flat(gy, transpose_groups(w, geom.g), np.zeros(geom.c, gx.dtype), gx, *epilogue_args(None, gx),
+    conv2d_forward_flat(gy, transpose_groups(w, geom.g), np.zeros(geom.c, gx.dtype), gx, *no_epilogue(gx.dtype),
                         geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, True, get_num_threads())
 
 
@@ -575,7 +574,7 @@ def _taps_first(w):
 
 
 def forward_shifted(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_shifted(x, _taps_first(w), b, y, *epilogue_args(epilogue, y), geom.ph, geom.pw, geom.dh,
+    conv2d_forward_shifted(x, _taps_first(w), b, y, *(epilogue or no_epilogue(y.dtype)), geom.ph, geom.pw, geom.dh,
                            geom.dw, geom.g, get_num_threads())
 
 

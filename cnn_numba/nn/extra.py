@@ -166,7 +166,8 @@ class BasicBlock(Module):
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_chain(x, self.conv1, self.bn1, self.relu1)
-        return conv_chain(out, self.conv2, self.bn2, self.relu2, residual=identity)
+        out = conv_chain(out, self.conv2, self.bn2)
+        return self.relu2(out + identity)
 
 
 class Bottleneck(Module):
@@ -194,7 +195,8 @@ class Bottleneck(Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_chain(x, self.conv1, self.bn1, self.relu1)
         out = conv_chain(out, self.conv2, self.bn2, self.relu2)
-        return conv_chain(out, self.conv3, self.bn3, self.relu3, residual=identity)
+        out = conv_chain(out, self.conv3, self.bn3)
+        return self.relu3(out + identity)
 
 
 # ----------------------------------------------------------------------------- factorised convolutions

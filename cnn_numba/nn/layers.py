@@ -104,12 +104,12 @@ class Conv2d(Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                         algo=self.algo)
 
-    def _fused_forward(self, x, bn=None, relu=None, residual=None):
-        """``relu(bn(self(x)) + residual)`` in one conv pass (nn/module.py's conv_chain decides
-        when): bn an eval-mode BatchNorm2d or None, relu a ReLU or None, residual a Tensor or None."""
+    def _fused_forward(self, x, bn=None, relu=None):
+        """``relu(bn(self(x)))`` in one conv pass (nn/module.py's conv_chain decides when):
+        bn an eval-mode BatchNorm2d or None, relu a ReLU or None."""
         stats = None if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         return F.conv2d_bn_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                                bn=stats, residual=residual, with_relu=relu is not None, algo=self.algo)
+                                bn=stats, with_relu=relu is not None, algo=self.algo)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

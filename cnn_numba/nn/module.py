@@ -289,8 +289,8 @@ class Module:
 # In eval mode a Conv2d followed by a BatchNorm2d and/or a ReLU runs as one conv pass that
 # applies the batch norm and relu as it stores each output (functional.conv2d_bn_relu, which
 # itself runs the ops one by one where a graph is recorded or the device lacks the epilogue):
-# Sequential finds such runs among its children; BasicBlock and Bottleneck call
-# ``conv_chain``, their last conv with the shortcut added before the ReLU too. Only modules of exactly the library's classes take part (a subclass may
+# Sequential finds such runs among its children, BasicBlock, Bottleneck and friends call
+# ``conv_chain``. Only modules of exactly the library's classes take part (a subclass may
 # change forward: ConnectionTableConv2d, SyncBatchNorm), all in eval mode, and none observed
 # through an instance-level ``forward`` (how summary() and onnx.export watch each module's
 # output). Bit for bit the outputs of the unfused modules (tests/test_fusion.py).
@@ -312,17 +312,15 @@ def _fusable(conv, bn, relu) -> bool:
             and (relu is None or _plain(relu, "relu")))
 
 
-def conv_chain(x, conv, bn=None, relu=None, residual=None):
-    """``relu(bn(conv(x)) + residual)``, bn, relu and residual optional (None): one fused pass
-    where ``_fusable``, the modules one by one otherwise (``+`` as Tensor addition)."""
+def conv_chain(x, conv, bn=None, relu=None):
+    """``relu(bn(conv(x)))``, bn and relu optional (None): one fused pass where ``_fusable``,
+    the modules one by one otherwise."""
     if _fusable(conv, bn, relu):
-        return conv._fused_forward(x, bn, relu, residual)
-    for m in (conv, bn):
+        return conv._fused_forward(x, bn, relu)
+    for m in (conv, bn, relu):
         if m is not None:
             x = m(x)
-    if residual is not None:
-        x = x + residual
-    return x if relu is None else relu(x)
+    return x
 
 
 def _fused_run(mods, i):
