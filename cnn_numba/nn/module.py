@@ -324,13 +324,20 @@ def conv_chain(x, conv, bn=None, relu=None):
 
 
 def _fused_run(mods, i):
-    """(bn, relu, length) of the fusable run that starts with the conv ``mods[i]``: a
-    BatchNorm2d and/or ReLU right after it; length 0 where none."""
-    n = len(mods)
+    """(bn, relu, length) of the fusable run that starts with ``mods[i]``, a module of the
+    conv's class (Sequential checks): a BatchNorm2d and/or ReLU right after it; length 0
+    where none. ``_fusable``'s rule, each module looked at once (at batch 1 the look costs
+    about what the fusion saves)."""
+    conv, n = mods[i], len(mods)
+    if conv.training or "forward" in conv.__dict__:
+        return None, None, 0
     bn = mods[i + 1] if i + 1 < n and _plain(mods[i + 1], "bn") else None
+    if bn is not None and bn.running_mean is None:  # batch statistics
+        return None, None, 0
     j = i + 1 + (bn is not None)
     relu = mods[j] if j < n and _plain(mods[j], "relu") else None
-    return bn, relu, (1 + (bn is not None) + (relu is not None) if _fusable(mods[i], bn, relu) else 0)
+    length = j - i + (relu is not None)
+    return bn, relu, (length if length > 1 else 0)
 
 
 class Sequential(Module):
@@ -351,7 +358,7 @@ class Sequential(Module):
         for m in self._modules.values():
             if skip:
                 skip -= 1
-            elif FUSE and type(m) in FUSION_ROLES and FUSION_ROLES[type(m)] == "conv":  # maybe a fused run
+            elif FUSE and FUSION_ROLES.get(type(m)) == "conv":  # maybe a fused run
                 bn, relu, length = _fused_run(tuple(self._modules.values()), i)
                 x = m._fused_forward(x, bn, relu) if length else m(x)
                 skip = max(length - 1, 0)
