@@ -5,6 +5,9 @@ launcher of the CPU table; the models' eval outputs unchanged; and the fusion ru
 where nothing records or observes the intermediate outputs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -168,8 +171,10 @@ def _randomise_bn(model, rng):
 
 
 # model, input shape, fused launches per forward (resnet8: stem + 2 per block + 2 projections;
-# mobilenet_small: stem + 2 per unit; lenet5: conv1 and conv2 with their ReLUs)
-MODELS = [("resnet8", (4, 1, 16, 16), 9), ("mobilenet_small", (4, 1, 16, 16), 7), ("lenet5", (4, 1, 28, 28), 2)]
+# mobilenet_small: stem + 2 per unit; lenet5: conv1 and conv2 with their ReLUs;
+# inception_small: stem + 6 per Inception module, each branch's convs with their ReLUs)
+MODELS = [("resnet8", (4, 1, 16, 16), 9), ("mobilenet_small", (4, 1, 16, 16), 7), ("lenet5", (4, 1, 28, 28), 2),
+          ("inception_small", (2, 1, 12, 12), 13)]
 
 
 @pytest.mark.parametrize("name,shape,fused", MODELS)
@@ -296,3 +301,12 @@ def test_fuse_conv_bn_eval(bias, affine, groups, stride, dtype, rng):
     assert all(np.array_equal(a, p.numpy()) for a, p in zip(before, (*conv.parameters(), *bn.parameters())))
     with pytest.raises(ValueError, match="eval mode"):
         nn.utils.fuse_conv_bn_eval(conv.train(), bn)
+
+
+def test_environment_variable_turns_the_fusion_off(tmp_path):
+    """CNN_NUMBA_FUSE=0, read at import: nn.module.FUSE is False in that process."""
+    code = "import cnn_numba.nn.module as M; print(M.FUSE)"
+    for value, want in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, CNN_NUMBA_FUSE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip() == want, out.stderr[-2000:]
