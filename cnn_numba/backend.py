@@ -75,6 +75,12 @@ def kernel(name: str, device: str) -> Callable:
     return fn
 
 
+def has_kernel(name: str, device: str) -> bool:
+    """Whether ``device`` has a kernel for op ``name`` (optional ops, such as conv2d's fused
+    epilogue, which only the CPU has)."""
+    return (name, device) in _KERNELS
+
+
 _cuda_loaded = False
 
 

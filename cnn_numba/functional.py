@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import shapes
-from .backend import kernel
+from . import tensor as _autograd
+from .backend import has_kernel, kernel
 from .tensor import Function, Tensor, _host_array
 
 # ----------------------------------------------------------------------------- inputs
@@ -101,6 +102,58 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     geom = shapes.conv2d_geom(x.shape, w.shape, stride, padding, dilation, g)
     _check_bias(b, geom.co, w)
     return Conv2d.apply(*_inputs(x, w, b), geom=geom, algo=algo)
+
+
+class Conv2dEpilogue(Function):
+    """conv2d with the device's epilogue applied as each output is stored (kernels/conv.py).
+    Forward only: conv2d_bn_relu runs it only where no graph is recorded."""
+
+    def forward(self, x, w, b=None, *, geom, algo, epilogue):
+        return kernel("conv2d_forward", self.device)(x, w, b, geom, algo, epilogue=epilogue)
+
+    def backward(self, gy):
+        raise RuntimeError("Conv2dEpilogue has no backward (conv2d_bn_relu records the unfused ops)")
+
+
+def _records(*tensors) -> bool:
+    """Whether an op on ``tensors`` (None skipped) would record a graph: Function.apply's rule."""
+    return _autograd.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _bn_tensors(bn, x, co):
+    """(running_mean, running_var, weight, bias, eps) as tensors (weight and bias may be None),
+    or None unless each is (co,) on x's device with x's dtype (batch_norm then says why)."""
+    named = [None if t is None else _tensor(t, name)
+             for t, name in zip(bn[:4], ("running_mean", "running_var", "weight", "bias"))]
+    if named[0] is None or named[1] is None or any(
+            t is not None and (t.shape != (co,) or t.dtype != x.dtype or t.device != x.device) for t in named):
+        return None
+    return (*named, float(bn[4]))
+
+
+def conv2d_bn_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, bn=None,
+                   with_relu=False, algo="auto") -> Tensor:
+    """``relu(batch_norm(conv2d(input, weight, bias, ...), *bn, training=False))``, with bn =
+    (running_mean, running_var, weight, bias, eps) (weight and bias may be None) or None for no
+    batch norm, and the relu only ``with_relu``: eval-mode Conv2d -> BatchNorm2d -> ReLU.
+
+    One pass over the output, batch norm and relu applied as the conv stores each value, where
+    no graph is recorded (no_grad, or no input requiring grad), the device has the epilogue
+    (the CPU) and onnx.export is not tracing; the ops one by one otherwise. Either way the same
+    arithmetic: the outputs agree bit for bit (tests/test_fusion.py)."""
+    x, w, b, g = _conv_args(input, weight, bias, groups, algo)
+    stats = None if bn is None else _bn_tensors(bn, x, w.shape[0])
+    if (bn is not None and stats is None) or _autograd._trace.recorder is not None or not has_kernel(
+            "conv2d_epilogue", x.device) or _records(x, w, b, *(stats[2:4] if stats else ())):
+        y = conv2d(x, w, b, stride, padding, dilation, groups, algo=algo)
+        if bn is not None:
+            y = batch_norm(y, bn[0], bn[1], bn[2], bn[3], False, 0.0, bn[4])
+        return relu(y) if with_relu else y
+    geom = shapes.conv2d_geom(x.shape, w.shape, stride, padding, dilation, g)
+    _check_bias(b, geom.co, w)
+    arrays = None if stats is None else tuple(None if t is None else t.data for t in stats[:4]) + (stats[4],)
+    epilogue = kernel("conv2d_epilogue", x.device)(x.dtype, arrays, with_relu)
+    return Conv2dEpilogue.apply(*_inputs(x, w, b), geom=geom, algo=algo, epilogue=epilogue)
 
 
 class ConvTranspose2d(Function):

@@ -354,6 +354,18 @@ def relu(x):
     return np.maximum(np.asarray(x, np.float64), 0.0)
 
 
+def batch_norm_eval(x, mean, var, weight=None, bias=None, eps=1e-5):
+    """Eval-mode batch norm of x (N, C, H, W) with running statistics mean, var (C,), written
+    element by element in float64: (x - mean) / sqrt(var + eps) * weight + bias."""
+    x = np.asarray(x, np.float64)
+    y = np.empty(x.shape)
+    for c in range(x.shape[1]):
+        w = 1.0 if weight is None else float(weight[c])
+        b = 0.0 if bias is None else float(bias[c])
+        y[:, c] = (x[:, c] - float(mean[c])) / np.sqrt(float(var[c]) + eps) * w + b
+    return y
+
+
 def relu_grad(x, gy):
     """PyTorch's threshold_backward: zero where x <= 0, so a NaN input passes its gradient."""
     return np.where(np.asarray(x) <= 0, 0.0, np.asarray(gy, np.float64))

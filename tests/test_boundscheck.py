@@ -100,6 +100,12 @@ SCRIPT = textwrap.dedent(r'''
             close(gw, rgw, "gw")
             if bias:
                 close(gb, rgb, "gb")
+            # the same conv with an eval-mode batch norm and relu in its store (kernels/conv.py's epilogue)
+            stats = (rng.standard_normal(ws[0]), rng.uniform(0.5, 2.0, ws[0]), rng.standard_normal(ws[0]),
+                     rng.standard_normal(ws[0]))
+            with cn.no_grad():
+                fused = F.conv2d_bn_relu(x, w, b, bn=(*stats, 1e-5), with_relu=True, algo=algo, **kw)
+            close(fused.numpy(), R.relu(R.batch_norm_eval(R.conv2d(x, w, b, **kw), *stats)), f"fused {algo} {kw}")
 
     TRANSPOSED = [
         ((1, 1, 1, 1), (1, 1, 1, 1), True, {}),

@@ -9,6 +9,7 @@ from numba import get_num_threads
 
 import cnn_numba.functional as F
 from cnn_numba.kernels import conv_winograd as W
+from cnn_numba.kernels.conv import no_epilogue
 from cnn_numba.kernels.conv_algos import TABLE
 from cnn_numba.shapes import conv2d_geom
 import reference as R
@@ -69,8 +70,8 @@ def test_float32_error_is_within_the_documented_bound(rng, m, err):
     y = np.empty(ref.shape, np.float32)
     bt, at = W._matrices(m, np.float32)
     u = W.transform_weight(w.astype(np.float32), m)
-    bad = W.conv2d_forward_winograd(x.astype(np.float32), u, np.zeros(32, np.float32), y, 1, 1, 1, bt, at,
-                                    get_num_threads())
+    bad = W.conv2d_forward_winograd(x.astype(np.float32), u, np.zeros(32, np.float32), y, *no_epilogue(np.float32),
+                                    1, 1, 1, bt, at, get_num_threads())
     rel = np.abs(y - ref).max() / np.abs(ref).max()
     assert bad == 0 and rel < err, (m, rel)
     if m == 4:  # F(4x4) is measurably the coarser of the two

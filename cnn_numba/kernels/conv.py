@@ -26,6 +26,16 @@ shifted products, stride 1):
                forward          y_g   = w_g   @ cols
                backward_input   cols  = w_g^T @ gy_g,   then col2im (a gather)
                backward_weight  gw_g += gy_g  @ cols^T
+Epilogue: the forward kernels (every algorithm's) take ``ep, relu`` and apply ``epilogue`` to
+each output as they store it: y = relu((conv + b - mean) * scale + shift) per output channel,
+with ep (3, CO) the rows (mean, scale, shift), or (3, 0) for no affine step, and ``relu`` a
+flag. That is eval-mode batch_norm then relu, operation for operation (see ``epilogue``), in
+the pass that writes y instead of two more passes over it. ``no_epilogue`` is the plain conv.
+(A residual operand, y = relu(bn(conv) + shortcut) for the residual blocks, was tried and
+dropped: bit-exact, but the extra operand in the store loops, a view or an offset per output
+row, made the plain conv 2-6% slower, 10-35% with a view, on 256-sample LeNet/resnet8 shapes,
+more than the add pass it saved; not the epilogue's size: LLVM still inlined it.)
+
 Parallel loops run over outputs only (an output plane, a weight slice, a column
 row): no two iterations write the same element. The launchers at the end take a
 ``shapes.ConvGeom`` and pass its fields to the kernels as scalars.
@@ -45,6 +55,36 @@ KERNEL = dict(cache=True, fastmath=FASTMATH)
 IM2COL_COLUMNS = 4096
 
 
+@njit(cache=True, fastmath=False)
+def epilogue(v, chan, relu):
+    """One output ``v`` (conv + bias) of a channel whose ``chan`` = (affine, mean, scale, shift)
+    (``channel``): ``(v - mean) * scale + shift`` where affine, then 0 where ``relu`` and it is
+    below 0. kernels/nn.py's batch_norm_forward and relu_forward_kernel, operation for
+    operation: fastmath=False stated, not inherited from the fastmath kernels that call this
+    (Numba's default), so LLVM cannot fuse the multiply-add into an FMA, and fused and unfused
+    outputs agree bit for bit. Not inline="always": that would inline Numba's IR under the
+    caller's flags; LLVM inlines the compiled function, flags kept, and still vectorises."""
+    affine, mu, scale, shift = chan
+    if affine:
+        v = (v - mu) * scale + shift
+    return 0.0 if relu and v < 0 else v  # NaN passes, as relu's; 0.0 casts back to y's dtype on store
+
+
+@njit(cache=True, inline="always")
+def channel(ep, o):
+    """``epilogue``'s per-channel values for output channel o: (affine, mean, scale, shift),
+    read once per row or plane (scalars: LLVM cannot hoist loads from ep past stores into y)."""
+    z = ep.dtype.type(0)
+    if ep.shape[1] == 0:
+        return False, z, z, z
+    return True, ep[0, o], ep[1, o], ep[2, o]
+
+
+def no_epilogue(dtype):
+    """``(ep, relu)`` of a plain conv: no affine step, no relu."""
+    return np.empty((3, 0), dtype), False
+
+
 @njit(cache=True)
 def _reduce_slots(partial, out):
     """out (R, C) = the sum over slots of partial (slots, R, C2 >= C), its first C columns: the
@@ -60,8 +100,9 @@ def _reduce_slots(partial, out):
 # ----------------------------------------------------------------------------- direct
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_direct(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
-    """y[n, o] = b[o] + sum_{ci, a, bb} w[o, ci, a, bb] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)]."""
+def conv2d_forward_direct(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g):
+    """y[n, o] = b[o] + sum_{ci, a, bb} w[o, ci, a, bb] * x[n, c0 + ci, tap(oh, a), tap(ow, bb)],
+    then the epilogue over the plane (still in cache)."""
     n, c, h, wd = x.shape
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -80,6 +121,10 @@ def conv2d_forward_direct(x, w, b, y, sh, sw, ph, pw, dh, dw, g):
                     for r in range(r0, r1):
                         axpy(wv, x[i, c0 + ci, tap(r, sh, ph, a, dh)], tap(q0, sw, pw, bb, dw), sw,
                              acc[r], q0, 1, q1 - q0)
+        chan = channel(ep, o)
+        if chan[0] or relu:
+            for r in range(oh):
+                store_run(acc[r], acc[r], 0, 1, chan, relu)
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -207,20 +252,35 @@ def planes_to_columns(y, c0, out):
 
 
 @njit(cache=True, inline="always")
-def _biased_run(src, bias, dst):
-    """dst[j] = src[j] + bias for j < src.size (1-d): a product's output row into y."""
+def store_run(src, dst, q0, step, chan, relu):
+    """dst[q0 + j*step] = epilogue(src[j]) for j < src.size (1-d; src may be dst): accumulators
+    into an output row, every step-th element from q0 (one phase of gx's columns)."""
+    if step == 1:
+        d = dst[q0:q0 + src.size]  # a view indexed from 0: the loop vectorises
+        for j in range(src.size):
+            d[j] = epilogue(src[j], chan, relu)
+    else:
+        for j in range(src.size):
+            dst[q0 + j * step] = epilogue(src[j], chan, relu)
+
+
+@njit(cache=True, inline="always")
+def biased_run(src, bias, dst, chan, relu):
+    """dst[j] = epilogue(src[j] + bias) for j < src.size (1-d): a product's output row into y."""
     for j in range(src.size):
-        dst[j] = src[j] + bias
+        dst[j] = epilogue(src[j] + bias, chan, relu)
 
 
 @njit(**KERNEL)
-def columns_to_planes(src, b, c0, y):
-    """y[:, c0:c0+cg] = src (cg, nb*oh*ow) + b[c0:c0+cg]: the inverse of planes_to_columns, plus bias."""
+def columns_to_planes(src, b, ep, relu, c0, y):
+    """y[:, c0:c0+cg] = epilogue(src (cg, nb*oh*ow) + b[c0:c0+cg]): the inverse of
+    planes_to_columns, plus bias and epilogue."""
     nb, oh, ow = y.shape[0], y.shape[2], y.shape[3]
     m = oh * ow
     for o in range(src.shape[0]):
+        chan = channel(ep, c0 + o)
         for i in range(nb):
-            _biased_run(src[o, i * m:(i + 1) * m], b[c0 + o], y[i, c0 + o].reshape(m))
+            biased_run(src[o, i * m:(i + 1) * m], b[c0 + o], y[i, c0 + o].reshape(m), chan, relu)
 
 
 @njit(cache=True)
@@ -241,7 +301,7 @@ def _task(t, g, nb, n):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g, slots):
+def conv2d_forward_im2col(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -256,7 +316,7 @@ def conv2d_forward_im2col(x, w, b, y, sh, sw, ph, pw, dh, dw, g, slots):
             out = out_buf[tid, :cog * nc * m].reshape(cog, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
             np.dot(w2[gi * cog:(gi + 1) * cog], cols, out)
-            columns_to_planes(out, b, gi * cog, y[n0:n0 + nc])
+            columns_to_planes(out, b, ep, relu, gi * cog, y[n0:n0 + nc])
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -305,10 +365,12 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
 # ----------------------------------------------------------------------------- launchers
 #
 # One per pass and algorithm, as kernels/conv_algos.py's table calls them: the arrays,
-# outputs allocated by the caller, then the layer's ConvGeom.
+# outputs allocated by the caller, then the layer's ConvGeom (and the forward's optional
+# ``epilogue=(ep, relu)``, no_epilogue when None).
 
-def forward_direct(x, w, b, y, geom):
-    conv2d_forward_direct(x, w, b, y, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g)
+def forward_direct(x, w, b, y, geom, epilogue=None):
+    conv2d_forward_direct(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+                          geom.dh, geom.dw, geom.g)
 
 
 def backward_input_direct(gy, w, gx, geom):
@@ -319,9 +381,9 @@ def backward_weight_direct(x, gy, gw, geom):
     conv2d_backward_weight_direct(x, gy, gw, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g)
 
 
-def forward_im2col(x, w, b, y, geom):
-    conv2d_forward_im2col(x, w, b, y, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g,
-                          get_num_threads())
+def forward_im2col(x, w, b, y, geom, epilogue=None):
+    conv2d_forward_im2col(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+                          geom.dh, geom.dw, geom.g, get_num_threads())
 
 
 def backward_input_im2col(gy, w, gx, geom):

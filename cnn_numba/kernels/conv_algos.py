@@ -7,7 +7,10 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
     backward_weight  (x, gy, gw, geom)     gw = its weight-gradient
 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
-written (=) by the launcher. ``supports(geom, pass_)`` says where an entry can run; a
+written (=) by the launcher. The CPU's forward launchers also take ``epilogue=(ep, relu)``,
+applied as each output is stored (kernels/conv.py): y = relu(batch_norm_eval(conv + b)) in
+one pass; ``ConvTable.run(..., epilogue=...)`` passes it on (``conv2d_epilogue`` at the end
+of this module builds it). ``supports(geom, pass_)`` says where an entry can run; a
 ``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its
 parent wherever it supports the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
 unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, off with
@@ -36,6 +39,7 @@ from . import conv_batchlast as BL
 from . import conv_stride1 as S
 from . import conv_winograd as WG
 from .autotune import Tuner
+from .nn import batch_norm_invstd
 
 PASSES = ("forward", "backward_input", "backward_weight")
 
@@ -55,11 +59,11 @@ class ConvAlgo:
     supports: Callable = _everywhere
     special: ConvAlgo | None = None
 
-    def run(self, pass_: str, geom, *arrays) -> None:
+    def run(self, pass_: str, geom, *arrays, **epilogue) -> None:
         """Pass ``pass_`` on ``arrays`` (inputs, then the output), by the specialisation where
-        it supports the geometry."""
+        it supports the geometry; ``epilogue=`` (the forward's, when given) is passed on."""
         algo = self.special if self.special is not None and self.special.supports(geom, pass_) else self
-        getattr(algo, pass_)(*arrays, geom)
+        getattr(algo, pass_)(*arrays, geom, **epilogue)
 
 
 class ConvTable:
@@ -104,15 +108,16 @@ class ConvTable:
             self._picked[key] = entry
         return entry
 
-    def run(self, algo: str, pass_: str, geom, *arrays):
+    def run(self, algo: str, pass_: str, geom, *arrays, **epilogue):
         """``pass_`` of ``geom`` by ``algo`` on ``arrays`` (inputs, then the output, which it
         returns); nothing runs for an empty batch. 'auto' runs the tuner's choice where
-        it has one (its first call for a shape times every algorithm on ``arrays``)."""
+        it has one (its first call for a shape times every algorithm on ``arrays``, without
+        the ``epilogue=`` keyword, which the chosen one then runs with)."""
         if algo == "auto" and self.tuner is not None:
             algo = self.tuner.choose(self, geom, pass_, arrays) or algo
         entry = self.pick(algo, geom, pass_)
         if geom.n:
-            entry.run(pass_, geom, *arrays)
+            entry.run(pass_, geom, *arrays, **epilogue)
         return arrays[-1]
 
 
@@ -212,10 +217,29 @@ register("conv2d_algorithms", "cpu")(lambda: TABLE)
 # ----------------------------------------------------------------------------- launchers
 
 @register("conv2d_forward", "cpu")
-def forward(x, w, b, geom, algo):
-    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None)."""
+def forward(x, w, b, geom, algo, epilogue=None):
+    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None); with ``epilogue=(ep, relu)``,
+    relu((y - ep[0]) * ep[1] + ep[2]) per channel as it is stored (kernels/conv.py)."""
     b = np.zeros(geom.co, x.dtype) if b is None else b
-    return TABLE.run(algo, "forward", geom, x, w, b, np.empty(geom.y_shape, x.dtype))
+    kw = {} if epilogue is None else {"epilogue": epilogue}
+    return TABLE.run(algo, "forward", geom, x, w, b, np.empty(geom.y_shape, x.dtype), **kw)
+
+
+@register("conv2d_epilogue", "cpu")
+def epilogue(dtype, bn=None, relu=False):
+    """``forward``'s ``epilogue=(ep, relu)``: ep (3, CO) the rows (mean, scale, shift) of
+    eval-mode batch_norm from ``bn = (running_mean, running_var, weight, bias, eps)``
+    (weight and bias arrays or None), computed as kernels/nn.py's batch_norm_forward does:
+    scale = invstd * weight in ``dtype``, its kernel's ``invstd[ch] * w[ch]``; (3, 0) without
+    ``bn``."""
+    if bn is None:
+        return C.no_epilogue(dtype)[0], bool(relu)
+    mean, var, w, b, eps = bn
+    scale = batch_norm_invstd(var, eps, dtype)
+    if w is not None:
+        scale = scale * w
+    shift = np.zeros_like(mean) if b is None else b
+    return np.stack((mean, scale, shift)).astype(dtype, copy=False), bool(relu)
 
 
 @register("conv2d_backward_input", "cpu")

@@ -28,7 +28,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
-from .conv import KERNEL
+from .conv import KERNEL, channel, epilogue, no_epilogue
 from .conv_stride1 import (FLAT_RUN, QUAD, SCRATCH_RATIO, SCRATCH_SLACK, TAPS, _axpy_one, _axpy_quad, _row_buffer,
                            _tap_runs, transpose_groups)
 
@@ -72,8 +72,9 @@ def _block_at(bi, cog):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_batchlast(xt, w, b, y, dh, dw, g, slots):
-    """y (N, CO, OH, OW) = conv2d + b at stride 1 from xt (C, OH + dh*(KH-1), OW + dw*(KW-1), N),
+def conv2d_forward_batchlast(xt, w, b, y, ep, relu, dh, dw, g, slots):
+    """y (N, CO, OH, OW) = epilogue(conv2d + b) (kernels/conv.py's: ep, relu) at stride 1 from
+    xt (C, OH + dh*(KH-1), OW + dw*(KW-1), N),
     the input padded with the batch last (see above). Tasks: (group, output row, chunk of the
     row's run of at most FLAT_RUN elements, which keeps the four accumulator rows in L1,
     channel block), the block changing fastest, so that a thread's consecutive tasks read
@@ -116,13 +117,14 @@ def conv2d_forward_batchlast(xt, w, b, y, dh, dw, g, slots):
                 else:
                     _axpy_one(wt[o, k:k + TAPS], s0, s1, s2, a0)
             # back to (N, C, H, W): run element j0 + jj is pixel q, sample i of row r
-            q, i = j0 // n, j0 % n
-            for jj in range(m):
-                for u in range(nu):
-                    y[i, o + u, r, q] = acc[u, jj]
-                i += 1
-                if i == n:
-                    q, i = q + 1, 0
+            for u in range(nu):
+                chan = channel(ep, o + u)
+                q, i = j0 // n, j0 % n
+                for jj in range(m):
+                    y[i, o + u, r, q] = epilogue(acc[u, jj], chan, relu)
+                    i += 1
+                    if i == n:
+                        q, i = q + 1, 0
 
 
 def _padded(x, rows, cols, lead_h, lead_w):
@@ -149,9 +151,10 @@ def supports(geom, pass_) -> bool:
     return plane <= SCRATCH_RATIO * (geom.h * geom.w + geom.oh * geom.ow) + SCRATCH_SLACK
 
 
-def forward(x, w, b, y, geom):
+def forward(x, w, b, y, geom, epilogue=None):
     xt = _padded(x, _span(geom.oh, geom.kh, geom.dh), _span(geom.ow, geom.kw, geom.dw), geom.ph, geom.pw)
-    conv2d_forward_batchlast(xt, w, b, y, geom.dh, geom.dw, geom.g, get_num_threads())
+    conv2d_forward_batchlast(xt, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.dh, geom.dw, geom.g,
+                             get_num_threads())
 
 
 def backward_input(gy, w, gx, geom):
@@ -159,5 +162,6 @@ def backward_input(gy, w, gx, geom):
     wf = np.ascontiguousarray(transpose_groups(w, geom.g)[:, :, ::-1, ::-1])
     gyt = _padded(gy, _span(geom.h, geom.kh, geom.dh), _span(geom.w, geom.kw, geom.dw),
                   geom.dh * (geom.kh - 1) - geom.ph, geom.dw * (geom.kw - 1) - geom.pw)
-    conv2d_forward_batchlast(gyt, wf, np.zeros(geom.c, gx.dtype), gx, geom.dh, geom.dw, geom.g, get_num_threads())
+    conv2d_forward_batchlast(gyt, wf, np.zeros(geom.c, gx.dtype), gx, *no_epilogue(gx.dtype), geom.dh, geom.dw,
+                             geom.g, get_num_threads())
 

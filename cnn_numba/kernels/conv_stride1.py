@@ -22,7 +22,8 @@ from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
 from .blas import gemm
-from .conv import FASTMATH, KERNEL, _biased_run, _reduce_slots, backward_weight_direct, backward_weight_im2col
+from .conv import (FASTMATH, KERNEL, _reduce_slots, backward_weight_direct, backward_weight_im2col, biased_run, channel,
+                   no_epilogue, store_run)
 from .index import copy_run, out_range, tap
 
 
@@ -285,17 +286,6 @@ def _tap_runs(src, sources, count, k, zeros):
 
 
 @njit(cache=True, inline="always")
-def _store_run(src, dst, q0, step):
-    """dst[q0 + j*step] = src[j] for j < src.size: accumulators into an output row (every
-    step-th element from q0: one phase of gx's columns)."""
-    if step == 1:
-        copy_run(src, dst[q0:])
-    else:
-        for j in range(src.size):
-            dst[q0 + j * step] = src[j]
-
-
-@njit(cache=True, inline="always")
 def _block(q, cog):
     """Channels in the block starting at ``q`` of a group of ``cog``: a quad, else one."""
     return QUAD if cog - q >= QUAD else 1
@@ -334,11 +324,12 @@ def _phase_size(size, s, r):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
-    """The flat forward (see above): y = conv2d(x, w) + b at stride (sh, sw), any leading
-    padding ph/pw >= 0; or, ``adjoint``, y = the input-gradient of the conv2d with that
-    stride, padding and dilation, from x = its gy, w = its weight with each group's channels
-    transposed (C, CO/G, KH, KW; ``transpose_groups``) and b = 0."""
+def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
+    """The flat forward (see above): y = epilogue(conv2d(x, w) + b) at stride (sh, sw), any
+    leading padding ph/pw >= 0 (kernels/conv.py's epilogue: ep, relu); or, ``adjoint``, y =
+    the input-gradient of the conv2d with that stride, padding and dilation, from x = its gy,
+    w = its weight with each group's channels transposed (C, CO/G, KH, KW;
+    ``transpose_groups``), b = 0 and no epilogue."""
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     cog = co // g
@@ -380,12 +371,13 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
                             _axpy_quad(wt[f, o:o + QUAD, k:k + TAPS], s0, s1, s2, a0, a1, a2, a3)
                         else:
                             _axpy_one(wt[f, o, k:k + TAPS], s0, s1, s2, a0)
-                    for s in range(m):
-                        for u in range(nu):
+                    for u in range(nu):
+                        chan = channel(ep, o + u)
+                        for s in range(m):
                             for row in range(rows):
                                 j = s * plane + row * wq
-                                _store_run(acc[u, j:j + cols], y[i0 + s, o + u, r + phases_out[0] * row], q,
-                                           phases_out[1])
+                                store_run(acc[u, j:j + cols], y[i0 + s, o + u, r + phases_out[0] * row], q,
+                                          phases_out[1], chan, relu)
                     o += nu
 
 
@@ -504,8 +496,9 @@ def _shift_plan(c, w3_shape, g, oh, ow, dh, dw):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
-    """Stride-1 forward as kh products per (sample, group): y_g = sum_a w3[a]_g @ shifted(a)."""
+def conv2d_forward_shifted(x, w3, b, y, ep, relu, ph, pw, dh, dw, g, slots):
+    """Stride-1 forward as kh products per (sample, group): y_g = epilogue(sum_a w3[a]_g @ shifted(a)
+    + b_g)."""
     n, oh, ow = x.shape[0], y.shape[2], y.shape[3]
     kh, co, k, cig, cog, kw, hp, wp, run, length = _shift_plan(x.shape[1], w3.shape, g, oh, ow, dh, dw)
     xp_buf = np.zeros((slots, cig, 1, hp, wp), x.dtype)  # one phase; borders stay 0 (pad_phases)
@@ -523,8 +516,9 @@ def conv2d_forward_shifted(x, w3, b, y, ph, pw, dh, dw, g, slots):
                 gemm(False, False, cog, run, k, wf, (a * co + gi * cog) * k, k, sf, a * dh * wp, length,
                      0.0 if a == 0 else 1.0, of, 0, oh * wp)
             for o in range(cog):
+                chan = channel(ep, gi * cog + o)
                 for r in range(oh):
-                    _biased_run(out[o, r * wp:r * wp + ow], b[gi * cog + o], y[i, gi * cog + o, r])
+                    biased_run(out[o, r * wp:r * wp + ow], b[gi * cog + o], y[i, gi * cog + o, r], chan, relu)
 
 
 @njit(parallel=PARALLEL, **KERNEL)
@@ -592,15 +586,15 @@ def supports_shifted(geom, pass_) -> bool:
     return geom.stride == (1, 1) and pass_ != "backward_input" and _plane_fits(geom, pass_)
 
 
-def forward_flat(x, w, b, y, geom):
-    conv2d_forward_flat(x, w, b, y, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, False,
-                        get_num_threads())
+def forward_flat(x, w, b, y, geom, epilogue=None):
+    conv2d_forward_flat(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+                        geom.dh, geom.dw, geom.g, False, get_num_threads())
 
 
 def backward_input_flat(gy, w, gx, geom):
     """gx = the adjoint flat pass over gy (one stride-1 correlation per phase of gx)."""
-    conv2d_forward_flat(gy, transpose_groups(w, geom.g), np.zeros(geom.c, gx.dtype), gx, geom.sh, geom.sw,
-                        geom.ph, geom.pw, geom.dh, geom.dw, geom.g, True, get_num_threads())
+    conv2d_forward_flat(gy, transpose_groups(w, geom.g), np.zeros(geom.c, gx.dtype), gx, *no_epilogue(gx.dtype),
+                        geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, True, get_num_threads())
 
 
 def backward_weight_flat(x, gy, gw, geom):
@@ -615,8 +609,9 @@ def _taps_first(w):
     return np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, co, cig * kw)
 
 
-def forward_shifted(x, w, b, y, geom):
-    conv2d_forward_shifted(x, _taps_first(w), b, y, geom.ph, geom.pw, geom.dh, geom.dw, geom.g, get_num_threads())
+def forward_shifted(x, w, b, y, geom, epilogue=None):
+    conv2d_forward_shifted(x, _taps_first(w), b, y, *(epilogue or no_epilogue(y.dtype)), geom.ph, geom.pw, geom.dh,
+                           geom.dw, geom.g, get_num_threads())
 
 
 def backward_weight_shifted(x, gy, gw, geom):

@@ -77,7 +77,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
-from .conv import KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, forward_direct
+from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
+                   forward_direct, no_epilogue)
 from .conv_stride1 import QUAD, TAPS, _axpy_one, _axpy_quad, _block, _dot_one, _dot_quad, transpose_groups
 from .index import axpy, out_range, tap
 
@@ -180,10 +181,10 @@ def _input_block(x, c0, cig, t0, nr, th, tw, ph, pw, bt, pb, td, v):
 
 
 @njit(**KERNEL)
-def _output_block(mt, bias, y, o, t0, nr, th, tw, at, rt, yt):
-    """y[i, o, tr*m + r, j*m + c] = (A^T M_f A)[r, c] + bias for the block's tiles inside
-    the plane, M_f[t] = mt[t, f] (a*a, span); rt (m, a, span) and yt (m, m, span) scratch.
-    Returns 0, or NaN where an output is not finite."""
+def _output_block(mt, bias, y, o, t0, nr, th, tw, at, rt, yt, chan, relu):
+    """y[i, o, tr*m + r, j*m + c] = epilogue((A^T M_f A)[r, c] + bias) for the block's tiles
+    inside the plane, M_f[t] = mt[t, f] (a*a, span); rt (m, a, span) and yt (m, m, span)
+    scratch. Returns 0, or NaN where an output before the epilogue is not finite."""
     oh, ow = y.shape[2], y.shape[3]
     m, a = rt.shape[0], rt.shape[1]
     length = nr * (tw + 1)
@@ -204,17 +205,18 @@ def _output_block(mt, bias, y, o, t0, nr, th, tw, at, rt, yt):
             if m == 2:
                 for j in range(full):
                     v0, v1 = s0[j] + bias, s1[j] + bias
-                    yr[2 * j], yr[2 * j + 1] = v0, v1
+                    yr[2 * j], yr[2 * j + 1] = epilogue(v0, chan, relu), epilogue(v1, chan, relu)
                     chk += (v0 + v1) * zero  # NaN once a value is inf or NaN
             else:
                 s2, s3 = yt[r, 2, f0:], yt[r, 3, f0:]
                 for j in range(full):
                     v0, v1, v2, v3 = s0[j] + bias, s1[j] + bias, s2[j] + bias, s3[j] + bias
-                    yr[4 * j], yr[4 * j + 1], yr[4 * j + 2], yr[4 * j + 3] = v0, v1, v2, v3
+                    yr[4 * j], yr[4 * j + 1] = epilogue(v0, chan, relu), epilogue(v1, chan, relu)
+                    yr[4 * j + 2], yr[4 * j + 3] = epilogue(v2, chan, relu), epilogue(v3, chan, relu)
                     chk += (v0 + v1 + v2 + v3) * zero
             for c in range(ow - full * m):  # the last, partial tile
                 val = yt[r, c, f0 + full] + bias
-                yr[full * m + c] = val
+                yr[full * m + c] = epilogue(val, chan, relu)
                 chk += val * zero
     return chk
 
@@ -256,9 +258,10 @@ def _tile_plan(n, oh, ow, m, slots, g):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def conv2d_forward_winograd(x, u, b, y, ph, pw, g, bt, at, slots):
-    """y = conv2d(x, w) + b with u (a*a, CO, cip) = G w G^T, bt = B^T (a, a), at = A^T
-    (m, a); returns 0, or NaN where an output is not finite."""
+def conv2d_forward_winograd(x, u, b, y, ep, relu, ph, pw, g, bt, at, slots):
+    """y = epilogue(conv2d(x, w) + b) (kernels/conv.py's: ep, relu) with u (a*a, CO, cip) =
+    G w G^T, bt = B^T (a, a), at = A^T (m, a); returns 0, or NaN where an output before the
+    epilogue is not finite."""
     n, c = x.shape[0], x.shape[1]
     m = at.shape[0]
     co, oh, ow = y.shape[1], y.shape[2], y.shape[3]
@@ -296,7 +299,8 @@ def conv2d_forward_winograd(x, u, b, y, ph, pw, g, bt, at, slots):
                             _axpy_one(u[t, og + o, ci:ci + TAPS], s0, s1, s2, a0)
                     o += nu
             for o in range(cog):
-                chk[tid] += _output_block(mm[o], b[og + o], y, og + o, t0, nr, th, tw, at, rt_buf[tid], yt_buf[tid])
+                chk[tid] += _output_block(mm[o], b[og + o], y, og + o, t0, nr, th, tw, at, rt_buf[tid], yt_buf[tid],
+                                          channel(ep, og + o), relu)
     return chk.sum()
 
 
@@ -382,23 +386,25 @@ def transform_weight(w, m):
     return u
 
 
-def _forward(x, w, b, y, ph, pw, g):
-    """y = conv2d(x, w, padding=(ph, pw)) + b at stride 1 by Winograd; False where an output
-    is not finite (the caller recomputes)."""
+def _forward(x, w, b, y, epilogue, ph, pw, g):
+    """y = epilogue(conv2d(x, w, padding=(ph, pw)) + b) at stride 1 by Winograd; False where an
+    output is not finite (the caller recomputes)."""
     m = tile_size(y.shape[2], y.shape[3])
     bt, at = _matrices(m, y.dtype)
-    return conv2d_forward_winograd(x, transform_weight(w, m), b, y, ph, pw, g, bt, at, get_num_threads()) == 0
+    return conv2d_forward_winograd(x, transform_weight(w, m), b, y, *epilogue, ph, pw, g, bt, at,
+                                   get_num_threads()) == 0
 
 
-def forward(x, w, b, y, geom):
-    if not _forward(x, w, b, y, geom.ph, geom.pw, geom.g):
-        forward_direct(x, w, b, y, geom)
+def forward(x, w, b, y, geom, epilogue=None):
+    if not _forward(x, w, b, y, epilogue or no_epilogue(y.dtype), geom.ph, geom.pw, geom.g):
+        forward_direct(x, w, b, y, geom, epilogue)
 
 
 def backward_input(gy, w, gx, geom):
     """gx = the Winograd forward of gy with the flipped kernel and the full padding."""
     fh, fw = geom.full_padding
-    if not _forward(gy, flip_kernel(w, geom.g), np.zeros(geom.c, gx.dtype), gx, fh, fw, geom.g):
+    if not _forward(gy, flip_kernel(w, geom.g), np.zeros(geom.c, gx.dtype), gx, no_epilogue(gx.dtype), fh, fw,
+                    geom.g):
         backward_input_direct(gy, w, gx, geom)
 
 

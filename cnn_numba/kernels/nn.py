@@ -329,10 +329,16 @@ def batch_norm_stats_cpu(x):
     return mean, var
 
 
+def batch_norm_invstd(var, eps, dtype):
+    """invstd (C,) = 1/sqrt(var + eps), computed in float64 and rounded to ``dtype``: the one
+    formula of the forward below and of conv2d's fused epilogue (functional.conv2d_bn_relu)."""
+    return (1 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
+
+
 @register("batch_norm_forward", CPU)
 def batch_norm_forward_cpu(x, mean, var, w, b, eps):
     """(y, invstd); y has x's shape."""
-    invstd = (1 / np.sqrt(var.astype(np.float64) + eps)).astype(x.dtype)
+    invstd = batch_norm_invstd(var, eps, x.dtype)
     y = np.empty(x.shape, x.dtype)
     if x.size:
         batch_norm_forward(_ncl(x), mean, invstd, w, b, _ncl(y))

@@ -10,7 +10,7 @@ layers, losses, and ``nn.init``. ``nn.functional`` is ``cnn_numba.functional``.
     loss.backward()
 """
 from .. import functional
-from . import init
+from . import init, utils
 from .layers import (
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, ConvTranspose2d,
     CrossEntropyLoss, Dropout, Flatten, Linear, MaxPool2d, MaxUnpool2d, MSELoss, ReLU, Sigmoid, Tanh,
@@ -18,7 +18,7 @@ from .layers import (
 from .module import Identity, Module, ModuleList, Parameter, Sequential
 
 __all__ = [
-    "functional", "init", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
+    "functional", "init", "utils", "Module", "Parameter", "Sequential", "ModuleList", "Identity",
     "Conv2d", "ConvTranspose2d", "MaxPool2d", "MaxUnpool2d", "AvgPool2d", "AdaptiveAvgPool2d",
     "BatchNorm2d", "BatchNorm1d", "ReLU", "Sigmoid", "Tanh", "Linear", "Flatten", "Dropout",
     "ChannelShuffle", "CrossEntropyLoss", "MSELoss",

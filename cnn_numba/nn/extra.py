@@ -16,7 +16,7 @@ from .. import shapes
 from . import init
 from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, _check_sizes, _param
 from ..tensor import Tensor
-from .module import Module, Sequential, _device_array
+from .module import Module, Sequential, _device_array, conv_chain
 
 # ----------------------------------------------------------------------------- LeNet-5 (LeCun 1998)
 
@@ -165,8 +165,8 @@ class BasicBlock(Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = conv_chain(x, self.conv1, self.bn1, self.relu1)
+        out = conv_chain(out, self.conv2, self.bn2)
         return self.relu2(out + identity)
 
 
@@ -193,9 +193,9 @@ class Bottleneck(Module):
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = conv_chain(x, self.conv1, self.bn1, self.relu1)
+        out = conv_chain(out, self.conv2, self.bn2, self.relu2)
+        out = conv_chain(out, self.conv3, self.bn3)
         return self.relu3(out + identity)
 
 

@@ -13,7 +13,7 @@ from .. import shapes
 from ..backend import check_device
 from ..tensor import Tensor
 from . import init
-from .module import Module, Parameter, _device_array
+from .module import FUSION_ROLES, Module, Parameter, _device_array
 
 
 def _zeros(shape, device, dtype) -> Tensor:
@@ -103,6 +103,13 @@ class Conv2d(Module):
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                         algo=self.algo)
+
+    def _fused_forward(self, x, bn=None, relu=None):
+        """``relu(bn(self(x)))`` in one conv pass (nn/module.py's conv_chain decides when):
+        bn an eval-mode BatchNorm2d or None, relu a ReLU or None."""
+        stats = None if bn is None else (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        return F.conv2d_bn_relu(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                bn=stats, with_relu=relu is not None, algo=self.algo)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -329,6 +336,10 @@ class ChannelShuffle(Module):
 
     def extra_repr(self):
         return f"groups={self.groups}"
+
+
+# Eval-mode fusion of Conv2d -> BatchNorm2d -> ReLU runs (nn/module.py): these exact classes.
+FUSION_ROLES.update({Conv2d: "conv", BatchNorm2d: "bn", ReLU: "relu"})
 
 
 # ----------------------------------------------------------------------------- losses

@@ -9,6 +9,7 @@ so ``np.savez(path, **model.state_dict())`` saves a model and
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict, namedtuple
 from typing import Iterator
 
@@ -283,6 +284,62 @@ class Module:
         return head + ("\n  " + "\n  ".join(lines) + "\n)" if lines else ")")
 
 
+# ----------------------------------------------------------------------------- eval-mode fusion
+#
+# In eval mode a Conv2d followed by a BatchNorm2d and/or a ReLU runs as one conv pass that
+# applies the batch norm and relu as it stores each output (functional.conv2d_bn_relu, which
+# itself runs the ops one by one where a graph is recorded or the device lacks the epilogue):
+# Sequential finds such runs among its children, BasicBlock, Bottleneck and friends call
+# ``conv_chain``. Only modules of exactly the library's classes take part (a subclass may
+# change forward: ConnectionTableConv2d, SyncBatchNorm), all in eval mode, and none observed
+# through an instance-level ``forward`` (how summary() and onnx.export watch each module's
+# output). Bit for bit the outputs of the unfused modules (tests/test_fusion.py).
+# ``CNN_NUMBA_FUSE=0`` in the environment, or ``FUSE = False`` here, turns it off.
+FUSE = os.environ.get("CNN_NUMBA_FUSE", "1") != "0"
+FUSION_ROLES: dict = {}  # class -> 'conv', 'bn' or 'relu' (nn/layers.py fills it): exact classes only
+
+
+def _plain(m, role: str) -> bool:
+    """``m`` is the library's layer of ``role`` (its class, not a subclass), in eval mode and
+    not observed."""
+    return FUSION_ROLES.get(type(m)) == role and not m.training and "forward" not in m.__dict__
+
+
+def _fusable(conv, bn, relu) -> bool:
+    """Whether conv [-> bn] [-> relu] (bn, relu None when absent) runs fused."""
+    return (FUSE and (bn is not None or relu is not None) and _plain(conv, "conv")
+            and (bn is None or (_plain(bn, "bn") and bn.running_mean is not None))
+            and (relu is None or _plain(relu, "relu")))
+
+
+def conv_chain(x, conv, bn=None, relu=None):
+    """``relu(bn(conv(x)))``, bn and relu optional (None): one fused pass where ``_fusable``,
+    the modules one by one otherwise."""
+    if _fusable(conv, bn, relu):
+        return conv._fused_forward(x, bn, relu)
+    for m in (conv, bn, relu):
+        if m is not None:
+            x = m(x)
+    return x
+
+
+def _fused_run(mods, i):
+    """(bn, relu, length) of the fusable run that starts with ``mods[i]``, a module of the
+    conv's class (Sequential checks): a BatchNorm2d and/or ReLU right after it; length 0
+    where none. ``_fusable``'s rule, each module looked at once (at batch 1 the look costs
+    about what the fusion saves)."""
+    conv, n = mods[i], len(mods)
+    if conv.training or "forward" in conv.__dict__:
+        return None, None, 0
+    bn = mods[i + 1] if i + 1 < n and _plain(mods[i + 1], "bn") else None
+    if bn is not None and bn.running_mean is None:  # batch statistics
+        return None, None, 0
+    j = i + 1 + (bn is not None)
+    relu = mods[j] if j < n and _plain(mods[j], "relu") else None
+    length = j - i + (relu is not None)
+    return bn, relu, (length if length > 1 else 0)
+
+
 class Sequential(Module):
     """Modules applied in order; ``Sequential(a, b)`` names them "0", "1", and
     ``Sequential(OrderedDict(conv=a, relu=b))`` by the dict's keys."""
@@ -297,8 +354,17 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x):
+        skip = i = 0  # skip: the modules of a fused run still to pass over
         for m in self._modules.values():
-            x = m(x)
+            if skip:
+                skip -= 1
+            elif FUSE and FUSION_ROLES.get(type(m)) == "conv":  # maybe a fused run
+                bn, relu, length = _fused_run(tuple(self._modules.values()), i)
+                x = m._fused_forward(x, bn, relu) if length else m(x)
+                skip = max(length - 1, 0)
+            else:
+                x = m(x)
+            i += 1
         return x
 
     def __len__(self):

@@ -1,0 +1,312 @@
+"""Eval-mode fusion of conv2d -> batch_norm -> relu (kernels/conv.py's epilogue,
+functional.conv2d_bn_relu, nn/module.py's conv_chain and Sequential): outputs bit for bit
+those of the three ops one by one, close to the float64 references, for every forward
+launcher of the CPU table; the models' eval outputs unchanged; and the fusion runs exactly
+where nothing records or observes the intermediate outputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+import cnn_numba as cn
+import cnn_numba.functional as F
+from cnn_numba import models, nn
+from cnn_numba.backend import kernel
+from cnn_numba.kernels.conv import no_epilogue
+from cnn_numba.kernels.conv_algos import TABLE
+from cnn_numba.nn import module as M
+from cnn_numba.shapes import conv2d_geom
+import reference as R
+from conftest import DTYPES, random
+
+# Every forward launcher of the CPU table: each entry's own, and its specialisation's.
+LAUNCHERS = [(a.name, a) for a in TABLE.algos] + [(a.special.name, a.special) for a in TABLE.algos if a.special]
+
+# (x shape, w shape, stride, padding, dilation, groups): plain, groups, stride 2, depthwise
+# (stride 1 and 2), a 1x1, dilation, and the large dilation on which the flat and shifted
+# kernels give way to the general ones.
+CASES = [
+    ((2, 4, 9, 9), (6, 4, 3, 3), 1, 1, 1, 1),
+    ((2, 4, 10, 8), (6, 2, 3, 3), 1, 1, 1, 2),
+    ((3, 3, 11, 11), (8, 3, 3, 3), 2, 1, 1, 1),
+    ((2, 8, 12, 12), (8, 1, 3, 3), 1, 1, 1, 8),
+    ((2, 8, 13, 13), (8, 1, 3, 3), 2, 1, 1, 8),
+    ((2, 5, 7, 7), (7, 5, 1, 1), 1, 0, 1, 1),
+    ((1, 3, 9, 9), (4, 3, 3, 3), 1, 2, 2, 1),
+    ((1, 2, 1, 1), (3, 2, 3, 3), 1, 300, 300, 1),
+]
+
+
+def _bn_stats(rng, c, dtype, affine=True):
+    """Running statistics and (affine) weight and bias (C,) of a trained-looking batch norm,
+    with negative weights so that relu cuts both ways."""
+    mean = (0.5 * rng.standard_normal(c)).astype(dtype)
+    var = rng.uniform(0.2, 3.0, c).astype(dtype)
+    w = rng.standard_normal(c).astype(dtype) if affine else None
+    b = rng.standard_normal(c).astype(dtype) if affine else None
+    return mean, var, w, b
+
+
+def _bn_relu(y, stats, relu):
+    """batch_norm (eval) and relu of the conv output y, one by one through the public functions."""
+    y = cn.Tensor(y)
+    if stats is not None:
+        y = F.batch_norm(y, *stats[:4], training=False, eps=1e-5)
+    return (F.relu(y) if relu else y).numpy()
+
+
+def _unfused(x, w, b, geom_args, stats, relu, algo):
+    """conv2d, batch_norm (eval), relu, one by one through the public functions."""
+    return _bn_relu(F.conv2d(x, w, b, *geom_args, algo=algo).numpy(), stats, relu)
+
+
+def _same_bits(a, b):
+    """Equal element for element, NaN to NaN and the sign of zeros included."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True) and np.array_equal(
+        np.signbit(a), np.signbit(b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("name", [n for n, _ in LAUNCHERS])
+def test_every_launcher_fused_equals_unfused(name, case, dtype, rng):
+    """Each forward launcher with the batch-norm + relu epilogue gives the unfused ops' bits
+    (with and without a conv bias), and the float64 reference within the package's tolerance."""
+    entry = dict(LAUNCHERS)[name]
+    xs, ws, s, p, d, g = CASES[case]
+    geom = conv2d_geom(xs, ws, s, p, d, g)
+    if not entry.supports(geom, "forward") or entry.forward is None:
+        pytest.skip(f"{name} does not run this geometry")
+    x, w = random(rng, xs, dtype), random(rng, ws, dtype)
+    stats = _bn_stats(rng, ws[0], dtype)
+
+    def launch(b, epilogue):
+        y = np.empty(geom.y_shape, dtype)
+        entry.forward(x, w, np.zeros(ws[0], dtype) if b is None else b, y, geom, **epilogue)
+        return y
+
+    for b in (None, random(rng, (ws[0],), dtype)):
+        conv = launch(b, {})  # this launcher's plain conv: the unfused ops start from it
+        for relu in (False, True):
+            y = launch(b, dict(epilogue=kernel("conv2d_epilogue", "cpu")(dtype, (*stats, 1e-5), relu)))
+            want = _bn_relu(conv, stats, relu)
+            assert _same_bits(y, want), (name, b is None, relu, np.abs(y - want).max())
+            ref = R.batch_norm_eval(R.conv2d(x, w, b, s, p, d, g), *stats)
+            R.assert_close(y, R.relu(ref) if relu else ref, dtype, f"{name} relu={relu}")
+        # relu alone, no batch norm: the plain conv's bits, the negatives cut
+        assert _same_bits(launch(b, dict(epilogue=(no_epilogue(dtype)[0], True))), _bn_relu(conv, None, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algo", list(TABLE.names) + ["auto"])
+@pytest.mark.parametrize("bn,relu", [("affine", True), ("affine", False), ("plain", True), (None, True)])
+def test_conv2d_bn_relu_function(algo, bn, relu, dtype, rng):
+    """functional.conv2d_bn_relu under no_grad: the fused op runs, the bits are the unfused
+    ops'; with a graph recorded it is the unfused ops (and differentiable)."""
+    x, w, b = random(rng, (2, 4, 9, 9), dtype), random(rng, (6, 4, 3, 3), dtype), random(rng, (6,), dtype)
+    stats = None if bn is None else _bn_stats(rng, 6, dtype, affine=bn == "affine")
+    args = None if stats is None else (*stats, 1e-5)
+    want = _unfused(x, w, b, (1, 1, 1, 1), stats, relu, algo)
+    with cn.no_grad():
+        got = F.conv2d_bn_relu(x, w, b, 1, 1, bn=args, with_relu=relu, algo=algo)
+    assert _same_bits(got.numpy(), want)
+    assert got._ctx is None and not got.requires_grad
+    wt = cn.Tensor(w, requires_grad=True)
+    y = F.conv2d_bn_relu(x, wt, b, 1, 1, bn=args, with_relu=relu, algo=algo)
+    assert y.requires_grad and type(y._ctx).__name__ in ("ReLU", "BatchNorm")
+    assert _same_bits(y.numpy(), want)
+    y.sum().backward()
+    assert wt.grad is not None
+
+
+def test_non_finite_and_signed_zero_outputs(rng):
+    """inf and NaN inputs, and -0.0 outputs, come out of the fused pass as out of the three ops."""
+    x = random(rng, (2, 3, 8, 8), np.float32)
+    x[0, 0, 2, 2], x[1, 2, 5, 1], x[0, 1, 7, 7] = np.inf, np.nan, -np.inf
+    w = random(rng, (4, 3, 3, 3), np.float32)
+    w[3] = 0  # channel 3: conv output +-0 (and NaN where it reads an inf)
+    stats = list(_bn_stats(rng, 4, np.float32))
+    stats[0][3], stats[3][3] = 0, -0.0  # (0 - 0) * scale + -0.0 = +-0
+    for algo in TABLE.names:
+        for relu in (False, True):
+            want = _unfused(x, w, None, (1, 1, 1, 1), stats, relu, algo)
+            with cn.no_grad():
+                got = F.conv2d_bn_relu(x, w, None, 1, 1, bn=(*stats, 1e-5), with_relu=relu, algo=algo).numpy()
+            assert _same_bits(got, want), (algo, relu)
+            assert np.isnan(got).any()
+
+
+# ----------------------------------------------------------------------------- modules and models
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The number of fused conv launches (calls of Conv2dEpilogue's forward) so far."""
+    calls = []
+    inner = F.Conv2dEpilogue.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(kwargs["epilogue"][1])
+        return inner(self, *args, **kwargs)
+
+    monkeypatch.setattr(F.Conv2dEpilogue, "forward", forward)
+    return calls
+
+
+def _randomise_bn(model, rng):
+    """Running statistics and affine parameters away from their 0/1 initial values."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.data[:] = 0.3 * rng.standard_normal(c)
+            m.running_var.data[:] = rng.uniform(0.3, 2.0, c)
+            m.weight.data[:] = rng.standard_normal(c)
+            m.bias.data[:] = rng.standard_normal(c)
+    return model
+
+
+# model, input shape, fused launches per forward (resnet8: stem + 2 per block + 2 projections;
+# mobilenet_small: stem + 2 per unit; lenet5: conv1 and conv2 with their ReLUs;
+# inception_small: stem + 6 per Inception module, each branch's convs with their ReLUs)
+MODELS = [("resnet8", (4, 1, 16, 16), 9), ("mobilenet_small", (4, 1, 16, 16), 7), ("lenet5", (4, 1, 28, 28), 2),
+          ("inception_small", (2, 1, 12, 12), 13)]
+
+
+@pytest.mark.parametrize("name,shape,fused", MODELS)
+def test_models_eval_fused_equals_unfused(name, shape, fused, spy, monkeypatch, rng):
+    """Eval outputs under no_grad (fused) are bit for bit those of the unfused modules: with
+    fusion off, and with a graph recorded (the training path's forward in eval mode)."""
+    cn.manual_seed(0)
+    model = _randomise_bn(models.MODELS[name](), rng).eval()
+    x = random(rng, shape, np.float32)
+    with cn.no_grad():
+        got = model(x).numpy()
+    assert len(spy) == fused
+    recorded = model(x)
+    assert recorded.requires_grad and len(spy) == fused  # grad recorded: not fused
+    monkeypatch.setattr(M, "FUSE", False)
+    with cn.no_grad():
+        off = model(x).numpy()
+    assert len(spy) == fused
+    assert _same_bits(got, recorded.numpy()) and _same_bits(got, off)
+    if name == "resnet8":  # float64 too
+        model.double()
+        monkeypatch.setattr(M, "FUSE", True)
+        with cn.no_grad():
+            got = model(x.astype(np.float64)).numpy()
+        assert _same_bits(got, model(x.astype(np.float64)).detach().numpy()) and len(spy) == 2 * fused
+
+
+def test_bottleneck_fuses_its_three_convs(spy, rng):
+    block = _randomise_bn(nn.Bottleneck(8, 4, stride=2), rng).eval()
+    x = random(rng, (2, 8, 9, 9), np.float32)
+    with cn.no_grad():
+        got = block(x).numpy()
+    assert spy == [False, True, True, False]  # the projection conv+bn first, conv1+bn+relu, conv2+bn+relu, conv3+bn
+    assert _same_bits(got, block(x).numpy())
+
+
+def test_not_fused_in_training_mode_or_with_a_graph(spy, rng):
+    model = _randomise_bn(models.resnet8(), rng)
+    x = random(rng, (2, 1, 12, 12), np.float32)
+    with cn.no_grad():
+        model(x)  # training mode: batch statistics
+    assert spy == []
+    model.eval()
+    model(x)  # parameters require grad: the graph is recorded
+    assert spy == []
+    model.requires_grad_(False)
+    y = model(x)  # nothing requires grad: nothing recorded, so fused even with grad mode on
+    assert len(spy) == 9 and not y.requires_grad
+    model.train()
+    model.requires_grad_(False)
+    with cn.no_grad():
+        model(x)
+    assert len(spy) == 9
+
+
+def test_not_fused_where_observed(spy, rng):
+    """summary() and onnx.export wrap modules' forward as an instance attribute; a module so
+    wrapped (or of a subclass) is not fused, and sees its own output."""
+    model = _randomise_bn(models.resnet8(), rng).eval()
+    x = random(rng, (2, 1, 12, 12), np.float32)
+    cn.summary(model, (1, 12, 12), verbose=False)
+    assert spy == []
+    seen = []
+    bn1 = model.bn1
+    inner = bn1.forward
+    object.__setattr__(bn1, "forward", lambda t: seen.append(t.shape) or inner(t))
+    with cn.no_grad():
+        a = model(x).numpy()
+    assert seen == [(2, 16, 12, 12)] and len(spy) == 8  # the stem ran unfused, the rest fused
+    bn1.__dict__.pop("forward")
+    with cn.no_grad():
+        assert _same_bits(model(x).numpy(), a) and len(spy) == 17
+
+
+def test_subclasses_and_unfusable_runs_are_left_alone(spy, rng):
+    class LoggingReLU(nn.ReLU):
+        def forward(self, x):
+            return F.relu(x)
+
+    seq = nn.Sequential(OrderedDict([
+        ("c3", nn.ConnectionTableConv2d(6, 16, 5, nn.LENET5_C3_TABLE)), ("r3", nn.ReLU()),  # subclass conv
+        ("conv", nn.Conv2d(16, 4, 3)), ("act", LoggingReLU()),                              # subclass relu
+        ("conv2", nn.Conv2d(4, 4, 1)), ("bn", nn.BatchNorm2d(4, track_running_stats=False)),  # batch statistics
+        ("conv3", nn.Conv2d(4, 4, 1)), ("bn3", nn.BatchNorm2d(4)), ("relu3", nn.ReLU()),
+    ])).eval()
+    x = random(rng, (2, 6, 14, 14), np.float32)
+    with cn.no_grad():
+        got = seq(x).numpy()
+    assert spy == [True]  # conv3 -> bn3 -> relu3 only
+    assert _same_bits(got, seq(x).numpy())
+
+
+def test_errors_are_those_of_the_unfused_modules(rng):
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with cn.no_grad(), pytest.raises(ValueError, match="running_mean must have shape"):
+        seq(random(rng, (1, 3, 6, 6), np.float32))
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    with cn.no_grad(), pytest.raises(ValueError, match="expected 4-D|must be 4-D|\\(N, C, H, W\\)"):
+        seq(random(rng, (3, 6, 6), np.float32))
+
+
+# ----------------------------------------------------------------------------- nn.utils.fuse_conv_bn_eval
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias,affine,groups,stride", [(True, True, 1, 1), (False, True, 2, 2), (False, False, 1, 1)])
+def test_fuse_conv_bn_eval(bias, affine, groups, stride, dtype, rng):
+    """PyTorch's explicit folding: one conv equal to conv -> bn (eval) within the float tolerance
+    of the float64 reference; the layers themselves unchanged."""
+    conv = nn.Conv2d(4, 6, 3, stride, 1, groups=groups, bias=bias, dtype=dtype).eval()
+    bn = nn.BatchNorm2d(6, affine=affine, dtype=dtype).eval()
+    mean, var, w, b = _bn_stats(rng, 6, dtype, affine)
+    bn.running_mean.data[:], bn.running_var.data[:] = mean, var
+    if affine:
+        bn.weight.data[:], bn.bias.data[:] = w, b
+    before = [p.numpy().copy() for p in (*conv.parameters(), *bn.parameters())]
+    fused = nn.utils.fuse_conv_bn_eval(conv, bn)
+    assert [n for n, _ in fused.named_parameters()] == ["weight", "bias"] and fused.bias.dtype == dtype
+    x = random(rng, (2, 4, 9, 9), dtype)
+    with cn.no_grad():
+        got = fused(x).numpy()
+    ref = R.batch_norm_eval(R.conv2d(x, conv.weight.numpy(), None if conv.bias is None else conv.bias.numpy(),
+                                     stride, 1, 1, groups), mean, var, w, b)
+    R.assert_close(got, ref, dtype, "fused conv")
+    assert all(np.array_equal(a, p.numpy()) for a, p in zip(before, (*conv.parameters(), *bn.parameters())))
+    with pytest.raises(ValueError, match="eval mode"):
+        nn.utils.fuse_conv_bn_eval(conv.train(), bn)
+
+
+def test_environment_variable_turns_the_fusion_off(tmp_path):
+    """CNN_NUMBA_FUSE=0, read at import: nn.module.FUSE is False in that process."""
+    code = "import cnn_numba.nn.module as M; print(M.FUSE)"
+    for value, want in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, CNN_NUMBA_FUSE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.stdout.strip() == want, out.stderr[-2000:]
