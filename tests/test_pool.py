@@ -349,3 +349,63 @@ def test_relu_at_nan_passes_the_gradient_like_pytorch():
     out, (gx,), _ = forward_backward(F.relu, (x,), gy=np.ones(4))
     assert np.isnan(out[0])
     np.testing.assert_array_equal(gx, R.relu_grad(x, np.ones(4)))  # [1, 0, 0, 1]
+
+
+# ----------------------------------------------------------------------------- serial and parallel forwards
+
+def _count_launches(monkeypatch, module, names):
+    """Wrap the kernels ``names`` of ``module`` to count their calls; the counter."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        kern = getattr(module, name)
+
+        def counted(*args, _k=kern, _n=name):
+            calls[_n] += 1
+            return _k(*args)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+def test_pool_forwards_match_reference_on_both_paths(rng, monkeypatch, path):
+    """Every max, average and adaptive case through the serial twin (threshold out of reach)
+    and the parallel kernel (threshold 0), each checked to have run, against the float64
+    references; max pooling also on ties and NaNs, whose rules the serial twin must keep."""
+    from cnn_numba.kernels import pool
+    names = ["max_pool2d_forward", "avg_pool2d_forward", "adaptive_avg_pool2d_forward"]
+    kernels = names if path == "parallel" else [n + "_serial" for n in names]
+    monkeypatch.setattr(pool, "POOL_PARALLEL_READS", 0 if path == "parallel" else 1 << 60)
+    calls = _count_launches(monkeypatch, pool, kernels)
+    with cn.no_grad():
+        for dtype in DTYPES:
+            for shape, kw in MAX_CASES:
+                for kind in ("distinct", "ties", "nan"):
+                    x = _pool_data(rng, shape, kind, dtype)
+                    out, idx = F.max_pool2d(x, return_indices=True, **kw)
+                    ref, ref_idx = R.max_pool2d(x, **kw)
+                    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+                    R.assert_close(out.numpy(), ref, dtype)
+            for case in AVG_CASES:
+                x = random(rng, case[0], dtype)
+                R.assert_close(F.avg_pool2d(x, **_avg_kw(case)).numpy(), R.avg_pool2d(x, **_avg_kw(case)), dtype)
+            for shape, osz in ADAPTIVE_CASES:
+                x = random(rng, shape, dtype)
+                R.assert_close(F.adaptive_avg_pool2d(x, osz).numpy(), R.adaptive_avg_pool2d(x, osz), dtype)
+    assert calls == {kernels[0]: 2 * 3 * len(MAX_CASES), kernels[1]: 2 * len(AVG_CASES),
+                     kernels[2]: 2 * len(ADAPTIVE_CASES)}
+
+
+def test_pool_forward_threshold_picks_by_window_reads(rng, monkeypatch):
+    """One read under POOL_PARALLEL_READS runs the serial twin, exactly that many the parallel
+    kernel: 2x2 windows over (1, 2, 8, 8), 2 * 16 outputs * 4 taps = 128 reads."""
+    from cnn_numba.kernels import pool
+    x = rng.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    for threshold, ran in ((129, "max_pool2d_forward_serial"), (128, "max_pool2d_forward")):
+        monkeypatch.setattr(pool, "POOL_PARALLEL_READS", threshold)
+        calls = _count_launches(monkeypatch, pool, ["max_pool2d_forward", "max_pool2d_forward_serial"])
+        out, idx = pool.max_pool2d(x, (4, 4), (2, 2), (2, 2), (0, 0), (1, 1))
+        ref, ref_idx = R.max_pool2d(x.astype(np.float64), 2)
+        np.testing.assert_array_equal(idx, ref_idx)
+        R.assert_close(out, ref, np.float32)
+        assert calls == {n: int(n == ran) for n in calls}
+        monkeypatch.undo()
