@@ -518,3 +518,35 @@ def test_empty_batch_with_empty_planes_is_pytorchs_empty_output(algo):
     np.testing.assert_array_equal(gb, np.zeros_like(b))
     z = F.conv_transpose2d(np.ones((0, 1, 0, 4)), np.ones((1, 2, 3, 3)), np.ones(2), algo=algo)
     assert z.shape == (0, 2, 2, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("xs, ws, stride, padding, groups", [
+    ((16, 3, 7, 7), (5, 3, 3, 3), 1, 1, 1),     # 9x9 padded planes: runs of 12 and 4, or 8 and 8
+    ((3, 2, 7, 7), (4, 2, 3, 3), 1, 1, 1),      # runs of 3, or 2 and 1
+    ((16, 2, 14, 14), (3, 2, 5, 5), 1, 0, 1),   # LeNet-5's conv2 planes: 5, 5, 5, 1 or 4 x 4
+    ((7, 4, 9, 8), (6, 2, 3, 3), 2, 1, 2),      # strided, groups
+    ((1, 2, 5, 5), (2, 2, 3, 3), 1, 1, 1),      # one sample: one run whatever the slots
+])
+def test_flat_forward_runs_spread_over_slots_match_reference(rng, dtype, xs, ws, stride, padding, groups):
+    """The flat forward's runs, rebalanced over 2 and 3 slots (``_flat_plan``'s ``slots``),
+    against the float64 reference, and 1 slot keeping the runs of FLAT_RUN elements."""
+    x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
+    geom = conv2d_geom(xs, ws, stride, padding, 1, groups)
+    ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding, 1, groups)
+    hq_wq = None
+    for slots in (1, 2, 3):
+        y = np.full(geom.y_shape, np.nan, dtype)
+        conv_stride1.conv2d_forward_flat(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, False, slots)
+        R.assert_close(y, ref, dtype)
+        plan = conv_stride1._flat_plan(xs[0], ws[1], geom.oh, geom.ow, xs[2], xs[3], ws[2], ws[3], stride, stride,
+                                       padding, padding, 1, 1, False, slots)
+        nb, (hq, wq) = plan[5], plan[3]
+        runs = -(-xs[0] // nb)
+        if slots == 1:
+            assert nb == max(1, min(xs[0], conv_stride1.FLAT_RUN // (hq * wq)))
+        else:  # a multiple of the slots where there are samples enough, all but the last full
+            assert runs % slots == 0 or runs == xs[0]
+            assert runs >= min(xs[0], slots) and (runs - 1) * nb < xs[0]
+    if xs == (16, 3, 7, 7):
+        assert conv_stride1._flat_plan(16, 3, 7, 7, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, False, 2)[5] == 8

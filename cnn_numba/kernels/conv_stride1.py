@@ -157,7 +157,7 @@ def _axis_plan(k, s, p, d, size, size_in, adjoint):
 
 
 @njit(cache=True)
-def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
+def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint, slots):
     """Sizes of a direct pass over ``n`` samples of ``cig`` channels (see above),
     ``(lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, rows))``:
       lead          the leading padding (rows, columns) of the loaded planes
@@ -169,7 +169,8 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
       nb            samples per run: small planes of consecutive samples sit end to end, so
                     one pass covers several (the outputs between them are computed and
                     dropped), in runs of up to FLAT_RUN elements, which keep the four
-                    accumulator rows in L1
+                    accumulator rows in L1; with ``slots`` > 1, as many runs as a multiple of
+                    slots allows (up to one per sample), all about as long (see below)
       counts        (phases_out,) the (channel, tap) pairs that each output phase sums
       taps          (phases_out, width) its pairs, first, as ci*kh*kw + a*kw + bb (the flat
                     weight's column), then -1 for padding pairs up to a width that is a
@@ -183,6 +184,16 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
     opw, ipw, shw, lw, uw, wp, wq = _axis_plan(kw, sw, pw, dw, size_w, in_w, adjoint)
     phases_in, phases_out = ((1, 1), (sh, sw)) if adjoint else ((sh, sw), (1, 1))
     nb = max(1, min(n, FLAT_RUN // (hq * wq)))
+    if slots > 1:
+        # Runs in a multiple of the threads, of equal length (a run's outputs do not depend
+        # on the runs: same results). One thread's time for one run (2026-12-01, float32, us):
+        # 64->64 7x7 (9x9 padded) 12 samples 393, 8 292, 4 171, 3 139, 2 108, 1 92; so on
+        # 2 idle cores resnet8's third stage at b16 takes 292 (runs 8+8) instead of 393
+        # (12+4), at b3 108 instead of 139; LeNet-5's conv2 at b16 (14x14) 2x26 (4 runs of
+        # 4) instead of 2x39 (5+5, 5+1). (With the second core busy, as on the shared
+        # machine these were taken on, the split measured slower: 1.13x, 1.32x.)
+        runs = min(n, -(-(-(-n // nb)) // slots) * slots)
+        nb = -(-n // runs)
     # a run buffer's rows per phase plane: the last sample's plane is hp rows, and its
     # last row's taps reach wp - wq columns past them (see above)
     rows = (nb - 1) * hq + hp - (-(wp - wq) // wq)
@@ -307,7 +318,7 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     co, cig, kh, kw = w.shape
     cog = co // g
     lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, buf_rows) = _flat_plan(
-        n, cig, y.shape[2], y.shape[3], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
+        n, cig, y.shape[2], y.shape[3], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint, slots)
     plane, nin = hq * wq, phases_in[0] * phases_in[1]
     run = (uh - 1) * wq + uw  # one sample's output run
     blocks = -(-n // nb)
@@ -392,8 +403,10 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
+    # Runs not rebalanced over the slots (1): the sums' grouping, so their rounding, follows
+    # the runs, and the weight-gradients are held to a 1e-4 bound (tests/test_distributed.py).
     lead, phases, _, (hq, wq), _, nb, counts, _, sources, (hp, buf_rows) = _flat_plan(
-        n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False)
+        n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False, 1)
     plane, nin = hq * wq, phases[0] * phases[1]
     width, count, pairs = sources.shape[1], counts[0], sources[0]  # one output phase, pairs in gw's order
     blocks = -(-n // nb)
