@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from ..backend import register
 from . import PARALLEL, serial_twin
-from .index import adaptive_window, out_range, pool_window, tap
+from .index import adaptive_window, pool_window, tap
 
 KERNEL = dict(cache=True)  # no fastmath here: NaN must propagate through comparisons
 
@@ -27,10 +27,10 @@ KERNEL = dict(cache=True)  # no fastmath here: NaN must propagate through compar
 def max_pool2d_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
     """y = window max; idx = its position. First maximum wins a tie; a NaN wins (the last NaN).
 
-    Taps outside, a row of outputs inside: out_range gives the outputs whose tap lies in the
-    input, so the inner loop has no bounds test, and each output still meets its taps in
-    window order (which is what the tie and NaN rules need). A window per output with a
-    bounds test per tap took 2.4x as long (LeNet-5's first pool, b16)."""
+    Taps outside, a row of outputs inside, each output still meeting its taps in window
+    order (which is what the tie and NaN rules need), and selects instead of branches for
+    the comparisons, whose outcome on real data no predictor guesses: the serial kernel
+    took 131 us instead of 213 on LeNet-5's first pool at b16, 8.5 instead of 14.2 at b1."""
     n, c, h, wd = x.shape
     oh, ow = y.shape[2], y.shape[3]
     for p in prange(n * c):
@@ -47,9 +47,10 @@ def max_pool2d_forward(x, y, idx, kh, kw, sh, sw, ph, pw, dh, dw):
                     continue
                 row = plane[ih]
                 for bb in range(kw):
-                    q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
-                    for q in range(q0, q1):
+                    for q in range(ow):
                         iw = tap(q, sw, pw, bb, dw)
+                        if iw < 0 or iw >= wd:  # a predictable branch, unlike the comparisons
+                            continue
                         v, b0, a0 = row[iw], best[q], arg[q]
                         take = (a0 < 0) | (v > b0) | (v != v)  # no short-circuit: selects, not branches
                         best[q] = v if take else b0
