@@ -526,16 +526,21 @@ def test_empty_batch_with_empty_planes_is_pytorchs_empty_output(algo):
     ((3, 2, 7, 7), (4, 2, 3, 3), 1, 1, 1),      # runs of 3, or 2 and 1
     ((16, 2, 14, 14), (3, 2, 5, 5), 1, 0, 1),   # LeNet-5's conv2 planes: 5, 5, 5, 1 or 4 x 4
     ((7, 4, 9, 8), (6, 2, 3, 3), 2, 1, 2),      # strided, groups
-    ((1, 2, 5, 5), (2, 2, 3, 3), 1, 1, 1),      # one sample: one run whatever the slots
+    ((1, 2, 5, 5), (2, 2, 3, 3), 1, 1, 1),      # one sample, one quad: one task whatever the slots
+    ((1, 3, 6, 6), (9, 3, 3, 3), 1, 1, 1),      # one sample: channels split [0, 8) [8, 9), or by quads
+    ((1, 4, 7, 6), (10, 2, 3, 3), 1, 1, 2),     # two groups of 5 channels: [0, 4) [4, 5) each
+    ((1, 2, 9, 9), (20, 2, 3, 3), 2, 1, 1),     # strided; 5 quads in 4 parts of 2 quads: the last empty
+    ((1, 3, 5, 5), (6, 1, 3, 3), 1, 1, 3),      # depthwise-like: 3 tasks, 2 channels each
 ])
 def test_flat_forward_runs_spread_over_slots_match_reference(rng, dtype, xs, ws, stride, padding, groups):
-    """The flat forward's runs, rebalanced over 2 and 3 slots (``_flat_plan``'s ``slots``),
-    against the float64 reference, and 1 slot keeping the runs of FLAT_RUN elements."""
+    """The flat forward's tasks spread over 2, 3 and 4 slots, by runs (``_flat_plan``'s
+    ``slots``) or, with fewer runs than slots, by the output channels of each run,
+    against the float64 reference; 1 slot keeps the runs of FLAT_RUN elements."""
     x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
     geom = conv2d_geom(xs, ws, stride, padding, 1, groups)
     ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding, 1, groups)
     hq_wq = None
-    for slots in (1, 2, 3):
+    for slots in (1, 2, 3, 4):
         y = np.full(geom.y_shape, np.nan, dtype)
         conv_stride1.conv2d_forward_flat(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, False, slots)
         R.assert_close(y, ref, dtype)

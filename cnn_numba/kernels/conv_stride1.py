@@ -322,6 +322,10 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     plane, nin = hq * wq, phases_in[0] * phases_in[1]
     run = (uh - 1) * wq + uw  # one sample's output run
     blocks = -(-n // nb)
+    # Fewer (run, group) tasks than slots (a batch of 1): each group's output channels split
+    # into ``parts`` of ``chunk`` (whole quads), a task each, so that every thread has work.
+    parts = max(1, min(-(-slots // (blocks * g)), -(-cog // QUAD)))
+    chunk = -(-(-(-cog // QUAD)) // parts) * QUAD
     wt = np.zeros((counts.size, co, taps.shape[1]), w.dtype)  # each output phase's pairs, zero-padded
     wf = w.reshape(co, cig * kh * kw)
     for f in range(counts.size):  # wt's rows in order: 64->64 3x3 took 15 us a call column-wise, 3 now
@@ -336,8 +340,10 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
     for tid in prange(slots):
         xp, acc = xp_buf[tid], acc_buf[tid]
-        for t in range(tid, blocks * g, slots):
-            i0, gi = (t // g) * nb, t % g
+        for t in range(tid, blocks * g * parts, slots):
+            i0, gi = (t // (g * parts)) * nb, (t // parts) % g
+            o0 = gi * cog + (t % parts) * chunk  # this task's channels: [o0, o1)
+            o1 = min(o0 + chunk, (gi + 1) * cog)
             m = min(nb, n - i0)  # samples in this run
             length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run, hq, hp)
             src = xp.reshape(xp.size)
@@ -347,8 +353,8 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
                 rows, cols = _phase_size(y.shape[2], phases_out[0], r), _phase_size(y.shape[3], phases_out[1], q)
                 if rows * cols == 0:
                     continue
-                o = gi * cog
-                while o < (gi + 1) * cog:
+                o = o0
+                while o < o1:
                     nu = _block(o - gi * cog, cog)
                     for u in range(nu):
                         acc[u, :] = b[o + u]
