@@ -555,3 +555,23 @@ def test_flat_forward_runs_spread_over_slots_match_reference(rng, dtype, xs, ws,
             assert runs >= min(xs[0], slots) and (runs - 1) * nb < xs[0]
     if xs == (16, 3, 7, 7):
         assert conv_stride1._flat_plan(16, 3, 7, 7, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, False, 2)[5] == 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("xs, ws, stride, padding, groups", [
+    ((1, 32, 14, 14), (64, 32, 3, 3), 2, 1, 1),  # 903k multiply-adds: rows split between the slots
+    ((1, 16, 14, 14), (32, 16, 1, 1), 2, 0, 1),  # 25k: under SPLIT_MIN_MACS, one part
+    ((1, 8, 56, 56), (5, 8, 3, 3), 1, 1, 1),     # 1.1M: 5 rows in up to 4 parts: 3+2, 2+2+1, 2+2+1+none
+    ((1, 16, 56, 56), (6, 8, 3, 3), 1, 1, 2),    # two groups, two tasks: split in 2 from 3 slots on
+    ((3, 32, 14, 14), (64, 32, 3, 3), 2, 1, 1),  # 3 tasks: whole on 1-3 slots, split in 2 on 4
+])
+def test_im2col_forward_split_by_rows_matches_reference(rng, dtype, xs, ws, stride, padding, groups):
+    """conv2d_forward_im2col on 1-4 slots, its product split by output channels where a
+    batch of 1 leaves slots idle, against the float64 reference."""
+    x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
+    geom = conv2d_geom(xs, ws, stride, padding, 1, groups)
+    ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding, 1, groups)
+    for slots in (1, 2, 3, 4):
+        y = np.full(geom.y_shape, np.nan, dtype)
+        conv_kernels.conv2d_forward_im2col(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, slots)
+        R.assert_close(y, ref, dtype)
