@@ -194,11 +194,11 @@ __all__ = [
 # ----------------------------------------------------------------------------- launchers
 
 # Below this many window reads (outputs times taps) a forward runs on one thread: a parallel
-# launch costs ~1.2 us (TBB, 2 cores) and the serial max pool reads ~1.7 ns a tap, so the
-# parallel one pays from ~1,400 reads on. Measured (2026-12-01, 2 shared cores, fastest of
-# 21, serial/parallel us): 2 planes 8x8 -> 4x4 (128 reads) 0.67/1.86, LeNet-5's second pool
-# at b1 (1,600) 2.0/2.9, its first at b1 (4,704) 8.5/9.8, at b16 (75,264) 131/134 (the
-# other core busy; idle, the parallel one takes about half).
+# launch costs ~1.2 us (TBB, 2 cores) and the serial max pool reads ~1.5 ns a tap, so the
+# parallel one pays from ~1,600 reads on. Measured (2026-12-01, 2 shared cores, fastest of
+# 21, 2x2 windows, serial/parallel us): 2 planes 8x8 -> 4x4 (128 reads) 0.66/1.87, LeNet-5's
+# first pool at b1 (4,704) 7.2/8.7 (the other core busy then), its second at b16 (6,400)
+# 54.5/32.0, its first at b16 (75,264) 112/61.
 POOL_PARALLEL_READS = 2048
 
 max_pool2d_forward_serial = serial_twin(max_pool2d_forward)
