@@ -197,7 +197,7 @@ __all__ = [
 # launch costs ~1.2 us (TBB, 2 cores) and the serial max pool reads ~1.5 ns a tap, so the
 # parallel one pays from ~1,600 reads on. Measured (2026-12-01, 2 shared cores, fastest of
 # 21, 2x2 windows, serial/parallel us): 2 planes 8x8 -> 4x4 (128 reads) 0.66/1.87, LeNet-5's
-# first pool at b1 (4,704) 7.2/8.7 (the other core busy then), its second at b16 (6,400)
+# first pool at b1 (4,704) 7.2/8.7 (the other core busy then), its second at b16 (25,600)
 # 54.5/32.0, its first at b16 (75,264) 112/61.
 POOL_PARALLEL_READS = 2048
 
