@@ -15,7 +15,6 @@ PARALLEL = ParallelOptions(dict(prange=True, comprehension=False, reduction=Fals
                                 setitem=False, numpy=False, stencil=False, fusion=False))
 
 
-
 def serial_twin(kernel):
     """A serial compilation of parallel ``kernel``'s source (its ``prange`` run as ``range``),
     for inputs too small to pay for the thread pool's fork and join (~1.2 us a launch with

@@ -190,8 +190,8 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
         # 64->64 7x7 (9x9 padded) 12 samples 393, 8 292, 4 171, 3 139, 2 108, 1 92; so on
         # 2 idle cores resnet8's third stage at b16 takes 292 (runs 8+8) instead of 393
         # (12+4), at b3 108 instead of 139; LeNet-5's conv2 at b16 (14x14) 2x26 (4 runs of
-        # 4) instead of 2x39 (5+5, 5+1). (With the second core busy, as on the shared
-        # machine these were taken on, the split measured slower: 1.13x, 1.32x.)
+        # 4) instead of 2x39 (5+5, 5+1). Both threads measured (shared cores): the b16 layer
+        # 309 against 600 when the other core was free, 450 against 400 when it was busy.
         runs = min(n, -(-(-(-n // nb)) // slots) * slots)
         nb = -(-n // runs)
     # a run buffer's rows per phase plane: the last sample's plane is hp rows, and its
@@ -328,7 +328,7 @@ def conv2d_forward_flat(x, w, b, y, sh, sw, ph, pw, dh, dw, g, adjoint, slots):
     chunk = -(-(-(-cog // QUAD)) // parts) * QUAD
     wt = np.zeros((counts.size, co, taps.shape[1]), w.dtype)  # each output phase's pairs, zero-padded
     wf = w.reshape(co, cig * kh * kw)
-    for f in range(counts.size):  # wt's rows in order: 64->64 3x3 took 15 us a call column-wise, 3 now
+    for f in range(counts.size):  # rows in order (64->64 3x3: 15 us a call column by column)
         for o in range(co):
             if adjoint:
                 for j in range(counts[f]):
