@@ -554,3 +554,60 @@ def test_empty_batch_with_empty_planes_is_pytorchs_empty_output(algo):
     np.testing.assert_array_equal(gb, np.zeros_like(b))
     z = F.conv_transpose2d(np.ones((0, 1, 0, 4)), np.ones((1, 2, 3, 3)), np.ones(2), algo=algo)
     assert z.shape == (0, 2, 2, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("xs, ws, stride, padding, groups", [
+    ((16, 3, 7, 7), (5, 3, 3, 3), 1, 1, 1),     # 9x9 padded planes: runs of 12 and 4, or 8 and 8
+    ((3, 2, 7, 7), (4, 2, 3, 3), 1, 1, 1),      # runs of 3, or 2 and 1
+    ((16, 2, 14, 14), (3, 2, 5, 5), 1, 0, 1),   # LeNet-5's conv2 planes: 5, 5, 5, 1 or 4 x 4
+    ((7, 4, 9, 8), (6, 2, 3, 3), 2, 1, 2),      # strided, groups
+    ((1, 2, 5, 5), (2, 2, 3, 3), 1, 1, 1),      # one sample, one quad: one task whatever the slots
+    ((1, 3, 6, 6), (9, 3, 3, 3), 1, 1, 1),      # one sample: channels split [0, 8) [8, 9), or by quads
+    ((1, 4, 7, 6), (10, 2, 3, 3), 1, 1, 2),     # two groups of 5 channels: [0, 4) [4, 5) each
+    ((1, 2, 9, 9), (20, 2, 3, 3), 2, 1, 1),     # strided; 5 quads in 4 parts of 2 quads: the last empty
+    ((1, 3, 5, 5), (6, 1, 3, 3), 1, 1, 3),      # depthwise-like: 3 tasks, 2 channels each
+])
+def test_flat_forward_runs_spread_over_slots_match_reference(rng, dtype, xs, ws, stride, padding, groups):
+    """The flat forward's tasks spread over 2, 3 and 4 slots, by runs (``_flat_plan``'s
+    ``slots``) or, with fewer runs than slots, by the output channels of each run,
+    against the float64 reference; 1 slot keeps the runs of FLAT_RUN elements."""
+    x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
+    geom = conv2d_geom(xs, ws, stride, padding, 1, groups)
+    ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding, 1, groups)
+    hq_wq = None
+    for slots in (1, 2, 3, 4):
+        y = np.full(geom.y_shape, np.nan, dtype)
+        conv_stride1.conv2d_forward_flat(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, False, slots)
+        R.assert_close(y, ref, dtype)
+        plan = conv_stride1._flat_plan(xs[0], ws[1], geom.oh, geom.ow, xs[2], xs[3], ws[2], ws[3], stride, stride,
+                                       padding, padding, 1, 1, False, slots)
+        nb, (hq, wq) = plan[5], plan[3]
+        runs = -(-xs[0] // nb)
+        if slots == 1:
+            assert nb == max(1, min(xs[0], conv_stride1.FLAT_RUN // (hq * wq)))
+        else:  # a multiple of the slots where there are samples enough, all but the last full
+            assert runs % slots == 0 or runs == xs[0]
+            assert runs >= min(xs[0], slots) and (runs - 1) * nb < xs[0]
+    if xs == (16, 3, 7, 7):
+        assert conv_stride1._flat_plan(16, 3, 7, 7, 7, 7, 3, 3, 1, 1, 1, 1, 1, 1, False, 2)[5] == 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("xs, ws, stride, padding, groups", [
+    ((1, 32, 14, 14), (64, 32, 3, 3), 2, 1, 1),  # 903k multiply-adds: rows split between the slots
+    ((1, 16, 14, 14), (32, 16, 1, 1), 2, 0, 1),  # 25k: under SPLIT_MIN_MACS, one part
+    ((1, 8, 56, 56), (5, 8, 3, 3), 1, 1, 1),     # 1.1M: 5 rows in up to 4 parts: 3+2, 2+2+1, 2+2+1+none
+    ((1, 16, 56, 56), (6, 8, 3, 3), 1, 1, 2),    # two groups, two tasks: split in 2 from 3 slots on
+    ((3, 32, 14, 14), (64, 32, 3, 3), 2, 1, 1),  # 3 tasks: whole on 1-3 slots, split in 2 on 4
+])
+def test_im2col_forward_split_by_rows_matches_reference(rng, dtype, xs, ws, stride, padding, groups):
+    """conv2d_forward_im2col on 1-4 slots, its product split by output channels where a
+    batch of 1 leaves slots idle, against the float64 reference."""
+    x, w, b = random(rng, xs, dtype), random(rng, ws, dtype), random(rng, ws[:1], dtype)
+    geom = conv2d_geom(xs, ws, stride, padding, 1, groups)
+    ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding, 1, groups)
+    for slots in (1, 2, 3, 4):
+        y = np.full(geom.y_shape, np.nan, dtype)
+        conv_kernels.conv2d_forward_im2col(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, slots)
+        R.assert_close(y, ref, dtype)

@@ -238,6 +238,60 @@ def test_batch_norm_eval_uses_running_stats():
     np.testing.assert_allclose(gb, gy.sum((0, 2, 3)), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+def test_batch_norm_forward_both_paths_match_reference(monkeypatch, dtype, path):
+    """The forward through its serial twin and its parallel kernel (BN_PARALLEL_ELEMENTS out
+    of reach, then 0; each checked to have run), training and eval, images, (N, C), (N, C, L)
+    and an empty batch, against float64 arithmetic; invstd is 1/sqrt(var + eps) rounded once
+    to the dtype, as PyTorch saves it."""
+    from cnn_numba.kernels import nn as K
+    monkeypatch.setattr(K, "BN_PARALLEL_ELEMENTS", 0 if path == "parallel" else 1 << 60)
+    name = "batch_norm_forward" + ("" if path == "parallel" else "_serial")
+    calls = []
+    kern = getattr(K, name)
+    monkeypatch.setattr(K, name, lambda *a: calls.append(1) or kern(*a))
+    r = np.random.default_rng(9)
+    shapes = [(4, 3, 5, 6), (6, 3), (3, 2, 7), (0, 3, 2, 2)]
+    for shape in shapes:
+        x = (r.standard_normal(shape) * 2 + 1).astype(dtype)
+        c, s = shape[1], (1, -1) + (1,) * (len(shape) - 2)
+        w, b, rm, rv = (r.standard_normal(c).astype(dtype), r.standard_normal(c).astype(dtype),
+                        r.standard_normal(c).astype(dtype), (r.random(c) + 0.5).astype(dtype))
+        y, invstd = K.batch_norm_forward_cpu(x, rm, rv, w, b, 1e-3)
+        assert y.dtype == dtype and invstd.dtype == dtype and y.shape == x.shape
+        ref_inv = 1 / np.sqrt(rv.astype(np.float64) + 1e-3)
+        np.testing.assert_array_equal(invstd, ref_inv.astype(dtype))
+        ref = (x - rm.reshape(s)) * (ref_inv * w).reshape(s) + b.reshape(s)
+        t = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(y, ref, **t)
+        if shape[0] > 1:  # the functional op in training mode, on the same path
+            with cn.no_grad():
+                yt = F.batch_norm(x, None, None, w, b, training=True).numpy()
+            ry = bn_reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1e-5,
+                              np.zeros(shape))[0]
+            t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(yt, ry, **t)
+    assert len(calls) == len(shapes) + 3
+
+
+def test_batch_norm_forward_threshold_picks_by_elements(monkeypatch):
+    """x of 24 elements: the serial twin under a threshold of 25, the parallel kernel at 24."""
+    from cnn_numba.kernels import nn as K
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    for threshold, ran in ((25, "batch_norm_forward_serial"), (24, "batch_norm_forward")):
+        monkeypatch.setattr(K, "BN_PARALLEL_ELEMENTS", threshold)
+        calls = dict.fromkeys(("batch_norm_forward", "batch_norm_forward_serial"), 0)
+        for n in calls:
+            kern = getattr(K, n)
+            monkeypatch.setattr(K, n, lambda *a, _k=kern, _n=n: calls.__setitem__(_n, calls[_n] + 1) or _k(*a))
+        y, _ = K.batch_norm_forward_cpu(x, zeros, ones, ones, zeros, 0.0)
+        np.testing.assert_array_equal(y, x)
+        assert calls == {n: int(n == ran) for n in calls}
+        monkeypatch.undo()
+
+
 def test_batch_norm_eval_graph_survives_a_later_training_pass():
     # The eval graph's backward reads the mean it normalised with, not the running mean a
     # training pass updated in place afterwards (weight gradient = sum gy * xhat).

@@ -358,9 +358,7 @@ def test_max_pool_2x2_fast_path_keeps_the_rules(rng, dtype, shape, monkeypatch):
     (the first wins), NaNs (the last wins), -inf and inf; odd sizes drop the last row or column.
     The fast kernel must be the one that ran."""
     from cnn_numba.kernels import pool
-    calls = []
-    fast = pool.max_pool2d_forward_2x2
-    monkeypatch.setattr(pool, "max_pool2d_forward_2x2", lambda *a: (calls.append(1), fast(*a)))
+    calls = _count_launches(monkeypatch, pool, ["max_pool2d_forward_2x2", "max_pool2d_forward_2x2_serial"])
     x = rng.integers(-2, 3, size=shape).astype(dtype)  # many ties
     flat = x.reshape(-1)
     flat[::7] = np.nan
@@ -370,4 +368,69 @@ def test_max_pool_2x2_fast_path_keeps_the_rules(rng, dtype, shape, monkeypatch):
     ref, ref_idx = R.max_pool2d(x, 2)
     np.testing.assert_array_equal(idx.numpy(), ref_idx)
     np.testing.assert_array_equal(out.numpy(), ref.astype(dtype))
-    assert calls
+    assert sum(calls.values()) == 1
+
+
+# ----------------------------------------------------------------------------- serial and parallel forwards
+
+def _count_launches(monkeypatch, module, names):
+    """Wrap the kernels ``names`` of ``module`` to count their calls; the counter."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        kern = getattr(module, name)
+
+        def counted(*args, _k=kern, _n=name):
+            calls[_n] += 1
+            return _k(*args)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["serial", "parallel"])
+def test_pool_forwards_match_reference_on_both_paths(rng, monkeypatch, path):
+    """Every max, average and adaptive case through the serial twin (threshold out of reach)
+    and the parallel kernel (threshold 0), each checked to have run, against the float64
+    references; max pooling also on ties and NaNs, whose rules the serial twin must keep."""
+    from cnn_numba.kernels import pool
+    names = ["max_pool2d_forward", "avg_pool2d_forward", "adaptive_avg_pool2d_forward", "max_pool2d_forward_2x2"]
+    kernels = names if path == "parallel" else [n + "_serial" for n in names]
+    monkeypatch.setattr(pool, "POOL_PARALLEL_READS", 0 if path == "parallel" else 1 << 60)
+    calls = _count_launches(monkeypatch, pool, kernels)
+    with cn.no_grad():
+        for dtype in DTYPES:
+            for shape, kw in MAX_CASES:
+                for kind in ("distinct", "ties", "nan"):
+                    x = _pool_data(rng, shape, kind, dtype)
+                    out, idx = F.max_pool2d(x, return_indices=True, **kw)
+                    ref, ref_idx = R.max_pool2d(x, **kw)
+                    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+                    R.assert_close(out.numpy(), ref, dtype)
+            for case in AVG_CASES:
+                x = random(rng, case[0], dtype)
+                R.assert_close(F.avg_pool2d(x, **_avg_kw(case)).numpy(), R.avg_pool2d(x, **_avg_kw(case)), dtype)
+            for shape, osz in ADAPTIVE_CASES:
+                x = random(rng, shape, dtype)
+                R.assert_close(F.adaptive_avg_pool2d(x, osz).numpy(), R.adaptive_avg_pool2d(x, osz), dtype)
+    # max pooling: the 2x2 stride-2 kernel where its windows fit, the general one elsewhere
+    assert calls[kernels[0]] + calls[kernels[3]] == 2 * 3 * len(MAX_CASES) and calls[kernels[3]] > 0
+    assert calls[kernels[1]] == 2 * len(AVG_CASES) and calls[kernels[2]] == 2 * len(ADAPTIVE_CASES)
+
+
+@pytest.mark.parametrize("stride, kernel_name", [((1, 1), "max_pool2d_forward"), ((2, 2), "max_pool2d_forward_2x2")])
+def test_pool_forward_threshold_picks_by_window_reads(rng, monkeypatch, stride, kernel_name):
+    """One read under POOL_PARALLEL_READS runs the serial twin, exactly that many the parallel
+    kernel: 2x2 windows over (1, 2, 8, 8), 2 planes * 7x7 outputs * 4 taps = 392 reads at
+    stride 1 (the general kernel), 2 * 4x4 * 4 = 128 at stride 2 (the 2x2 kernel)."""
+    from cnn_numba.kernels import pool
+    x = rng.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    out_hw = (7, 7) if stride == (1, 1) else (4, 4)
+    reads = 2 * out_hw[0] * out_hw[1] * 4
+    for threshold, ran in ((reads + 1, kernel_name + "_serial"), (reads, kernel_name)):
+        monkeypatch.setattr(pool, "POOL_PARALLEL_READS", threshold)
+        calls = _count_launches(monkeypatch, pool, [kernel_name, kernel_name + "_serial"])
+        out, idx = pool.max_pool2d(x, out_hw, (2, 2), stride, (0, 0), (1, 1))
+        ref, ref_idx = R.max_pool2d(x.astype(np.float64), 2, stride)
+        np.testing.assert_array_equal(idx, ref_idx)
+        R.assert_close(out, ref, np.float32)
+        assert calls == {n: int(n == ran) for n in calls}
+        monkeypatch.undo()

@@ -14,4 +14,26 @@ install_cpu()  # before any @njit(cache=True) is decorated: the stamp covers eve
 PARALLEL = ParallelOptions(dict(prange=True, comprehension=False, reduction=False, inplace_binop=False,
                                 setitem=False, numpy=False, stencil=False, fusion=False))
 
+
+def serial_twin(kernel):
+    """A serial compilation of parallel ``kernel``'s source (its ``prange`` run as ``range``),
+    for inputs too small to pay for the thread pool's fork and join (~1.2 us a launch with
+    TBB on 2 cores, against 0.3 us for a whole batch norm of 64 elements). One source, two
+    machine codes, chosen by the launcher.
+
+    A copy of the Python function under its own qualified name: Numba's on-disk cache keys
+    a kernel on its qualified name and line, not on its options, so the twin would
+    otherwise load (or overwrite) the parallel code."""
+    import types
+
+    from numba import njit
+    from numba.core.caching import NullCache
+
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__, twin.__module__, twin.__doc__ = f.__qualname__ + "_serial", f.__module__, f.__doc__
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("parallel", "nopython")}
+    return njit(cache=not isinstance(kernel._cache, NullCache), **options)(twin)
+
+
 from . import conv, conv_algos, elementwise, nn, pool  # noqa: E402,F401

@@ -300,23 +300,38 @@ def _task(t, g, nb, n):
     return n0, min(nb, n - n0), t % g
 
 
+# With fewer tasks than slots (a batch of 1) the forward splits each task's product by rows
+# (output channels) between the slots, each unfolding the columns itself, where a part keeps
+# at least this many multiply-adds. At b1 on 2 shared cores (2026-12-01, fastest of 210,
+# split/whole us): resnet8's 32->64 14x14 s2 (903k multiply-adds) 30.6/37.5, 64->128 14x14
+# s2 72.7/104.2, 256->256 8x8 429.7/723.9; its 1x1 shortcuts (100k) stay whole (8.2, 7.2).
+# A part's product has fewer rows than the whole: BLAS may round its sums differently.
+SPLIT_MIN_MACS = 1 << 18
+
+
 @njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_im2col(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, slots):
     n = x.shape[0]
     co, cig, kh, kw = w.shape
     oh, ow = y.shape[2], y.shape[3]
     cog, k, m, nb, tasks = _plan(n, co, cig, kh, kw, oh, ow, g, slots)
+    parts = max(1, min(-(-slots // tasks), cog * k * nb * m // SPLIT_MIN_MACS, cog))  # of each task's rows
+    chunk = -(-cog // parts)
     w2 = w.reshape(co, k)
     col_buf = np.empty((slots, k * nb * m), x.dtype)
-    out_buf = np.empty((slots, cog * nb * m), x.dtype)
+    out_buf = np.empty((slots, chunk * nb * m), x.dtype)
     for tid in prange(slots):
-        for t in range(tid, tasks, slots):  # round-robin: equal tasks, equal shares
-            n0, nc, gi = _task(t, g, nb, n)
+        for t in range(tid, tasks * parts, slots):  # round-robin: equal tasks, equal shares
+            n0, nc, gi = _task(t // parts, g, nb, n)
+            o0 = gi * cog + (t % parts) * chunk  # this task's output channels: [o0, o1)
+            o1 = min(o0 + chunk, (gi + 1) * cog)
+            if o0 >= o1:  # the last parts of a short split
+                continue
             cols = col_buf[tid, :k * nc * m].reshape(k, nc * m)
-            out = out_buf[tid, :cog * nc * m].reshape(cog, nc * m)
+            out = out_buf[tid, :(o1 - o0) * nc * m].reshape(o1 - o0, nc * m)
             im2col(x[n0:n0 + nc], gi * cig, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
-            np.dot(w2[gi * cog:(gi + 1) * cog], cols, out)
-            columns_to_planes(out, b, ep, relu, gi * cog, y[n0:n0 + nc])
+            np.dot(w2[o0:o1], cols, out)
+            columns_to_planes(out, b, ep, relu, o0, y[n0:n0 + nc])
 
 
 @njit(parallel=PARALLEL, **KERNEL)

@@ -194,7 +194,7 @@ def _axis_plan(k, s, p, d, size, size_in, adjoint):
 
 
 @njit(cache=True)
-def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint):
+def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint, slots):
     """Sizes of a direct pass over ``n`` samples of ``cig`` channels (see above),
     ``(lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, rows))``:
       lead          the leading padding (rows, columns) of the loaded planes
@@ -206,7 +206,8 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
       nb            samples per run: small planes of consecutive samples sit end to end, so
                     one pass covers several (the outputs between them are computed and
                     dropped), in runs of up to FLAT_RUN elements, which keep the four
-                    accumulator rows in L1
+                    accumulator rows in L1; with ``slots`` > 1, as many runs as a multiple of
+                    slots allows (up to one per sample), all about as long (see below)
       counts        (phases_out,) the (channel, tap) pairs that each output phase sums
       taps          (phases_out, width) its pairs, first, as ci*kh*kw + a*kw + bb (the flat
                     weight's column), then -1 for padding pairs up to a width that is a
@@ -220,6 +221,16 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
     opw, ipw, shw, lw, uw, wp, wq = _axis_plan(kw, sw, pw, dw, size_w, in_w, adjoint)
     phases_in, phases_out = ((1, 1), (sh, sw)) if adjoint else ((sh, sw), (1, 1))
     nb = max(1, min(n, FLAT_RUN // (hq * wq)))
+    if slots > 1:
+        # Runs in a multiple of the threads, of equal length (a run's outputs do not depend
+        # on the runs: same results). One thread's time for one run (2026-12-01, float32, us):
+        # 64->64 7x7 (9x9 padded) 12 samples 393, 8 292, 4 171, 3 139, 2 108, 1 92; so on
+        # 2 idle cores resnet8's third stage at b16 takes 292 (runs 8+8) instead of 393
+        # (12+4), at b3 108 instead of 139; LeNet-5's conv2 at b16 (14x14) 2x26 (4 runs of
+        # 4) instead of 2x39 (5+5, 5+1). Both threads measured (shared cores): the b16 layer
+        # 309 against 600 when the other core was free, 450 against 400 when it was busy.
+        runs = min(n, -(-(-(-n // nb)) // slots) * slots)
+        nb = -(-n // runs)
     # a run buffer's rows per phase plane: the last sample's plane is hp rows, and its
     # last row's taps reach wp - wq columns past them (see above)
     rows = (nb - 1) * hq + hp - (-(wp - wq) // wq)
@@ -334,23 +345,32 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
     co, cig, kh, kw = w.shape
     cog = co // g
     lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, buf_rows) = _flat_plan(
-        n, cig, y.shape[2], y.shape[3], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint)
+        n, cig, y.shape[2], y.shape[3], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint, slots)
     plane, nin = hq * wq, phases_in[0] * phases_in[1]
     run = (uh - 1) * wq + uw  # one sample's output run
     blocks = -(-n // nb)
+    # Fewer (run, group) tasks than slots (a batch of 1): each group's output channels split
+    # into ``parts`` of ``chunk`` (whole quads), a task each, so that every thread has work.
+    parts = max(1, min(-(-slots // (blocks * g)), -(-cog // QUAD)))
+    chunk = -(-(-(-cog // QUAD)) // parts) * QUAD
     wt = np.zeros((counts.size, co, taps.shape[1]), w.dtype)  # each output phase's pairs, zero-padded
     wf = w.reshape(co, cig * kh * kw)
-    for f in range(counts.size):
-        for j in range(counts[f]):
-            for o in range(co):
-                wt[f, o, j] = wf[o, taps[f, j]]
+    for f in range(counts.size):  # rows in order (64->64 3x3: 15 us a call column by column)
+        for o in range(co):
+            if adjoint:
+                for j in range(counts[f]):
+                    wt[f, o, j] = wf[o, taps[f, j]]
+            else:  # the forward's pairs are wf's own columns (_flat_plan)
+                copy_run(wf[o, :counts[f]], wt[f, o])
     xp_buf = np.zeros((slots, cig, nin, buf_rows, wq), x.dtype)  # padding stays 0 (pad_phases)
     acc_buf = _row_buffer(slots, nb * plane, x.dtype)
     zeros = np.zeros(nb * plane, x.dtype)  # what the padding taps read
     for tid in prange(slots):
         xp, acc = xp_buf[tid], acc_buf[tid]
-        for t in range(tid, blocks * g, slots):
-            i0, gi = (t // g) * nb, t % g
+        for t in range(tid, blocks * g * parts, slots):
+            i0, gi = (t // (g * parts)) * nb, (t // parts) % g
+            o0 = gi * cog + (t % parts) * chunk  # this task's channels: [o0, o1)
+            o1 = min(o0 + chunk, (gi + 1) * cog)
             m = min(nb, n - i0)  # samples in this run
             length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run, hq, hp)
             src = xp.reshape(xp.size)
@@ -360,8 +380,8 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
                 rows, cols = _phase_size(y.shape[2], phases_out[0], r), _phase_size(y.shape[3], phases_out[1], q)
                 if rows * cols == 0:
                     continue
-                o = gi * cog
-                while o < (gi + 1) * cog:
+                o = o0
+                while o < o1:
                     nu = _block(o - gi * cog, cog)
                     for u in range(nu):
                         acc[u, :] = b[o + u]
@@ -420,8 +440,10 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     co, cig, kh, kw = gw.shape
     oh, ow = gy.shape[2], gy.shape[3]
     cog = co // g
+    # Runs not rebalanced over the slots (1): the sums' grouping, so their rounding, follows
+    # the runs, and the weight-gradients are held to a 1e-4 bound (tests/test_distributed.py).
     lead, phases, _, (hq, wq), _, nb, counts, _, sources, (hp, buf_rows) = _flat_plan(
-        n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False)
+        n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False, 1)
     plane, nin = hq * wq, phases[0] * phases[1]
     width, count, pairs = sources.shape[1], counts[0], sources[0]  # one output phase, pairs in gw's order
     blocks = -(-n // nb)
