@@ -183,8 +183,8 @@ def test_dry_step_runs_no_kernel_and_changes_nothing(name):
     assert opt.state == {} and all(p.grad is None for p in model.parameters())
     assert random.default_generator().bit_generator.state == rng
     names = {d.py_func.__name__ for d, _ in items}
-    # the step: convs, max pool and its backward, relu, cross-entropy, adam
-    assert {"relu_forward_kernel", "relu_backward_kernel", "max_pool2d_forward", "scatter_planes",
+    # the step: convs, max pool (2x2 windows: that kernel) and its backward, relu, cross-entropy, adam
+    assert {"relu_forward_kernel", "relu_backward_kernel", "max_pool2d_forward_2x2", "scatter_planes",
             "cross_entropy_forward", "cross_entropy_backward", "adam_step", "conv2d_backward_bias"} <= names
     assert len(items) == len({(id(d), s) for d, s in items}), "a signature recorded twice"
 

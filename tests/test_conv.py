@@ -578,7 +578,8 @@ def test_flat_forward_runs_spread_over_slots_match_reference(rng, dtype, xs, ws,
     hq_wq = None
     for slots in (1, 2, 3, 4):
         y = np.full(geom.y_shape, np.nan, dtype)
-        conv_stride1.conv2d_forward_flat(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, False, slots)
+        conv_stride1.conv2d_forward_flat(x, w, b, y, *conv_kernels.no_epilogue(dtype), stride, stride, padding, padding,
+                                         1, 1, groups, False, slots)
         R.assert_close(y, ref, dtype)
         plan = conv_stride1._flat_plan(xs[0], ws[1], geom.oh, geom.ow, xs[2], xs[3], ws[2], ws[3], stride, stride,
                                        padding, padding, 1, 1, False, slots)
@@ -609,5 +610,6 @@ def test_im2col_forward_split_by_rows_matches_reference(rng, dtype, xs, ws, stri
     ref = R.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride, padding, 1, groups)
     for slots in (1, 2, 3, 4):
         y = np.full(geom.y_shape, np.nan, dtype)
-        conv_kernels.conv2d_forward_im2col(x, w, b, y, stride, stride, padding, padding, 1, 1, groups, slots)
+        conv_kernels.conv2d_forward_im2col(x, w, b, y, *conv_kernels.no_epilogue(dtype), stride, stride, padding,
+                                           padding, 1, 1, groups, slots)
         R.assert_close(y, ref, dtype)
