@@ -141,7 +141,7 @@ COMPUTE_BOUND = ("resnet_s1", "big3x3")
 def pair_with_sgemm(row: dict, gemm, rounds: int, log) -> dict:
     """The row's pass, with its faster algo, timed in alternation with ``gemm``."""
     s, p = row["shape"], row["pass"]
-    algo = min(S.ALGOS, key=lambda a: row["ms"][a])
+    algo = min((a for a in S.ALGOS if a in row["ms"]), key=lambda a: row["ms"][a])
     fn = S.numba_conv_pass(s, p, algo, S.conv_arrays(s))
     fn()
     t, t_gemm = paired(fn, gemm, rounds)
@@ -216,8 +216,10 @@ def report(conv_rows, pool_rows, peaks, machine, args, paired_rows=()) -> str:
              f"Command: `python bench/report.py {shlex.join(sys.argv[1:])}`; fastest of the calls within "
              f"{args.budget} s per case (>= 3; 2 over 0.3 s; 1 over 1 s) after an untimed one. FLOPs = 2 x MACs, "
              "MACs = N*C_out*OH*OW*(C_in/g)*k*k for all three passes. "
-             "`best` is the faster algo for that pass; `auto` is what algo='auto' picks "
-             "(✗: not the faster one here).", ""]
+             "`best` is the faster algo for that pass; `auto` is what algo='auto''s rule picks "
+             "(✗: not the faster one here), which is what runs with CNN_NUMBA_AUTOTUNE=0; tuned (the "
+             "default) 'auto' times the algorithms on a layer's first call and keeps the fastest, "
+             "the rule's unless another is 5% faster: about `best`.", ""]
     if conv_rows:
         lines += ["## Convolution", ""] + conv_table(conv_rows, peak) + [""]
         totals = per_shape(conv_rows, S.ALGOS, lambda s, p: s.auto_algo(p))

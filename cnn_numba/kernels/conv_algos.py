@@ -35,7 +35,6 @@ import numpy as np
 
 from ..backend import register
 from . import conv as C
-from . import conv_batchlast as BL
 from . import conv_stride1 as S
 from . import conv_winograd as WG
 from .autotune import Tuner
@@ -125,7 +124,6 @@ class ConvTable:
 
 FLAT = ConvAlgo("direct, flat", S.forward_flat, S.backward_input_flat, S.backward_weight_flat,
                 supports=S.supports_flat)
-BATCHLAST = ConvAlgo("batchlast", BL.forward, BL.backward_input, None, supports=BL.supports)
 SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weight_shifted,
                    supports=S.supports_shifted)
 
@@ -156,17 +154,6 @@ FLAT_MAX_K = 576
 # 0.35/0.25 ms direct/im2col, at b128 1.68/1.79 1.62/1.93 1.44/1.90; a 4x4 one (64->128
 # 8x8 s2, b64) 1.32/0.99 1.36/1.04 1.03/1.02.
 STRIDED_MIN_PLANE = 64
-# Where the flat kernels would run at stride 1 but their output planes are under this many
-# pixels, 'auto' runs the forward and input-gradient with the batch innermost (batchlast),
-# for batches of at least BATCHLAST_MIN_BATCH: on a 7x7 plane the flat runs compute 8 or 9
-# columns a row and the rows between samples, batchlast the 7 alone. Measured 2026-12-01
-# (2 shared, busy cores, interleaved, fastest of 7, ms direct / batchlast, fwd gx): 64->64
-# 7x7 b128 3.49/2.88 5.81/2.86 and 4.39/2.39 2.84/2.27, one thread 3.22/2.71 3.19/2.72;
-# b16 0.65/0.53 0.67/0.57; b1 0.11/0.42 (a run is one 7-pixel row). At 8x8 b64
-# it was mixed (1.60/1.94 2.80/2.12; 2.74/2.94 5.43/2.96), at 14x14 and up direct led or
-# tied; the tuner (kernels/autotune.py) measures those per shape.
-BATCHLAST_MAX_PLANE = 64
-BATCHLAST_MIN_BATCH = 16
 
 
 def auto_algo(geom, pass_: str) -> str:
@@ -177,9 +164,7 @@ def auto_algo(geom, pass_: str) -> str:
     time, at least 8 of them; at stride > 1 direct where the kernel has TAPS taps, the
     output planes are at least STRIDED_MIN_PLANE and the flat kernels can run. im2col
     otherwise, and at stride 1 wherever the flat kernels cannot run (planes over the
-    scratch bound). Where stride-1 direct would run on output planes under
-    BATCHLAST_MAX_PLANE pixels, a batch of BATCHLAST_MIN_BATCH or more runs its forward
-    and input-gradient with the batch innermost (batchlast). (Measured per shape and pass in
+    scratch bound). (Measured per shape and pass in
     bench/results/cpu-*.md, and for stride > 1 above.)"""
     k = geom.cig * geom.kh * geom.kw
     stride1 = geom.stride == (1, 1)
@@ -191,24 +176,13 @@ def auto_algo(geom, pass_: str) -> str:
                 and FLAT.supports(geom, pass_))
     if k >= 16 and not flat:
         return "im2col"
-    if stride1 and not FLAT.supports(geom, pass_):
-        return "im2col"
-    if (stride1 and flat and pass_ != "backward_weight" and geom.n >= BATCHLAST_MIN_BATCH
-            and _pass_plane(geom, pass_) < BATCHLAST_MAX_PLANE and BATCHLAST.supports(geom, pass_)):
-        return "batchlast"
-    return "direct"
-
-
-def _pass_plane(geom, pass_) -> int:
-    """Pixels per plane of the pass's output: y's, or gx's for the input-gradient."""
-    return geom.h * geom.w if pass_ == "backward_input" else geom.oh * geom.ow
+    return "im2col" if stride1 and not FLAT.supports(geom, pass_) else "direct"
 
 
 TABLE = ConvTable([
     ConvAlgo("direct", C.forward_direct, C.backward_input_direct, C.backward_weight_direct, special=FLAT),
     ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
     ConvAlgo("winograd", WG.forward, WG.backward_input, WG.backward_weight, supports=WG.supports),
-    BATCHLAST,
 ], auto_algo, tuner=Tuner())
 
 register("conv2d_algorithms", "cpu")(lambda: TABLE)
