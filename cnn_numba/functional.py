@@ -517,7 +517,11 @@ def _affine(x, wb, has_wb, dev):
 
 
 class BatchNorm(Function):
-    def forward(self, x, *wb, has_wb, running, training, momentum, eps):
+    """batch_norm; with ``relu`` (CPU only, functional.batch_norm_relu) relu(batch_norm(x)) in
+    one pass each way: the output kept for relu's mask, which the backward applies to gy as it
+    reads it."""
+
+    def forward(self, x, *wb, has_wb, running, training, momentum, eps, relu=False):
         dev, c = self.device, x.shape[1]
         w, b = _affine(x, wb, has_wb, dev)
         if training:
@@ -527,13 +531,18 @@ class BatchNorm(Function):
                 kernel("batch_norm_update_stats", dev)(running[0], running[1], mean, var, momentum, m)
         else:  # backward reads the mean: a copy (C values), since a later training pass updates it in place
             mean, var = kernel("copy", dev)(running[0]), running[1]
-        y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps)
+        if relu:
+            y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps, relu=True)
+            self.y = y
+        else:
+            y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps)
         self.x, self.mean, self.invstd, self.w, self.has_wb, self.training = x, mean, invstd, w, has_wb, training
         return y
 
     def backward(self, gy):
+        fused = {"y": self.y} if hasattr(self, "y") else {}
         gx, gw, gb = kernel("batch_norm_backward", self.device)(gy, self.x, self.mean, self.invstd, self.w,
-                                                                self.training)
+                                                                self.training, **fused)
         return (gx,) + tuple(g for g, has in zip((gw, gb), self.has_wb) if has)
 
 
@@ -547,6 +556,21 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
     return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
                            training=bool(training), momentum=float(momentum), eps=float(eps))
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-5) -> Tensor:
+    """``relu(batch_norm(...))`` with batch_norm's arguments, bit for bit: on the CPU one pass
+    each way (the cut applied as the batch norm stores, relu's mask as its backward reads gy),
+    elsewhere the two ops. nn.Sequential and the residual blocks run BatchNorm2d -> ReLU
+    through it (nn/module.py)."""
+    x, w, b, running = _batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    if x.device != "cpu" or _autograd._trace.recorder is not None:
+        return relu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+    if training and x.size // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
+    return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
+                           training=bool(training), momentum=float(momentum), eps=float(eps), relu=True)
 
 
 def _batch_norm_args(input, running_mean, running_var, weight, bias, training):

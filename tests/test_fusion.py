@@ -310,3 +310,73 @@ def test_environment_variable_turns_the_fusion_off(tmp_path):
         env = dict(os.environ, CNN_NUMBA_FUSE=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert out.stdout.strip() == want, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- batch norm -> relu, training too
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (64, 16, 8, 8), (3, 5, 1, 1)], ids=str)
+def test_batch_norm_relu_equals_the_two_ops(shape, training, dtype, rng):
+    """F.batch_norm_relu: output, every gradient and the running statistics bit for bit those of
+    relu(batch_norm(...)), with NaN, inf and exact zeros among the inputs (relu's mask at 0);
+    and close to the float64 reference."""
+    x = rng.standard_normal(shape).astype(dtype)
+    flat = x.reshape(-1)
+    flat[::29], flat[7::31], flat[3::17] = np.nan, np.inf, 0.0
+    c = shape[1]
+    w, b, gy = random(rng, (c,), dtype), random(rng, (c,), dtype), random(rng, shape, dtype)
+    stats = random(rng, (c,), dtype), np.abs(random(rng, (c,), dtype)) + 0.5
+    out = []
+    for fused in (False, True):
+        xt, wt, bt = (cn.tensor(a, requires_grad=True) for a in (x, w, b))
+        rm, rv = cn.tensor(stats[0].copy()), cn.tensor(stats[1].copy())
+        args = (xt, rm, rv, wt, bt, training, 0.1, 1e-5)
+        y = F.batch_norm_relu(*args) if fused else F.relu(F.batch_norm(*args))
+        y.backward(cn.tensor(gy))
+        out.append((y.numpy(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy(), rm.numpy(), rv.numpy()))
+    for a, f in zip(*out):
+        np.testing.assert_array_equal(f, a)
+    finite = rng.standard_normal(shape).astype(dtype)
+    ref = np.maximum(R.batch_norm_eval(finite, *stats, w, b, 1e-5), 0) if not training else None
+    if ref is not None:
+        R.assert_close(F.batch_norm_relu(finite, cn.tensor(stats[0]), cn.tensor(stats[1]), w, b).numpy(), ref, dtype)
+
+
+def test_resnet8_training_step_fuses_batch_norm_relu_bit_for_bit(monkeypatch, rng):
+    """A resnet8 training step with bn -> relu fused (Sequential's stem, BasicBlock's bn1 ->
+    relu) and with the fusion off: the same loss, gradients and running statistics; the fused
+    op ran (4 times: the stem and each block's first batch norm)."""
+    x, t = random(rng, (8, 1, 12, 12), np.float32), rng.integers(0, 10, 8)
+    calls = []
+    fused_op = F.batch_norm_relu
+    monkeypatch.setattr(F, "batch_norm_relu", lambda *a, **k: (calls.append(1), fused_op(*a, **k))[1])
+    results = []
+    for fuse in (False, True):
+        monkeypatch.setattr(M, "FUSE", fuse)
+        cn.manual_seed(3)
+        model = models.resnet8()
+        loss = F.cross_entropy(model(cn.tensor(x)), t)
+        loss.backward()
+        results.append([loss.numpy()] + [p.grad.numpy() for p in model.parameters()]
+                       + [b.numpy() for _, b in model.named_buffers()])
+    assert len(calls) == 4
+    for a, f in zip(*results):
+        np.testing.assert_array_equal(f, a)
+
+
+def test_batch_norm_relu_not_fused_where_observed(monkeypatch, rng):
+    """A ReLU or BatchNorm2d with a forward set on the instance (how summary() watches a layer)
+    runs on its own."""
+    calls = []
+    fused_op = F.batch_norm_relu
+    monkeypatch.setattr(F, "batch_norm_relu", lambda *a, **k: (calls.append(1), fused_op(*a, **k))[1])
+    seq = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    x = random(rng, (2, 3, 4, 4), np.float32)
+    seq(x)
+    assert len(calls) == 1
+    relu = seq[1]
+    seen = []
+    relu.forward = lambda t, _f=type(relu).forward: (seen.append(1), _f(relu, t))[1]
+    seq(x)
+    assert len(calls) == 1 and seen == [1]

@@ -66,9 +66,10 @@ def batch_norm_stats(x, mean, var):
 
 
 @njit(parallel=PARALLEL, **KERNEL)
-def batch_norm_forward(x, mean, var, w, b, eps, y, invstd):
+def batch_norm_forward(x, mean, var, w, b, eps, y, invstd, relu):
     """invstd = 1/sqrt(var + eps), computed in float64 and stored in x's dtype; then
-    y = (x - mean) * invstd * w + b, per channel."""
+    y = (x - mean) * invstd * w + b, per channel; with ``relu``, then relu_forward_kernel's
+    cut (0 below 0, NaN kept) in the same pass: batch_norm -> relu bit for bit."""
     n, c, l = x.shape
     for ch in range(c):
         invstd[ch] = 1.0 / math.sqrt(np.float64(var[ch]) + eps)
@@ -76,15 +77,26 @@ def batch_norm_forward(x, mean, var, w, b, eps, y, invstd):
         i, ch = p // c, p % c
         mu, scale, shift = mean[ch], invstd[ch] * w[ch], b[ch]
         for j in range(l):
-            y[i, ch, j] = (x[i, ch, j] - mu) * scale + shift
+            v = (x[i, ch, j] - mu) * scale + shift
+            y[i, ch, j] = 0 if relu and v < 0 else v
 
 
 batch_norm_forward_serial = serial_twin(batch_norm_forward)
 
 
+@njit(cache=True, inline="always")
+def _masked(gy, y, relu, i, ch, j):
+    """gy[i, ch, j], or with ``relu`` relu_backward_kernel's gradient through y = relu(..):
+    0 where y <= 0."""
+    g = gy[i, ch, j]
+    return 0 if relu and y[i, ch, j] <= 0 else g
+
+
 @njit(parallel=PARALLEL, **REDUCTION)
-def batch_norm_backward(gy, x, mean, invstd, w, gx, gw, gb, training):
-    """gx, gw, gb of batch_norm_forward (formulas in the module docstring)."""
+def batch_norm_backward(gy, x, mean, invstd, w, gx, gw, gb, training, y, relu):
+    """gx, gw, gb of batch_norm_forward (formulas in the module docstring); with ``relu``, of
+    relu(batch_norm(x)) = y: gy masked where y <= 0 as it is read, relu's backward and batch
+    norm's in one pass (y is not read otherwise: pass gy)."""
     n, c, l = x.shape
     m = n * l
     for ch in prange(c):
@@ -93,7 +105,7 @@ def batch_norm_backward(gy, x, mean, invstd, w, gx, gw, gb, training):
         sgx = 0.0  # sum(gy * (x - mean)); times invstd it is sum(gy * xhat)
         for i in range(n):
             for j in range(l):
-                g = gy[i, ch, j]
+                g = _masked(gy, y, relu, i, ch, j)
                 sg += g
                 sgx += g * (x[i, ch, j] - mu)
         gw[ch] = sgx * istd
@@ -104,11 +116,11 @@ def batch_norm_backward(gy, x, mean, invstd, w, gx, gw, gb, training):
             bx = sgx * istd * istd / m  # xhat * sum(gy*xhat)/m = (x - mean) * bx
             for i in range(n):
                 for j in range(l):
-                    gx[i, ch, j] = k * (gy[i, ch, j] - a - (x[i, ch, j] - mu) * bx)
+                    gx[i, ch, j] = k * (_masked(gy, y, relu, i, ch, j) - a - (x[i, ch, j] - mu) * bx)
         else:
             for i in range(n):
                 for j in range(l):
-                    gx[i, ch, j] = k * gy[i, ch, j]
+                    gx[i, ch, j] = k * _masked(gy, y, relu, i, ch, j)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -351,21 +363,22 @@ BN_PARALLEL_ELEMENTS = 1 << 16
 
 
 @register("batch_norm_forward", CPU)
-def batch_norm_forward_cpu(x, mean, var, w, b, eps):
-    """(y, invstd); y has x's shape."""
+def batch_norm_forward_cpu(x, mean, var, w, b, eps, relu=False):
+    """(y, invstd); y has x's shape; ``relu``: y = relu(batch_norm(x)) in the same pass."""
     invstd = np.empty(var.shape, x.dtype)  # the kernel's (batch_norm_invstd's formula)
     y = np.empty(x.shape, x.dtype)
     forward = batch_norm_forward if x.size >= BN_PARALLEL_ELEMENTS else batch_norm_forward_serial
-    forward(_ncl(x), mean, var, w, b, float(eps), _ncl(y), invstd)
+    forward(_ncl(x), mean, var, w, b, float(eps), _ncl(y), invstd, bool(relu))
     return y, invstd
 
 
 @register("batch_norm_backward", CPU)
-def batch_norm_backward_cpu(gy, x, mean, invstd, w, training):
-    """(gx, gw, gb)."""
+def batch_norm_backward_cpu(gy, x, mean, invstd, w, training, y=None):
+    """(gx, gw, gb); with ``y`` (the forward's output with relu), of relu(batch_norm(x))."""
     gx = np.empty(x.shape, x.dtype)
     gw, gb = np.empty(x.shape[1], x.dtype), np.empty(x.shape[1], x.dtype)
-    batch_norm_backward(_ncl(gy), _ncl(x), mean, invstd, w, _ncl(gx), gw, gb, bool(training))
+    batch_norm_backward(_ncl(gy), _ncl(x), mean, invstd, w, _ncl(gx), gw, gb, bool(training),
+                        _ncl(gy if y is None else y), y is not None)
     return gx, gw, gb
 
 

@@ -250,6 +250,14 @@ class _BatchNorm(Module):
             init.zeros_(self.bias)
 
     def forward(self, x):
+        return self._normalise(x, self._batch_norm)
+
+    def _relu_forward(self, x):
+        """``relu(self(x))`` as one op (F.batch_norm_relu: one pass each way, bit for bit the
+        two); nn/module.py decides when."""
+        return self._normalise(x, F.batch_norm_relu)
+
+    def _normalise(self, x, op):
         _check_input_dims(self, x, self._dims, self._layout)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
@@ -260,8 +268,8 @@ class _BatchNorm(Module):
         # Batch statistics when training, or always when no running statistics are kept.
         use_batch = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
-        return self._batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
-                                self.weight, self.bias, use_batch, factor, self.eps)
+        return op(x, self.running_mean if track else None, self.running_var if track else None,
+                  self.weight, self.bias, use_batch, factor, self.eps)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

@@ -312,12 +312,27 @@ def _fusable(conv, bn, relu) -> bool:
             and (relu is None or _plain(relu, "relu")))
 
 
+def _unobserved(m, role: str) -> bool:
+    """``m`` is the library's layer of ``role`` and not observed, in either mode."""
+    return FUSION_ROLES.get(type(m)) == role and "forward" not in m.__dict__
+
+
+def _bn_relu(bn, relu) -> bool:
+    """Whether bn -> relu runs as one op (BatchNorm2d._relu_forward), training or not: the
+    batch norm's pass cuts at 0 as it stores, its backward applies relu's mask as it reads gy
+    (a resnet8 step at batch 128: relu's two passes over each activation were 3.8 of 58 ms)."""
+    return FUSE and _unobserved(bn, "bn") and _unobserved(relu, "relu")
+
+
 def conv_chain(x, conv, bn=None, relu=None):
-    """``relu(bn(conv(x)))``, bn and relu optional (None): one fused pass where ``_fusable``,
-    the modules one by one otherwise."""
+    """``relu(bn(conv(x)))``, bn and relu optional (None): one fused pass where ``_fusable``;
+    else the conv, then bn -> relu as one op where ``_bn_relu``; else the modules one by one."""
     if _fusable(conv, bn, relu):
         return conv._fused_forward(x, bn, relu)
-    for m in (conv, bn, relu):
+    x = conv(x)
+    if bn is not None and relu is not None and _bn_relu(bn, relu):
+        return bn._relu_forward(x)
+    for m in (bn, relu):
         if m is not None:
             x = m(x)
     return x
@@ -355,13 +370,20 @@ class Sequential(Module):
 
     def forward(self, x):
         skip = i = 0  # skip: the modules of a fused run still to pass over
+        mods = None
         for m in self._modules.values():
             if skip:
                 skip -= 1
-            elif FUSE and FUSION_ROLES.get(type(m)) == "conv":  # maybe a fused run
-                bn, relu, length = _fused_run(tuple(self._modules.values()), i)
-                x = m._fused_forward(x, bn, relu) if length else m(x)
-                skip = max(length - 1, 0)
+            elif FUSE and FUSION_ROLES.get(type(m)) in ("conv", "bn"):  # maybe a fused run
+                mods = mods or tuple(self._modules.values())
+                if FUSION_ROLES[type(m)] == "conv":
+                    bn, relu, length = _fused_run(mods, i)
+                    x = m._fused_forward(x, bn, relu) if length else m(x)
+                    skip = max(length - 1, 0)
+                elif i + 1 < len(mods) and _bn_relu(m, mods[i + 1]):
+                    x, skip = m._relu_forward(x), 1
+                else:
+                    x = m(x)
             else:
                 x = m(x)
             i += 1
