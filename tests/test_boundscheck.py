@@ -107,6 +107,21 @@ SCRIPT = textwrap.dedent(r'''
                 fused = F.conv2d_bn_relu(x, w, b, bn=(*stats, 1e-5), with_relu=True, algo=algo, **kw)
             close(fused.numpy(), R.relu(R.batch_norm_eval(R.conv2d(x, w, b, **kw), *stats)), f"fused {algo} {kw}")
 
+    # batch norm -> relu as one op (F.batch_norm_relu), training and eval, against the two ops
+    for shape in ((3, 4, 5, 5), (2, 3, 1, 1)):
+        for training in (True, False):
+            x, w, b = rng.standard_normal(shape), rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+            stats = rng.standard_normal(shape[1]), rng.uniform(0.5, 2.0, shape[1])
+            gy = rng.standard_normal(shape)
+            got = []
+            for op in (F.batch_norm_relu, lambda *a: F.relu(F.batch_norm(*a))):
+                xt, wt, bt = (cn.tensor(a, requires_grad=True) for a in (x, w, b))
+                y = op(xt, cn.tensor(stats[0].copy()), cn.tensor(stats[1].copy()), wt, bt, training)
+                y.backward(gy)
+                got.append((y.numpy(), xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy()))
+            for a, f in zip(*got):
+                close(f, a, f"batch_norm_relu {shape} training={training}")
+
     TRANSPOSED = [
         ((1, 1, 1, 1), (1, 1, 1, 1), True, {}),
         ((2, 2, 3, 3), (2, 3, 3, 3), True, dict(stride=2, padding=1, output_padding=1)),
