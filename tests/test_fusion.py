@@ -380,3 +380,15 @@ def test_batch_norm_relu_not_fused_where_observed(monkeypatch, rng):
     relu.forward = lambda t, _f=type(relu).forward: (seen.append(1), _f(relu, t))[1]
     seq(x)
     assert len(calls) == 1 and seen == [1]
+
+
+def test_batch_norm_relu_not_fused_for_sync_batch_norm(monkeypatch, rng):
+    """distributed.convert_sync_batchnorm replaces a batch norm's op on the instance (statistics
+    over all ranks): that layer runs its own op, not the fused one, whose statistics are local."""
+    from cnn_numba import distributed
+    calls = []
+    fused_op = F.batch_norm_relu
+    monkeypatch.setattr(F, "batch_norm_relu", lambda *a, **k: (calls.append(1), fused_op(*a, **k))[1])
+    model = distributed.convert_sync_batchnorm(models.resnet8())
+    F.cross_entropy(model(cn.tensor(random(rng, (4, 1, 12, 12), np.float32))), np.arange(4)).backward()
+    assert calls == []

@@ -299,10 +299,17 @@ FUSE = os.environ.get("CNN_NUMBA_FUSE", "1") != "0"
 FUSION_ROLES: dict = {}  # class -> 'conv', 'bn' or 'relu' (nn/layers.py fills it): exact classes only
 
 
+def _replaced(m) -> bool:
+    """Whether ``m``'s computation is replaced or watched on the instance: a ``forward`` set
+    there (summary(), onnx.export) or a batch norm's ``_batch_norm`` op
+    (distributed.convert_sync_batchnorm's all-ranks statistics)."""
+    return "forward" in m.__dict__ or "_batch_norm" in m.__dict__
+
+
 def _plain(m, role: str) -> bool:
     """``m`` is the library's layer of ``role`` (its class, not a subclass), in eval mode and
-    not observed."""
-    return FUSION_ROLES.get(type(m)) == role and not m.training and "forward" not in m.__dict__
+    not replaced or observed."""
+    return FUSION_ROLES.get(type(m)) == role and not m.training and not _replaced(m)
 
 
 def _fusable(conv, bn, relu) -> bool:
@@ -313,14 +320,15 @@ def _fusable(conv, bn, relu) -> bool:
 
 
 def _unobserved(m, role: str) -> bool:
-    """``m`` is the library's layer of ``role`` and not observed, in either mode."""
-    return FUSION_ROLES.get(type(m)) == role and "forward" not in m.__dict__
+    """``m`` is the library's layer of ``role``, not replaced or observed, in either mode."""
+    return FUSION_ROLES.get(type(m)) == role and not _replaced(m)
 
 
 def _bn_relu(bn, relu) -> bool:
     """Whether bn -> relu runs as one op (BatchNorm2d._relu_forward), training or not: the
     batch norm's pass cuts at 0 as it stores, its backward applies relu's mask as it reads gy
-    (a resnet8 step at batch 128: relu's two passes over each activation were 3.8 of 58 ms)."""
+    (a resnet8 step at batch 128: relu's two passes over each activation were 3.8 of 58 ms).
+    Not for a batch norm whose op is replaced on the instance (``_replaced``)."""
     return FUSE and _unobserved(bn, "bn") and _unobserved(relu, "relu")
 
 
@@ -344,7 +352,7 @@ def _fused_run(mods, i):
     where none. ``_fusable``'s rule, each module looked at once (at batch 1 the look costs
     about what the fusion saves)."""
     conv, n = mods[i], len(mods)
-    if conv.training or "forward" in conv.__dict__:
+    if conv.training or _replaced(conv):
         return None, None, 0
     bn = mods[i + 1] if i + 1 < n and _plain(mods[i + 1], "bn") else None
     if bn is not None and bn.running_mean is None:  # batch statistics
