@@ -521,7 +521,7 @@ class BatchNorm(Function):
     one pass each way: the output kept for relu's mask, which the backward applies to gy as it
     reads it."""
 
-    def forward(self, x, *wb, has_wb, running, training, momentum, eps, relu=False):
+    def forward(self, x, *wb, has_wb, running, training, momentum, eps, relu):
         dev, c = self.device, x.shape[1]
         w, b = _affine(x, wb, has_wb, dev)
         if training:
@@ -531,16 +531,14 @@ class BatchNorm(Function):
                 kernel("batch_norm_update_stats", dev)(running[0], running[1], mean, var, momentum, m)
         else:  # backward reads the mean: a copy (C values), since a later training pass updates it in place
             mean, var = kernel("copy", dev)(running[0]), running[1]
-        if relu:
-            y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps, relu=True)
-            self.y = y
-        else:
-            y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps)
+        fused = {"relu": True} if relu else {}  # (CUDA's kernel has no relu)
+        y, invstd = kernel("batch_norm_forward", dev)(x, mean, var, w, b, eps, **fused)
         self.x, self.mean, self.invstd, self.w, self.has_wb, self.training = x, mean, invstd, w, has_wb, training
+        self.relu_out = y if relu else None  # relu's mask, for the backward
         return y
 
     def backward(self, gy):
-        fused = {"y": self.y} if hasattr(self, "y") else {}
+        fused = {} if self.relu_out is None else {"y": self.relu_out}
         gx, gw, gb = kernel("batch_norm_backward", self.device)(gy, self.x, self.mean, self.invstd, self.w,
                                                                 self.training, **fused)
         return (gx,) + tuple(g for g, has in zip((gw, gb), self.has_wb) if has)
@@ -551,11 +549,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """Normalise each channel of input (N, C, *) over (N, *): with the batch's statistics when
     training (then running_mean/var, if given, are updated in place with ``momentum``, the variance
     unbiased), with the running statistics otherwise; then scale by weight and shift by bias (C,)."""
-    x, w, b, running = _batch_norm_args(input, running_mean, running_var, weight, bias, training)
-    if training and x.size // max(x.shape[1], 1) <= 1:
-        raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
-    return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
-                           training=bool(training), momentum=float(momentum), eps=float(eps))
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, False)
 
 
 def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -564,13 +558,18 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
     each way (the cut applied as the batch norm stores, relu's mask as its backward reads gy),
     elsewhere the two ops. nn.Sequential and the residual blocks run BatchNorm2d -> ReLU
     through it (nn/module.py)."""
+    fused = _tensor(input, "input").device == "cpu" and _autograd._trace.recorder is None
+    y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, fused)
+    return y if fused else relu(y)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, with_relu):
+    """batch_norm, or with ``with_relu`` (the CPU's kernels only) relu(batch_norm) as one op."""
     x, w, b, running = _batch_norm_args(input, running_mean, running_var, weight, bias, training)
-    if x.device != "cpu" or _autograd._trace.recorder is not None:
-        return relu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
     if training and x.size // max(x.shape[1], 1) <= 1:
         raise ValueError(f"batch_norm: expected more than 1 value per channel when training, got input of shape {x.shape}")
     return BatchNorm.apply(*_inputs(x, w, b), has_wb=(w is not None, b is not None), running=running,
-                           training=bool(training), momentum=float(momentum), eps=float(eps), relu=True)
+                           training=bool(training), momentum=float(momentum), eps=float(eps), relu=with_relu)
 
 
 def _batch_norm_args(input, running_mean, running_var, weight, bias, training):

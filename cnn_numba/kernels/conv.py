@@ -45,6 +45,7 @@ from numba import get_num_threads, njit, prange
 
 from ..backend import register
 from . import PARALLEL
+from .elementwise import relu_value
 from .index import axpy, copy_run, dot, out_range, tap
 
 # Reassociation lets LLVM vectorise the reductions; no 'nnan'/'ninf', NaN propagates.
@@ -67,7 +68,7 @@ def epilogue(v, chan, relu):
     affine, mu, scale, shift = chan
     if affine:
         v = (v - mu) * scale + shift
-    return 0.0 if relu and v < 0 else v  # NaN passes, as relu's; 0.0 casts back to y's dtype on store
+    return relu_value(v) if relu else v
 
 
 @njit(cache=True, inline="always")
@@ -83,6 +84,12 @@ def channel(ep, o):
 def no_epilogue(dtype):
     """``(ep, relu)`` of a plain conv: no affine step, no relu."""
     return np.empty((3, 0), dtype), False
+
+
+def epilogue_args(epilogue, dtype):
+    """A forward launcher's ``epilogue=`` as the kernels' ``(ep, relu)``: itself, or
+    ``no_epilogue`` for None."""
+    return no_epilogue(dtype) if epilogue is None else epilogue
 
 
 @njit(cache=True)
@@ -384,7 +391,7 @@ def conv2d_backward_weight_im2col(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
 # ``epilogue=(ep, relu)``, no_epilogue when None).
 
 def forward_direct(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_direct(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+    conv2d_forward_direct(x, w, b, y, *epilogue_args(epilogue, y.dtype), geom.sh, geom.sw, geom.ph, geom.pw,
                           geom.dh, geom.dw, geom.g)
 
 
@@ -397,7 +404,7 @@ def backward_weight_direct(x, gy, gw, geom):
 
 
 def forward_im2col(x, w, b, y, geom, epilogue=None):
-    conv2d_forward_im2col(x, w, b, y, *(epilogue or no_epilogue(y.dtype)), geom.sh, geom.sw, geom.ph, geom.pw,
+    conv2d_forward_im2col(x, w, b, y, *epilogue_args(epilogue, y.dtype), geom.sh, geom.sw, geom.ph, geom.pw,
                           geom.dh, geom.dw, geom.g, get_num_threads())
 
 

@@ -78,7 +78,7 @@ from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
 from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
-                   forward_direct, no_epilogue)
+                   epilogue_args, forward_direct, no_epilogue)
 from .conv_stride1 import QUAD, TAPS, _axpy_one, _axpy_quad, _block, _dot_one, _dot_quad, transpose_groups
 from .index import axpy, out_range, tap
 
@@ -396,7 +396,7 @@ def _forward(x, w, b, y, epilogue, ph, pw, g):
 
 
 def forward(x, w, b, y, geom, epilogue=None):
-    if not _forward(x, w, b, y, epilogue or no_epilogue(y.dtype), geom.ph, geom.pw, geom.g):
+    if not _forward(x, w, b, y, epilogue_args(epilogue, y.dtype), geom.ph, geom.pw, geom.g):
         forward_direct(x, w, b, y, geom, epilogue)
 
 

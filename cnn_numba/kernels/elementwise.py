@@ -39,19 +39,32 @@ def total(a):
 # The kernels take 1-d views (the launchers flatten), so each compiles once per dtype
 # rather than once per dtype and ndim.
 
+@njit(cache=True, inline="always")
+def relu_value(v):
+    """max(v, 0) with NaN kept (as PyTorch): the one ReLU rule of the CPU kernels (these, the
+    batch norm's and the conv epilogue's fused ones)."""
+    return 0 if v < 0 else v
+
+
+@njit(cache=True, inline="always")
+def relu_grad(y, g):
+    """The gradient ``g`` through y = relu(x): 0 where y <= 0, PyTorch's mask, which lets a
+    NaN input pass its gradient."""
+    return 0 if y <= 0 else g
+
+
 @njit(cache=True)
 def relu_forward_kernel(x, y):
-    """y = max(x, 0); NaN stays NaN (as PyTorch)."""
+    """y = relu_value(x)."""
     for i in range(x.size):
-        v = x[i]
-        y[i] = 0 if v < 0 else v
+        y[i] = relu_value(x[i])
 
 
 @njit(cache=True)
 def relu_backward_kernel(y, gy, gx):
-    """gx = 0 where y = relu(x) <= 0, else gy: PyTorch's mask, which lets a NaN input pass its gradient."""
+    """gx = relu_grad(y, gy), y = relu(x)."""
     for i in range(y.size):
-        gx[i] = 0 if y[i] <= 0 else gy[i]
+        gx[i] = relu_grad(y[i], gy[i])
 
 
 @register("relu_forward", CPU)

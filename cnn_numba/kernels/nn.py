@@ -33,6 +33,7 @@ from numba import get_num_threads, njit, prange
 from ..backend import register
 from . import PARALLEL, serial_twin
 from .blas import gemm
+from .elementwise import relu_grad, relu_value
 from .index import axpy, dot
 
 CPU = "cpu"
@@ -65,20 +66,28 @@ def batch_norm_stats(x, mean, var):
         var[ch] = ss / m
 
 
+@njit(cache=True)
+def _invstd_into(var, eps, invstd):
+    """invstd[ch] = 1/sqrt(var[ch] + eps), computed in float64 and rounded to invstd's dtype:
+    the batch norm's one formula (its forward, and conv2d's fused epilogue through
+    batch_norm_invstd)."""
+    for ch in range(var.size):
+        invstd[ch] = 1.0 / math.sqrt(np.float64(var[ch]) + eps)
+
+
 @njit(parallel=PARALLEL, **KERNEL)
 def batch_norm_forward(x, mean, var, w, b, eps, y, invstd, relu):
     """invstd = 1/sqrt(var + eps), computed in float64 and stored in x's dtype; then
     y = (x - mean) * invstd * w + b, per channel; with ``relu``, then relu_forward_kernel's
     cut (0 below 0, NaN kept) in the same pass: batch_norm -> relu bit for bit."""
     n, c, l = x.shape
-    for ch in range(c):
-        invstd[ch] = 1.0 / math.sqrt(np.float64(var[ch]) + eps)
+    _invstd_into(var, eps, invstd)
     for p in prange(n * c):
         i, ch = p // c, p % c
         mu, scale, shift = mean[ch], invstd[ch] * w[ch], b[ch]
         for j in range(l):
             v = (x[i, ch, j] - mu) * scale + shift
-            y[i, ch, j] = 0 if relu and v < 0 else v
+            y[i, ch, j] = relu_value(v) if relu else v
 
 
 batch_norm_forward_serial = serial_twin(batch_norm_forward)
@@ -86,10 +95,9 @@ batch_norm_forward_serial = serial_twin(batch_norm_forward)
 
 @njit(cache=True, inline="always")
 def _masked(gy, y, relu, i, ch, j):
-    """gy[i, ch, j], or with ``relu`` relu_backward_kernel's gradient through y = relu(..):
-    0 where y <= 0."""
+    """gy[i, ch, j], or with ``relu`` its gradient through y = relu(..) (relu_grad)."""
     g = gy[i, ch, j]
-    return 0 if relu and y[i, ch, j] <= 0 else g
+    return relu_grad(y[i, ch, j], g) if relu else g
 
 
 @njit(parallel=PARALLEL, **REDUCTION)
@@ -348,10 +356,11 @@ def batch_norm_stats_cpu(x):
 
 
 def batch_norm_invstd(var, eps, dtype):
-    """invstd (C,) = 1/sqrt(var + eps), computed in float64 and rounded to ``dtype``: what the
-    batch_norm_forward kernel computes per channel, for conv2d's fused epilogue
-    (functional.conv2d_bn_relu); tests/test_fusion.py holds the two to the same bits."""
-    return (1 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
+    """invstd (C,) in ``dtype`` as the batch_norm_forward kernel computes it (_invstd_into), for
+    conv2d's fused epilogue (functional.conv2d_bn_relu)."""
+    invstd = np.empty(var.shape, dtype)
+    _invstd_into(var, float(eps), invstd)
+    return invstd
 
 
 # Below this many elements the forward runs on one thread: it takes ~0.05 ns an element

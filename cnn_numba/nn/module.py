@@ -312,11 +312,15 @@ def _plain(m, role: str) -> bool:
     return FUSION_ROLES.get(type(m)) == role and not m.training and not _replaced(m)
 
 
+def _plain_bn(bn) -> bool:
+    """``bn`` can join a fused conv: _plain, with running statistics (eval mode uses them)."""
+    return _plain(bn, "bn") and bn.running_mean is not None
+
+
 def _fusable(conv, bn, relu) -> bool:
     """Whether conv [-> bn] [-> relu] (bn, relu None when absent) runs fused."""
     return (FUSE and (bn is not None or relu is not None) and _plain(conv, "conv")
-            and (bn is None or (_plain(bn, "bn") and bn.running_mean is not None))
-            and (relu is None or _plain(relu, "relu")))
+            and (bn is None or _plain_bn(bn)) and (relu is None or _plain(relu, "relu")))
 
 
 def _unobserved(m, role: str) -> bool:
@@ -347,16 +351,13 @@ def conv_chain(x, conv, bn=None, relu=None):
 
 
 def _fused_run(mods, i):
-    """(bn, relu, length) of the fusable run that starts with ``mods[i]``, a module of the
-    conv's class (Sequential checks): a BatchNorm2d and/or ReLU right after it; length 0
-    where none. ``_fusable``'s rule, each module looked at once (at batch 1 the look costs
-    about what the fusion saves)."""
-    conv, n = mods[i], len(mods)
-    if conv.training or _replaced(conv):
+    """(bn, relu, length) of the fusable run (``_fusable``) that starts with ``mods[i]``: a
+    BatchNorm2d and/or ReLU right after a conv; length 0 where none. Each module is looked
+    at once (at batch 1 the look costs about what the fusion saves)."""
+    n = len(mods)
+    if not _plain(mods[i], "conv"):
         return None, None, 0
-    bn = mods[i + 1] if i + 1 < n and _plain(mods[i + 1], "bn") else None
-    if bn is not None and bn.running_mean is None:  # batch statistics
-        return None, None, 0
+    bn = mods[i + 1] if i + 1 < n and _plain_bn(mods[i + 1]) else None
     j = i + 1 + (bn is not None)
     relu = mods[j] if j < n and _plain(mods[j], "relu") else None
     length = j - i + (relu is not None)
