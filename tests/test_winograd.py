@@ -23,7 +23,7 @@ CASES = [
     ((1, 16, 1, 1), (17, 16, 3, 3), 1, 1),        # a 1x1 plane; 17 = four quads and one
     ((3, 16, 2, 3), (16, 16, 3, 3), 2, 1),        # planes smaller than a tile, padding 2
     ((2, 32, 13, 14), (32, 16, 3, 3), (0, 2), 2),  # groups, asymmetric padding
-    ((2, 17, 20, 17), (18, 17, 3, 3), 1, 1),      # F(4x4) forward and weight-gradient; cip > cig
+    ((2, 17, 20, 17), (18, 17, 3, 3), 1, 1),      # F(4x4) forward and weight-gradient; 17 channels
     ((1, 16, 26, 15), (16, 16, 3, 3), 0, 1),      # no padding
 ]
 
@@ -79,7 +79,7 @@ def test_float32_error_is_within_the_documented_bound(rng, m, err):
 
 
 def test_tile_size_rule():
-    assert W.tile_size(W.F4_MIN_SIDE, 100) == 4 and W.tile_size(W.F4_MIN_SIDE - 1, 100) == 2
+    assert W.tile_size(8, 8) == 4 and W.tile_size(5, 5) == 2 and W.tile_size(1, 100) == 2 and W.tile_size(7, 7) == 4
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

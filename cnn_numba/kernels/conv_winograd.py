@@ -12,15 +12,14 @@ summed over the input channels before the output transform, so the channel sums 
 a*a batched products, one per tile position t:
 
     U[t, co, ci]   = (G w[co, ci] G^T)[t]              once per call (float64, then cast)
-    V[t, ci, tile] = (B^T d[ci, tile] B)[t]            per block of tiles, per thread
+    V[t, tile, ci] = (B^T d[tile, ci] B)[t]            per block of tiles, per thread
                                                         (BT_F2/BT_F4, AT_F2/AT_F4, G_F2/G_F4)
-    M[t, co, tile] = sum_ci U[t, co, ci] * V[t, ci, tile]
-    y[co, tile]    = A^T M[:, co, tile] A + b[co]
+    M[t, tile, co] = sum_ci V[t, tile, ci] * U[t, co, ci]
+    y[co, tile]    = A^T M[:, tile, co] A + b[co]
 
 Symbols beyond kernels/conv.py's: m the output tile (2 or 4), a = m + 2 the input tile,
 t < a*a a tile position, th x tw the tiles of an output plane (ceil(oh/m) x ceil(ow/m)),
-T the tiles of a block, cip the group's input channels rounded up to a multiple of TAPS
-(the extra rows of V stay 0 and their weights are 0).
+T the tiles of a block.
 
 The matrices (Lavin and Gray 2015), for correlation as conv2d computes it:
 
@@ -49,15 +48,17 @@ Passes:
                      the products summed in per-thread slots, reduced, then transformed
                      (float64). Outputs past the plane's edge are gy = 0 there.
 
-The batched products are conv_stride1's register-blocked loops with input channels in the
-place of taps: ``_axpy_quad`` (4 output channels x 3 input channels per pass over the
-tiles of a block, contiguous) for M, ``_dot_quad`` for GU.
+The batched products are BLAS calls (kernels/blas.py, single-threaded, one per tile
+position and block, inside each thread's slot): the transforms keep channels last (see
+"transforms of a block" below), so V[t] and M[t] are row-major matrices of a block's
+tiles by channels. Their a*a multiplications per tile and channel pair against the direct
+sum's 9*m*m are what Winograd saves; the transforms and the layout changes around them are
+what it pays.
 
-Which m: F(4x4) does 2.25 multiplications per output against F(2x2)'s 4, but its
-transforms have larger coefficients, and a plane whose side is not a multiple of 4
-computes more dropped outputs. ``tile_size`` picks F(4x4) where both sides of the computed
-plane (the output plane; gx's for the input-gradient) are at least F4_MIN_SIDE, F(2x2)
-otherwise.
+Which m: F(4x4) does 2.25 multiplications per output against F(2x2)'s 4, but a plane whose
+side is not a multiple of 4 computes dropped outputs; ``tile_size`` picks the one with
+fewer multiplications over the computed plane (the output plane; gx's for the
+input-gradient), partial tiles counted whole.
 
 Error (float32, randn inputs, 16x16 planes, max |error| / max |reference| against the
 float64 reference): F(2x2) 2.3e-7, 4.2e-7, 5.0e-7, 6.3e-7 at 16, 64, 128, 256 input
@@ -77,10 +78,11 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
+from .blas import gemm
 from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
                    epilogue_args, forward_direct, no_epilogue)
-from .conv_stride1 import QUAD, TAPS, _axpy_one, _axpy_quad, _block, _dot_one, _dot_quad, transpose_groups
-from .index import axpy, out_range, tap
+from .conv_stride1 import transpose_groups
+from .index import axpy, out_range
 
 
 def flip_kernel(w, g):
@@ -96,11 +98,11 @@ F4_MIN_SIDE = 12
 # group; measured 5.0e-7 and 8.1e-6 there), asserted by tests/test_winograd.py.
 ERR_F2 = 1e-6
 ERR_F4 = 2e-5
-# Tiles per block (T, rounded up to whole tile rows): the products' inner loop runs over
-# them; a thread's V (a*a x cip x T) and M (a*a x CO/G x T) are then 1.2 MB each at 128
-# channels, V[t] (cip x T, 64 KB) staying in L2 while every quad of output channels
-# streams through it.
-TILES = 128
+# A block holds about this many tiles (whole tile rows; fewer where its V and M would pass
+# BLOCK_BYTES): the products' rows. Measured 2026-12-01 (resnet 16/32/64-channel layers and
+# big3x3, forward): see bench/README.md.
+TILES = 256
+BLOCK_BYTES = 1 << 20
 
 G_F2 = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 G_F4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -116,38 +118,22 @@ AT_F4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], 
 
 # ----------------------------------------------------------------------------- transforms of a block
 #
-# A block is nr tile rows of tw tiles, tile (k, j) at f = k*(tw + 1) + j in every
-# per-block buffer: one column per tile row more than the tiles, so that each transform
-# stage is one long loop over the block (j = tw is a dropped tile; its gy is 0). Tile j of a
-# tile row reads input columns j*m - pw + c, c < a. Each of the tile row's a input rows is
-# first split by phase, p[r, c, f] = row r's column j*m - pw + c for c < m (a strided
-# gather, zeros outside the plane); columns m and m+1 of tile f are then columns 0 and 1
-# of tile f + 1. Each stage of a 2-d transform is then, per output row, a few axpys over
-# the block (``_mix``): down the rows (B^T d), then along each tile (d B); the output and
-# gy transforms likewise. (One loop per output row: a loop writing all a rows at once
-# reads and writes too many arrays for LLVM's run-time alias checks, and stays scalar.)
-
-@njit(cache=True, inline="always")
-def _mix(mat, k, src, period, dst, length):
-    """dst[:length] = sum_r mat[k, r] * src[r % period, r // period:][:length]: row k of a
-    transform matrix applied to rows of ``src`` (shifted by one tile past ``period``)."""
-    dst[:length] = 0
-    for r in range(mat.shape[1]):
-        if mat[k, r] != 0:
-            axpy(mat[k, r], src[r % period], r // period, 1, dst, 0, 1, length)
-
-
-@njit(cache=True, inline="always")
-def _phases(row, c0, m, pb, r, f0, nt):
-    """pb[r, c, f0 + j] = row[j*m + c - c0] for c < m, j < nt, 0 outside ``row``."""
-    for c in range(m):
-        lo, hi = out_range(c, m, c0, 1, row.size, nt)
-        dst = pb[r, c, f0:f0 + nt]
-        dst[:lo] = 0
-        for j in range(lo, hi):
-            dst[j] = row[tap(j, m, c0, c, 1)]
-        dst[hi:] = 0
-
+# The kernels read x as padded phase planes, channels last (``phase_planes``):
+# xh[i, gi, u, q, v, ci] = x[i, gi*cig + ci, u - ph, m*v + q - pw], so that padded column
+# m*v + c of a row is at [c % m, v + c // m]: a tile row's columns c (< a) of its tiles
+# j < tw are then one contiguous run per c (``_phase_offsets``). A block is nr whole tile
+# rows (consecutive, across samples); its tile (row k, column j) is b = k*tw + j in V
+# (a*a, T, cig) and M (a*a, T, cog), whose rows are channel vectors, so each product is
+# one BLAS call, M[t] (T x cog) = V[t] (T x cig) @ U[t]^T. A 2-d transform is two stages,
+# each output a linear combination of runs of the same length, four terms per pass over
+# it (``_combine``, terms from ``_terms(matrix)``):
+#   rows     S[k] = sum_r B^T[k, r] * (padded row tr*m + r), whole rows (phases x columns x
+#            channels) (``_tile_rows``)
+#   columns  V[k*a + l, tile row] = sum_c B^T[l, c] * S[k] at column c's run (``_columns``)
+# gy's transform (A g A^T) likewise with A (a x m) for B^T, and the output transform the
+# other way round: R[k, c] = sum_l A^T[c, l] M[k*a + l] over the tile row, then output row
+# r = sum_k A^T[r, k] R[k], (phase c, tile j, channel) stored channel by channel, column
+# j*m + c, through the epilogue (``_store_row``).
 
 @njit(cache=True, inline="always")
 def _tile_row(t0, k, th):
@@ -155,197 +141,223 @@ def _tile_row(t0, k, th):
     return (t0 + k) // th, (t0 + k) % th
 
 
-@njit(**KERNEL)
-def _input_block(x, c0, cig, t0, nr, th, tw, ph, pw, bt, pb, td, v):
-    """v[t, ci, f] = (B^T d_f B)[t] for the tiles f of the block's tile rows t0 + k (k < nr,
-    over samples) and the group's channels c0 + ci; pb, td (a, m, span + 1) scratch."""
-    h = x.shape[2]
-    a, m, width = pb.shape[0], pb.shape[1], pb.shape[2]
-    length = nr * (tw + 1)
-    p, d = pb.reshape(a, m * width), td.reshape(a, m * width)
-    for ci in range(cig):
-        for k in range(nr):
-            i, tr = _tile_row(t0, k, th)
-            f0 = k * (tw + 1)
-            for r in range(a):
-                xr = tr * m - ph + r
-                if 0 <= xr < h:
-                    _phases(x[i, c0 + ci, xr], pw, m, pb, r, f0, tw + 1)
-                else:
-                    pb[r, :, f0:f0 + tw + 1] = 0
-        for k in range(a):  # td[k] = (B^T p)[k], all phases at once
-            _mix(bt, k, p, a, d[k], m * width)
-        for k in range(a):  # v[k*a + l] = (td[k] B)[l]
-            for q in range(a):
-                _mix(bt, q, td[k], m, v[k * a + q, ci], length)
+@njit(parallel=PARALLEL, **KERNEL)
+def phase_planes(x, g, m, ph, pw, hp, wq):
+    """xh (N, G, hp, m, wq, C/G): x padded, its channels last and its columns split by phase
+    mod m, xh[i, gi, u, q, v, ci] = x[i, gi*C/G + ci, u - ph, m*v + q - pw], 0 outside."""
+    n, c, h, w = x.shape
+    cg = c // g
+    xh = np.empty((n, g, hp, m, wq, cg), x.dtype)
+    u0, u1 = out_range(0, 1, ph, 1, h, hp)
+    for i in prange(n):
+        for gi in range(g):
+            xh[i, gi, :u0] = 0
+            xh[i, gi, u1:] = 0
+            for u in range(u0, u1):
+                for q in range(m):
+                    dst = xh[i, gi, u, q]
+                    v0, v1 = out_range(q, m, pw, 1, w, wq)
+                    dst[:v0] = 0
+                    dst[v1:] = 0
+                    for ci in range(cg):
+                        src = x[i, gi * cg + ci, u - ph]
+                        for v in range(v0, v1):
+                            dst[v, ci] = src[m * v + q - pw]
+    return xh
+
+
+@njit(cache=True)
+def _terms(mat):
+    """The nonzero entries of each row of ``mat``: (count (R,), index (R, C), value (R, C))."""
+    rows, cols = mat.shape
+    count, index, value = np.zeros(rows, np.int64), np.zeros((rows, cols), np.int64), np.zeros((rows, cols), mat.dtype)
+    for k in range(rows):
+        for c in range(cols):
+            if mat[k, c] != 0:
+                index[k, count[k]], value[k, count[k]] = c, mat[k, c]
+                count[k] += 1
+    return count, index, value
+
+
+@njit(cache=True, inline="always")
+def _combine(terms, k, offsets, src, base, dst, d0, length):
+    """dst[d0:d0 + length] = sum_t value[k, t] * src[base + offsets[index[k, t]]:][:length]
+    over the nonzero terms of row k (``terms`` = _terms(mat)): one pass over dst per four
+    terms (a zero-weight term pads the last four: it reads a term's own input, so it adds
+    0, or NaN only where that term's contribution is inf or NaN already)."""
+    count, index, value = terms
+    out = dst[d0:d0 + length]
+    for t0 in range(0, count[k], 4):
+        c0, c1, c2, c3 = value[k, t0], value.dtype.type(0), value.dtype.type(0), value.dtype.type(0)
+        o0 = base + offsets[index[k, t0]]
+        o1 = o2 = o3 = o0
+        if t0 + 1 < count[k]:
+            c1, o1 = value[k, t0 + 1], base + offsets[index[k, t0 + 1]]
+        if t0 + 2 < count[k]:
+            c2, o2 = value[k, t0 + 2], base + offsets[index[k, t0 + 2]]
+        if t0 + 3 < count[k]:
+            c3, o3 = value[k, t0 + 3], base + offsets[index[k, t0 + 3]]
+        s0, s1, s2, s3 = src[o0:o0 + length], src[o1:o1 + length], src[o2:o2 + length], src[o3:o3 + length]
+        if t0 == 0:
+            for q in range(length):
+                out[q] = ((c0 * s0[q] + c1 * s1[q]) + c2 * s2[q]) + c3 * s3[q]
+        else:
+            for q in range(length):
+                out[q] = (((out[q] + c0 * s0[q]) + c1 * s1[q]) + c2 * s2[q]) + c3 * s3[q]
+
+
+@njit(cache=True)
+def _offsets(count, step):
+    """step * (0, 1, ..., count - 1)."""
+    return np.arange(count) * step
+
+
+@njit(cache=True, inline="always")
+def _tile_rows(terms, offsets, xf, u0, width, s):
+    """s[k] = sum_r mat[k, r] * xf row u0 + r for every row k of mat (``terms``): the row
+    stage of a tile row, on a sample's padded phase planes xf (flat rows of ``width``,
+    ``offsets`` = _offsets(mat's columns, width)); s flat (a, width)."""
+    for k in range(terms[0].size):
+        _combine(terms, k, offsets, xf, u0 * width, s, k * width, width)
+
+
+@njit(cache=True, inline="always")
+def _columns(terms, s, offsets, ch, tw, out, b0, span):
+    """out[k*a + l, b0 + j] = sum_c mat[l, c] * s[k, c % m, j + c // m] for j < tw, k and
+    l < a (mat's rows, ``terms``): vectors of ``ch``; s flat (a, m, wq, ch) (a row's
+    columns by phase, S[k][j*m + c] at [k, c % m, j + c // m], at ``offsets[c]`` from
+    s[k]), out flat (a*a, span, ch). One loop over the tile row per four terms."""
+    a = terms[0].size
+    rowlen = s.size // a
+    for k in range(a):
+        for l in range(a):
+            _combine(terms, l, offsets, s, k * rowlen, out, ((k * a + l) * span + b0) * ch, tw * ch)
 
 
 @njit(**KERNEL)
-def _output_block(mt, bias, y, o, t0, nr, th, tw, at, rt, yt, chan, relu):
-    """y[i, o, tr*m + r, j*m + c] = epilogue((A^T M_f A)[r, c] + bias) for the block's tiles
-    inside the plane, M_f[t] = mt[t, f] (a*a, span); rt (m, a, span) and yt (m, m, span)
-    scratch. Returns 0, or NaN where an output before the epilogue is not finite."""
-    oh, ow = y.shape[2], y.shape[3]
-    m, a = rt.shape[0], rt.shape[1]
-    length = nr * (tw + 1)
-    chk = zero = mt.dtype.type(0)
-    for k in range(a):  # rt[c, k] = (M A)[k, c]
+def _store_row(yr, y, i, og, row, bias, ep, relu):
+    """y[i, og + o, row, j*m + c] = epilogue(yr[c, j, o] + bias[og + o]) for the row's
+    columns; yr (m, tw, CO/G). Returns 0, or NaN where a value before the epilogue is not
+    finite."""
+    chk = zero = y.dtype.type(0)
+    m = yr.shape[0]
+    for o in range(yr.shape[2]):
+        chan, bv, dst = channel(ep, og + o), bias[og + o], y[i, og + o, row]
         for c in range(m):
-            _mix(at, c, mt[k * a:(k + 1) * a], a, rt[c, k], length)
-    for c in range(m):  # yt[r, c] = (A^T M A)[r, c]
-        for r in range(m):
-            _mix(at, r, rt[c], a, yt[r, c], length)
-    for k in range(nr):
-        i, tr = _tile_row(t0, k, th)
-        f0 = k * (tw + 1)
-        full = ow // m  # tiles entirely inside the plane; their m stores unrolled
-        for r in range(min(m, oh - tr * m)):
-            yr = y[i, o, tr * m + r]
-            s0, s1 = yt[r, 0, f0:], yt[r, 1, f0:]
-            if m == 2:
-                for j in range(full):
-                    v0, v1 = s0[j] + bias, s1[j] + bias
-                    yr[2 * j], yr[2 * j + 1] = epilogue(v0, chan, relu), epilogue(v1, chan, relu)
-                    chk += (v0 + v1) * zero  # NaN once a value is inf or NaN
-            else:
-                s2, s3 = yt[r, 2, f0:], yt[r, 3, f0:]
-                for j in range(full):
-                    v0, v1, v2, v3 = s0[j] + bias, s1[j] + bias, s2[j] + bias, s3[j] + bias
-                    yr[4 * j], yr[4 * j + 1] = epilogue(v0, chan, relu), epilogue(v1, chan, relu)
-                    yr[4 * j + 2], yr[4 * j + 3] = epilogue(v2, chan, relu), epilogue(v3, chan, relu)
-                    chk += (v0 + v1 + v2 + v3) * zero
-            for c in range(ow - full * m):  # the last, partial tile
-                val = yt[r, c, f0 + full] + bias
-                yr[full * m + c] = epilogue(val, chan, relu)
-                chk += val * zero
+            for j in range(-(-(dst.size - c) // m)):
+                v = yr[c, j, o] + bv
+                dst[j * m + c] = epilogue(v, chan, relu)
+                chk += v * zero  # NaN once a value is inf or NaN
     return chk
 
 
-@njit(**KERNEL)
-def _gy_block(gy, o, t0, nr, th, tw, ag, gb, tg, gt):
-    """gt[t, f] = (A g_f A^T)[t] for the block's tiles of gy[:, o] (0 past the plane, and in
-    the dropped tiles); ag = A (a, m); gb (m, m, span + 1) and tg (a, m, span + 1) scratch."""
-    oh = gy.shape[2]
-    m, width = gb.shape[0], gb.shape[2]
-    a = m + 2
-    length = nr * (tw + 1)
-    for k in range(nr):
-        i, tr = _tile_row(t0, k, th)
-        f0 = k * (tw + 1)
-        for r in range(m):
-            if tr * m + r < oh:
-                _phases(gy[i, o, tr * m + r], 0, m, gb, r, f0, tw + 1)
-            else:
-                gb[r, :, f0:f0 + tw + 1] = 0
-    p, d = gb.reshape(m, m * width), tg.reshape(a, m * width)
-    for k in range(a):  # tg[k] = (A g)[k]
-        _mix(ag, k, p, m, d[k], m * width)
-    for k in range(a):  # gt[k*a + l] = (tg[k] A^T)[l]
-        for q in range(a):
-            _mix(ag, q, tg[k], m, gt[k * a + q], length)
+@njit(cache=True)
+def _phase_offsets(a, m, wq, ch):
+    """Offsets of a padded row's columns c < a in its phase layout (m, wq, ch)."""
+    out = np.empty(a, np.int64)
+    for c in range(a):
+        out[c] = ((c % m) * wq + c // m) * ch
+    return out
 
 
 # ----------------------------------------------------------------------------- kernels
 
 @njit(cache=True)
-def _tile_plan(n, oh, ow, m, slots, g):
-    """Sizes of a Winograd pass: ``(a, th, tw, rows, span, tasks)``, with ``rows`` tile rows
-    per block (about TILES tiles, and at least two tasks per slot where the batch allows),
-    ``span`` = rows*(tw + 1) tiles in the block's buffers, and one task per (block, group)."""
-    a, th, tw = m + 2, -(-oh // m), -(-ow // m)
-    rows = max(1, min(n * th, -(-TILES // (tw + 1)), -(-(n * th * g) // (2 * slots))))
-    return a, th, tw, rows, rows * (tw + 1), -(-(n * th) // rows) * g
+def _tile_plan(n, oh, ow, a, m, cig, cog, slots, g):
+    """Sizes of a Winograd pass: ``(th, tw, rows, tasks)``, the tiles per column and row of
+    the plane, ``rows`` tile rows per block (about TILES tiles, V and M within BLOCK_BYTES
+    in float32, and at least two tasks per slot where the batch allows) and one task per
+    (block, group)."""
+    th, tw = -(-oh // m), -(-ow // m)
+    rows = max(1, min(n * th, -(-TILES // tw), BLOCK_BYTES // (4 * tw * a * a * (cig + cog)),
+                      -(-(n * th * g) // (2 * slots))))
+    return th, tw, rows, -(-(n * th) // rows) * g
 
 
 @njit(parallel=PARALLEL, **KERNEL)
 def conv2d_forward_winograd(x, u, b, y, ep, relu, ph, pw, g, bt, at, slots):
-    """y = epilogue(conv2d(x, w) + b) (kernels/conv.py's: ep, relu) with u (a*a, CO, cip) =
+    """y = epilogue(conv2d(x, w) + b) (kernels/conv.py's: ep, relu) with u (a*a, CO, C/G) =
     G w G^T, bt = B^T (a, a), at = A^T (m, a); returns 0, or NaN where an output before the
     epilogue is not finite."""
-    n, c = x.shape[0], x.shape[1]
-    m = at.shape[0]
+    n, c, h, wd = x.shape
+    a, m = bt.shape[0], at.shape[0]
     co, oh, ow = y.shape[1], y.shape[2], y.shape[3]
-    cig, cog, cip = c // g, co // g, u.shape[2]
-    a, th, tw, rows, span, tasks = _tile_plan(n, oh, ow, m, slots, g)
-    v_buf = np.zeros((slots, a * a, cip, span), x.dtype)  # rows cig.. stay 0
-    m_buf = np.empty((slots, cog, a * a, span), x.dtype)
-    pb_buf = np.empty((slots, a, m, span + 1), x.dtype)
-    td_buf = np.empty((slots, a, m, span + 1), x.dtype)
-    rt_buf = np.empty((slots, m, a, span), x.dtype)
-    yt_buf = np.empty((slots, m, m, span), x.dtype)
+    cig, cog = c // g, co // g
+    th, tw, rows, tasks = _tile_plan(n, oh, ow, a, m, cig, cog, slots, g)
+    span, wq = rows * tw, tw + 1
+    xh = phase_planes(x, g, m, ph, pw, th * m + 2, wq)
+    bterms, aterms = _terms(bt), _terms(at)
+    cols_in, rows_in = _phase_offsets(a, m, wq, cig), _offsets(a, m * wq * cig)
+    tiles_out = _offsets(a, span * cog)   # M[k*a + l] for l < a, from M[k*a]
+    rows_out = _offsets(a, m * tw * cog)  # R[k]
+    s_buf = np.empty((slots, a * m * wq * cig), x.dtype)
+    v_buf = np.empty((slots, a * a * span * cig), x.dtype)
+    m_buf = np.empty((slots, a * a * span * cog), x.dtype)
+    r_buf = np.empty((slots, a * m * tw * cog), x.dtype)
+    y_buf = np.empty((slots, m, tw, cog), x.dtype)
     chk = np.zeros(slots, x.dtype)
+    uf = u.reshape(-1)
     for tid in prange(slots):
-        v, mm = v_buf[tid], m_buf[tid]
+        sf, vf, mf, rf, yr = s_buf[tid], v_buf[tid], m_buf[tid], r_buf[tid], y_buf[tid]
+        yf = yr.reshape(-1)
         for task in range(tid, tasks, slots):
             t0, gi = (task // g) * rows, task % g
             nr = min(rows, n * th - t0)  # tile rows in this block
-            length = nr * (tw + 1)
             og = gi * cog
-            _input_block(x, gi * cig, cig, t0, nr, th, tw, ph, pw, bt, pb_buf[tid], td_buf[tid], v)
-            for t in range(a * a):  # M[t] = U[t] @ V[t], V[t] (cip, length) reused by every quad
-                vt = v[t]
-                o = 0
-                while o < cog:
-                    nu = _block(o, cog)
-                    for uu in range(nu):
-                        mm[o + uu, t, :length] = 0
-                    a0 = mm[o, t, :length]
-                    for ci in range(0, cip, TAPS):
-                        s0, s1, s2 = vt[ci, :length], vt[ci + 1, :length], vt[ci + 2, :length]
-                        if nu == QUAD:
-                            _axpy_quad(u[t, og + o:og + o + QUAD, ci:ci + TAPS], s0, s1, s2, a0, mm[o + 1, t, :length],
-                                       mm[o + 2, t, :length], mm[o + 3, t, :length])
-                        else:
-                            _axpy_one(u[t, og + o, ci:ci + TAPS], s0, s1, s2, a0)
-                    o += nu
-            for o in range(cog):
-                chk[tid] += _output_block(mm[o], b[og + o], y, og + o, t0, nr, th, tw, at, rt_buf[tid], yt_buf[tid],
-                                          channel(ep, og + o), relu)
+            for k in range(nr):
+                i, tr = _tile_row(t0, k, th)
+                _tile_rows(bterms, rows_in, xh[i, gi].reshape(-1), tr * m, m * wq * cig, sf)
+                _columns(bterms, sf, cols_in, cig, tw, vf, k * tw, span)
+            for t in range(a * a):  # M[t] (tiles, cog) = V[t] (tiles, cig) @ U[t]^T
+                gemm(False, True, nr * tw, cog, cig, vf, t * span * cig, cig, uf, (t * co + og) * cig, cig,
+                     0.0, mf, t * span * cog, cog)
+            for k in range(nr):
+                i, tr = _tile_row(t0, k, th)
+                for kk in range(a):  # R[kk, c, j] = sum_l A^T[c, l] M[kk*a + l, k*tw + j]
+                    for c in range(m):
+                        _combine(aterms, c, tiles_out, mf, (kk * a * span + k * tw) * cog, rf,
+                                 (kk * m + c) * tw * cog, tw * cog)
+                for r in range(min(m, oh - tr * m)):  # output row r = sum_kk A^T[r, kk] R[kk]
+                    _combine(aterms, r, rows_out, rf, 0, yf, 0, m * tw * cog)
+                    chk[tid] += _store_row(yr, y, i, og, tr * m + r, b, ep, relu)
     return chk.sum()
 
 
 @njit(parallel=PARALLEL, **KERNEL)
 def conv2d_backward_weight_winograd(x, gy, gu, ph, pw, g, bt, ag, slots):
-    """gu (a*a*CO, cip) = sum over tiles of (A gy A^T) . V, the weight-gradient before
+    """gu (a*a*CO, C/G) = sum over tiles of (A gy A^T) . V, the weight-gradient before
     gw = G^T gu G, with bt = B^T (a, a) and ag = A (a, m); per-slot partial sums, reduced."""
-    n, c = x.shape[0], x.shape[1]
-    m = ag.shape[1]
+    n, c, h, wd = x.shape
+    a, m = bt.shape[0], ag.shape[1]
     co, oh, ow = gy.shape[1], gy.shape[2], gy.shape[3]
-    cip = gu.shape[1]
     cig, cog = c // g, co // g
-    a, th, tw, rows, span, tasks = _tile_plan(n, oh, ow, m, slots, g)
-    v_buf = np.zeros((slots, a * a, cip, span), x.dtype)  # rows cig.. stay 0
-    gt_buf = np.empty((slots, cog, a * a, span), x.dtype)
-    pb_buf = np.empty((slots, a, m, span + 1), x.dtype)
-    td_buf = np.empty((slots, a, m, span + 1), x.dtype)
-    gb_buf = np.empty((slots, m, m, span + 1), x.dtype)
-    tg_buf = np.empty((slots, a, m, span + 1), x.dtype)
-    partial = np.zeros((slots, a * a, co, cip), x.dtype)
+    th, tw, rows, tasks = _tile_plan(n, oh, ow, a, m, cig, cog, slots, g)
+    span, wq = rows * tw, tw + 1
+    xh, gh = phase_planes(x, g, m, ph, pw, th * m + 2, wq), phase_planes(gy, g, m, 0, 0, th * m, wq)
+    bterms, aterms = _terms(bt), _terms(ag)
+    cols_in, rows_in = _phase_offsets(a, m, wq, cig), _offsets(a, m * wq * cig)
+    cols_gy, rows_gy = _phase_offsets(m, m, wq, cog), _offsets(m, m * wq * cog)
+    s_buf = np.empty((slots, a * m * wq * cig), x.dtype)
+    sg_buf = np.empty((slots, a * m * wq * cog), x.dtype)
+    v_buf = np.empty((slots, a * a * span * cig), x.dtype)
+    gq_buf = np.empty((slots, a * a * span * cog), x.dtype)
+    partial = np.zeros((slots, a * a * co * cig), x.dtype)
     for tid in prange(slots):
-        v, gq, part = v_buf[tid], gt_buf[tid], partial[tid]
+        sf, sg, vf, gf, pf = s_buf[tid], sg_buf[tid], v_buf[tid], gq_buf[tid], partial[tid]
         for task in range(tid, tasks, slots):
             t0, gi = (task // g) * rows, task % g
             nr = min(rows, n * th - t0)
-            length = nr * (tw + 1)
             og = gi * cog
-            _input_block(x, gi * cig, cig, t0, nr, th, tw, ph, pw, bt, pb_buf[tid], td_buf[tid], v)
-            for o in range(cog):
-                _gy_block(gy, og + o, t0, nr, th, tw, ag, gb_buf[tid], tg_buf[tid], gq[o])
-            for t in range(a * a):  # GU[t] += G'[t] @ V[t]^T, V[t] (cip, length) reused by every quad
-                vt = v[t]
-                o = 0
-                while o < cog:
-                    nu = _block(o, cog)
-                    g0 = gq[o, t, :length]
-                    for ci in range(0, cip, TAPS):
-                        s0, s1, s2 = vt[ci, :length], vt[ci + 1, :length], vt[ci + 2, :length]
-                        if nu == QUAD:
-                            _dot_quad(s0, s1, s2, g0, gq[o + 1, t, :length], gq[o + 2, t, :length],
-                                      gq[o + 3, t, :length], part[t, og + o:og + o + QUAD, ci:ci + TAPS])
-                        else:
-                            _dot_one(s0, s1, s2, g0, part[t, og + o, ci:ci + TAPS])
-                    o += nu
-    _reduce_slots(partial.reshape(slots, a * a * co, cip), gu)
+            for k in range(nr):
+                i, tr = _tile_row(t0, k, th)
+                _tile_rows(bterms, rows_in, xh[i, gi].reshape(-1), tr * m, m * wq * cig, sf)
+                _columns(bterms, sf, cols_in, cig, tw, vf, k * tw, span)
+                _tile_rows(aterms, rows_gy, gh[i, gi].reshape(-1), tr * m, m * wq * cog, sg)
+                _columns(aterms, sg, cols_gy, cog, tw, gf, k * tw, span)
+            for t in range(a * a):  # GU[t] (cog, cig) += G'[t]^T (cog, tiles) @ V[t] (tiles, cig)
+                gemm(True, False, cog, cig, nr * tw, gf, t * span * cog, cog, vf, t * span * cig, cig,
+                     1.0, pf, (t * co + og) * cig, cig)
+    _reduce_slots(partial.reshape(slots, a * a * co, cig), gu)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -361,8 +373,11 @@ def supports(geom, pass_) -> bool:
 
 
 def tile_size(oh, ow) -> int:
-    """m of F(m x m, 3x3) for a computed plane of oh x ow (module docstring)."""
-    return 4 if min(oh, ow) >= F4_MIN_SIDE else 2
+    """m of F(m x m, 3x3) for a computed plane of oh x ow: the one with fewer multiplications,
+    (a*a per tile) x (tiles, partial ones included); F(2x2) on a tie."""
+    def products(m):
+        return (m + 2) ** 2 * -(-oh // m) * -(-ow // m)
+    return 4 if products(4) < products(2) else 2
 
 
 # B^T (a, a), A^T (m, a) and G (a, 3) of F(m x m, 3x3), by m
@@ -375,14 +390,52 @@ def _matrices(m, dtype):
     return bt.astype(dtype), at.astype(dtype)
 
 
+@njit(parallel=PARALLEL, cache=True)
+def _filter_transform(w, gm, u):
+    """u[p*a + q, o, i] = (G w[o, i] G^T)[p, q] in float64, rounded once; gm = G (a, 3).
+    Written a row u[t, o] at a time (the rows of one o are a*a pages apart)."""
+    a, ci = gm.shape[0], w.shape[1]
+    for o in prange(w.shape[0]):
+        t = np.empty((3, a, ci))
+        for i in range(ci):  # t = w G^T
+            for r in range(3):
+                for q in range(a):
+                    t[r, q, i] = (np.float64(w[o, i, r, 0]) * gm[q, 0] + np.float64(w[o, i, r, 1]) * gm[q, 1]
+                                  + np.float64(w[o, i, r, 2]) * gm[q, 2])
+        for p in range(a):  # G t
+            for q in range(a):
+                row = u[p * a + q, o]
+                for i in range(ci):
+                    row[i] = gm[p, 0] * t[0, q, i] + gm[p, 1] * t[1, q, i] + gm[p, 2] * t[2, q, i]
+
+
+@njit(parallel=PARALLEL, cache=True)
+def _filter_transform_t(gu, gm, gw):
+    """gw[o, i] = G^T gu[:, o, i] G (gu as a x a), the adjoint of ``_filter_transform``, in
+    float64, rounded once; gu (a*a, CO, C/G), read a row gu[t, o] at a time."""
+    a, ci = gm.shape[0], gw.shape[1]
+    for o in prange(gw.shape[0]):
+        t = np.zeros((3, a, ci))
+        for p in range(a):  # t = G^T gu
+            for q in range(a):
+                row = gu[p * a + q, o]
+                for r in range(3):
+                    coef = gm[p, r]
+                    for i in range(ci):
+                        t[r, q, i] += coef * np.float64(row[i])
+        for i in range(ci):  # t G
+            for r in range(3):
+                for c in range(3):
+                    acc = 0.0
+                    for q in range(a):
+                        acc += t[r, q, i] * gm[q, c]
+                    gw[o, i, r, c] = acc
+
+
 def transform_weight(w, m):
-    """u (a*a, CO, cip) = G w G^T per (co, ci), in float64, cast to w's dtype; the input
-    channels zero-padded to a multiple of TAPS."""
-    co, cig = w.shape[:2]
-    gm = MATRICES[m][2]
-    a = m + 2
-    u = np.zeros((a * a, co, -(-cig // TAPS) * TAPS), w.dtype)
-    u[:, :, :cig] = np.einsum("ta,oiab,sb->tsoi", gm, w.astype(np.float64), gm).reshape(a * a, co, cig)
+    """u (a*a, CO, C/G) = G w G^T per (co, ci), in float64, cast to w's dtype."""
+    u = np.empty(((m + 2) ** 2,) + w.shape[:2], w.dtype)
+    _filter_transform(w, MATRICES[m][2], u)
     return u
 
 
@@ -411,12 +464,10 @@ def backward_input(gy, w, gx, geom):
 def backward_weight(x, gy, gw, geom):
     m = tile_size(geom.oh, geom.ow)
     a, co, cig = m + 2, geom.co, geom.cig
-    gu = np.empty((a * a * co, -(-cig // TAPS) * TAPS), gw.dtype)
+    gu = np.empty((a * a * co, cig), gw.dtype)
     bt, at = _matrices(m, gw.dtype)
     conv2d_backward_weight_winograd(x, gy, gu, geom.ph, geom.pw, geom.g, bt, np.ascontiguousarray(at.T), get_num_threads())
-    gm = MATRICES[m][2]
-    gu4 = gu[:, :cig].reshape(a, a, co, cig).astype(np.float64)
-    gw[...] = np.einsum("ta,tsoi,sb->oiab", gm, gu4, gm)
+    _filter_transform_t(gu.reshape(a * a, co, cig), MATRICES[m][2], gw)
     if not np.isfinite(gw).all():
         gw[...] = 0
         backward_weight_direct(x, gy, gw, geom)
