@@ -40,6 +40,7 @@ from cnn_numba.kernels import pool as P
 from cnn_numba.kernels.conv_algos import TABLE
 from cnn_numba.shapes import (conv2d_geom, conv_output_size, conv_transpose2d_geom, conv_transpose_output_size,
                               pool_output_size)
+from cnn_numba.sysinfo import kernel_blas_core
 
 CONV_PASSES = ("fwd", "gx", "gw")
 POOL_PASSES = ("fwd", "bwd")
@@ -311,7 +312,7 @@ def machine_line() -> str:
     torch_part = f"torch {v['torch']} ({torch.get_num_threads()} threads)" if torch is not None else "no torch"
     return (f"{c['cores']} cores, {c['cpu']}, flags: {' '.join(c['simd']) or 'no avx2'}; "
             f"numba {v['numba']} ({numba.get_num_threads()} threads, {layer} layer), "
-            f"numpy {v['numpy']}, scipy {v['scipy']}, {torch_part}")
+            f"numpy {v['numpy']}, scipy {v['scipy']} (OpenBLAS kernels: {kernel_blas_core()}), {torch_part}")
 
 
 def commit() -> str:

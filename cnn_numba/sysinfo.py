@@ -30,6 +30,30 @@ def _blas(module) -> str:
         return "unknown"
 
 
+def kernel_blas_core() -> str:
+    """The kernel set SciPy's OpenBLAS (the kernels' BLAS) runs on this CPU, e.g. 'SkylakeX'
+    (AVX-512) or 'Haswell' (AVX2), and ``OPENBLAS_CORETYPE`` where that variable chose it;
+    'unknown' where the library or its symbol is not found."""
+    import ctypes
+    import glob
+
+    import scipy
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    libs = os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "libscipy_openblas*"))):
+        try:
+            lib = ctypes.CDLL(path)  # the loaded copy: same path, same handle
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_get_corename", "openblas_get_corename"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                core = fn().decode()
+                return f"{core} (OPENBLAS_CORETYPE={forced})" if forced else core
+    return "unknown"
+
+
 def _blas_threads() -> dict[str, int] | None:
     """Threads of each loaded BLAS by the folder it lies in, e.g. numpy.libs and scipy.libs for
     the wheels' own copies (threadpoolctl, only where it is installed)."""
@@ -84,7 +108,8 @@ def config() -> dict[str, str]:
                                  if layer == "workqueue" else "concurrent"),
         "tbb": f"{_version('tbb')} ({tbb})" if tbb else f"{_version('tbb') or 'not installed'}",
         "numpy BLAS": _blas(numpy),
-        "kernel BLAS": f"{_blas(scipy)} (SciPy's, called by Numba's np.dot), threads: {kernel_blas_threads}",
+        "kernel BLAS": (f"{_blas(scipy)} (SciPy's, called by Numba's np.dot), threads: {kernel_blas_threads}, "
+                        f"kernels: {kernel_blas_core()}"),
         "host memory": hostmem.status(),
         "conv autotune": _autotune(),
         "cuda": _cuda(),

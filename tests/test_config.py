@@ -90,3 +90,21 @@ def test_freed_host_memory_is_reused_unless_turned_off():
         runs[value] = int(faults), status
     assert runs["1"][0] < 500 and runs["1"][1].startswith("freed memory kept"), runs
     assert runs["0"][0] > 3000 and "CNN_NUMBA_MALLOC=0" in runs["0"][1], runs
+
+
+def test_kernel_blas_core_names_the_kernels_and_the_variable_that_chose_them(monkeypatch):
+    """SciPy's OpenBLAS reports the kernel set it picked (AVX-512's 'SkylakeX' or AVX2's
+    'Haswell' on x86); show_config says so, and names OPENBLAS_CORETYPE where it is set."""
+    from cnn_numba.sysinfo import kernel_blas_core
+
+    core = kernel_blas_core()
+    if not sys.platform.startswith("linux"):
+        pytest.skip("SciPy's wheels ship their own OpenBLAS on Linux; elsewhere the BLAS may be another")
+    assert core and core != "unknown"
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert kernel_blas_core().endswith("(OPENBLAS_CORETYPE=Haswell)")
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert "OPENBLAS_CORETYPE" not in kernel_blas_core()
+    out = io.StringIO()
+    cnn_numba.show_config(file=out)
+    assert f"kernels: {kernel_blas_core()}" in _parse(out.getvalue())["kernel BLAS"]

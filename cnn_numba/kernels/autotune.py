@@ -5,7 +5,8 @@ first 'auto' call of a (geometry, dtype, pass) runs every algorithm of the table
 call's own arrays: one untimed call each (it compiles the kernels or loads them from Numba's
 cache), then up to ``REPEATS`` timed rounds, the fastest call of each counting. The quickest
 algorithm (the rule's, unless another is ``MARGIN`` faster) is kept for the process and
-written to a small JSON table on disk, keyed by the CPU model and Numba's thread count, so
+written to a small JSON table on disk, keyed by the machine (CPU model, Numba's thread
+count, the kernel set of the BLAS the products call, and the kernels' GENERATION), so
 the next process skips the timing and makes the same choice: results differ between
 algorithms by float rounding only, and a run resumed later must compute what it computed
 before. Without tuning, or before a choice exists, 'auto' is the table's rule
@@ -24,7 +25,7 @@ The table: ``CNN_NUMBA_AUTOTUNE_FILE``, else ``cnn_numba_autotune.json`` in Numb
 directory where ``NUMBA_CACHE_DIR`` sets one, else ``~/.cache/cnn_numba/autotune.json``.
 
     {"format": "cnn_numba autotune 1",
-     "machines": {"<CPU model> | <threads> threads":
+     "machines": {"<CPU model> | <threads> threads | BLAS <kernels> | kernels <GENERATION>":
                   {"forward float32 n,c,h,w,co,kh,kw,oh,ow,sh,sw,ph,pw,ph_end,pw_end,dh,dw,g": "im2col"}}}
 
 A file that cannot be read or parsed is ignored with a warning (and replaced at the next
@@ -56,6 +57,9 @@ MIN_MACS = 1_000_000
 # Timing stops after the round that passes this many seconds (a large layer: one round).
 BUDGET_S = 0.5
 MARGIN = 0.05
+# Part of the machine key: a new generation (an algorithm rewritten, say) leaves the choices
+# timed against the old kernels unread. 2: Winograd's products became BLAS calls.
+GENERATION = 2
 
 
 def enabled() -> bool:
@@ -124,7 +128,13 @@ class Tuner:
         self._on: bool | None = None  # enabled(), read at the first call (a lookup costs ~1 us)
 
     def machine(self, threads: int) -> str:
-        return f"{_CPU_MODEL} | {threads} threads"
+        """The table's key for this machine: CPU, threads, BLAS kernels (OpenBLAS's AVX-512 or
+        AVX2 set moves im2col's and Winograd's products by 2x) and GENERATION."""
+        global _BLAS_CORE
+        if _BLAS_CORE is None:
+            from ..sysinfo import kernel_blas_core
+            _BLAS_CORE = kernel_blas_core()
+        return f"{_CPU_MODEL} | {threads} threads | BLAS {_BLAS_CORE} | kernels {GENERATION}"
 
     def _disk_entries(self, machine: str) -> dict:
         path = table_path()
@@ -151,14 +161,14 @@ class Tuner:
         with self._lock:
             machine, key = self.machine(threads), shape_key(geom, dtype, pass_)
             name = self._disk_entries(machine).get(key)
-            if name in table.by_name and table.by_name[name].supports(geom, pass_):
+            if name in table.by_name and table.by_name[name].tuned and table.by_name[name].supports(geom, pass_):
                 self._chosen[pkey] = name
                 return name
             small = geom.n * geom.co * geom.oh * geom.ow * geom.cig * geom.kh * geom.kw < MIN_MACS
             if recording:
                 if not small:  # the real step will time them all: compile them all now
                     for entry in table.algos:
-                        if entry.supports(geom, pass_):
+                        if entry.tuned and entry.supports(geom, pass_):
                             entry.run(pass_, geom, *arrays)
                 return None
             if small:
@@ -174,7 +184,7 @@ class Tuner:
         least of up to ``REPEATS`` calls each, interleaved so that a slow stretch of a shared
         machine hits every algorithm alike; the rule's choice stays unless another is
         ``MARGIN`` faster (a noisy timing should not move results for nothing)."""
-        entries = [a for a in table.algos if a.supports(geom, pass_)]
+        entries = [a for a in table.algos if a.tuned and a.supports(geom, pass_)]
         for entry in entries:
             entry.run(pass_, geom, *arrays)  # compiles (or loads) its kernels; not timed
         best = dict.fromkeys((e.name for e in entries), float("inf"))
@@ -210,3 +220,4 @@ class Tuner:
 
 
 _CPU_MODEL = cpu_model()
+_BLAS_CORE = None  # sysinfo.kernel_blas_core(), at the first machine()
