@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     print(text)
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"cpu-{datetime.date.today().isoformat()}.md"
+        path = S.new_record(RESULTS, "cpu")
         path.write_text(text)
         log(f"saved {path}")
     return 0

@@ -315,6 +315,24 @@ def machine_line() -> str:
             f"numpy {v['numpy']}, scipy {v['scipy']} (OpenBLAS kernels: {kernel_blas_core()}), {torch_part}")
 
 
+ORDINALS = ("", "-second", "-third", "-fourth", "-fifth", "-sixth", "-seventh", "-eighth", "-ninth", "-tenth")
+
+
+def new_record(folder: Path, kind: str) -> Path:
+    """``folder/<kind>-<today>.md``, or the first of ``-second``, ``-third``, ... not taken:
+    a run never overwrites an earlier record of the day."""
+    import datetime
+    today = datetime.date.today().isoformat()
+    for ordinal in ORDINALS:
+        path = folder / f"{kind}-{today}{ordinal}.md"
+        if not path.exists():
+            return path
+    n = len(ORDINALS) + 1
+    while (folder / f"{kind}-{today}-{n}.md").exists():
+        n += 1
+    return folder / f"{kind}-{today}-{n}.md"
+
+
 def commit() -> str:
     """The checked-out commit, for reports (``$CNN_NUMBA_COMMIT`` where the tree is a copy
     without .git, as on a lent GPU machine)."""

@@ -181,7 +181,9 @@ def main(argv=None) -> int:
     if args.save:
         RESULTS.mkdir(exist_ok=True)
         kind = "train-cuda" if args.device == "cuda" else "train"
-        (RESULTS / f"{kind}-{datetime.date.today().isoformat()}.md").write_text(text)
+        path = shapes.new_record(RESULTS, kind)
+        path.write_text(text)
+        print(f"saved {path}", file=sys.stderr)
     return 0
 
 

@@ -61,7 +61,7 @@ def test_tuning_times_every_algorithm_persists_and_matches_the_rule(tune, rng, m
     monkeypatch.setattr(autotune, "MIN_MACS", 0)
     out, grads, _ = _conv(rng)
     for p in PASSES:  # the first call of each pass timed every algorithm that runs it
-        assert {n for n, q in ran if q == p} == {a.name for a in TABLE.algos if a.tuned and a.supports(GEOM, p)}
+        assert {n for n, q in ran if q == p} == {a.name for a in TABLE.algos if a.tuned() and a.supports(GEOM, p)}
     assert {n for n, q in ran} >= {"direct", "im2col"}
     entries = json.loads(path.read_text())["machines"][_machine()]
     assert set(entries) == {autotune.shape_key(GEOM, np.dtype(np.float64), p) for p in PASSES}

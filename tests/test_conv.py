@@ -378,12 +378,15 @@ def test_blas_gemm_on_windows_and_its_bounds_check():
     (((1, 1, 28, 28), (6, 1, 5, 5), dict(padding=2)), "direct im2col direct"),        # LeNet C1: one input
     (((1, 64, 32, 32), (64, 1, 3, 3), dict(padding=1, groups=64)), "direct direct direct"),  # depthwise
     (((1, 64, 32, 32), (128, 64, 1, 1), {}), "im2col im2col im2col"),                 # 1x1: a plain product
-    (((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),       # small planes
-    (((128, 64, 7, 7), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),    # resnet8's 7x7 stage
+    (((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)), "winograd winograd winograd"),  # >= 64 channels
+    (((128, 64, 7, 7), (64, 64, 3, 3), dict(padding=1)), "winograd winograd winograd"),  # resnet8's 7x7
     (((16, 6, 14, 14), (16, 6, 5, 5), {}), "direct im2col direct"),                   # LeNet's C3 at b16
-    (((1, 64, 4, 4), (64, 64, 3, 3), dict(padding=1)), "direct direct direct"),       # K = 576
-    (((1, 256, 8, 8), (256, 256, 3, 3), dict(padding=1)), "im2col im2col im2col"),    # small and wide: long K
-    (((1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1)), "direct direct direct"),  # wide, big planes
+    (((1, 64, 4, 4), (64, 64, 3, 3), dict(padding=1)), "winograd winograd winograd"),  # 4x4 planes
+    (((1, 32, 16, 16), (32, 32, 3, 3), dict(padding=1)), "direct direct direct"),     # 32 channels: flat
+    (((1, 64, 8, 8), (32, 64, 3, 3), dict(padding=1)), "direct direct direct"),       # 32 out: flat, K = 576
+    (((1, 256, 8, 8), (256, 256, 3, 3), dict(padding=1)), "winograd winograd winograd"),  # small and wide
+    (((1, 256, 8, 8), (32, 256, 3, 3), dict(padding=1)), "im2col im2col im2col"),     # 32 out: long K
+    (((1, 128, 28, 28), (128, 128, 3, 3), dict(padding=1)), "winograd winograd winograd"),  # big planes
     (((1, 16, 32, 32), (32, 16, 3, 3), dict(stride=2, padding=1)), "direct direct direct"),  # stride 2: flat
     (((1, 32, 16, 16), (64, 32, 3, 3), dict(stride=2, padding=1)), "direct direct direct"),  # small planes too
     (((1, 128, 16, 16), (256, 128, 3, 3), dict(stride=2, padding=1)), "direct direct direct"),  # and wide

@@ -248,7 +248,11 @@ def test_resume_with_another_world_size(data_dir, tmp_path, lenet_one_process):
 
 
 @needs_mpi
-def test_sync_bn_equals_one_process(data_dir, tmp_path):
+def test_sync_bn_equals_one_process(data_dir, tmp_path, monkeypatch):
+    # Winograd off (kernels/conv_winograd.enabled): its rounding depends on how the batch is
+    # blocked, and this step turns 3e-6 of noise on resnet8's 64-channel conv into 5e-3 of
+    # a batch-norm bias, far above the 1e-5 that checks the statistics here.
+    monkeypatch.setenv("CNN_NUMBA_WINOGRAD", "0")
     # One step of 32 images: 2 ranks of 16 against one process of 32. Over several steps the
     # float32 rounding of sums taken in another order (the ranks' kernels see 16 samples:
     # vectorised bodies and remainders split elsewhere, 'auto' may pick other algorithms)

@@ -112,12 +112,23 @@ def test_supports(ws, kw, ok):
     assert all(W.supports(geom, p) == ok for p in PASSES)
 
 
-def test_auto_and_the_tuner_leave_winograd_to_be_named():
-    """Not in 'auto' yet (conv_algos.TABLE: a 2-rank --sync-bn step with it is not yet
-    understood), neither by the rule nor as a tuning candidate; algo='winograd' runs it."""
-    for xs, ws in [((64, 16, 32, 32), (16, 16, 3, 3)), ((64, 64, 8, 8), (64, 64, 3, 3)),
-                   ((32, 128, 28, 28), (128, 128, 3, 3))]:
-        geom = _geom(xs, ws, 1, 1)
-        assert all(TABLE.pick("auto", geom, p).name != "winograd" for p in PASSES)
-        assert all(TABLE.pick("winograd", geom, p).name == "winograd" for p in PASSES)
-    assert not TABLE.by_name["winograd"].tuned
+def test_auto_picks_winograd_where_the_products_are_blas_sized(monkeypatch):
+    """The rule (conv_algos.WINOGRAD_MIN_CHANNELS, docs/convolution.md): Winograd on the 3x3
+    stride-1 layers with at least 64 input and output channels per group, where it measured
+    faster than the direct kernels in every pass; direct/im2col on narrower ones. With
+    CNN_NUMBA_WINOGRAD=0 neither the rule nor the tuner runs it; algo='winograd' still does."""
+    cases = [((64, 16, 32, 32), (16, 16, 3, 3), False), ((64, 32, 16, 16), (32, 32, 3, 3), False),
+             ((64, 64, 8, 8), (64, 64, 3, 3), True), ((32, 128, 28, 28), (128, 128, 3, 3), True),
+             ((8, 64, 8, 8), (32, 64, 3, 3), False), ((8, 64, 8, 8), (128, 64, 3, 3), True)]
+    for off in (False, True):
+        if off:
+            monkeypatch.setenv(W.ENV, "0")
+        TABLE._picked.clear()
+        for xs, ws, wino in cases:
+            geom = _geom(xs, ws, 1, 1)
+            assert all((TABLE.pick("auto", geom, p).name == "winograd") == (wino and not off) for p in PASSES), (xs, ws)
+            assert all(TABLE.pick("winograd", geom, p).name == "winograd" for p in PASSES)
+        assert TABLE.by_name["winograd"].tuned() is not off
+    TABLE._picked.clear()
+    stride2 = conv2d_geom((8, 64, 16, 16), (64, 64, 3, 3), 2, 1, 1, 1)
+    assert TABLE.pick("auto", stride2, "forward").name != "winograd"

@@ -161,14 +161,14 @@ class Tuner:
         with self._lock:
             machine, key = self.machine(threads), shape_key(geom, dtype, pass_)
             name = self._disk_entries(machine).get(key)
-            if name in table.by_name and table.by_name[name].tuned and table.by_name[name].supports(geom, pass_):
+            if name in table.by_name and table.by_name[name].tuned() and table.by_name[name].supports(geom, pass_):
                 self._chosen[pkey] = name
                 return name
             small = geom.n * geom.co * geom.oh * geom.ow * geom.cig * geom.kh * geom.kw < MIN_MACS
             if recording:
                 if not small:  # the real step will time them all: compile them all now
                     for entry in table.algos:
-                        if entry.tuned and entry.supports(geom, pass_):
+                        if entry.tuned() and entry.supports(geom, pass_):
                             entry.run(pass_, geom, *arrays)
                 return None
             if small:
@@ -184,7 +184,7 @@ class Tuner:
         least of up to ``REPEATS`` calls each, interleaved so that a slow stretch of a shared
         machine hits every algorithm alike; the rule's choice stays unless another is
         ``MARGIN`` faster (a noisy timing should not move results for nothing)."""
-        entries = [a for a in table.algos if a.tuned and a.supports(geom, pass_)]
+        entries = [a for a in table.algos if a.tuned() and a.supports(geom, pass_)]
         for entry in entries:
             entry.run(pass_, geom, *arrays)  # compiles (or loads) its kernels; not timed
         best = dict.fromkeys((e.name for e in entries), float("inf"))

@@ -47,6 +47,10 @@ def _everywhere(geom, pass_) -> bool:
     return True
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class ConvAlgo:
     """One algorithm: its launchers per pass (see the module docstring), where it runs, and
@@ -57,7 +61,7 @@ class ConvAlgo:
     backward_weight: Callable | None
     supports: Callable = _everywhere
     special: ConvAlgo | None = None
-    tuned: bool = True  # a candidate of the autotuner (kernels/autotune.py)
+    tuned: Callable = _always  # () -> whether the autotuner (kernels/autotune.py) times it
 
     def run(self, pass_: str, geom, *arrays, **epilogue) -> None:
         """Pass ``pass_`` on ``arrays`` (inputs, then the output), by the specialisation where
@@ -155,10 +159,21 @@ FLAT_MAX_K = 576
 # 0.35/0.25 ms direct/im2col, at b128 1.68/1.79 1.62/1.93 1.44/1.90; a 4x4 one (64->128
 # 8x8 s2, b64) 1.32/0.99 1.36/1.04 1.03/1.02.
 STRIDED_MIN_PLANE = 64
+# Winograd (3x3, stride 1) where both the input and output channels per group number at
+# least this (and CNN_NUMBA_WINOGRAD is not 0): its products are then BLAS-sized. Measured
+# 2026-12-01 (ms fwd/gx/gw, winograd against direct), AVX-512 OpenBLAS: 64->64 8x8 b64
+# 0.92/0.96/0.77 against 1.05/1.09/1.13, 128->128 28x28 b32 12.0-15.5/15.0/12.9 against
+# 21.0/20.4/21.5, 64->64 7x7 b128 1.62/1.63/1.48 against 2.71/2.83/2.47, 4x4 b64
+# 0.37/0.31/0.34 against 0.64/0.51/0.47, 256->256 8x8 b32 6.1/7.2/9.8 against 8.5/9.1/10.7;
+# but 32->32 16x16 b64 1.14/1.17/0.94 against 0.97/1.01/0.98 and 16->16 32x32 2.0/2.0/3.2
+# against 1.0/1.3/1.4. With the AVX2 kernels (OPENBLAS_CORETYPE=Haswell) 64->64 8x8
+# 1.07/1.10/1.05 against 1.05/1.07/1.24, 128->128 20.0/21.4/19.0 against 25.5/26.3/23.7.
+WINOGRAD_MIN_CHANNELS = 64
 
 
 def auto_algo(geom, pass_: str) -> str:
-    """The CPU's 'auto' for ``pass_`` of ``geom``. Direct when each output reads fewer than
+    """The CPU's 'auto' for ``pass_`` of ``geom``. Winograd where it runs, is enabled and the
+    layer has at least WINOGRAD_MIN_CHANNELS input and output channels per group. Direct when each output reads fewer than
     16 inputs (depthwise). At stride 1 direct when the flat kernels pay: planes big enough or
     a layer narrow enough, at least TAPS taps (a 1x1 kernel would pad its one tap to three),
     and for the input-gradient, whose flat pass computes the C_in/G input channels four at a
@@ -169,6 +184,8 @@ def auto_algo(geom, pass_: str) -> str:
     bench/results/cpu-*.md, and for stride > 1 above.)"""
     k = geom.cig * geom.kh * geom.kw
     stride1 = geom.stride == (1, 1)
+    if min(geom.cig, geom.cog) >= WINOGRAD_MIN_CHANNELS and WG.enabled() and WG.supports(geom, pass_):
+        return "winograd"
     if stride1:
         flat = (geom.kh * geom.kw >= S.TAPS and (geom.oh * geom.ow >= FLAT_MIN_PLANE or k <= FLAT_MAX_K)
                 and (pass_ != "backward_input" or geom.cig >= 2 * S.QUAD))
@@ -183,11 +200,8 @@ def auto_algo(geom, pass_: str) -> str:
 TABLE = ConvTable([
     ConvAlgo("direct", C.forward_direct, C.backward_input_direct, C.backward_weight_direct, special=FLAT),
     ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
-    # Not in 'auto' yet: faster than direct from 64 channels per group (docs/convolution.md),
-    # but a 2-rank --sync-bn resnet8 step with it differs from the one-process step by 5e-3 of
-    # a batch-norm bias (1e-6 without it, and one process with it against without), not yet
-    # understood; algo='winograd' runs it.
-    ConvAlgo("winograd", WG.forward, WG.backward_input, WG.backward_weight, supports=WG.supports, tuned=False),
+    ConvAlgo("winograd", WG.forward, WG.backward_input, WG.backward_weight, supports=WG.supports,
+             tuned=WG.enabled),
 ], auto_algo, tuner=Tuner())
 
 register("conv2d_algorithms", "cpu")(lambda: TABLE)

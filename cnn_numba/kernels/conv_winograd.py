@@ -74,6 +74,8 @@ other outputs. The kernels count the non-finite outputs they write (gw is scanne
 launchers recompute such a call with the general direct kernels, whose sums read only the
 taps PyTorch reads. Finite inputs pay nothing but the count.
 """
+import os
+
 import numpy as np
 from numba import get_num_threads, njit, prange
 
@@ -363,6 +365,23 @@ def conv2d_backward_weight_winograd(x, gy, gu, ph, pw, g, bt, ag, slots):
 
 
 # ----------------------------------------------------------------------------- launchers
+
+ENV = "CNN_NUMBA_WINOGRAD"
+
+
+def enabled() -> bool:
+    """Whether 'auto' may run Winograd (its rule and the tuner): unless CNN_NUMBA_WINOGRAD=0,
+    read when 'auto' first meets a layer shape. Winograd's products go through BLAS in blocks
+    of tiles, so an output's rounding depends on the block it falls in (at ~3e-6 of the
+    layer's largest output in float32): a batch split across ranks rounds otherwise than one
+    process. A training step is sensitive to that where a ReLU input lies that close to 0: a
+    2-rank --sync-bn resnet8 step with Winograd in its 64-channel stage differs from the
+    one-process step by 5e-3 of a batch-norm bias whose gradient nearly cancels, and so does
+    the step with the direct kernels and 3e-6 of random noise added to that conv's output
+    (tests/test_distributed.py compares the two runs with Winograd off; without Winograd
+    they agree within 5e-7)."""
+    return os.environ.get(ENV, "1").strip() != "0"
+
 
 def supports(geom, pass_) -> bool:
     """3x3, stride 1, dilation 1, at least 16 input channels per group; for the
