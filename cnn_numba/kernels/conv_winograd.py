@@ -81,7 +81,7 @@ from numba import get_num_threads, njit, prange
 
 from . import PARALLEL
 from .blas import gemm
-from .conv import (FASTMATH, KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
+from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
                    epilogue_args, forward_direct, no_epilogue)
 from .conv_stride1 import transpose_groups
 from .index import axpy, out_range
@@ -215,7 +215,7 @@ def _offsets(count, step):
     return np.arange(count) * step
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(**KERNEL)
 def _tile_rows(terms, offsets, xf, u0, width, s):
     """s[k] = sum_r mat[k, r] * xf row u0 + r for every row k of mat (``terms``): the row
     stage of a tile row, on a sample's padded phase planes xf (flat rows of ``width``,
@@ -224,7 +224,7 @@ def _tile_rows(terms, offsets, xf, u0, width, s):
         _combine(terms, k, offsets, xf, u0 * width, s, k * width, width)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(**KERNEL)
 def _columns(terms, s, offsets, ch, tw, out, b0, span):
     """out[k*a + l, b0 + j] = sum_c mat[l, c] * s[k, c % m, j + c // m] for j < tw, k and
     l < a (mat's rows, ``terms``): vectors of ``ch``; s flat (a, m, wq, ch) (a row's
