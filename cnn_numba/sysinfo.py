@@ -121,12 +121,18 @@ def config() -> dict[str, str]:
 
 
 def _autotune() -> str:
-    """Whether the CPU's conv 'auto' is tuned, and the table of its choices."""
-    from .kernels import autotune
+    """Whether the CPU's conv 'auto' is tuned, the table of its choices, and whether it may run
+    Winograd."""
+    from .kernels import autotune, conv_algos, conv_winograd
+    if conv_winograd.enabled():
+        wino = (f"; Winograd from {conv_algos.WINOGRAD_MIN_CHANNELS} channels per group "
+                f"({conv_winograd.ENV}=0 turns it off)")
+    else:
+        wino = f"; no Winograd ({conv_winograd.ENV}=0)"
     if not autotune.enabled():
-        return f"off ({autotune.ENV}=0): 'auto' is the rule"
+        return f"off ({autotune.ENV}=0): 'auto' is the rule" + wino
     path = autotune.table_path()
-    return f"on ({autotune.ENV}=0 turns it off), choices in {path}" + ("" if path.exists() else " (none yet)")
+    return f"on ({autotune.ENV}=0 turns it off), choices in {path}" + ("" if path.exists() else " (none yet)") + wino
 
 
 def show_config(file=None) -> None:

@@ -108,3 +108,12 @@ def test_kernel_blas_core_names_the_kernels_and_the_variable_that_chose_them(mon
     out = io.StringIO()
     cnn_numba.show_config(file=out)
     assert f"kernels: {kernel_blas_core()}" in _parse(out.getvalue())["kernel BLAS"]
+
+
+def test_show_config_says_whether_auto_runs_winograd(monkeypatch):
+    for value, says in (("1", "Winograd from 64 channels per group (CNN_NUMBA_WINOGRAD=0 turns it off)"),
+                        ("0", "no Winograd (CNN_NUMBA_WINOGRAD=0)")):
+        monkeypatch.setenv("CNN_NUMBA_WINOGRAD", value)
+        out = io.StringIO()
+        cnn_numba.show_config(file=out)
+        assert _parse(out.getvalue())["conv autotune"].endswith(says)
