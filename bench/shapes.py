@@ -21,6 +21,7 @@ for conv2d and (C_in, C_out/g, k, k) for conv_transpose2d. All arrays are float3
 """
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 from dataclasses import dataclass
@@ -321,7 +322,6 @@ ORDINALS = ("", "-second", "-third", "-fourth", "-fifth", "-sixth", "-seventh", 
 def new_record(folder: Path, kind: str) -> Path:
     """``folder/<kind>-<today>.md``, or the first of ``-second``, ``-third``, ... not taken:
     a run never overwrites an earlier record of the day."""
-    import datetime
     today = datetime.date.today().isoformat()
     for ordinal in ORDINALS:
         path = folder / f"{kind}-{today}{ordinal}.md"

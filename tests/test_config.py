@@ -97,9 +97,9 @@ def test_kernel_blas_core_names_the_kernels_and_the_variable_that_chose_them(mon
     'Haswell' on x86); show_config says so, and names OPENBLAS_CORETYPE where it is set."""
     from cnn_numba.sysinfo import kernel_blas_core
 
-    core = kernel_blas_core()
     if not sys.platform.startswith("linux"):
         pytest.skip("SciPy's wheels ship their own OpenBLAS on Linux; elsewhere the BLAS may be another")
+    core = kernel_blas_core()
     assert core and core != "unknown"
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     assert kernel_blas_core().endswith("(OPENBLAS_CORETYPE=Haswell)")

@@ -34,6 +34,7 @@ write); an entry naming an algorithm the table does not have is ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -130,11 +131,7 @@ class Tuner:
     def machine(self, threads: int) -> str:
         """The table's key for this machine: CPU, threads, BLAS kernels (OpenBLAS's AVX-512 or
         AVX2 set moves im2col's and Winograd's products by 2x) and GENERATION."""
-        global _BLAS_CORE
-        if _BLAS_CORE is None:
-            from ..sysinfo import kernel_blas_core
-            _BLAS_CORE = kernel_blas_core()
-        return f"{_CPU_MODEL} | {threads} threads | BLAS {_BLAS_CORE} | kernels {GENERATION}"
+        return f"{_CPU_MODEL} | {threads} threads | BLAS {_blas_core()} | kernels {GENERATION}"
 
     def _disk_entries(self, machine: str) -> dict:
         path = table_path()
@@ -219,5 +216,11 @@ class Tuner:
             self._disk = self._disk_for = self._on = None
 
 
+@functools.cache
+def _blas_core() -> str:
+    """sysinfo.kernel_blas_core(), read once (the BLAS picks its kernels when it loads)."""
+    from ..sysinfo import kernel_blas_core
+    return kernel_blas_core()
+
+
 _CPU_MODEL = cpu_model()
-_BLAS_CORE = None  # sysinfo.kernel_blas_core(), at the first machine()

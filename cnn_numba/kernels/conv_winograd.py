@@ -84,7 +84,7 @@ from .blas import gemm
 from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
                    epilogue_args, forward_direct, no_epilogue)
 from .conv_stride1 import transpose_groups
-from .index import axpy, out_range
+from .index import out_range
 
 
 def flip_kernel(w, g):
@@ -93,9 +93,6 @@ def flip_kernel(w, g):
     in their tap offsets instead, conv_stride1.transpose_groups)."""
     return np.ascontiguousarray(transpose_groups(w, g)[..., ::-1, ::-1])
 
-# F(4x4) where both sides of the computed plane are at least this: below it the dropped
-# outputs of partial tiles eat F(4x4)'s saving (a 12-pixel side is 3 whole tiles).
-F4_MIN_SIDE = 12
 # Bounds on max|error| / max|reference| in float32 (randn inputs, up to 128 channels per
 # group; measured 5.0e-7 and 8.1e-6 there), asserted by tests/test_winograd.py.
 ERR_F2 = 1e-6
