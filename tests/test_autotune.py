@@ -49,7 +49,7 @@ def _conv(rng, dtype=np.float64):
 
 
 def _machine():
-    return TABLE.tuner.machine(numba.get_num_threads())
+    return TABLE.tuner.machine(numba.get_num_threads(), TABLE)
 
 
 def test_rule_is_direct_here():
@@ -166,7 +166,7 @@ def test_machine_key_names_the_blas_kernels_and_the_generation(tune, rng, monkey
     path, ran = tune
     from cnn_numba.sysinfo import kernel_blas_core
     machine = _machine()
-    assert f"BLAS {kernel_blas_core().split(' (')[0]}" in machine and machine.endswith(f"kernels {autotune.GENERATION}")
+    assert f"BLAS {kernel_blas_core().split(' (')[0]}" in machine and f"kernels {autotune.GENERATION} |" in machine
     key = autotune.shape_key(GEOM, np.dtype(np.float64), "forward")
     stale = machine.replace(f"kernels {autotune.GENERATION}", f"kernels {autotune.GENERATION - 1}")
     path.write_text(json.dumps({"format": autotune.FORMAT, "machines": {stale: {key: "im2col"}}}))
@@ -175,3 +175,24 @@ def test_machine_key_names_the_blas_kernels_and_the_generation(tune, rng, monkey
     _conv(rng)
     assert {n for n, q in ran if q == "forward"} >= {"direct", "im2col"}  # timed afresh, not read
     assert set(json.loads(path.read_text())["machines"]) == {stale, machine}
+
+
+def test_machine_key_names_the_candidates(tune, rng, monkeypatch):
+    """A choice timed with Winograd switched off (CNN_NUMBA_WINOGRAD=0) never compared it: with
+    Winograd back on it is not read, the layer is timed again, Winograd among the candidates."""
+    path, ran = tune
+    monkeypatch.setattr(autotune, "MIN_MACS", 0)
+    monkeypatch.setenv("CNN_NUMBA_WINOGRAD", "0")
+    x, w = random(rng, (2, 16, 6, 6)), random(rng, (16, 16, 3, 3))  # 16 channels: Winograd runs it
+    off = _machine()
+    assert off.endswith("| algos direct,im2col")
+    F.conv2d(x, w, padding=1)
+    assert ran and "winograd" not in {n for n, _ in ran}
+    monkeypatch.setenv("CNN_NUMBA_WINOGRAD", "1")
+    on = _machine()
+    assert on.endswith("| algos direct,im2col,winograd")
+    TABLE.tuner.clear()
+    ran.clear()
+    F.conv2d(x, w, padding=1)
+    assert ("winograd", "forward") in ran  # timed afresh: the choice made without it is not read
+    assert set(json.loads(path.read_text())["machines"]) == {off, on}

@@ -6,7 +6,8 @@ call's own arrays: one untimed call each (it compiles the kernels or loads them 
 cache), then up to ``REPEATS`` timed rounds, the fastest call of each counting. The quickest
 algorithm (the rule's, unless another is ``MARGIN`` faster) is kept for the process and
 written to a small JSON table on disk, keyed by the machine (CPU model, Numba's thread
-count, the kernel set of the BLAS the products call, and the kernels' GENERATION), so
+count, the kernel set of the BLAS the products call, the kernels' GENERATION, and the
+algorithms that were candidates: ``CNN_NUMBA_WINOGRAD=0`` leaves Winograd out), so
 the next process skips the timing and makes the same choice: results differ between
 algorithms by float rounding only, and a run resumed later must compute what it computed
 before. Without tuning, or before a choice exists, 'auto' is the table's rule
@@ -25,7 +26,8 @@ The table: ``CNN_NUMBA_AUTOTUNE_FILE``, else ``cnn_numba_autotune.json`` in Numb
 directory where ``NUMBA_CACHE_DIR`` sets one, else ``~/.cache/cnn_numba/autotune.json``.
 
     {"format": "cnn_numba autotune 1",
-     "machines": {"<CPU model> | <threads> threads | BLAS <kernels> | kernels <GENERATION>":
+     "machines": {"<CPU model> | <threads> threads | BLAS <kernels> | kernels <GENERATION>
+                   | algos <names>":
                   {"forward float32 n,c,h,w,co,kh,kw,oh,ow,sh,sw,ph,pw,ph_end,pw_end,dh,dw,g": "im2col"}}}
 
 A file that cannot be read or parsed is ignored with a warning (and replaced at the next
@@ -128,10 +130,13 @@ class Tuner:
         self._lock = threading.Lock()
         self._on: bool | None = None  # enabled(), read at the first call (a lookup costs ~1 us)
 
-    def machine(self, threads: int) -> str:
+    def machine(self, threads: int, table) -> str:
         """The table's key for this machine: CPU, threads, BLAS kernels (OpenBLAS's AVX-512 or
-        AVX2 set moves im2col's and Winograd's products by 2x) and GENERATION."""
-        return f"{_CPU_MODEL} | {threads} threads | BLAS {_blas_core()} | kernels {GENERATION}"
+        AVX2 set moves im2col's and Winograd's products by 2x), GENERATION, and the names of
+        ``table``'s algorithms that are timed now: a choice made while one was switched off
+        (``CNN_NUMBA_WINOGRAD=0``) never compared it, and must not stand once it is back."""
+        algos = ",".join(a.name for a in table.algos if a.tuned())
+        return f"{_CPU_MODEL} | {threads} threads | BLAS {_blas_core()} | kernels {GENERATION} | algos {algos}"
 
     def _disk_entries(self, machine: str) -> dict:
         path = table_path()
@@ -156,7 +161,7 @@ class Tuner:
         if name is not None:
             return name
         with self._lock:
-            machine, key = self.machine(threads), shape_key(geom, dtype, pass_)
+            machine, key = self.machine(threads, table), shape_key(geom, dtype, pass_)
             name = self._disk_entries(machine).get(key)
             if name in table.by_name and table.by_name[name].tuned() and table.by_name[name].supports(geom, pass_):
                 self._chosen[pkey] = name

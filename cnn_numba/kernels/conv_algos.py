@@ -129,7 +129,7 @@ class ConvTable:
 
 FLAT = ConvAlgo("direct, flat", S.forward_flat, S.backward_input_flat, S.backward_weight_flat,
                 supports=S.supports_flat)
-SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, None, S.backward_weight_shifted,
+SHIFTED = ConvAlgo("im2col, stride 1", S.forward_shifted, S.backward_input_shifted, S.backward_weight_shifted,
                    supports=S.supports_shifted)
 
 # 'auto' runs the stride-1 direct kernels on output planes of at least this many pixels

@@ -7,7 +7,8 @@ and contract, faster where they apply.
                        phase of gx (docs/convolution.md); any stride
     im2col, stride 1   "shifted" products: only the kw column shifts are unfolded, the
                        kh row shifts are windows of one BLAS product (forward and
-                       weight-gradient; its input-gradient is the general one)
+                       weight-gradient; the input-gradient is the forward of gy with the
+                       flipped kernel)
 
 Both hold padded planes of about (oh*sh + dh*(kh-1)) x (ow*sw + dw*(kw-1)) elements per
 channel and thread, which grow with the dilation squared while the work does not;
@@ -483,6 +484,14 @@ def transpose_groups(w, g):
     return np.ascontiguousarray(wt).reshape(g * cig, co // g, kh, kw)
 
 
+def flip_kernel(w, g):
+    """w (CO, CI/G, KH, KW) -> (CI, CO/G, KH, KW), group by group, rotated 180 degrees: the
+    weight of the stride-1 forward that computes conv2d's input-gradient from gy padded by
+    ``ConvGeom.full_padding`` (the flat kernels keep the rotation in their tap offsets
+    instead, ``transpose_groups``)."""
+    return np.ascontiguousarray(transpose_groups(w, g)[..., ::-1, ::-1])
+
+
 # ----------------------------------------------------------------------------- im2col, stride 1
 #
 # At stride 1 the unfolded columns of tap (a, bb) are the padded plane read from offset
@@ -602,10 +611,8 @@ def supports_flat(geom, pass_) -> bool:
 
 
 def supports_shifted(geom, pass_) -> bool:
-    """Stride 1 and the plane bound; forward and weight-gradient only. (As a flipped forward
-    the input-gradient's products would have only CI/G rows, and the general w^T @ gy then
-    col2im measured as fast or faster on every benchmark shape.)"""
-    return geom.stride == (1, 1) and pass_ != "backward_input" and _plane_fits(geom, pass_)
+    """Stride 1 and the plane bound."""
+    return geom.stride == (1, 1) and _plane_fits(geom, pass_)
 
 
 def forward_flat(x, w, b, y, geom, epilogue=None):
@@ -634,6 +641,14 @@ def _taps_first(w):
 def forward_shifted(x, w, b, y, geom, epilogue=None):
     conv2d_forward_shifted(x, _taps_first(w), b, y, *epilogue_args(epilogue, y.dtype), geom.ph, geom.pw, geom.dh,
                            geom.dw, geom.g, get_num_threads())
+
+
+def backward_input_shifted(gy, w, gx, geom):
+    """gx = the stride-1 forward of gy with the flipped kernel (C, CO/G, KH, KW) and the full
+    padding (a negative one crops: pad_phases)."""
+    fh, fw = geom.full_padding
+    conv2d_forward_shifted(gy, _taps_first(flip_kernel(w, geom.g)), np.zeros(geom.c, gx.dtype), gx,
+                           *no_epilogue(gx.dtype), fh, fw, geom.dh, geom.dw, geom.g, get_num_threads())
 
 
 def backward_weight_shifted(x, gy, gw, geom):

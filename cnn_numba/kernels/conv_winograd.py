@@ -83,15 +83,8 @@ from . import PARALLEL
 from .blas import gemm
 from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
                    epilogue_args, forward_direct, no_epilogue)
-from .conv_stride1 import transpose_groups
+from .conv_stride1 import flip_kernel
 from .index import out_range
-
-
-def flip_kernel(w, g):
-    """w (CO, CI/G, 3, 3) -> (CI, CO/G, 3, 3), group by group, rotated 180 degrees: the weight of the
-    stride-1 forward that computes conv2d's input-gradient (the flat kernels keep the rotation
-    in their tap offsets instead, conv_stride1.transpose_groups)."""
-    return np.ascontiguousarray(transpose_groups(w, g)[..., ::-1, ::-1])
 
 # Bounds on max|error| / max|reference| in float32 (randn inputs, up to 128 channels per
 # group; measured 5.0e-7 and 8.1e-6 there), asserted by tests/test_winograd.py.
