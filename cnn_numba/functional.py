@@ -455,8 +455,7 @@ class Linear(Function):
         return gx, gw, gb
 
 
-def linear(input, weight, bias=None) -> Tensor:
-    """y = input @ weight.T + bias. input (*, in_features), weight (out_features, in_features)."""
+def _linear_args(input, weight, bias):
     x, w = _float(input, "input"), _float(weight, "weight")
     b = None if bias is None else _float(bias, "bias")
     shapes.check_same_dtype(input=x, weight=w, bias=b)
@@ -465,7 +464,34 @@ def linear(input, weight, bias=None) -> Tensor:
         raise ValueError(f"linear: input of shape {x.shape} does not end in in_features={w.shape[1]} (weight {w.shape})")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"bias must have shape ({w.shape[0]},) for weight of shape {w.shape}, got {b.shape}")
-    return Linear.apply(*_inputs(x, w, b))
+    return x, w, b
+
+
+def linear(input, weight, bias=None) -> Tensor:
+    """y = input @ weight.T + bias. input (*, in_features), weight (out_features, in_features)."""
+    return Linear.apply(*_inputs(*_linear_args(input, weight, bias)))
+
+
+class LinearReLU(Function):
+    """relu(linear) in one pass (the device's ``linear_relu_forward``). Forward only: linear_relu
+    runs it only where no graph is recorded."""
+
+    def forward(self, x, w, b=None):
+        return kernel("linear_relu_forward", self.device)(x, w, b)
+
+    def backward(self, gy):
+        raise RuntimeError("LinearReLU has no backward (linear_relu records the unfused ops)")
+
+
+def linear_relu(input, weight, bias=None) -> Tensor:
+    """``relu(linear(input, weight, bias))``: eval-mode Linear -> ReLU. One pass, the relu
+    applied as each output is stored, where no graph is recorded, the device has the fused
+    kernel (the CPU) and onnx.export is not tracing; the two ops otherwise. The same numbers
+    either way, bit for bit (tests/test_fusion.py)."""
+    x, w, b = _linear_args(input, weight, bias)
+    if _autograd._trace.recorder is not None or not has_kernel("linear_relu_forward", x.device) or _records(x, w, b):
+        return relu(Linear.apply(*_inputs(x, w, b)))
+    return LinearReLU.apply(*_inputs(x, w, b))
 
 
 class Sigmoid(Function):

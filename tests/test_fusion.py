@@ -392,3 +392,68 @@ def test_batch_norm_relu_not_fused_for_sync_batch_norm(monkeypatch, rng):
     model = distributed.convert_sync_batchnorm(models.resnet8())
     F.cross_entropy(model(cn.tensor(random(rng, (4, 1, 12, 12), np.float32))), np.arange(4)).backward()
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- linear -> relu
+
+@pytest.fixture
+def linear_spy(monkeypatch):
+    """The number of fused linear launches (calls of LinearReLU's forward) so far."""
+    calls = []
+    inner = F.LinearReLU.forward
+
+    def forward(self, *args):
+        calls.append(args[0].shape)
+        return inner(self, *args)
+
+    monkeypatch.setattr(F.LinearReLU, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 400, 120), (3, 84, 10), (256, 400, 120), (4, 2, 5, 7)], ids=str)
+def test_linear_relu_equals_the_two_ops(shape, dtype, linear_spy, rng):
+    """Bit for bit relu(linear) with NaN, inf and signed zeros among the outputs, on the serial
+    small product (under ROWS_PARALLEL_MACS multiply-adds) and the BLAS one (batch 256), with
+    and without a bias and for an input of more than two dims; close to the float64 reference."""
+    *rows, k, n = shape
+    x, w, b = random(rng, (*rows, k), dtype), random(rng, (n, k), dtype), random(rng, (n,), dtype)
+    x.reshape(-1, k)[0, :2] = [np.nan, 0.0]
+    w[1, :] = 0.0
+    b[1] = -0.0  # output column 1: zero products and a -0.0 bias (relu keeps a zero's sign)
+    w[2, 0] = np.inf
+    for bias in (b, None):
+        with cn.no_grad():
+            got = F.linear_relu(x, w, bias).numpy()
+            want = F.relu(F.linear(x, w, bias)).numpy()
+        assert _same_bits(got, want)
+        with np.errstate(invalid="ignore"):
+            ref = np.maximum(x.astype(np.float64) @ w.astype(np.float64).T + (0 if bias is None else bias), 0)
+        fin = np.isfinite(ref)
+        assert np.allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-4)
+    assert len(linear_spy) == 2
+    xt = cn.tensor(x, requires_grad=True)
+    y = F.linear_relu(xt, w, b)  # a graph is recorded: the two ops, with their backward
+    assert y.requires_grad and len(linear_spy) == 2
+    assert _same_bits(y.detach().numpy(), F.relu(F.linear(x, w, b)).numpy())
+
+
+def test_lenet5_fuses_its_linear_relus(linear_spy, monkeypatch, rng):
+    """Sequential runs Linear -> ReLU as one op in eval mode where nothing records: LeNet-5's
+    two hidden layers; not in training mode, not with a graph, not with fusion off."""
+    model = models.lenet5()
+    x = random(rng, (3, 1, 28, 28), np.float32)
+    with cn.no_grad():
+        model(x)
+    assert linear_spy == []
+    model.eval()
+    recorded = model(x)
+    assert linear_spy == []
+    with cn.no_grad():
+        got = model(x).numpy()
+    assert linear_spy == [(3, 400), (3, 120)]
+    monkeypatch.setattr(M, "FUSE", False)
+    with cn.no_grad():
+        off = model(x).numpy()
+    assert len(linear_spy) == 2
+    assert _same_bits(got, off) and _same_bits(got, recorded.detach().numpy())

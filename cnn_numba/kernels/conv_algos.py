@@ -38,7 +38,7 @@ from . import conv as C
 from . import conv_stride1 as S
 from . import conv_winograd as WG
 from .autotune import Tuner
-from .nn import batch_norm_invstd
+from .nn import batch_norm_epilogue
 
 PASSES = ("forward", "backward_input", "backward_weight")
 
@@ -227,12 +227,7 @@ def epilogue(dtype, bn=None, relu=False):
     ``bn``."""
     if bn is None:
         return C.no_epilogue(dtype)[0], bool(relu)
-    mean, var, w, b, eps = bn
-    scale = batch_norm_invstd(var, eps, dtype)
-    if w is not None:
-        scale = scale * w
-    shift = np.zeros_like(mean) if b is None else b
-    return np.stack((mean, scale, shift)).astype(dtype, copy=False), bool(relu)
+    return batch_norm_epilogue(*bn, dtype), bool(relu)
 
 
 @register("conv2d_backward_input", "cpu")

@@ -33,7 +33,7 @@ from numba import get_num_threads, njit, prange
 from ..backend import register
 from . import PARALLEL, serial_twin
 from .blas import gemm
-from .elementwise import relu_grad, relu_value
+from .elementwise import relu_forward_kernel, relu_grad, relu_value
 from .index import axpy, dot
 
 CPU = "cpu"
@@ -70,7 +70,7 @@ def batch_norm_stats(x, mean, var):
 def _invstd_into(var, eps, invstd):
     """invstd[ch] = 1/sqrt(var[ch] + eps), computed in float64 and rounded to invstd's dtype:
     the batch norm's one formula (its forward, and conv2d's fused epilogue through
-    batch_norm_invstd)."""
+    batch_norm_epilogue)."""
     for ch in range(var.size):
         invstd[ch] = 1.0 / math.sqrt(np.float64(var[ch]) + eps)
 
@@ -261,11 +261,12 @@ def rows_product(trans_a, trans_b, m, n, k, a, b, c, chunks):
 
 
 @njit(**REDUCTION)
-def small_product(a, b, trans_b, bias, c):
+def small_product(a, b, trans_b, bias, relu, c):
     """c (m, n) = a (m, k) @ op(b) + bias (n,), serial, for products under ROWS_PARALLEL_MACS:
     op(b) is b stored (n, k) with ``trans_b`` (a dot product of two rows per output), else b
-    stored (k, n) (c's rows as sums of b's rows). SciPy's BLAS called from Numba takes 17 us
-    for LeNet-5's 1x400 by 400x120 product at batch 1, this 1.3 us."""
+    stored (k, n) (c's rows as sums of b's rows); with ``relu``, each row then cut as
+    relu_forward_kernel cuts. SciPy's BLAS called from Numba takes 17 us for LeNet-5's
+    1x400 by 400x120 product at batch 1, this 1.3 us."""
     m, n, k = c.shape[0], c.shape[1], a.shape[1]
     for i in range(m):
         row = c[i]
@@ -277,16 +278,19 @@ def small_product(a, b, trans_b, bias, c):
                 row[j] = bias[j]
             for kk in range(k):
                 axpy(a[i, kk], b[kk], 0, 1, row, 0, 1, n)
+        if relu:
+            for j in range(n):
+                row[j] = relu_value(row[j])
 
 
-def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int, bias=None):
-    """op(a) @ op(b) (+ bias), (m, n), a fresh array of a's dtype: small_product under
-    ROWS_PARALLEL_MACS, else rows_product."""
+def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int, bias=None, relu=False):
+    """op(a) @ op(b) (+ bias), then relu_value where ``relu``, (m, n), a fresh array of a's
+    dtype: small_product under ROWS_PARALLEL_MACS, else rows_product."""
     c = np.empty((m, n), a.dtype)
     a, b = np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1)
     if 0 < m * n * k < ROWS_PARALLEL_MACS:
         small_product(a.reshape(k, m).T if trans_a else a.reshape(m, k), b.reshape(n, k) if trans_b else b.reshape(k, n),
-                      trans_b, np.zeros(n, c.dtype) if bias is None else bias, c)
+                      trans_b, np.zeros(n, c.dtype) if bias is None else bias, relu, c)
         return c
     if k == 0:
         c[...] = 0
@@ -294,6 +298,8 @@ def _product(a, trans_a: bool, b, trans_b: bool, m: int, n: int, k: int, bias=No
         rows_product(trans_a, trans_b, m, n, k, a, b, c.reshape(-1), max(1, min(get_num_threads(), m // 8)))
     if bias is not None:
         c += bias
+    if relu:
+        relu_forward_kernel(c.reshape(-1), c.reshape(-1))
     return c
 
 
@@ -305,10 +311,14 @@ def _rows(a) -> int:
 # ----------------------------------------------------------------------------- launchers
 
 @register("linear_forward", CPU)
-def linear_forward(x, w, b):
-    """y (*, OUT) = x @ w.T + b."""
+def linear_forward(x, w, b, relu=False):
+    """y (*, OUT) = x @ w.T + b; with ``relu``, relu(y) in the same pass, bit for bit
+    relu_forward's (functional.linear_relu)."""
     out_f, in_f = w.shape
-    return _product(x, False, w, True, _rows(x), out_f, in_f, b).reshape(*x.shape[:-1], out_f)
+    return _product(x, False, w, True, _rows(x), out_f, in_f, b, relu).reshape(*x.shape[:-1], out_f)
+
+
+register("linear_relu_forward", CPU)(lambda x, w, b: linear_forward(x, w, b, relu=True))
 
 
 @register("linear_backward_input", CPU)
@@ -355,12 +365,28 @@ def batch_norm_stats_cpu(x):
     return mean, var
 
 
-def batch_norm_invstd(var, eps, dtype):
-    """invstd (C,) in ``dtype`` as the batch_norm_forward kernel computes it (_invstd_into), for
-    conv2d's fused epilogue (functional.conv2d_bn_relu)."""
-    invstd = np.empty(var.shape, dtype)
-    _invstd_into(var, float(eps), invstd)
-    return invstd
+@njit(cache=True)
+def _epilogue_rows(mean, var, w, b, eps, has_w, has_b, ep):
+    """ep (3, C) = the rows (mean, invstd * w, b) of eval-mode batch_norm, invstd as
+    _invstd_into computes it and the product in ep's dtype, as batch_norm_forward's
+    ``invstd[ch] * w[ch]``; w taken as 1 and b as 0 where absent (``has_w``, ``has_b``)."""
+    _invstd_into(var, eps, ep[1])
+    for ch in range(var.size):
+        ep[0, ch] = mean[ch]
+        if has_w:
+            ep[1, ch] = ep[1, ch] * w[ch]
+        ep[2, ch] = b[ch] if has_b else 0
+
+
+def batch_norm_epilogue(mean, var, w, b, eps, dtype):
+    """(3, C) in ``dtype``: the rows (mean, scale, shift) of eval-mode batch_norm from its
+    running statistics, weight and bias (either may be None), for conv2d's fused epilogue
+    (kernels/conv.py, functional.conv2d_bn_relu). One compiled call (~0.5 us; numpy's stack
+    of the three rows took 3.2 us, paid by every conv of a network at inference)."""
+    ep = np.empty((3, var.shape[0]), dtype)
+    _epilogue_rows(mean, var, var if w is None else w, var if b is None else b, float(eps), w is not None,
+                   b is not None, ep)
+    return ep
 
 
 # Below this many elements the forward runs on one thread: it takes ~0.05 ns an element
@@ -374,7 +400,7 @@ BN_PARALLEL_ELEMENTS = 1 << 16
 @register("batch_norm_forward", CPU)
 def batch_norm_forward_cpu(x, mean, var, w, b, eps, relu=False):
     """(y, invstd); y has x's shape; ``relu``: y = relu(batch_norm(x)) in the same pass."""
-    invstd = np.empty(var.shape, x.dtype)  # the kernel's (batch_norm_invstd's formula)
+    invstd = np.empty(var.shape, x.dtype)  # _invstd_into's formula, as batch_norm_epilogue's
     y = np.empty(x.shape, x.dtype)
     forward = batch_norm_forward if x.size >= BN_PARALLEL_ELEMENTS else batch_norm_forward_serial
     forward(_ncl(x), mean, var, w, b, float(eps), _ncl(y), invstd, bool(relu))

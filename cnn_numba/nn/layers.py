@@ -76,6 +76,10 @@ class Linear(Module):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
+    def _fused_forward(self, x):
+        """``relu(self(x))`` in one pass (Sequential decides when)."""
+        return F.linear_relu(x, self.weight, self.bias)
+
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -347,7 +351,7 @@ class ChannelShuffle(Module):
 
 
 # Eval-mode fusion of Conv2d -> BatchNorm2d -> ReLU runs (nn/module.py): these exact classes.
-FUSION_ROLES.update({Conv2d: "conv", BatchNorm2d: "bn", ReLU: "relu"})
+FUSION_ROLES.update({Conv2d: "conv", BatchNorm2d: "bn", ReLU: "relu", Linear: "linear"})
 
 
 # ----------------------------------------------------------------------------- losses

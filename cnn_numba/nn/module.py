@@ -288,7 +288,8 @@ class Module:
 #
 # In eval mode a Conv2d followed by a BatchNorm2d and/or a ReLU runs as one conv pass that
 # applies the batch norm and relu as it stores each output (functional.conv2d_bn_relu, which
-# itself runs the ops one by one where a graph is recorded or the device lacks the epilogue):
+# itself runs the ops one by one where a graph is recorded or the device lacks the epilogue),
+# and a Linear followed by a ReLU as one product (functional.linear_relu, likewise):
 # Sequential finds such runs among its children, BasicBlock, Bottleneck and friends call
 # ``conv_chain``. Only modules of exactly the library's classes take part (a subclass may
 # change forward: ConnectionTableConv2d, SyncBatchNorm), all in eval mode, and none observed
@@ -296,7 +297,7 @@ class Module:
 # output). Bit for bit the outputs of the unfused modules (tests/test_fusion.py).
 # ``CNN_NUMBA_FUSE=0`` in the environment, or ``FUSE = False`` here, turns it off.
 FUSE = os.environ.get("CNN_NUMBA_FUSE", "1") != "0"
-FUSION_ROLES: dict = {}  # class -> 'conv', 'bn' or 'relu' (nn/layers.py fills it): exact classes only
+FUSION_ROLES: dict = {}  # class -> 'conv', 'bn', 'relu' or 'linear' (nn/layers.py fills it): exact classes only
 
 
 def _replaced(m) -> bool:
@@ -383,14 +384,17 @@ class Sequential(Module):
         for m in self._modules.values():
             if skip:
                 skip -= 1
-            elif FUSE and FUSION_ROLES.get(type(m)) in ("conv", "bn"):  # maybe a fused run
+            elif FUSE and FUSION_ROLES.get(type(m)) in ("conv", "bn", "linear"):  # maybe a fused run
                 mods = mods or tuple(self._modules.values())
-                if FUSION_ROLES[type(m)] == "conv":
+                role = FUSION_ROLES[type(m)]
+                if role == "conv":
                     bn, relu, length = _fused_run(mods, i)
                     x = m._fused_forward(x, bn, relu) if length else m(x)
                     skip = max(length - 1, 0)
-                elif i + 1 < len(mods) and _bn_relu(m, mods[i + 1]):
+                elif role == "bn" and i + 1 < len(mods) and _bn_relu(m, mods[i + 1]):
                     x, skip = m._relu_forward(x), 1
+                elif role == "linear" and i + 1 < len(mods) and _plain(m, "linear") and _plain(mods[i + 1], "relu"):
+                    x, skip = m._fused_forward(x), 1
                 else:
                     x = m(x)
             else:
