@@ -1,0 +1,116 @@
+"""Vector registers for the CPU kernels' inner loops: a ``Vec`` of LANES elements that Numba
+keeps as an LLVM vector value, so a loop can hold accumulators in registers across many
+multiply-adds instead of loading and storing them at each one.
+
+Why: LLVM vectorises Numba's innermost loops, but an accumulator that lives in an array is
+loaded and stored once per pass over it (LLVM cannot prove that the stores leave the inputs
+alone, so it will not keep it in a register across an outer loop). The flat direct kernels
+did twelve multiply-adds per four accumulator loads and stores (kernels/conv_stride1.py) and
+reached 140 GFLOP/s on one core; holding 8 x 32 accumulators in registers across all of a
+pass's (channel, tap) pairs reaches 250 (2026-12-01, AMD Zen 5, float32), bit for bit the
+same sums (each output still adds its pairs in order, one fused multiply-add each).
+
+    v = vload(a, i)          a[i:i + LANES] (a 1-D contiguous array; no bounds check)
+    vstore(a, i, v)          a[i:i + LANES] = v
+    v = vsplat(s, a)         s in every lane (a Vec of a's dtype)
+    v = vfma(v, w, x)        v + w * x, w a scalar of the same dtype, one rounding (llvm.fma)
+
+No bounds checks: callers keep every index within arrays they sized for whole vectors
+(``vector_length``). LANES = 16 is one 512-bit register of float32 (AVX-512); LLVM splits
+the vectors where registers are narrower (two per vector on AVX2, four on NEON) or the
+elements wider (float64). Functions using these stay cacheable (``cache=True``): the type
+exists only inside compiled code.
+"""
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+
+
+class Vec(types.Type):
+    """LANES elements of ``dtype`` in one LLVM vector value."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        super().__init__(name=f"Vec{LANES}({dtype})")
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), LANES))
+
+
+def _vector_pointer(context, builder, arrty, arr, index):
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [index]), ir.PointerType(ir.VectorType(data.type.pointee, LANES)))
+
+
+def _check(arr):
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+            and isinstance(arr.dtype, types.Float)):
+        raise TypingError(f"simd: a 1-D contiguous float array is needed, got {arr}")
+
+
+@intrinsic
+def vload(typingctx, arr, index):
+    """arr[index:index + LANES] as a Vec."""
+    _check(arr)
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_vector_pointer(context, builder, sig.args[0], *args), align=arr.dtype.bitwidth // 8)
+    return Vec(arr.dtype)(arr, types.intp), codegen
+
+
+@intrinsic
+def vstore(typingctx, arr, index, vec):
+    """arr[index:index + LANES] = vec."""
+    _check(arr)
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _vector_pointer(context, builder, sig.args[0], args[0], args[1]),
+                      align=arr.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, vec), codegen
+
+
+@intrinsic
+def vfma(typingctx, acc, w, x):
+    """acc + w * x with w broadcast to every lane, each lane rounded once (llvm.fma)."""
+    if not isinstance(acc, Vec) or acc != x:
+        raise TypingError(f"vfma: two Vecs of one dtype are needed, got {acc} and {x}")
+
+    def codegen(context, builder, sig, args):
+        a, s, v = args
+        vty = a.type
+        s = context.cast(builder, s, sig.args[1], acc.dtype)
+        lanes = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+        lanes = builder.shuffle_vector(lanes, ir.Constant(vty, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+        name = f"llvm.fma.v{LANES}f{acc.dtype.bitwidth}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), name)
+        return builder.call(fma, [lanes, v, a])
+    return acc(acc, w, x), codegen
+
+
+@intrinsic
+def vsplat(typingctx, value, like):
+    """``value`` in every lane of a Vec of the dtype of array ``like``."""
+    _check(like)
+
+    def codegen(context, builder, sig, args):
+        vty = ir.VectorType(context.get_value_type(like.dtype), LANES)
+        v = context.cast(builder, args[0], sig.args[0], like.dtype)
+        v = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+    return Vec(like.dtype)(value, like), codegen
+
+
+@njit(cache=True, inline="always")
+def vector_length(n):
+    """n rounded up to whole pairs of vectors (the kernels' step)."""
+    return -(-n // (2 * LANES)) * (2 * LANES)

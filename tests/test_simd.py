@@ -1,0 +1,76 @@
+"""kernels/simd.py: the vector helpers the flat conv kernels hold their accumulators in."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+from numba.core.errors import TypingError
+
+from cnn_numba.kernels.simd import LANES, vector_length, vfma, vload, vsplat, vstore
+
+
+@njit
+def _axpby(w, x, b, out):
+    """out = b + w * x, vector by vector (x.size a multiple of LANES)."""
+    for i in range(0, x.size, LANES):
+        vstore(out, i, vfma(vsplat(b, x), w, vload(x, i)))
+
+
+@njit
+def _dot_sums(w, xs, offsets, out):
+    """out[j] = sum_k w[k] * xs[offsets[k] + j], the flat kernels' loop shape."""
+    for j in range(0, out.size, LANES):
+        acc = vsplat(0.0, out)
+        for k in range(w.size):
+            acc = vfma(acc, w[k], vload(xs, offsets[k] + j))
+        vstore(out, j, acc)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lanes_compute_what_numpy_does(dtype, rng):
+    x = rng.standard_normal(4 * LANES).astype(dtype)
+    out = np.full_like(x, np.nan)
+    _axpby(dtype(1.5), x, dtype(-0.25), out)
+    want = dtype(1.5) * x.astype(np.float64) + dtype(-0.25)  # one rounding: exact in float32
+    if dtype == np.float32:
+        np.testing.assert_array_equal(out, want.astype(dtype))
+    else:
+        np.testing.assert_allclose(out, want, rtol=1e-15, atol=1e-15)
+    xs = rng.standard_normal(10 * LANES).astype(dtype)
+    w, offsets = rng.standard_normal(5).astype(dtype), np.array([0, 3, 17, LANES, 5 * LANES + 1])
+    out = np.empty(3 * LANES, dtype)
+    _dot_sums(w, xs, offsets, out)
+    want = np.zeros(out.size, dtype)
+    for k in range(w.size):  # in order, one rounding per multiply-add (a fused one)
+        want = (want.astype(np.float64) + np.float64(w[k]) * xs[offsets[k]:offsets[k] + out.size]).astype(dtype)
+    np.testing.assert_allclose(out, want, rtol=2e-6 if dtype == np.float32 else 1e-14)
+
+
+def test_non_finite_lanes_propagate():
+    x = np.array([np.inf, -np.inf, np.nan, 0.0] * (LANES // 4), np.float32)
+    out = np.empty_like(x)
+    _axpby(np.float32(0.0), x, np.float32(1.0), out)  # 0 * inf is NaN, as in numpy
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(out, np.float32(0.0) * x + np.float32(1.0))
+
+
+def test_vector_length_rounds_up_to_vector_pairs():
+    assert [vector_length(n) for n in (0, 1, 2 * LANES, 2 * LANES + 1)] == [0, 2 * LANES, 2 * LANES, 4 * LANES]
+
+
+def test_bad_operands_are_typing_errors():
+    @njit
+    def load2d(a):
+        return vload(a, 0)
+
+    with pytest.raises(TypingError, match="1-D contiguous float array"):
+        load2d(np.zeros((2, LANES), np.float32))
+    with pytest.raises(TypingError, match="1-D contiguous float array"):
+        load2d(np.zeros(LANES, np.int64))
+
+    @njit
+    def mixed(a, b):
+        return vfma(vload(a, 0), 1.0, vload(b, 0))
+
+    with pytest.raises(TypingError, match="two Vecs of one dtype"):
+        mixed(np.zeros(LANES, np.float32), np.zeros(LANES, np.float64))
