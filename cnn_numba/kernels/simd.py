@@ -13,11 +13,12 @@ same sums (each output still adds its pairs in order, one fused multiply-add eac
     v = vload(a, i)          a[i:i + LANES] (a 1-D contiguous array; no bounds check)
     vstore(a, i, v)          a[i:i + LANES] = v
     v = vsplat(s, a)         s in every lane (a Vec of a's dtype)
-    v = vfma(v, w, x)        v + w * x, w a scalar of the same dtype, one rounding (llvm.fma)
+    v = vfma(v, w, x)        v + w * x, w a Vec or a scalar (every lane), one rounding (llvm.fma)
+    s = vsum(v)              the lanes' sum, in lane order
 
 No bounds checks: callers keep every index within arrays they sized for whole vectors
-(``vector_length``). LANES = 16 is one 512-bit register of float32 (AVX-512); LLVM splits
-the vectors where registers are narrower (two per vector on AVX2, four on NEON) or the
+(``vector_length``). LANES is one register of float32: 16 where Numba compiles for AVX-512,
+8 elsewhere; LLVM splits the vectors where registers are narrower still (NEON) or the
 elements wider (float64). Functions using these stay cacheable (``cache=True``): the type
 exists only inside compiled code.
 """
@@ -27,7 +28,23 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
-LANES = 16
+def _lanes() -> int:
+    """16 where Numba compiles for AVX-512 (one 512-bit register of float32), else 8 (one
+    256-bit AVX register: with 16 the accumulators, two registers each, would not fit in
+    AVX2's sixteen). NUMBA_CPU_NAME without NUMBA_CPU_FEATURES (a portable build) counts as
+    no AVX-512."""
+    from llvmlite import binding
+    from numba.core import config
+    if config.CPU_FEATURES is not None:
+        features = config.CPU_FEATURES
+    elif config.CPU_NAME is not None:
+        features = ""
+    else:
+        features = binding.get_host_cpu_features().flatten()
+    return 16 if "+avx512f" in features.split(",") else 8
+
+
+LANES = _lanes()
 
 
 class Vec(types.Type):
@@ -77,23 +94,44 @@ def vstore(typingctx, arr, index, vec):
     return types.none(arr, types.intp, vec), codegen
 
 
+def _broadcast(builder, vty, value):
+    lanes = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(lanes, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+
+
 @intrinsic
 def vfma(typingctx, acc, w, x):
-    """acc + w * x with w broadcast to every lane, each lane rounded once (llvm.fma)."""
+    """acc + w * x lane by lane, each lane rounded once (llvm.fma); w a Vec, or a scalar
+    broadcast to every lane."""
     if not isinstance(acc, Vec) or acc != x:
         raise TypingError(f"vfma: two Vecs of one dtype are needed, got {acc} and {x}")
 
     def codegen(context, builder, sig, args):
         a, s, v = args
         vty = a.type
-        s = context.cast(builder, s, sig.args[1], acc.dtype)
-        lanes = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
-        lanes = builder.shuffle_vector(lanes, ir.Constant(vty, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+        if not isinstance(sig.args[1], Vec):
+            s = _broadcast(builder, vty, context.cast(builder, s, sig.args[1], acc.dtype))
         name = f"llvm.fma.v{LANES}f{acc.dtype.bitwidth}"
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), name)
-        return builder.call(fma, [lanes, v, a])
+        return builder.call(fma, [s, v, a])
     return acc(acc, w, x), codegen
+
+
+@intrinsic
+def vsum(typingctx, vec):
+    """The sum of vec's lanes, added pairwise (LLVM's tree reduction: log2(LANES) vector adds,
+    where the ordered one is a chain of LANES dependent adds; a fixed order for a given
+    LANES, so results repeat run to run)."""
+    if not isinstance(vec, Vec):
+        raise TypingError(f"vsum: a Vec is needed, got {vec}")
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        name = f"llvm.vector.reduce.fadd.v{LANES}f{vec.dtype.bitwidth}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty.element, [vty.element, vty]), name)
+        return builder.call(fn, [ir.Constant(vty.element, -0.0), args[0]], fastmath=("reassoc",))
+    return vec.dtype(vec), codegen
 
 
 @intrinsic
@@ -103,10 +141,7 @@ def vsplat(typingctx, value, like):
 
     def codegen(context, builder, sig, args):
         vty = ir.VectorType(context.get_value_type(like.dtype), LANES)
-        v = context.cast(builder, args[0], sig.args[0], like.dtype)
-        v = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
-                                      ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+        return _broadcast(builder, vty, context.cast(builder, args[0], sig.args[0], like.dtype))
     return Vec(like.dtype)(value, like), codegen
 
 
