@@ -96,7 +96,16 @@ from .simd import LANES, vector_length, vfma, vload, vsplat, vstore, vsum
 
 TAPS = 3   # taps per pass over a run (the weight-gradient's)
 QUAD = 4   # output channels per pass (the weight-gradient's), or per forward block after BLOCK
-BLOCK = 8  # output channels per forward block
+# Output channels per block of a pass: eight where a vector register holds 16 float32
+# (AVX-512's 32 registers hold the forward's 16 accumulators, the weight-gradient's 24),
+# four with 8-lane registers (AVX2 has 16: eight channels spilled accumulators, 1.5x slower).
+BLOCK = 8 if LANES == 16 else QUAD
+# Where registers hold 8 float32 (AVX2), the register-blocked loops below measured slower
+# than the passes they replaced (resnet_s1 forward 1.75 against 1.14-1.27 ms, compiled for
+# Haswell on this VM: four channels keep too few independent multiply-add chains in flight
+# to hide their latency, eight spill), so there the passes stay: three pairs per pass over
+# the run, the accumulators in memory, the loop vectorised by LLVM (``_taps4``, ``_sums4``).
+REGISTER_BLOCKED = LANES == 16
 FLAT_RUN = 1024  # elements per run, at most, when samples are batched into one
 
 
@@ -367,6 +376,39 @@ def _pairs1(w, bias, src, sources, count, acc, length):
         _store_pair(acc[0], j, c, d)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _taps4(w, bias, src, sources, count, acc, length):
+    """_pairs4 as passes (REGISTER_BLOCKED off): per pass three pairs, k to k + 2, for four
+    channels, twelve multiply-adds per four accumulator loads and stores (pairs past
+    ``count`` have weight 0 and read zeros). The weights are read into scalars before each
+    pass: LLVM cannot prove that the stores into acc leave w alone."""
+    a0, a1, a2, a3 = acc[0, :length], acc[1, :length], acc[2, :length], acc[3, :length]
+    for u in range(QUAD):
+        acc[u, :length] = bias[u]
+    for k in range(0, count, TAPS):
+        s0, s1, s2 = src[sources[k]:], src[sources[k + 1]:], src[sources[k + 2]:]
+        w00, w01, w02, w10, w11, w12 = w[0, k], w[0, k + 1], w[0, k + 2], w[1, k], w[1, k + 1], w[1, k + 2]
+        w20, w21, w22, w30, w31, w32 = w[2, k], w[2, k + 1], w[2, k + 2], w[3, k], w[3, k + 1], w[3, k + 2]
+        for j in range(length):
+            x0, x1, x2 = s0[j], s1[j], s2[j]
+            a0[j] = ((a0[j] + w00 * x0) + w01 * x1) + w02 * x2
+            a1[j] = ((a1[j] + w10 * x0) + w11 * x1) + w12 * x2
+            a2[j] = ((a2[j] + w20 * x0) + w21 * x1) + w22 * x2
+            a3[j] = ((a3[j] + w30 * x0) + w31 * x1) + w32 * x2
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _taps1(w, bias, src, sources, count, acc, length):
+    """_taps4 for one channel."""
+    a = acc[0, :length]
+    a[:] = bias[0]
+    for k in range(0, count, TAPS):
+        s0, s1, s2 = src[sources[k]:], src[sources[k + 1]:], src[sources[k + 2]:]
+        w0, w1, w2 = w[0, k], w[0, k + 1], w[0, k + 2]
+        for j in range(length):
+            a[j] = ((a[j] + w0 * s0[j]) + w1 * s1[j]) + w2 * s2[j]
+
+
 @njit(cache=True, inline="always")
 def _fma2(c, d, w, x, z):
     """A channel's two output vectors plus its weight w times the two input vectors."""
@@ -413,8 +455,11 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
                     wt[f, o, j] = wf[o, taps[f, j]]
             else:  # the forward's pairs are wf's own columns (_flat_plan)
                 copy_run(wf[o, :counts[f]], wt[f, o])
-    size = cig * nin * buf_rows * wq  # a run buffer; then a vector pair of slack for the last vectors
-    xp_buf = np.zeros((slots, size + 2 * LANES), x.dtype)  # padding stays 0 (pad_phases)
+    # A run buffer, then zeros (what _taps4's padding pairs read) and room for the last vectors.
+    size, pad = cig * nin * buf_rows * wq, vector_length(nb * plane)
+    xp_buf = np.zeros((slots, size + pad + 2 * LANES), x.dtype)  # padding stays 0 (pad_phases)
+    for f in range(counts.size):
+        sources[f, counts[f]:] = size
     if sources.max() + vector_length((nb - 1) * plane + run) > xp_buf.shape[1]:  # the longest run's reach
         raise IndexError("conv2d_forward_flat: a vector read would pass the end of its run buffer")
     acc_buf = _row_buffer(slots, BLOCK, nb * plane, x.dtype)
@@ -435,12 +480,16 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
                 o = o0
                 while o < o1:
                     nu = _block(o1 - o)
-                    if nu == BLOCK:
+                    if nu == 8:
                         _pairs8(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
-                    elif nu == QUAD:
+                    elif nu == QUAD and REGISTER_BLOCKED:
                         _pairs4(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
-                    else:
+                    elif nu == QUAD:
+                        _taps4(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
+                    elif REGISTER_BLOCKED:
                         _pairs1(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
+                    else:
+                        _taps1(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
                     for u in range(nu):
                         chan = channel(ep, o + u)
                         for s in range(m):
@@ -514,6 +563,39 @@ def _dots1(src, sources, k, gyw, out, length):
     _add_sums(out[0], a, b, c)
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def _sums4(src, sources, k, gyw, out, length):
+    """_dots4 as LLVM-vectorised scalar sums (REGISTER_BLOCKED off): twelve dot products
+    sharing one pass over three shifted input runs and four gy runs."""
+    s0, s1, s2 = src[sources[k]:], src[sources[k + 1]:], src[sources[k + 2]:]
+    g0, g1, g2, g3 = gyw[0], gyw[1], gyw[2], gyw[3]
+    z = src.dtype.type(0)
+    t00 = t01 = t02 = t10 = t11 = t12 = t20 = t21 = t22 = t30 = t31 = t32 = z
+    for j in range(length):
+        x0, x1, x2 = s0[j], s1[j], s2[j]
+        h0, h1, h2, h3 = g0[j], g1[j], g2[j], g3[j]
+        t00, t01, t02 = t00 + h0 * x0, t01 + h0 * x1, t02 + h0 * x2
+        t10, t11, t12 = t10 + h1 * x0, t11 + h1 * x1, t12 + h1 * x2
+        t20, t21, t22 = t20 + h2 * x0, t21 + h2 * x1, t22 + h2 * x2
+        t30, t31, t32 = t30 + h3 * x0, t31 + h3 * x1, t32 + h3 * x2
+    sums = ((t00, t01, t02), (t10, t11, t12), (t20, t21, t22), (t30, t31, t32))
+    for u in range(QUAD):
+        for i in range(TAPS):
+            out[u, i] += sums[u][i]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _sums1(src, sources, k, gyw, out, length):
+    """_sums4 for one channel."""
+    s0, s1, s2, h = src[sources[k]:], src[sources[k + 1]:], src[sources[k + 2]:], gyw[0]
+    t0 = t1 = t2 = src.dtype.type(0)
+    for j in range(length):
+        t0, t1, t2 = t0 + h[j] * s0[j], t1 + h[j] * s1[j], t2 + h[j] * s2[j]
+    out[0, 0] += t0
+    out[0, 1] += t1
+    out[0, 2] += t2
+
+
 @njit(cache=True, inline="always")
 def _dot3(a, b, c, h, x0, x1, x2):
     """Three running dot products of gy's vector h with three input vectors."""
@@ -566,12 +648,16 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
                     to_wide_rows(gy[i0 + s, o:o + nu], gyw[:, s * plane:(s + 1) * plane], wq)
                 gyw[:nu, length:] = 0  # a shorter last run: what an earlier run left there
                 for k in range(0, width, TAPS):
-                    if nu == BLOCK:
+                    if nu == 8:
                         _dots8(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
-                    elif nu == QUAD:
+                    elif nu == QUAD and REGISTER_BLOCKED:
                         _dots4(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
-                    else:
+                    elif nu == QUAD:
+                        _sums4(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                    elif REGISTER_BLOCKED:
                         _dots1(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                    else:
+                        _sums1(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
                 o += nu
     _reduce_slots(partial, gw.reshape(co, cig * kh * kw))
 
