@@ -61,8 +61,9 @@ MIN_MACS = 1_000_000
 BUDGET_S = 0.5
 MARGIN = 0.05
 # Part of the machine key: a new generation (an algorithm rewritten, say) leaves the choices
-# timed against the old kernels unread. 2: Winograd's products became BLAS calls.
-GENERATION = 2
+# timed against the old kernels unread. 2: Winograd's products became BLAS calls. 3: the flat
+# direct kernels hold their accumulators in vector registers (AVX-512).
+GENERATION = 3
 
 
 def enabled() -> bool:
