@@ -41,17 +41,20 @@ from .simd import LANES, vector_length, vfma, vload, vsplat, vstore, vsum
 # are (run of samples, group) pairs dealt to per-thread slots, each with its own
 # padded planes.
 #
-# Each pass over a run does three taps for four output channels ("a quad"): it loads
-# three shifted inputs and four accumulators and does twelve FMAs. One tap per pass
-# would store an accumulator per FMA, and the stores, not the FMA units, would set the
-# pace (measured 2.3x slower on ResNet's 16-channel 3x3 layer). A group's channels go in
-# quads, then one at a time (three taps per pass still; depthwise layers have one
-# channel per group). The taps of all input channels of the group are listed flat, as
-# cig*kh*kw (channel, tap) pairs, so a pass may take its three from two channels, and
-# padded with zero-weight pairs to a multiple of three, which read a run of zeros: never
-# the input, where 0 * inf would turn an inf output into NaN. (Padding each channel's
-# kh*kw taps instead would waste a third of the passes of a 2x2 kernel, two thirds of a
-# 1x1's, and of the input-gradient's phases at stride 2 below, whose taps number 1, 2, 4.)
+# The taps of all input channels of the group are listed flat, as cig*kh*kw (channel, tap)
+# pairs, and a group's output channels go in blocks (BLOCK, then QUAD, then one at a time;
+# depthwise layers have one channel per group). Where vector registers hold 16 float32
+# (AVX-512), a block's accumulators stay in registers for 32 outputs of the run at a time
+# while every pair is added (_pairs8/4/1; the weight-gradient's dot products likewise,
+# _dots8/4/1; docs/convolution.md). Elsewhere each pass over the run does three pairs for
+# four channels ("a quad", _taps4/_sums4): it loads three shifted inputs and four
+# accumulators and does twelve FMAs; one pair per pass would store an accumulator per FMA,
+# and the stores, not the FMA units, would set the pace (2.3x slower on ResNet's
+# 16-channel 3x3 layer). There the pairs are padded with zero-weight pairs to a multiple of
+# three, which read a run of zeros: never the input, where 0 * inf would turn an inf output
+# into NaN. (Padding each channel's kh*kw taps instead would waste a third of the passes of
+# a 2x2 kernel, two thirds of a 1x1's, and of the input-gradient's phases at stride 2 below,
+# whose taps number 1, 2, 4.)
 #
 # Stride s > 1: polyphase planes (docs/convolution.md). Per axis, with xpad the input
 # padded by p, split xpad into s phase planes X_r[u] = xpad[s*u + r], r < s. Output o's
@@ -94,11 +97,11 @@ from .simd import LANES, vector_length, vfma, vload, vsplat, vstore, vsum
 # rows and samples) are computed and dropped as before; their taps may now read data, so
 # the weight-gradient's gy holds zeros there and _exact_if_nan catches 0 * inf.
 
-TAPS = 3   # taps per pass over a run (the weight-gradient's)
-QUAD = 4   # output channels per pass (the weight-gradient's), or per forward block after BLOCK
+TAPS = 3   # (channel, tap) pairs per pass: the weight-gradient's blocks, the in-memory passes
+QUAD = 4   # output channels in the next block size after BLOCK
 # Output channels per block of a pass: eight where a vector register holds 16 float32
 # (AVX-512's 32 registers hold the forward's 16 accumulators, the weight-gradient's 24),
-# four with 8-lane registers (AVX2 has 16: eight channels spilled accumulators, 1.5x slower).
+# four with 8-lane registers (AVX2 has 16: eight channels spilled accumulators).
 BLOCK = 8 if LANES == 16 else QUAD
 # Where registers hold 8 float32 (AVX2), the register-blocked loops below measured slower
 # than the passes they replaced (resnet_s1 forward 1.75 against 1.14-1.27 ms, compiled for
