@@ -74,3 +74,29 @@ def test_bad_operands_are_typing_errors():
 
     with pytest.raises(TypingError, match="two Vecs of one dtype"):
         mixed(np.zeros(LANES, np.float32), np.zeros(LANES, np.float64))
+
+
+def test_bounds_are_checked_under_numba_boundscheck(tmp_path):
+    """With NUMBA_BOUNDSCHECK=1 a vector reaching past either end is an IndexError (so the
+    bounds-checked run of every kernel, tests/test_boundscheck.py, covers the vector reads)."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import numpy as np
+from numba import njit
+from cnn_numba.kernels.simd import LANES, vload, vstore
+@njit
+def copy(a, i, out):
+    vstore(out, 0, vload(a, i))
+a, out = np.arange(2 * LANES, dtype=np.float32), np.zeros(LANES, np.float32)
+copy(a, LANES, out)
+assert out[0] == LANES
+try:
+    copy(a, LANES + 1, out)
+except IndexError:
+    print("ok")
+"""
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -16,8 +16,8 @@ same sums (each output still adds its pairs in order, one fused multiply-add eac
     v = vfma(v, w, x)        v + w * x, w a Vec or a scalar (every lane), one rounding (llvm.fma)
     s = vsum(v)              the lanes' sum, in lane order
 
-No bounds checks: callers keep every index within arrays they sized for whole vectors
-(``vector_length``). LANES is one register of float32: 16 where Numba compiles for AVX-512,
+No bounds checks (but under NUMBA_BOUNDSCHECK=1): callers keep every index within arrays
+they sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where Numba compiles for AVX-512,
 8 elsewhere; LLVM splits the vectors where registers are narrower still (NEON) or the
 elements wider (float64). Functions using these stay cacheable (``cache=True``): the type
 exists only inside compiled code.
@@ -62,7 +62,15 @@ class _VecModel(models.PrimitiveModel):
 
 
 def _vector_pointer(context, builder, arrty, arr, index):
-    data = context.make_array(arrty)(context, builder, arr).data
+    """A pointer to arr[index:index + LANES] as a vector; with NUMBA_BOUNDSCHECK=1 an
+    IndexError unless both ends lie in the array (tests/test_boundscheck.py runs every
+    kernel so)."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    if context.enable_boundscheck:
+        size = builder.extract_value(ary.shape, 0)
+        cgutils.do_boundscheck(context, builder, index, size)
+        cgutils.do_boundscheck(context, builder, builder.add(index, ir.Constant(index.type, LANES - 1)), size)
+    data = ary.data
     return builder.bitcast(builder.gep(data, [index]), ir.PointerType(ir.VectorType(data.type.pointee, LANES)))
 
 
