@@ -298,9 +298,18 @@ def _load_run(x, i0, m, c0, xp, lead, phases, run, hq, hp):
 
 
 @njit(cache=True, inline="always")
-def _block(left):
-    """Output channels in the next block of a pass, ``left`` channels to go: BLOCK, QUAD or 1."""
-    return BLOCK if left >= BLOCK else QUAD if left >= QUAD else 1
+def _block(left, blocked):
+    """Output channels in the next block of a pass, ``left`` channels to go: BLOCK (where
+    ``blocked``, the register-blocked loops), QUAD or 1."""
+    return BLOCK if blocked and left >= BLOCK else QUAD if left >= QUAD else 1
+
+
+@njit(cache=True, inline="always")
+def _register_blocked(a):
+    """Whether the passes over array ``a``'s dtype run register-blocked: REGISTER_BLOCKED, for
+    float32. A Vec of 16 float64 takes two zmm registers, and the blocks spilled: float64
+    weight-gradients ran 1.3-1.8x slower than the in-memory passes (ResNet's 3x3 layers)."""
+    return REGISTER_BLOCKED and a.itemsize == 4
 
 
 # The forward's inner loops: one block of output channels (8, 4 or 1) over a run, each
@@ -463,6 +472,7 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
     xp_buf = np.zeros((slots, size + pad + 2 * LANES), x.dtype)  # padding stays 0 (pad_phases)
     for f in range(counts.size):
         sources[f, counts[f]:] = size
+    blocked = _register_blocked(x)
     if sources.max() + vector_length((nb - 1) * plane + run) > xp_buf.shape[1]:  # the longest run's reach
         raise IndexError("conv2d_forward_flat: a vector read would pass the end of its run buffer")
     acc_buf = _row_buffer(slots, BLOCK, nb * plane, x.dtype)
@@ -482,14 +492,14 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
                     continue
                 o = o0
                 while o < o1:
-                    nu = _block(o1 - o)
+                    nu = _block(o1 - o, blocked)
                     if nu == 8:
                         _pairs8(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
-                    elif nu == QUAD and REGISTER_BLOCKED:
+                    elif nu == QUAD and blocked:
                         _pairs4(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
                     elif nu == QUAD:
                         _taps4(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
-                    elif REGISTER_BLOCKED:
+                    elif blocked:
                         _pairs1(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
                     else:
                         _taps1(wt[f, o:o + nu], b[o:o + nu], src, sources[f], counts[f], acc, length)
@@ -636,6 +646,7 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     if offsets.max() + pad > xp_buf.shape[1]:  # the longest run's reach
         raise IndexError("conv2d_backward_weight_flat: a vector read would pass the end of its run buffer")
     gyw_buf = _row_buffer(slots, BLOCK, nb * plane, x.dtype)  # gy on wide rows; the rest stays 0
+    blocked = _register_blocked(x)
     partial = np.zeros((slots, co, width), x.dtype)
     for tid in prange(slots):
         src, gyw, part = xp_buf[tid], gyw_buf[tid], partial[tid]
@@ -646,18 +657,18 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
             length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wq + ow, hq, hp)
             o, o1 = gi * cog, (gi + 1) * cog
             while o < o1:
-                nu = _block(o1 - o)
+                nu = _block(o1 - o, blocked)
                 for s in range(m):
                     to_wide_rows(gy[i0 + s, o:o + nu], gyw[:, s * plane:(s + 1) * plane], wq)
                 gyw[:nu, length:] = 0  # a shorter last run: what an earlier run left there
                 for k in range(0, width, TAPS):
                     if nu == 8:
                         _dots8(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
-                    elif nu == QUAD and REGISTER_BLOCKED:
+                    elif nu == QUAD and blocked:
                         _dots4(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
                     elif nu == QUAD:
                         _sums4(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
-                    elif REGISTER_BLOCKED:
+                    elif blocked:
                         _dots1(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
                     else:
                         _sums1(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
