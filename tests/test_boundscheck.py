@@ -107,6 +107,19 @@ SCRIPT = textwrap.dedent(r'''
                 fused = F.conv2d_bn_relu(x, w, b, bn=(*stats, 1e-5), with_relu=True, algo=algo, **kw)
             close(fused.numpy(), R.relu(R.batch_norm_eval(R.conv2d(x, w, b, **kw), *stats)), f"fused {algo} {kw}")
 
+    # float32 through the direct kernels: where vector registers hold 16 float32 (AVX-512)
+    # their flat loops are register-blocked (kernels/simd.py, whose vector loads and stores
+    # are checked too under NUMBA_BOUNDSCHECK), which float64 never is
+    for xs, ws, bias, kw in CONV:
+        x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+        b = rng.standard_normal(ws[0]).astype(np.float32) if bias else None
+        out, (gx, gw, gb), gy = run(F.conv2d, (x, w, b), algo="direct", **kw)
+        R.assert_close(out, R.conv2d(x, w, b, **kw), np.float32, f"float32 conv2d {kw}")
+        rgx, rgw, _ = R.conv2d_grads(x, w, gy, **kw)
+        R.assert_close(gx, rgx, np.float32, "float32 gx")
+        R.assert_close(gw, rgw, np.float32, "float32 gw")
+        checked += 3
+
     # batch norm -> relu as one op (F.batch_norm_relu), training and eval, against the two ops
     for shape in ((3, 4, 5, 5), (2, 3, 1, 1)):
         for training in (True, False):
