@@ -10,23 +10,24 @@ reached 140 GFLOP/s on one core; holding 8 x 32 accumulators in registers across
 pass's (channel, tap) pairs reaches 250 (2026-12-01, AMD Zen 5, float32), bit for bit the
 same sums (each output still adds its pairs in order, one fused multiply-add each).
 
-    v = vload(a, i)          a[i:i + LANES] (a 1-D contiguous array; no bounds check)
+    v = vload(a, i)          a[i:i + LANES] (a 1-D contiguous array)
     vstore(a, i, v)          a[i:i + LANES] = v
     v = vsplat(s, a)         s in every lane (a Vec of a's dtype)
     v = vfma(v, w, x)        v + w * x, w a Vec or a scalar (every lane), one rounding (llvm.fma)
-    s = vsum(v)              the lanes' sum, in lane order
+    s = vsum(v)              the lanes' sum, added pairwise
 
-No bounds checks (but under NUMBA_BOUNDSCHECK=1): callers keep every index within arrays
-they sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where Numba compiles for AVX-512,
-8 elsewhere; LLVM splits the vectors where registers are narrower still (NEON) or the
-elements wider (float64). Functions using these stay cacheable (``cache=True``): the type
-exists only inside compiled code.
+No bounds checks but under NUMBA_BOUNDSCHECK=1: callers keep every index within arrays they
+sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where
+Numba compiles for AVX-512, 8 elsewhere; LLVM splits the vectors where registers are
+narrower still (NEON) or the elements wider (float64). Functions using these stay cacheable
+(``cache=True``): the type exists only inside compiled code.
 """
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
+
 
 def _lanes() -> int:
     """16 where Numba compiles for AVX-512 (one 512-bit register of float32), else 8 (one
