@@ -112,6 +112,7 @@ def config() -> dict[str, str]:
                         f"kernels: {kernel_blas_core()}"),
         "host memory": hostmem.status(),
         "conv autotune": _autotune(),
+        "direct conv loops": _direct_loops(),
         "cuda": _cuda(),
     }
     counts = _blas_threads()
@@ -133,6 +134,15 @@ def _autotune() -> str:
         return f"off ({autotune.ENV}=0): 'auto' is the rule" + wino
     path = autotune.table_path()
     return f"on ({autotune.ENV}=0 turns it off), choices in {path}" + ("" if path.exists() else " (none yet)") + wino
+
+
+def _direct_loops() -> str:
+    """How the flat direct conv kernels' inner loops run here (kernels/conv_stride1.py)."""
+    from .kernels import conv_stride1, simd
+    if conv_stride1.REGISTER_BLOCKED:
+        return (f"float32 accumulators in {simd.LANES}-lane vector registers, {conv_stride1.BLOCK} channels a block "
+                "(AVX-512); float64 in passes over memory")
+    return f"passes over memory, LLVM-vectorised ({simd.LANES}-lane registers: no AVX-512 in Numba's target)"
 
 
 def show_config(file=None) -> None:

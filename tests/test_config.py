@@ -18,7 +18,7 @@ import cnn_numba
 from cnn_numba.cli import main
 
 LABELS = ["cnn_numba", "python", "numba", "numpy", "scipy", "threading layer", "threads", "kernels from threads",
-          "tbb", "numpy BLAS", "kernel BLAS", "host memory", "conv autotune", "cuda"]
+          "tbb", "numpy BLAS", "kernel BLAS", "host memory", "conv autotune", "direct conv loops", "cuda"]
 
 
 def _parse(text: str) -> dict[str, str]:
@@ -38,6 +38,9 @@ def test_show_config_reports_what_runs():
     assert info["numpy"] == np.__version__ and info["scipy"] == scipy.__version__
     assert info["cnn_numba"].startswith(cnn_numba.__version__)
     assert info["conv autotune"].startswith("off")  # conftest.py turns it off for the tests
+    from cnn_numba.kernels import conv_stride1
+    assert info["direct conv loops"].startswith("float32 accumulators in 16-lane" if conv_stride1.REGISTER_BLOCKED
+                                                else "passes over memory")
     assert info["kernels from threads"].startswith("serialised" if numba.threading_layer() == "workqueue"
                                                    else "concurrent")
     if importlib.util.find_spec("numba_cuda") is None:
