@@ -11,6 +11,7 @@ runs. Conv dualities used below (docs/convolution.md):
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -419,10 +420,13 @@ def mean(input) -> Tensor:
 def reshape(input, shape) -> Tensor:
     x = _tensor(input, "input")
     shape = tuple(int(s) for s in shape)
-    try:
-        np.empty(x.shape, np.bool_).reshape(shape)  # shape check on no data
-    except ValueError:
-        raise ValueError(f"cannot reshape tensor of shape {x.shape} into {shape}") from None
+    if min(shape, default=0) < -1:  # numpy would take any negative size as -1; PyTorch refuses
+        raise ValueError(f"cannot reshape tensor of shape {x.shape} into {shape}: invalid size {min(shape)}")
+    if min(shape, default=0) < 0 or math.prod(shape) != math.prod(x.shape):  # else plainly valid
+        try:
+            np.empty(x.shape, np.bool_).reshape(shape)  # numpy's rules (-1 included) on no data
+        except ValueError:
+            raise ValueError(f"cannot reshape tensor of shape {x.shape} into {shape}") from None
     return Reshape.apply(x, shape=shape)
 
 
@@ -692,7 +696,7 @@ def flatten(input, start_dim: int = 1, end_dim: int = -1) -> Tensor:
     s, e = _dim(start_dim, x.ndim, "start_dim"), _dim(end_dim, x.ndim, "end_dim")
     if s > e:
         raise ValueError(f"flatten: start_dim={start_dim} comes after end_dim={end_dim} for shape {x.shape}")
-    return reshape(x, x.shape[:s] + (int(np.prod(x.shape[s:e + 1])),) + x.shape[e + 1:])
+    return reshape(x, x.shape[:s] + (math.prod(x.shape[s:e + 1]),) + x.shape[e + 1:])
 
 
 class Cat(Function):

@@ -175,6 +175,15 @@ def test_broadcasting_elementwise_grads(rng):
     R.assert_close(bt.grad.numpy(), gb)
 
 
+def test_reshape_sizes_as_pytorch():
+    """-1 stands for the size that is left, and a product that matches needs no -1; zero-size
+    tensors reshape too (refusals: tests/test_errors.py)."""
+    assert cn.tensor(np.ones((2, 3))).reshape(-1, 2).shape == (3, 2)
+    assert cn.tensor(np.ones((2, 3))).reshape(3, 2).shape == (3, 2)
+    assert cn.tensor(np.ones((0, 3))).reshape(3, 0).shape == (3, 0)
+    assert F.flatten(cn.tensor(np.ones((4, 2, 3)))).shape == (4, 6)
+
+
 def test_scalars_arrays_sum_mean_reshape(rng):
     a = rng.standard_normal((2, 6)).astype(np.float32)
     t = cn.tensor(a, requires_grad=True)

@@ -312,3 +312,7 @@ def test_tensor_errors():
         cn.tensor([1.0], device="tpu")
     with pytest.raises(ValueError, match=re.escape("(2, 3)")):
         cn.tensor(np.ones((2, 3))).reshape(4, 2)
+    for bad in [(3, -1, -1), (-2, 3), (7,)]:  # numpy alone would take -2 as -1; PyTorch refuses it
+        with pytest.raises(ValueError, match=re.escape("cannot reshape tensor of shape (2, 3)")):
+            cn.tensor(np.ones((2, 3))).reshape(*bad)
+
