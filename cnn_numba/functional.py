@@ -194,8 +194,27 @@ def _pool_input(input, what: str) -> Tensor:
     return x
 
 
+_POOL_ARGS: dict = {}  # _pool_args' results by plain arguments (shapes._memoised's rules)
+
+
 def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
-    """Resolve a pooling op's hyper-parameters and its output size."""
+    """Resolve a pooling op's hyper-parameters and its output size; remembered per input shape
+    and arguments where these are plain ints, bools, None or tuples of ints (keyed with their
+    types, so True and 1 differ), so a layer called again skips the checks it passed."""
+    args = (kernel_size, stride, padding, dilation, ceil_mode)
+    if all(type(a) in (int, bool, type(None)) or type(a) is tuple and all(type(v) is int for v in a) for a in args):
+        key = (x.shape, what, *((type(a), a) for a in args))
+        found = _POOL_ARGS.get(key)
+        if found is None:
+            found = _resolve_pool_args(x, *args, what)
+            if len(_POOL_ARGS) >= 4096:  # a bound for programs that sweep shapes
+                _POOL_ARGS.clear()
+            _POOL_ARGS[key] = found
+        return found
+    return _resolve_pool_args(x, *args, what)
+
+
+def _resolve_pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
     k = shapes.positive_pair(kernel_size, "kernel_size")
     s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else shapes.positive_pair(stride, "stride")
     p = shapes.nonnegative_pair(padding, "padding")
