@@ -379,27 +379,23 @@ class Sequential(Module):
                 self.add_module(str(i), m)
 
     def forward(self, x):
-        skip = i = 0  # skip: the modules of a fused run still to pass over
-        mods = None
-        for m in self._modules.values():
-            if skip:
-                skip -= 1
-            elif FUSE and FUSION_ROLES.get(type(m)) in ("conv", "bn", "linear"):  # maybe a fused run
-                mods = mods or tuple(self._modules.values())
-                role = FUSION_ROLES[type(m)]
-                if role == "conv":
-                    bn, relu, length = _fused_run(mods, i)
-                    x = m._fused_forward(x, bn, relu) if length else m(x)
-                    skip = max(length - 1, 0)
-                elif role == "bn" and i + 1 < len(mods) and _bn_relu(m, mods[i + 1]):
-                    x, skip = m._relu_forward(x), 1
-                elif role == "linear" and i + 1 < len(mods) and _plain(m, "linear") and _plain(mods[i + 1], "relu"):
-                    x, skip = m._fused_forward(x), 1
-                else:
-                    x = m(x)
-            else:
-                x = m(x)
-            i += 1
+        mods = tuple(self._modules.values())
+        n, i = len(mods), 0
+        while i < n:  # a fused run (a conv's, a batch norm's, a linear's) moves i past its modules
+            m = mods[i]
+            role = FUSION_ROLES.get(type(m)) if FUSE else None
+            if role == "conv":
+                bn, relu, length = _fused_run(mods, i)
+                if length:
+                    x, i = m._fused_forward(x, bn, relu), i + length
+                    continue
+            elif role == "bn" and i + 1 < n and _bn_relu(m, mods[i + 1]):
+                x, i = m._relu_forward(x), i + 2
+                continue
+            elif role == "linear" and i + 1 < n and _plain(m, "linear") and _plain(mods[i + 1], "relu"):
+                x, i = m._fused_forward(x), i + 2
+                continue
+            x, i = m(x), i + 1
         return x
 
     def __len__(self):
