@@ -121,6 +121,13 @@ def _records(*tensors) -> bool:
     return _autograd.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _fuses(fused_kernel: str, device: str, *tensors) -> bool:
+    """Whether a fused forward-only op runs (conv2d_bn_relu, linear_relu): the device has its
+    kernel, nothing records a graph through ``tensors``, and onnx.export is not tracing (it
+    needs the ops one by one)."""
+    return _autograd._trace.recorder is None and has_kernel(fused_kernel, device) and not _records(*tensors)
+
+
 def _bn_tensors(bn, x, co):
     """(running_mean, running_var, weight, bias, eps) as tensors (weight and bias may be None),
     or None unless each is (co,) on x's device with x's dtype (batch_norm then says why)."""
@@ -144,8 +151,8 @@ def conv2d_bn_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, gr
     arithmetic: the outputs agree bit for bit (tests/test_fusion.py)."""
     x, w, b, g = _conv_args(input, weight, bias, groups, algo)
     stats = None if bn is None else _bn_tensors(bn, x, w.shape[0])
-    if (bn is not None and stats is None) or _autograd._trace.recorder is not None or not has_kernel(
-            "conv2d_epilogue", x.device) or _records(x, w, b, *(stats[2:4] if stats else ())):
+    if (bn is not None and stats is None) or not _fuses("conv2d_epilogue", x.device, x, w, b,
+                                                         *(stats[2:4] if stats else ())):
         y = conv2d(x, w, b, stride, padding, dilation, groups, algo=algo)
         if bn is not None:
             y = batch_norm(y, bn[0], bn[1], bn[2], bn[3], False, 0.0, bn[4])
@@ -194,27 +201,15 @@ def _pool_input(input, what: str) -> Tensor:
     return x
 
 
-_POOL_ARGS: dict = {}  # _pool_args' results by plain arguments (shapes._memoised's rules)
-
-
 def _pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
-    """Resolve a pooling op's hyper-parameters and its output size; remembered per input shape
-    and arguments where these are plain ints, bools, None or tuples of ints (keyed with their
-    types, so True and 1 differ), so a layer called again skips the checks it passed."""
-    args = (kernel_size, stride, padding, dilation, ceil_mode)
-    if all(type(a) in (int, bool, type(None)) or type(a) is tuple and all(type(v) is int for v in a) for a in args):
-        key = (x.shape, what, *((type(a), a) for a in args))
-        found = _POOL_ARGS.get(key)
-        if found is None:
-            found = _resolve_pool_args(x, *args, what)
-            if len(_POOL_ARGS) >= 4096:  # a bound for programs that sweep shapes
-                _POOL_ARGS.clear()
-            _POOL_ARGS[key] = found
-        return found
-    return _resolve_pool_args(x, *args, what)
+    """Resolve a pooling op's hyper-parameters and its output size (remembered per input
+    shape and arguments: ``_pool_sizes``)."""
+    return _pool_sizes(x.shape, kernel_size, stride, padding, dilation, ceil_mode, what)
 
 
-def _resolve_pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, what):
+@shapes._memoised
+def _pool_sizes(shape, kernel_size, stride, padding, dilation, ceil_mode, what):
+    """``(k, s, p, d, out_hw)`` of a pooling op on an input of ``shape``."""
     k = shapes.positive_pair(kernel_size, "kernel_size")
     s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else shapes.positive_pair(stride, "stride")
     p = shapes.nonnegative_pair(padding, "padding")
@@ -222,10 +217,10 @@ def _resolve_pool_args(x, kernel_size, stride, padding, dilation, ceil_mode, wha
     for pi, ki in zip(p, k):
         if pi > ki // 2:  # PyTorch's limit; a larger pad makes windows of padding only
             raise ValueError(f"{what}: padding={padding} must be at most half of the kernel_size={kernel_size} "
-                             f"(dilation={dilation}); input shape {x.shape}")
+                             f"(dilation={dilation}); input shape {shape}")
     out_hw = tuple(shapes.pool_output_size(i, ki, si, pi, di, bool(ceil_mode))
-                   for i, ki, si, pi, di in zip(x.shape[2:], k, s, p, d))
-    shapes.check_output_size(out_hw, x.shape, f"{what} with kernel_size={kernel_size}, padding={padding}")
+                   for i, ki, si, pi, di in zip(shape[2:], k, s, p, d))
+    shapes.check_output_size(out_hw, shape, f"{what} with kernel_size={kernel_size}, padding={padding}")
     return k, s, p, d, out_hw
 
 
@@ -512,7 +507,7 @@ def linear_relu(input, weight, bias=None) -> Tensor:
     kernel (the CPU) and onnx.export is not tracing; the two ops otherwise. The same numbers
     either way, bit for bit (tests/test_fusion.py)."""
     x, w, b = _linear_args(input, weight, bias)
-    if _autograd._trace.recorder is not None or not has_kernel("linear_relu_forward", x.device) or _records(x, w, b):
+    if not _fuses("linear_relu_forward", x.device, x, w, b):
         return relu(Linear.apply(*_inputs(x, w, b)))
     return LinearReLU.apply(*_inputs(x, w, b))
 

@@ -202,28 +202,32 @@ def _conv_sizes(what, x_shape, w_shape, c, co):
         raise ValueError(f"{what}: only an empty batch may have empty planes, got {shapes}")
 
 
+_NOT_PLAIN = object()
+
+
 def _plain_key(value):
-    """``value`` as part of a cache key if it is a plain int, str or tuple of ints, else None.
-    Exact types only: ``True == 1`` and ``np.int64(1) == 1`` hash alike, and those must reach
-    the checks (a bool is a TypeError)."""
-    if type(value) is int or type(value) is str:
-        return value
+    """``value`` as part of a cache key, with its type, if it is a plain int, bool, str, None
+    or tuple of ints; else _NOT_PLAIN. Exact types only, and typed: ``True == 1`` and
+    ``np.int64(1) == 1`` hash alike, and each spelling must reach the checks on its own (a
+    bool stride is a TypeError, a bool ceil_mode is fine)."""
+    if type(value) in (int, bool, str, type(None)):
+        return type(value), value
     if type(value) is tuple and all(type(v) is int for v in value):
         return value
-    return None
+    return _NOT_PLAIN
 
 
 def _memoised(geom_fn):
-    """``geom_fn`` with its ConvGeom remembered per argument tuple: a layer called again with
+    """``geom_fn`` with its result remembered per argument tuple: a layer called again with
     the same shapes and arguments skips the checks it passed before (a few microseconds per
-    call). Keyword calls, arguments that are not plain ints, strs or tuples of ints, and calls that raise,
+    call). Keyword calls, arguments that are not plain (``_plain_key``), and calls that raise,
     are never remembered, so every error is raised every time."""
     cache: dict = {}
 
     @functools.wraps(geom_fn)
     def memoised(*args, **kwargs):
         key = tuple(map(_plain_key, args))
-        if kwargs or None in key:
+        if kwargs or _NOT_PLAIN in key:
             return geom_fn(*args, **kwargs)
         geom = cache.get(key)
         if geom is None:

@@ -170,9 +170,8 @@ class Tuner:
             small = geom.n * geom.co * geom.oh * geom.ow * geom.cig * geom.kh * geom.kw < MIN_MACS
             if recording:
                 if not small:  # the real step will time them all: compile them all now
-                    for entry in table.algos:
-                        if entry.tuned() and entry.supports(geom, pass_):
-                            entry.run(pass_, geom, *arrays)
+                    for entry in _candidates(table, geom, pass_):
+                        entry.run(pass_, geom, *arrays)
                 return None
             if small:
                 name = table.policy(geom, pass_)
@@ -187,7 +186,7 @@ class Tuner:
         least of up to ``REPEATS`` calls each, interleaved so that a slow stretch of a shared
         machine hits every algorithm alike; the rule's choice stays unless another is
         ``MARGIN`` faster (a noisy timing should not move results for nothing)."""
-        entries = [a for a in table.algos if a.tuned() and a.supports(geom, pass_)]
+        entries = _candidates(table, geom, pass_)
         for entry in entries:
             entry.run(pass_, geom, *arrays)  # compiles (or loads) its kernels; not timed
         best = dict.fromkeys((e.name for e in entries), float("inf"))
@@ -220,6 +219,11 @@ class Tuner:
         with self._lock:
             self._chosen.clear()
             self._disk = self._disk_for = self._on = None
+
+
+def _candidates(table, geom, pass_: str) -> list:
+    """The table's algorithms the tuner times for ``pass_`` of ``geom``."""
+    return [a for a in table.algos if a.tuned() and a.supports(geom, pass_)]
 
 
 @functools.cache

@@ -227,7 +227,8 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
                     weight's column), then -1 for padding pairs up to a width that is a
                     multiple of TAPS
       sources       (phases_out, width) where each real pair reads in a run buffer
-                    (cig, phases_in, rows, wq), flat
+                    (cig, phases_in, rows, wq), flat; the padding pairs read just past it,
+                    where the kernels keep a run of zeros
       hp            one phase plane's rows (each sample's, from row s*hq)
       rows          a run buffer's rows per channel and phase
     The forward's pairs are in the flat weight's order (taps[0, j] = j for j < cig*kh*kw)."""
@@ -254,7 +255,7 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
         counts[oph[t // kw] * phases_out[1] + opw[t % kw]] += cig
     width = -(-counts.max() // TAPS) * TAPS
     taps = np.full((counts.size, width), -1, np.int64)
-    sources = np.zeros((counts.size, width), np.int64)
+    sources = np.full((counts.size, width), cig * phases_in[0] * phases_in[1] * phase_run, np.int64)
     counts[:] = 0
     for ci in range(cig):
         for t in range(kh * kw):
@@ -470,8 +471,6 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
     # A run buffer, then zeros (what _taps4's padding pairs read) and room for the last vectors.
     size, pad = cig * nin * buf_rows * wq, vector_length(nb * plane)
     xp_buf = np.zeros((slots, size + pad + 2 * LANES), x.dtype)  # padding stays 0 (pad_phases)
-    for f in range(counts.size):
-        sources[f, counts[f]:] = size
     blocked = _register_blocked(x)
     if sources.max() + vector_length((nb - 1) * plane + run) > xp_buf.shape[1]:  # the longest run's reach
         raise IndexError("conv2d_forward_flat: a vector read would pass the end of its run buffer")
@@ -636,14 +635,12 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     lead, phases, _, (hq, wq), _, nb, counts, _, sources, (hp, buf_rows) = _flat_plan(
         n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False, 1)
     plane, nin = hq * wq, phases[0] * phases[1]
-    width, count, pairs = sources.shape[1], counts[0], sources[0]  # one output phase, pairs in gw's order
+    width, pairs = sources.shape[1], sources[0]  # one output phase, pairs in gw's order
     blocks = -(-n // nb)
     size = cig * nin * buf_rows * wq  # a run buffer, then zeros: what the padding pairs read
     pad = vector_length(nb * plane)
     xp_buf = np.zeros((slots, size + pad + LANES), x.dtype)  # padding stays 0 (pad_phases)
-    offsets = np.full(width, size, np.int64)  # each pair's source; the padding pairs' reads the zeros
-    offsets[:count] = pairs[:count]
-    if offsets.max() + pad > xp_buf.shape[1]:  # the longest run's reach
+    if pairs.max() + pad > xp_buf.shape[1]:  # the longest run's reach
         raise IndexError("conv2d_backward_weight_flat: a vector read would pass the end of its run buffer")
     gyw_buf = _row_buffer(slots, BLOCK, nb * plane, x.dtype)  # gy on wide rows; the rest stays 0
     blocked = _register_blocked(x)
@@ -663,15 +660,15 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
                 gyw[:nu, length:] = 0  # a shorter last run: what an earlier run left there
                 for k in range(0, width, TAPS):
                     if nu == 8:
-                        _dots8(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                        _dots8(src, pairs, k, gyw, part[o:o + nu, k:k + TAPS], length)
                     elif nu == QUAD and blocked:
-                        _dots4(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                        _dots4(src, pairs, k, gyw, part[o:o + nu, k:k + TAPS], length)
                     elif nu == QUAD:
-                        _sums4(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                        _sums4(src, pairs, k, gyw, part[o:o + nu, k:k + TAPS], length)
                     elif blocked:
-                        _dots1(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                        _dots1(src, pairs, k, gyw, part[o:o + nu, k:k + TAPS], length)
                     else:
-                        _sums1(src, offsets, k, gyw, part[o:o + nu, k:k + TAPS], length)
+                        _sums1(src, pairs, k, gyw, part[o:o + nu, k:k + TAPS], length)
                 o += nu
     _reduce_slots(partial, gw.reshape(co, cig * kh * kw))
 
