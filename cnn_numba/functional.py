@@ -369,6 +369,32 @@ class Add(Function):
         return tuple(sum_to(gy, s) if need else None for s, need in zip(self.shapes, self.needs_grad))
 
 
+class AddReLU(Function):
+    """relu(a + b) in one pass (the device's ``add_relu_forward``); the gradient, gy masked
+    where the output is 0, goes to both: relu's backward, then add's, bit for bit."""
+
+    def forward(self, a, b):
+        self.y = kernel("add_relu_forward", self.device)(a, b)
+        return self.y
+
+    def backward(self, gy):
+        g = kernel("relu_backward", self.device)(self.y, gy)
+        return tuple(g if need else None for need in self.needs_grad)
+
+
+def add_relu(input, other) -> Tensor:
+    """``relu(input + other)``: a residual block's join. One pass where the device has the fused
+    kernel (the CPU), the operands have one shape and dtype, and onnx.export is not tracing;
+    add then relu otherwise. The same numbers either way, forward and backward, bit for bit
+    (tests/test_fusion.py)."""
+    a, b = _pair_operands(input, other)
+    if (a.shape != b.shape or a.dtype != b.dtype or _autograd._trace.recorder is not None
+            or not has_kernel("add_relu_forward", a.device)):
+        return relu(add(a, b))
+    shapes.check_float("input", a)
+    return AddReLU.apply(a, b)
+
+
 class Mul(Function):
     def forward(self, a, b):
         self.a, self.b = a, b

@@ -88,6 +88,8 @@ SCRIPT = textwrap.dedent(r'''
         ((0, 2, 4, 4), (2, 2, 3, 3), True, dict(padding=1)),
         ((5, 2, 30, 30), (4, 1, 3, 3), True, dict(groups=2, padding=1)),   # several im2col chunks
         ((2, 16, 5, 7), (17, 16, 3, 3), True, dict(padding=1)),            # Winograd runs (>= 16 channels)
+        ((2, 3, 9, 9), (33, 3, 3, 3), True, dict(stride=2, padding=1)),    # blocked: a partial channel block
+        ((1, 33, 4, 5), (32, 33, 3, 3), False, dict(padding=3)),           # blocked gx: the load crops
     ]
     for algo in (*TABLE.names, "auto"):
         for xs, ws, bias, kw in CONV:
@@ -110,15 +112,16 @@ SCRIPT = textwrap.dedent(r'''
     # float32 through the direct kernels: where vector registers hold 16 float32 (AVX-512)
     # their flat loops are register-blocked (kernels/simd.py, whose vector loads and stores
     # are checked too under NUMBA_BOUNDSCHECK), which float64 never is
-    for xs, ws, bias, kw in CONV:
-        x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
-        b = rng.standard_normal(ws[0]).astype(np.float32) if bias else None
-        out, (gx, gw, gb), gy = run(F.conv2d, (x, w, b), algo="direct", **kw)
-        R.assert_close(out, R.conv2d(x, w, b, **kw), np.float32, f"float32 conv2d {kw}")
-        rgx, rgw, _ = R.conv2d_grads(x, w, gy, **kw)
-        R.assert_close(gx, rgx, np.float32, "float32 gx")
-        R.assert_close(gw, rgw, np.float32, "float32 gw")
-        checked += 3
+    for algo in ("direct", "blocked"):  # the blocked kernel's vector loads and stores likewise
+        for xs, ws, bias, kw in CONV:
+            x, w = rng.standard_normal(xs).astype(np.float32), rng.standard_normal(ws).astype(np.float32)
+            b = rng.standard_normal(ws[0]).astype(np.float32) if bias else None
+            out, (gx, gw, gb), gy = run(F.conv2d, (x, w, b), algo=algo, **kw)
+            R.assert_close(out, R.conv2d(x, w, b, **kw), np.float32, f"float32 conv2d {kw}")
+            rgx, rgw, _ = R.conv2d_grads(x, w, gy, **kw)
+            R.assert_close(gx, rgx, np.float32, "float32 gx")
+            R.assert_close(gw, rgw, np.float32, "float32 gw")
+            checked += 3
 
     # batch norm -> relu as one op (F.batch_norm_relu), training and eval, against the two ops
     for shape in ((3, 4, 5, 5), (2, 3, 1, 1)):

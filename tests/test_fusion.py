@@ -29,7 +29,8 @@ LAUNCHERS = [(a.name, a) for a in TABLE.algos] + [(a.special.name, a.special) fo
 
 # (x shape, w shape, stride, padding, dilation, groups): plain, groups, stride 2, depthwise
 # (stride 1 and 2), a 1x1, dilation, and the large dilation on which the flat and shifted
-# kernels give way to the general ones.
+# kernels give way to the general ones; 33 output channels at stride 2 (the blocked kernel's
+# 32-channel blocks, one partial).
 CASES = [
     ((2, 4, 9, 9), (6, 4, 3, 3), 1, 1, 1, 1),
     ((2, 4, 10, 8), (6, 2, 3, 3), 1, 1, 1, 2),
@@ -39,6 +40,7 @@ CASES = [
     ((2, 5, 7, 7), (7, 5, 1, 1), 1, 0, 1, 1),
     ((1, 3, 9, 9), (4, 3, 3, 3), 1, 2, 2, 1),
     ((1, 2, 1, 1), (3, 2, 3, 3), 1, 300, 300, 1),
+    ((2, 4, 9, 9), (33, 4, 3, 3), 2, 1, 1, 1),
 ]
 
 
@@ -457,3 +459,56 @@ def test_lenet5_fuses_its_linear_relus(linear_spy, monkeypatch, rng):
         off = model(x).numpy()
     assert len(linear_spy) == 2
     assert _same_bits(got, off) and _same_bits(got, recorded.detach().numpy())
+
+
+# ----------------------------------------------------------------------------- add -> relu
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16, 7, 7), (3, 7, 100, 101)], ids=str)
+def test_add_relu_equals_the_two_ops(shape, dtype, rng):
+    """relu(a + b) in one pass, serial (small) and in parallel chunks (over
+    ADD_RELU_PARALLEL_ELEMENTS, the last chunk partial): forward and both gradients bit for bit
+    those of add then relu, with NaN, inf and signed zeros among the sums."""
+    a, b = random(rng, shape, dtype), random(rng, shape, dtype)
+    a.flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0]
+    b.flat[:6] = [1.0, -np.inf, 1.0, -0.0, -0.0, -1.0]
+    gy = random(rng, shape, dtype)
+    got = []
+    for op in (F.add_relu, lambda p, q: F.relu(p + q)):
+        at, bt = cn.tensor(a, requires_grad=True), cn.tensor(b, requires_grad=True)
+        y = op(at, bt)
+        y.backward(gy)
+        got.append((y.numpy(), at.grad.numpy(), bt.grad.numpy()))
+    for f, u in zip(*got):
+        assert _same_bits(f, u)
+    with np.errstate(invalid="ignore"):
+        R.assert_close(got[0][0], R.relu(a.astype(np.float64) + b), dtype)
+
+
+def test_add_relu_falls_back_to_the_two_ops(rng):
+    """Broadcast operands (and mixed dtypes) take add then relu: the same result."""
+    a, b = random(rng, (2, 3, 4, 4)), random(rng, (3, 1, 1))
+    np.testing.assert_array_equal(F.add_relu(a, b).numpy(), np.maximum(a + b, 0))
+    c = random(rng, (2, 3, 4, 4), np.float32)
+    np.testing.assert_array_equal(F.add_relu(a, c).numpy(), F.relu(cn.tensor(a) + cn.tensor(c)).numpy())
+
+
+def test_residual_blocks_join_with_add_relu(monkeypatch, rng):
+    """resnet8's three blocks end in one add_relu each, in eval and training mode, not where
+    the block's last ReLU is observed."""
+    calls = []
+    inner = F.AddReLU.forward
+    monkeypatch.setattr(F.AddReLU, "forward", lambda self, *a: (calls.append(1), inner(self, *a))[1])
+    model = models.resnet8()
+    x = cn.tensor(random(rng, (2, 1, 12, 12), np.float32))
+    model(x).sum().backward()
+    assert len(calls) == 3
+    model.eval()
+    with cn.no_grad():
+        model(x)
+    assert len(calls) == 6
+    relu = model.layer1[0].relu2
+    relu.forward = lambda t, _f=type(relu).forward: _f(relu, t)
+    with cn.no_grad():
+        model(x)
+    assert len(calls) == 8

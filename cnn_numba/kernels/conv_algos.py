@@ -35,6 +35,7 @@ import numpy as np
 
 from ..backend import register
 from . import conv as C
+from . import conv_blocked as BL
 from . import conv_stride1 as S
 from . import conv_winograd as WG
 from .autotune import Tuner
@@ -202,6 +203,7 @@ TABLE = ConvTable([
     ConvAlgo("im2col", C.forward_im2col, C.backward_input_im2col, C.backward_weight_im2col, special=SHIFTED),
     ConvAlgo("winograd", WG.forward, WG.backward_input, WG.backward_weight, supports=WG.supports,
              tuned=WG.enabled),
+    ConvAlgo("blocked", BL.forward, BL.backward_input, None, supports=BL.supports, tuned=BL.tuned),
 ], auto_algo, tuner=Tuner())
 
 register("conv2d_algorithms", "cpu")(lambda: TABLE)

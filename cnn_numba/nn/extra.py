@@ -16,7 +16,7 @@ from .. import shapes
 from . import init
 from .layers import BatchNorm2d, Conv2d, MaxPool2d, ReLU, _check_sizes, _param
 from ..tensor import Tensor
-from .module import Module, Sequential, _device_array, conv_chain
+from .module import Module, Sequential, _device_array, add_relu, conv_chain
 
 # ----------------------------------------------------------------------------- LeNet-5 (LeCun 1998)
 
@@ -167,7 +167,7 @@ class BasicBlock(Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_chain(x, self.conv1, self.bn1, self.relu1)
         out = conv_chain(out, self.conv2, self.bn2)
-        return self.relu2(out + identity)
+        return add_relu(out, identity, self.relu2)
 
 
 class Bottleneck(Module):
@@ -196,7 +196,7 @@ class Bottleneck(Module):
         out = conv_chain(x, self.conv1, self.bn1, self.relu1)
         out = conv_chain(out, self.conv2, self.bn2, self.relu2)
         out = conv_chain(out, self.conv3, self.bn3)
-        return self.relu3(out + identity)
+        return add_relu(out, identity, self.relu3)
 
 
 # ----------------------------------------------------------------------------- factorised convolutions

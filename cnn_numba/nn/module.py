@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .. import functional as F
 from ..backend import check_device, kernel
 from ..tensor import Tensor
 
@@ -335,6 +336,14 @@ def _bn_relu(bn, relu) -> bool:
     (a resnet8 step at batch 128: relu's two passes over each activation were 3.8 of 58 ms).
     Not for a batch norm whose op is replaced on the instance (``_replaced``)."""
     return FUSE and _unobserved(bn, "bn") and _unobserved(relu, "relu")
+
+
+def add_relu(a, b, relu):
+    """``relu(a + b)`` by the ReLU module ``relu``: a residual block's join, one pass
+    (functional.add_relu) where ``relu`` is the library's, unobserved, training or not."""
+    if FUSE and _unobserved(relu, "relu"):
+        return F.add_relu(a, b)
+    return relu(a + b)
 
 
 def conv_chain(x, conv, bn=None, relu=None):
