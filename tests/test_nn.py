@@ -746,3 +746,32 @@ def test_manual_seed_makes_initialisation_reproducible():
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
         assert not np.array_equal(a[k], c[k])
+
+
+def test_registered_members_are_plain_attributes_and_stay_in_step():
+    """Parameters, buffers and child modules are mirrored in the instance's __dict__ (a fast
+    lookup): assignment, re-registration, None, moving between registries and deletion keep
+    the mirror and the registries in step."""
+    m = nn.Conv2d(2, 3, 3)
+    assert m.__dict__["weight"] is m._parameters["weight"] is m.weight
+    p = nn.Parameter(np.ones((3, 2, 3, 3), np.float32))
+    m.weight = p
+    assert m.weight is p and m._parameters["weight"] is p
+    m.bias = None
+    assert m.bias is None and m._parameters["bias"] is None
+    m.register_buffer("stat", cn.tensor(np.zeros(3)))
+    assert m.stat is m._buffers["stat"]
+    m.stat = None
+    assert m.stat is None
+    m.stat = nn.Parameter(np.zeros(3))  # a buffer's name now a parameter
+    assert "stat" not in m._buffers and m.stat is m._parameters["stat"]
+    child = nn.ReLU()
+    m.add_module("act", child)
+    assert m.act is child and dict(m.named_children())["act"] is child
+    del m.act, m.stat
+    assert "act" not in m._modules and "stat" not in m._parameters
+    with pytest.raises(AttributeError):
+        m.act
+    with pytest.raises(AttributeError):
+        m.stat
+    assert [n for n, _ in m.named_parameters()] == ["weight"]  # bias is None
