@@ -46,6 +46,14 @@ def _image(x, name: str = "input") -> Tensor:
 
 
 def _conv_args(x, weight, bias, groups, algo):
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
+            and type(groups) is int and groups > 0 and algo == "auto"):
+        # The common call (a layer's own tensors), checked in a few comparisons; anything
+        # else, or anything wrong, takes the full checks below, which name what is wrong.
+        xd, wd, dt = x.data, weight.data, x.data.dtype
+        if (dt in shapes.FLOAT_DTYPES and wd.dtype == dt and xd.ndim == 4 and wd.ndim == 4
+                and (bias is None or bias.data.dtype == dt)):
+            return x, weight, bias, groups
     x, weight = _image(x), _tensor(weight, "weight")
     shapes.check_float("weight", weight)
     shapes.check_ndim("weight", weight, 4, "(C_out, C_in/groups, kH, kW)")
@@ -131,11 +139,14 @@ def _fuses(fused_kernel: str, device: str, *tensors) -> bool:
 def _bn_tensors(bn, x, co):
     """(running_mean, running_var, weight, bias, eps) as tensors (weight and bias may be None),
     or None unless each is (co,) on x's device with x's dtype (batch_norm then says why)."""
-    named = [None if t is None else _tensor(t, name)
+    named = [t if t is None or isinstance(t, Tensor) else _tensor(t, name)
              for t, name in zip(bn[:4], ("running_mean", "running_var", "weight", "bias"))]
-    if named[0] is None or named[1] is None or any(
-            t is not None and (t.shape != (co,) or t.dtype != x.dtype or t.device != x.device) for t in named):
+    if named[0] is None or named[1] is None:
         return None
+    shape, dtype, device = (co,), x.data.dtype, x.device
+    for t in named:
+        if t is not None and (t.data.shape != shape or t.data.dtype != dtype or t.device != device):
+            return None
     return (*named, float(bn[4]))
 
 

@@ -203,6 +203,8 @@ def _conv_sizes(what, x_shape, w_shape, c, co):
 
 
 _NOT_PLAIN = object()
+_PLAIN_TYPES = frozenset((int, bool, str, type(None)))
+_INT = frozenset((int,))
 
 
 def _plain_key(value):
@@ -210,9 +212,9 @@ def _plain_key(value):
     or tuple of ints; else _NOT_PLAIN. Exact types only, and typed: ``True == 1`` and
     ``np.int64(1) == 1`` hash alike, and each spelling must reach the checks on its own (a
     bool stride is a TypeError, a bool ceil_mode is fine)."""
-    if type(value) in (int, bool, str, type(None)):
+    if type(value) in _PLAIN_TYPES:
         return type(value), value
-    if type(value) is tuple and all(type(v) is int for v in value):
+    if type(value) is tuple and _INT.issuperset(map(type, value)):  # a C loop: no generator frames
         return value
     return _NOT_PLAIN
 

@@ -205,7 +205,7 @@ class Tensor:
 
     # ---- array facts
     shape = property(lambda self: tuple(self.data.shape))
-    dtype = property(lambda self: np.dtype(self.data.dtype))
+    dtype = property(lambda self: self.data.dtype)  # a numpy dtype (host and CUDA device arrays alike)
     ndim = property(lambda self: self.data.ndim)
     size = property(lambda self: int(np.prod(self.data.shape)))
     is_leaf = property(lambda self: self._ctx is None)

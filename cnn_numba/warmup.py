@@ -93,7 +93,9 @@ def recording():
     classes = {i: type(d) for i, d in dispatchers.items()}
     # numba.get_num_threads() starts the thread pool, after which forking is unsafe
     # (_can_fork): the launchers read the count Numba would start with instead.
-    counting = [m for m in modules if getattr(m, "get_num_threads", None) is numba.get_num_threads]
+    from .kernels import get_num_threads as fast_count
+    counting = {m: m.get_num_threads for m in modules
+                if getattr(m, "get_num_threads", None) in (numba.get_num_threads, fast_count)}
     _recorded = {}
     found: list = []
     try:
@@ -105,8 +107,8 @@ def recording():
     finally:
         for i, d in dispatchers.items():
             d.__class__ = classes[i]
-        for m in counting:
-            m.get_num_threads = numba.get_num_threads
+        for m, count in counting.items():
+            m.get_num_threads = count
         found.extend(_recorded.values())
         _recorded = None
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import numba
 
 from ..fileio import atomic_write
+from . import get_num_threads
 
 ENV = "CNN_NUMBA_AUTOTUNE"
 FILE_ENV = "CNN_NUMBA_AUTOTUNE_FILE"
@@ -155,7 +156,7 @@ class Tuner:
         # would start the thread pool before the warm-up forks: a known choice is used, the
         # rule otherwise.
         recording = warmup._recorded is not None
-        threads = warmup._configured_threads() if recording else numba.get_num_threads()
+        threads = warmup._configured_threads() if recording else get_num_threads()
         dtype = arrays[-1].dtype
         pkey = (geom, dtype, pass_, threads)
         name = self._chosen.get(pkey)

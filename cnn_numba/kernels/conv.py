@@ -41,10 +41,10 @@ row): no two iterations write the same element. The launchers at the end take a
 ``shapes.ConvGeom`` and pass its fields to the kernels as scalars.
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from ..backend import register
-from . import PARALLEL
+from . import PARALLEL, get_num_threads
 from .elementwise import relu_value
 from .index import axpy, copy_run, dot, out_range, tap
 

@@ -34,9 +34,9 @@ autotuner (kernels/autotune.py), which times it where vector registers hold 16 f
 in AVX2's 16.
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from . import PARALLEL
+from . import PARALLEL, get_num_threads
 from .conv import KERNEL, channel, epilogue, epilogue_args, no_epilogue
 from .conv_stride1 import REGISTER_BLOCKED, flip_kernel, pad_phases
 from .simd import LANES, vfma, vload, vstore

@@ -19,9 +19,9 @@ instead.
 import functools
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from . import PARALLEL
+from . import PARALLEL, get_num_threads
 from .blas import gemm
 from .conv import (FASTMATH, KERNEL, _reduce_slots, backward_weight_direct, backward_weight_im2col, biased_run, channel,
                    epilogue_args, no_epilogue, store_run)

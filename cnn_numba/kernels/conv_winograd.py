@@ -77,9 +77,9 @@ taps PyTorch reads. Finite inputs pay nothing but the count.
 import os
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from . import PARALLEL
+from . import PARALLEL, get_num_threads
 from .blas import gemm
 from .conv import (KERNEL, _reduce_slots, backward_input_direct, backward_weight_direct, channel, epilogue,
                    epilogue_args, forward_direct, no_epilogue)

@@ -28,10 +28,10 @@ Backward formulas (derived once here):
 import math
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from ..backend import register
-from . import PARALLEL, serial_twin
+from . import PARALLEL, get_num_threads, serial_twin
 from .blas import gemm
 from .elementwise import relu_forward_kernel, relu_grad, relu_value
 from .index import axpy, dot
