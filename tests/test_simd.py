@@ -6,7 +6,7 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from cnn_numba.kernels.simd import LANES, vector_length, vfma, vload, vsplat, vstore
+from cnn_numba.kernels.simd import LANES, copy_row, vcopy, vector_length, vfma, vload, vsplat, vstore
 
 
 @njit
@@ -85,7 +85,7 @@ def test_bounds_are_checked_under_numba_boundscheck(tmp_path):
     code = """
 import numpy as np
 from numba import njit
-from cnn_numba.kernels.simd import LANES, vload, vstore
+from cnn_numba.kernels.simd import LANES, vcopy, vload, vstore
 @njit
 def copy(a, i, out):
     vstore(out, 0, vload(a, i))
@@ -95,8 +95,48 @@ assert out[0] == LANES
 try:
     copy(a, LANES + 1, out)
 except IndexError:
+    pass
+else:
+    raise SystemExit("vload past the end was not caught")
+
+@njit
+def masked(a, i, out, n):
+    vcopy(a, i, out, 0, n)
+
+masked(a, 2 * LANES - 3, out, 3)  # the last three elements: in bounds, though a whole vector is not
+try:
+    masked(a, 2 * LANES - 3, out, 4)
+except IndexError:
     print("ok")
 """
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@njit
+def _copy(src, i, dst, j, n):
+    copy_row(src, i, dst, j, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copy_row_copies_exactly_its_elements(dtype, rng):
+    """Masked vector copies: every count from 0 to past two vectors, at odd offsets, touch
+    those elements only; a strided view takes the element loop, as does an int array."""
+    src = rng.standard_normal(3 * LANES + 7).astype(dtype)
+    for n in range(0, 2 * LANES + 3):
+        dst = np.full(3 * LANES + 9, -7.0, dtype)
+        _copy(src, 3, dst, 5, n)
+        want = np.full_like(dst, -7.0)
+        want[5:5 + n] = src[3:3 + n]
+        np.testing.assert_array_equal(dst, want)
+    grid = np.zeros((4, 2 * LANES), dtype)
+    _copy(src, 1, grid[:, 1:][2], 0, LANES + 2)  # layout 'A', adjacent elements: the vector path
+    np.testing.assert_array_equal(grid[2, 1:LANES + 3], src[1:LANES + 3])
+    column = np.zeros((2 * LANES, 3), dtype)
+    _copy(src, 0, column[:, 1], 2, LANES)  # strided: elementwise
+    np.testing.assert_array_equal(column[2:LANES + 2, 1], src[:LANES])
+    assert not column[:, [0, 2]].any()
+    ints = np.zeros(10, np.int64)
+    _copy(np.arange(10), 2, ints, 0, 5)
+    np.testing.assert_array_equal(ints[:5], np.arange(2, 7))

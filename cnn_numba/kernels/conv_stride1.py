@@ -26,7 +26,7 @@ from .blas import gemm
 from .conv import (FASTMATH, KERNEL, _reduce_slots, backward_weight_direct, backward_weight_im2col, biased_run, channel,
                    epilogue_args, no_epilogue, store_run)
 from .index import copy_run, out_range, tap
-from .simd import LANES, vector_length, vfma, vload, vsplat, vstore, vsum
+from .simd import LANES, copy_row, vector_length, vfma, vload, vsplat, vstore, vsum
 
 
 # ----------------------------------------------------------------------------- direct, flat
@@ -139,7 +139,7 @@ def _phase_columns(row, dst, v0, v1, sw, pw, q):
     """dst[v] = row[sw*v - pw + q] for v0 <= v < v1: one row of column phase q."""
     j0 = tap(v0, sw, pw, q, 1)
     if sw == 1:
-        copy_run(row[j0:j0 + v1 - v0], dst[v0:])
+        copy_row(row, j0, dst, v0, v1 - v0)
     else:
         for v in range(v0, v1):
             dst[v] = row[j0 + (v - v0) * sw]

@@ -15,6 +15,8 @@ same sums (each output still adds its pairs in order, one fused multiply-add eac
     v = vsplat(s, a)         s in every lane (a Vec of a's dtype)
     v = vfma(v, w, x)        v + w * x, w a Vec or a scalar (every lane), one rounding (llvm.fma)
     s = vsum(v)              the lanes' sum, added pairwise
+    vcopy(a, i, b, j, n)     b[j:j + n] = a[i:i + n] for n <= LANES (masked: no lane past n is read
+                             or written), and ``copy_row`` built on it
 
 No bounds checks but under NUMBA_BOUNDSCHECK=1: callers keep every index within arrays they
 sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where
@@ -26,7 +28,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 
 def _lanes() -> int:
@@ -152,6 +154,84 @@ def vsplat(typingctx, value, like):
         vty = ir.VectorType(context.get_value_type(like.dtype), LANES)
         return _broadcast(builder, vty, context.cast(builder, args[0], sig.args[0], like.dtype))
     return Vec(like.dtype)(value, like), codegen
+
+
+def _mask(builder, count):
+    """The lanes below ``count`` (an i64), as an LLVM <LANES x i1>."""
+    i64 = ir.IntType(64)
+    lanes = ir.Constant(ir.VectorType(i64, LANES), list(range(LANES)))
+    return builder.icmp_signed("<", lanes, _broadcast(builder, ir.VectorType(i64, LANES), count))
+
+
+def _masked_pointer(context, builder, arrty, arr, index, count):
+    """_vector_pointer for the ``count`` lanes from ``index`` (bounds checked on those only)."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    if context.enable_boundscheck:
+        size = builder.extract_value(ary.shape, 0)
+        last = builder.add(index, builder.sub(count, ir.Constant(count.type, 1)))
+        with builder.if_then(builder.icmp_signed(">", count, ir.Constant(count.type, 0))):
+            cgutils.do_boundscheck(context, builder, index, size)
+            cgutils.do_boundscheck(context, builder, last, size)
+    data = ary.data
+    return builder.bitcast(builder.gep(data, [index]), ir.PointerType(ir.VectorType(data.type.pointee, LANES)))
+
+
+@intrinsic
+def vcopy(typingctx, src, i, dst, j, count):
+    """dst[j:j + count] = src[i:i + count], 0 <= count <= LANES, as one masked vector load and
+    store: a short row in two instructions, where a copy loop that LLVM vectorised runs its
+    scalar remainder (a 28-element row: all of it). Both arrays' elements must be adjacent
+    (a layout-'A' row too: ``copy_row`` checks its strides first)."""
+    if not _vector_rows(src, dst):
+        raise TypingError(f"vcopy: two 1-D float arrays of one dtype are needed, got {src} and {dst}")
+
+    def codegen(context, builder, sig, args):
+        s, i, d, j, n = args
+        ps = _masked_pointer(context, builder, sig.args[0], s, i, n)
+        pd = _masked_pointer(context, builder, sig.args[2], d, j, n)
+        vty, m, i32 = ps.type.pointee, _mask(builder, n), ir.IntType(32)
+        suffix = f"v{LANES}f{src.dtype.bitwidth}.p0v{LANES}f{src.dtype.bitwidth}"
+        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [ps.type, i32, m.type, vty]),
+                                              f"llvm.masked.load.{suffix}")
+        store = cgutils.get_or_insert_function(builder.module,
+                                               ir.FunctionType(ir.VoidType(), [vty, pd.type, i32, m.type]),
+                                               f"llvm.masked.store.{suffix}")
+        align = ir.Constant(i32, src.dtype.bitwidth // 8)
+        v = builder.call(load, [ps, align, m, ir.Constant(vty, ir.Undefined)])
+        builder.call(store, [v, pd, align, m])
+        return context.get_dummy_value()
+    return types.none(src, types.intp, dst, types.intp, types.intp), codegen
+
+
+def copy_row(src, i, dst, j, n):
+    """dst[j:j + n] = src[i:i + n] (1-D arrays): in masked vectors of LANES where both are
+    float arrays of one dtype whose elements are adjacent, element by element otherwise
+    (compiled code only)."""
+    raise NotImplementedError("copy_row runs in compiled code")
+
+
+def _vector_rows(src, dst) -> bool:
+    """Both 1-D float arrays of one dtype (contiguous, or layout 'A' with adjacent elements)."""
+    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA" and isinstance(a.dtype, types.Float)
+               for a in (src, dst)) and src.dtype == dst.dtype
+
+
+@overload(copy_row, inline="always")
+def _copy_row(src, i, dst, j, n):
+    if not _vector_rows(src, dst):
+        def impl(src, i, dst, j, n):
+            for k in range(n):
+                dst[j + k] = src[i + k]
+        return impl
+
+    def impl(src, i, dst, j, n):
+        if src.strides[0] == src.itemsize and dst.strides[0] == dst.itemsize:
+            for k in range(0, n, LANES):
+                vcopy(src, i + k, dst, j + k, min(LANES, n - k))
+        else:
+            for k in range(n):
+                dst[j + k] = src[i + k]
+    return impl
 
 
 @njit(cache=True, inline="always")
