@@ -64,6 +64,24 @@ def _blas_threads() -> dict[str, int] | None:
             if i["user_api"] == "blas"}
 
 
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The size of the CPU's last-level cache (Linux sysfs: cpu0's highest cache level), or
+    ``default`` where it cannot be read."""
+    from pathlib import Path
+    best = (0, default)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit() and level > best[0]:
+            best = (level, int(digits) * scale)
+    return best[1]
+
+
 def _cuda() -> str:
     if importlib.util.find_spec("numba_cuda") is None:
         return "numba-cuda not installed (pip install 'cnn_numba[cuda]')"

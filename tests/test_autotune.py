@@ -197,3 +197,22 @@ def test_machine_key_names_the_candidates(tune, rng, monkeypatch):
     F.conv2d(x, w, padding=1)
     assert ("winograd", "forward") in ran  # timed afresh: the choice made without it is not read
     assert set(json.loads(path.read_text())["machines"]) == {off, on}
+
+
+def test_large_passes_are_timed_with_cold_caches(tune, rng, monkeypatch):
+    """Above COLD_BYTES the tuner writes over twice the last-level cache before each timed
+    call (a network's next layer finds its input evicted); below it, nothing."""
+    from cnn_numba import sysinfo
+    assert sysinfo.last_level_cache_bytes() > 0
+    assert autotune._cache_evictor(autotune.COLD_BYTES) is None
+    monkeypatch.setattr(autotune, "_last_level_cache", lambda: 1 << 16)
+    evictor = autotune._cache_evictor(autotune.COLD_BYTES + 1)
+    assert evictor.nbytes == 2 << 16
+    fills = []
+    monkeypatch.setattr(autotune, "MIN_MACS", 0)
+    monkeypatch.setattr(autotune, "COLD_BYTES", 0)
+    real = autotune._cache_evictor
+    monkeypatch.setattr(autotune, "_cache_evictor", lambda n: (fills.append(n), real(n))[1])
+    out, grads, _ = _conv(rng)
+    assert len(fills) == 3  # one timing per pass
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
