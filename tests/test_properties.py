@@ -74,6 +74,34 @@ def test_conv2d_random_cuda(case, dtype, algo, seed):
     _conv_property(F.conv2d, R.conv2d, R.conv2d_grads, case, dtype, algo, seed, "cuda")
 
 
+@SETTINGS
+@given(g=st.integers(1, 2), cig=st.integers(1, 4), cog=st.integers(1, 40), k=st.tuples(small, small),
+       stride=st.tuples(small, small), padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+       dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), hw=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       n=st.integers(1, 3), slots=st.integers(1, 3), dtype=dtypes, seed=st.integers(0, 2**31))
+def test_blocked_kernel_random(g, cig, cog, k, stride, padding, dilation, hw, n, slots, dtype, seed):
+    """The blocked kernel (kernels/conv_blocked.py) on any geometry, called directly (the
+    table offers it only from 32 output channels per group): partial channel blocks and
+    tiles, every thread count's split; and its stride-1 input-gradient, whose full padding
+    may be negative (the load crops)."""
+    from cnn_numba.kernels import conv_blocked as BL
+    from cnn_numba.kernels.conv import no_epilogue
+    from cnn_numba.shapes import conv2d_geom
+    (kh, kw), (sh, sw), (dh, dw) = k, stride, dilation
+    assume(all(size + 2 * p >= d * (kk - 1) + 1 for size, p, d, kk in zip(hw, padding, dilation, k)))
+    xs, ws = (n, g * cig, *hw), (g * cog, cig, kh, kw)
+    geom = conv2d_geom(xs, ws, stride, padding, dilation, g)
+    x, w, b = _arrays(seed, dtype, xs, ws, (g * cog,))
+    y = np.full(geom.y_shape, np.nan, dtype)
+    BL.conv2d_forward_blocked(x, w, b, y, *no_epilogue(dtype), sh, sw, geom.ph, geom.pw, dh, dw, g, slots)
+    R.assert_close(y, R.conv2d(x, w, b, stride, padding, dilation, g), dtype, "y")
+    if stride == (1, 1):
+        gy = _arrays(seed + 1, dtype, geom.y_shape)[0]
+        gx = np.full(geom.x_shape, np.nan, dtype)
+        BL.backward_input(gy, w, gx, geom)
+        R.assert_close(gx, R.conv2d_grads(x, w, gy, stride, padding, dilation, g)[0], dtype, "gx")
+
+
 @st.composite
 def conv_transpose_cases(draw):
     g, cig, cog = draw(st.integers(1, 3)), draw(small), draw(small)
