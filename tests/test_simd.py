@@ -6,7 +6,8 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from cnn_numba.kernels.simd import LANES, copy_row, vcopy, vector_length, vfma, vload, vsplat, vstore
+from cnn_numba.kernels.simd import (LANES, copy_row, vector_length, vfma, vload, vload_masked, vsplat, vstore,
+                                    vstore_masked)
 
 
 @njit
@@ -85,7 +86,7 @@ def test_bounds_are_checked_under_numba_boundscheck(tmp_path):
     code = """
 import numpy as np
 from numba import njit
-from cnn_numba.kernels.simd import LANES, vcopy, vload, vstore
+from cnn_numba.kernels.simd import LANES, vload, vload_masked, vstore, vstore_masked
 @njit
 def copy(a, i, out):
     vstore(out, 0, vload(a, i))
@@ -101,7 +102,7 @@ else:
 
 @njit
 def masked(a, i, out, n):
-    vcopy(a, i, out, 0, n)
+    vstore_masked(out, 0, vload_masked(a, i, n), n)
 
 masked(a, 2 * LANES - 3, out, 3)  # the last three elements: in bounds, though a whole vector is not
 try:

@@ -15,8 +15,8 @@ same sums (each output still adds its pairs in order, one fused multiply-add eac
     v = vsplat(s, a)         s in every lane (a Vec of a's dtype)
     v = vfma(v, w, x)        v + w * x, w a Vec or a scalar (every lane), one rounding (llvm.fma)
     s = vsum(v)              the lanes' sum, added pairwise
-    vcopy(a, i, b, j, n)     b[j:j + n] = a[i:i + n] for n <= LANES (masked: no lane past n is read
-                             or written), and ``copy_row`` built on it
+    v = vload_masked(a, i, n)      a[i:i + n] in the first n lanes (n <= LANES; masked: no
+    vstore_masked(a, i, v, n)      element past n read or written), and ``copy_row`` on them
 
 No bounds checks but under NUMBA_BOUNDSCHECK=1: callers keep every index within arrays they
 sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where
@@ -176,31 +176,49 @@ def _masked_pointer(context, builder, arrty, arr, index, count):
     return builder.bitcast(builder.gep(data, [index]), ir.PointerType(ir.VectorType(data.type.pointee, LANES)))
 
 
+def _masked(module, name, ptr, lanes, bits):
+    """(llvm.masked.<name> (load or store) for vectors like ``*ptr`` of ``bits``-bit floats,
+    declared in ``module``; the alignment argument)."""
+    vty, i32 = ptr.type.pointee, ir.IntType(32)
+    suffix = f"v{LANES}f{bits}.p0v{LANES}f{bits}"
+    if name == "load":
+        fty = ir.FunctionType(vty, [ptr.type, i32, lanes.type, vty])
+    else:
+        fty = ir.FunctionType(ir.VoidType(), [vty, ptr.type, i32, lanes.type])
+    return cgutils.get_or_insert_function(module, fty, f"llvm.masked.{name}.{suffix}"), ir.Constant(
+        i32, bits // 8)
+
+
 @intrinsic
-def vcopy(typingctx, src, i, dst, j, count):
-    """dst[j:j + count] = src[i:i + count], 0 <= count <= LANES, as one masked vector load and
-    store: a short row in two instructions, where a copy loop that LLVM vectorised runs its
-    scalar remainder (a 28-element row: all of it). Both arrays' elements must be adjacent
-    (a layout-'A' row too: ``copy_row`` checks its strides first)."""
-    if not _vector_rows(src, dst):
-        raise TypingError(f"vcopy: two 1-D float arrays of one dtype are needed, got {src} and {dst}")
+def vload_masked(typingctx, arr, index, count):
+    """arr[index:index + count] in a Vec's first ``count`` lanes (0 <= count <= LANES), zeros in
+    the rest: one masked load, no element past ``count`` read. The array's elements must be
+    adjacent (a layout-'A' row too: the callers check its stride)."""
+    _check_row(arr)
 
     def codegen(context, builder, sig, args):
-        s, i, d, j, n = args
-        ps = _masked_pointer(context, builder, sig.args[0], s, i, n)
-        pd = _masked_pointer(context, builder, sig.args[2], d, j, n)
-        vty, m, i32 = ps.type.pointee, _mask(builder, n), ir.IntType(32)
-        suffix = f"v{LANES}f{src.dtype.bitwidth}.p0v{LANES}f{src.dtype.bitwidth}"
-        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [ps.type, i32, m.type, vty]),
-                                              f"llvm.masked.load.{suffix}")
-        store = cgutils.get_or_insert_function(builder.module,
-                                               ir.FunctionType(ir.VoidType(), [vty, pd.type, i32, m.type]),
-                                               f"llvm.masked.store.{suffix}")
-        align = ir.Constant(i32, src.dtype.bitwidth // 8)
-        v = builder.call(load, [ps, align, m, ir.Constant(vty, ir.Undefined)])
-        builder.call(store, [v, pd, align, m])
+        a, i, n = args
+        ptr = _masked_pointer(context, builder, sig.args[0], a, i, n)
+        lanes = _mask(builder, n)
+        load, align = _masked(builder.module, "load", ptr, lanes, arr.dtype.bitwidth)
+        return builder.call(load, [ptr, align, lanes, ir.Constant(ptr.type.pointee, None)])
+    return Vec(arr.dtype)(arr, types.intp, types.intp), codegen
+
+
+@intrinsic
+def vstore_masked(typingctx, arr, index, vec, count):
+    """arr[index:index + count] = vec's first ``count`` lanes (0 <= count <= LANES): one masked
+    store, no element past ``count`` written (adjacent elements, as vload_masked)."""
+    _check_row(arr)
+
+    def codegen(context, builder, sig, args):
+        a, i, v, n = args
+        ptr = _masked_pointer(context, builder, sig.args[0], a, i, n)
+        lanes = _mask(builder, n)
+        store, align = _masked(builder.module, "store", ptr, lanes, arr.dtype.bitwidth)
+        builder.call(store, [v, ptr, align, lanes])
         return context.get_dummy_value()
-    return types.none(src, types.intp, dst, types.intp, types.intp), codegen
+    return types.none(arr, types.intp, vec, types.intp), codegen
 
 
 def copy_row(src, i, dst, j, n):
@@ -210,10 +228,19 @@ def copy_row(src, i, dst, j, n):
     raise NotImplementedError("copy_row runs in compiled code")
 
 
+def _vector_row(a) -> bool:
+    """Whether ``a`` (a Numba type) is a 1-D float array whose elements may be adjacent
+    (contiguous, or layout 'A': the callers check the stride at run time)."""
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA" and isinstance(a.dtype, types.Float)
+
+
 def _vector_rows(src, dst) -> bool:
-    """Both 1-D float arrays of one dtype (contiguous, or layout 'A' with adjacent elements)."""
-    return all(isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA" and isinstance(a.dtype, types.Float)
-               for a in (src, dst)) and src.dtype == dst.dtype
+    return _vector_row(src) and _vector_row(dst) and src.dtype == dst.dtype
+
+
+def _check_row(arr):
+    if not _vector_row(arr):
+        raise TypingError(f"simd: a 1-D float array is needed, got {arr}")
 
 
 @overload(copy_row, inline="always")
@@ -227,7 +254,8 @@ def _copy_row(src, i, dst, j, n):
     def impl(src, i, dst, j, n):
         if src.strides[0] == src.itemsize and dst.strides[0] == dst.itemsize:
             for k in range(0, n, LANES):
-                vcopy(src, i + k, dst, j + k, min(LANES, n - k))
+                m = min(LANES, n - k)
+                vstore_masked(dst, j + k, vload_masked(src, i + k, m), m)
         else:
             for k in range(n):
                 dst[j + k] = src[i + k]
