@@ -93,3 +93,28 @@ print("ok")
     env.pop("NUMBA_CPU_FEATURES", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_only_the_phases_read_are_loaded(rng):
+    """phases_read: the input phases a strided forward's taps read (a 1x1 stride-2 kernel one
+    of four, a 3x3 all four, dilation 2 at stride 2 phase 0 alone); the flat forward and
+    weight-gradient that load just those agree with the float64 reference."""
+    import reference as R
+    from conftest import random
+    from cnn_numba.shapes import conv2d_geom
+    assert S.phases_read(1, 1, 2, 2, 1, 1) == 1
+    assert S.phases_read(3, 3, 2, 2, 1, 1) == 15
+    assert S.phases_read(3, 3, 2, 2, 2, 2) == 1
+    assert S.phases_read(1, 3, 1, 2, 1, 1) == 0b11
+    assert S.phases_read(2, 1, 3, 1, 1, 1) == 0b011
+    for xs, ws, s, p, d in [((3, 4, 9, 10), (8, 4, 1, 1), 2, 0, 1), ((2, 3, 11, 11), (5, 3, 3, 3), 2, 2, 2),
+                            ((2, 2, 9, 8), (4, 2, 2, 1), 3, 1, 1)]:
+        geom = conv2d_geom(xs, ws, s, p, d, 1)
+        x, w = random(rng, xs, np.float32), random(rng, ws, np.float32)
+        y = np.empty(geom.y_shape, np.float32)
+        S.forward_flat(x, w, np.zeros(ws[0], np.float32), y, geom)
+        R.assert_close(y, R.conv2d(x, w, None, s, p, d), np.float32, f"y {ws} s{s}")
+        gy = random(rng, geom.y_shape, np.float32)
+        gw = np.zeros(ws, np.float32)
+        S.backward_weight_flat(x, gy, gw, geom)
+        R.assert_close(gw, R.conv2d_grads(x, w, gy, s, p, d)[1], np.float32, f"gw {ws} s{s}")

@@ -113,19 +113,22 @@ FLAT_RUN = 1024  # elements per run, at most, when samples are batched into one
 
 
 @njit(**KERNEL)
-def pad_phases(x, c0, xp, ph, pw, sh, sw):
+def pad_phases(x, c0, xp, ph, pw, sh, sw, used=-1):
     """xp (cg, sh*sw, hp, wp) = the sh*sw phase planes of x[c0:c0+cg] shifted by (ph, pw)
     into zeros: xp[ci, r*sw + q, u, v] = x[c0 + ci, sh*u + r - ph, sw*v + q - pw]; x (C, H, W).
-    At stride 1, one plane: x padded. A negative ph/pw crops.
+    At stride 1, one plane: x padded. A negative ph/pw crops. ``used``: a mask of the phases
+    to write (bit r*sw + q), -1 for all (``phases_read``: a 1x1 stride-2 kernel reads one).
 
     Writes the interior only: callers zero xp once (a buffer reused with the same sizes
-    keeps its zero border)."""
+    keeps its zero border, and a phase never written stays zeros)."""
     h, wd = x.shape[1], x.shape[2]
     hp, wp = xp.shape[2], xp.shape[3]
-    if sw == 2:
+    if sw == 2 and (used == -1 or used == (1 << (sh * sw)) - 1):  # every phase
         _pad_phase_pairs(x, c0, xp, ph, pw, sh)
         return
     for f in range(sh * sw):
+        if used != -1 and not (used >> f) & 1:
+            continue
         r, q = f // sw, f % sw
         u0, u1 = out_range(r, sh, ph, 1, h, hp)  # the phase rows and columns inside x
         v0, v1 = out_range(q, sw, pw, 1, wd, wp)
@@ -288,14 +291,27 @@ def _row_buffer(slots, rows, length, dtype):
 
 
 @njit(**KERNEL)
-def _load_run(x, i0, m, c0, xp, lead, phases, run, hq, hp):
+def _load_run(x, i0, m, c0, xp, lead, phases, run, hq, hp, used):
     """Pad the m samples from i0 (channels c0 onwards) into the run buffer xp (cig, phases,
-    rows, wq), split into phase planes, sample s's hp rows from row s*hq; the length of their
-    flat output run (``run`` per sample, the last one's only). The samples' planes overlap
-    in their shared padding, which pad_phases leaves as it is (see above)."""
+    rows, wq), split into phase planes (those in the mask ``used``: pad_phases), sample s's hp
+    rows from row s*hq; the length of their flat output run (``run`` per sample, the last
+    one's only). The samples' planes overlap in their shared padding, which pad_phases leaves
+    as it is (see above)."""
     for s in range(m):
-        pad_phases(x[i0 + s], c0, xp[:, :, s * hq:s * hq + hp], lead[0], lead[1], phases[0], phases[1])
+        pad_phases(x[i0 + s], c0, xp[:, :, s * hq:s * hq + hp], lead[0], lead[1], phases[0], phases[1], used)
     return (m - 1) * hq * xp.shape[3] + run
+
+
+@njit(cache=True)
+def phases_read(kh, kw, sh, sw, dh, dw):
+    """The mask (bit r*sw + q) of the input phases that a forward's taps read: tap (a, bb)
+    reads phase ((a*dh) % sh, (bb*dw) % sw) (see above). All of them for a 3x3 kernel at
+    stride 2; for a 1x1 one, phase 0 alone, so a shortcut loads a quarter of its input."""
+    used = 0
+    for a in range(kh):
+        for bb in range(kw):
+            used |= 1 << (((a * dh) % sh) * sw + (bb * dw) % sw)
+    return used
 
 
 @njit(cache=True, inline="always")
@@ -453,6 +469,7 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
     lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, buf_rows) = _flat_plan(
         n, cig, y.shape[2], y.shape[3], x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, adjoint, slots)
     plane, nin = hq * wq, phases_in[0] * phases_in[1]
+    used = -1 if adjoint else phases_read(kh, kw, sh, sw, dh, dw)
     run = (uh - 1) * wq + uw  # one sample's output run
     blocks = -(-n // nb)
     # Fewer (run, group) tasks than slots (a batch of 1): each group's output channels split
@@ -483,7 +500,7 @@ def conv2d_forward_flat(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, adjoint
             o0 = gi * cog + (t % parts) * chunk  # this task's channels: [o0, o1)
             o1 = min(o0 + chunk, (gi + 1) * cog)
             m = min(nb, n - i0)  # samples in this run
-            length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run, hq, hp)
+            length = _load_run(x, i0, m, gi * cig, xp, lead, phases_in, run, hq, hp, used)
             for f in range(counts.size):
                 r, q = f // phases_out[1], f % phases_out[1]
                 rows, cols = _phase_size(y.shape[2], phases_out[0], r), _phase_size(y.shape[3], phases_out[1], q)
@@ -635,6 +652,7 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
     lead, phases, _, (hq, wq), _, nb, counts, _, sources, (hp, buf_rows) = _flat_plan(
         n, cig, oh, ow, x.shape[2], x.shape[3], kh, kw, sh, sw, ph, pw, dh, dw, False, 1)
     plane, nin = hq * wq, phases[0] * phases[1]
+    used = phases_read(kh, kw, sh, sw, dh, dw)
     width, pairs = sources.shape[1], sources[0]  # one output phase, pairs in gw's order
     blocks = -(-n // nb)
     size = cig * nin * buf_rows * wq  # a run buffer, then zeros: what the padding pairs read
@@ -651,7 +669,7 @@ def conv2d_backward_weight_flat(x, gy, gw, sh, sw, ph, pw, dh, dw, g, slots):
         for t in range(tid, blocks * g, slots):
             i0, gi = (t // g) * nb, t % g
             m = min(nb, n - i0)  # samples in this run
-            length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wq + ow, hq, hp)
+            length = _load_run(x, i0, m, gi * cig, xp, lead, phases, (oh - 1) * wq + ow, hq, hp, used)
             o, o1 = gi * cog, (gi + 1) * cog
             while o < o1:
                 nu = _block(o1 - o, blocked)
