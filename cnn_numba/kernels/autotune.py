@@ -68,7 +68,8 @@ COLD_BYTES = 8 << 20
 # Part of the machine key: a new generation (an algorithm rewritten, say) leaves the choices
 # timed against the old kernels unread. 2: Winograd's products became BLAS calls. 3: the flat
 # direct kernels hold their accumulators in vector registers (AVX-512). 4: rows are loaded
-# into the padded planes with masked vector copies (the direct kernels' loads 2-3x faster).
+# into the padded planes with masked vector copies, strided flat passes load only the input
+# phases they read (the direct kernels' loads 2-4x faster), and the blocked kernel joined.
 GENERATION = 4
 
 
