@@ -1,7 +1,5 @@
 """Inference latency, eval mode under no_grad, cnn_numba beside PyTorch on the same threads:
-LeNet-5 and resnet8 at batch 1, 16 and 256 (microseconds per call, the best of 7 timed
-stretches each, cnn_numba's and PyTorch's stretches alternating, so that a slow spell of a
-shared machine falls on both).
+LeNet-5 and resnet8 at batch 1, 16 and 256 (best of 5 timed stretches, microseconds per call).
 
     python bench/infer_speed.py
 """
@@ -9,17 +7,14 @@ import time, numpy as np, torch, cnn_numba as cn, numba
 from cnn_numba import models
 torch.set_num_threads(numba.get_num_threads())
 from train_speed import torch_model
-def interleaved(fs, n, stretches=7):
-    """The best time per call of each of ``fs``, over ``stretches`` rounds of n calls each."""
-    for f in fs:
-        f(); f()
-    best = [float("inf")] * len(fs)
-    for _ in range(stretches):
-        for i, f in enumerate(fs):
-            t = time.perf_counter()
-            for _ in range(n): f()
-            best[i] = min(best[i], (time.perf_counter() - t) / n)
-    return [b * 1e6 for b in best]
+def tm(f, n):
+    f(); f()
+    best = 1e9
+    for r in range(5):
+        t = time.perf_counter()
+        for _ in range(n): f()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best * 1e6
 for name in ("lenet5", "resnet8"):
     m = getattr(models, name)(); m.eval()
     tmod = torch_model(name); tmod.eval()
@@ -31,5 +26,5 @@ for name in ("lenet5", "resnet8"):
         def theirs():
             with torch.no_grad(): tmod(xt)
         n = max(3, int(2000 / b)) if name == "lenet5" else max(3, int(200 / b))
-        a, c = interleaved((ours, theirs), n)
+        a, c = tm(ours, n), tm(theirs, n)
         print(f"{name} b{b}: cnn_numba {a:.0f} us, torch {c:.0f} us, ratio {a/c:.2f}")
