@@ -615,11 +615,10 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
             total = loader.global_batch if ddp is not None else b
             value, hits = 0.0, 0
             if b:  # a rank's share of a short last batch may be empty
-                y_dev = tensor(y, device=device)  # labels go to the device once; only scalars come back
                 logits = model(tensor(x, device=device))
-                loss = F.cross_entropy(logits, y_dev)
+                loss = F.cross_entropy(logits, y)  # host labels: range-checked on the host, no read back
                 value = loss.item()
-                hits = kernel("count_correct", device)(logits.data, y_dev.data)
+                hits = kernel("count_correct", device)(logits.data, tensor(y, device=device).data)
             if ddp is not None:
                 value, hits = dist.all_reduce(np.array([value * b, hits], np.float64))
                 value /= total

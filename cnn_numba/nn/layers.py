@@ -265,15 +265,29 @@ class _BatchNorm(Module):
         _check_input_dims(self, x, self._dims, self._layout)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
-            t = self.num_batches_tracked
-            init.constant_(t, int(t.item()) + 1)
+            count = self._count_batch()
             if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / int(t.item())
+                factor = 1.0 / count
         # Batch statistics when training, or always when no running statistics are kept.
         use_batch = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         return op(x, self.running_mean if track else None, self.running_var if track else None,
                   self.weight, self.bias, use_batch, factor, self.eps)
+
+    def _count_batch(self) -> int:
+        """num_batches_tracked + 1, written into the buffer where it lives (on a GPU a fill
+        kernel: nothing is read back, so a training step does not wait for the device here).
+        The count is remembered with the buffer's array and version; the buffer is read only
+        where that array was replaced or written since (load_state_dict, init, copy_)."""
+        t = self.num_batches_tracked
+        seen = self.__dict__.get("_tracked")
+        if seen is not None and seen[0] is t and seen[1] is t.data and seen[2] == t._vc[0]:
+            count = seen[3] + 1
+        else:
+            count = int(t.item()) + 1
+        t.fill_(count)
+        object.__setattr__(self, "_tracked", (t, t.data, t._vc[0], count))
+        return count
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
