@@ -594,6 +594,45 @@ class _LineProgress:
             print(f"{self.desc}: {self.n}/{self.total} batches{self.postfix}", file=sys.stderr, flush=True)
 
 
+# On a GPU, train_epoch reads the steps' losses and correct counts back at most this often
+# (and at the end of the epoch); the steps between queue their work without waiting.
+READ_EVERY_S = 1.0
+
+
+class _DeviceTally:
+    """Each step's mean loss and correct count, kept on the device: a device copy into slot
+    ``step`` of two per-epoch buffers, nothing read back. ``read`` brings the slots written
+    since its last call back in one copy each, as (step, loss, hits) in step order, so the
+    epoch's sums are taken on the host in the same order, with the same float64 arithmetic,
+    as when every step reads its own."""
+
+    def __init__(self, device: str, steps: int):
+        self.device, self.steps, self.done, self.filled = device, steps, 0, 0
+        self.losses = self.hits = None
+        self.sizes: list[int] = []  # each step's batch size (known on the host)
+
+    def add(self, loss, logits, y) -> None:
+        if self.losses is None:
+            self.losses = kernel("full", self.device)((self.steps,), 0, loss.dtype)
+            self.hits = kernel("full", self.device)((self.steps,), 0, np.float64)
+        i = self.filled
+        self.losses[i:i + 1].copy_to_device(loss.data.reshape(1))
+        hits = kernel("count_correct", self.device)(logits.data, tensor(y, device=self.device).data, on_device=True)
+        self.hits[i:i + 1].copy_to_device(hits.reshape(1))
+        self.sizes.append(len(y))
+        self.filled += 1
+
+    def read(self) -> list:
+        """(step, mean loss, hits, batch size) of the steps added since the last read."""
+        lo, hi = self.done, self.filled
+        self.done = hi
+        if hi == lo:
+            return []
+        losses = kernel("to_host", self.device)(self.losses[lo:hi])
+        hits = kernel("to_host", self.device)(self.hits[lo:hi])
+        return [(lo + k + 1, float(v), int(h), self.sizes[lo + k]) for k, (v, h) in enumerate(zip(losses, hits))]
+
+
 def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool,
                 *, batch_scheduler=None, ddp: dist.DistributedDataParallel | None = None) -> dict:
     """One pass of mini-batch updates, stepping ``batch_scheduler`` after each; raises
@@ -602,11 +641,32 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
     With ``ddp`` (wrapping ``model``; ``loader`` a dist.ShardedLoader) rank r computes the mean
     loss of its share b_r of the global batch B and seeds backward with b_r N / B, so the ranks'
     mean gradient is one process's gradient of the mean loss over B, also when N does not divide
-    B; the loss and accuracy counted are the global batch's, the same on every rank."""
+    B; the loss and accuracy counted are the global batch's, the same on every rank.
+
+    On a GPU (without ``ddp``) the losses and counts stay on the device (_DeviceTally) and are
+    read back at most every READ_EVERY_S and at the end: a step reads nothing back, and a
+    non-finite loss raises at the read that finds it, naming its step (the steps after it have
+    run by then)."""
     model.train()
     n = correct = 0
     loss_sum = 0.0
     start = time.perf_counter()
+    tally = _DeviceTally(device, len(loader)) if ddp is None and device != "cpu" else None
+    due = time.monotonic() + READ_EVERY_S
+
+    def count(step, value, hits, total):
+        nonlocal n, loss_sum, correct
+        if not math.isfinite(value):
+            raise DivergedError(f"loss is {value} at epoch {epoch}, step {step} of {len(loader)}")
+        n += total
+        loss_sum += value * total
+        correct += int(hits)
+
+    def show(bar):
+        if n:
+            bar.set_postfix(OrderedDict([("loss", f"{loss_sum / n:.4f}"), ("acc", f"{100 * correct / n:.2f}%"),
+                                         ("img/s", f"{n / (time.perf_counter() - start):.0f}")]), refresh=False)
+
     # Overflow warnings would only precede the clear non-finite-loss error below.
     with _progress(len(loader), f"epoch {epoch}/{epochs}", progress) as bar, \
             np.errstate(over="ignore", invalid="ignore"):
@@ -617,13 +677,16 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
             if b:  # a rank's share of a short last batch may be empty
                 logits = model(tensor(x, device=device))
                 loss = F.cross_entropy(logits, y)  # host labels: range-checked on the host, no read back
-                value = loss.item()
-                hits = kernel("count_correct", device)(logits.data, tensor(y, device=device).data)
+                if tally is not None:
+                    tally.add(loss, logits, y)
+                else:
+                    value = loss.item()
+                    hits = kernel("count_correct", device)(logits.data, tensor(y, device=device).data)
             if ddp is not None:
                 value, hits = dist.all_reduce(np.array([value * b, hits], np.float64))
                 value /= total
-            if not math.isfinite(value):
-                raise DivergedError(f"loss is {value} at epoch {epoch}, step {step} of {len(loader)}")
+            if tally is None:
+                count(step, value, hits, total)
             optimizer.zero_grad()
             if b:
                 scale = b * dist.world_size() / total if ddp is not None else 1.0
@@ -633,11 +696,11 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
             optimizer.step()
             if batch_scheduler is not None:
                 batch_scheduler.step()
-            n += total
-            loss_sum += value * total
-            correct += int(hits)
-            bar.set_postfix(OrderedDict([("loss", f"{loss_sum / n:.4f}"), ("acc", f"{100 * correct / n:.2f}%"),
-                                         ("img/s", f"{n / (time.perf_counter() - start):.0f}")]), refresh=False)
+            if tally is not None and (step == len(loader) or time.monotonic() >= due):
+                due = time.monotonic() + READ_EVERY_S
+                for s, v, h, size in tally.read():
+                    count(s, v, h, size)
+            show(bar)
             bar.update()
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / n, "train_acc": correct / n, "train_time_s": seconds,

@@ -85,3 +85,43 @@ def test_device_labels_are_checked_with_one_read(reads):
     assert len(reads) == 1
     with pytest.raises(ValueError, match="target must lie in"):
         F.cross_entropy(z, cn.tensor(np.array([0, 3]), device="cuda"))
+
+
+def _epoch(monkeypatch, read_every, batches, seed=0):
+    """A fresh tiny model trained one epoch on ``batches`` on device "cuda"; its metrics."""
+    from cnn_numba import train
+    monkeypatch.setattr(train, "READ_EVERY_S", read_every)
+    cn.manual_seed(seed)
+    model = _model(0.1)
+    opt = optim.SGD(model.parameters(), lr=0.05)
+    out = train.train_epoch(model, opt, batches, 1, 1, "cuda", False)
+    return {k: v for k, v in out.items() if k in ("train_loss", "train_acc")}, model
+
+
+def _batches(rng, steps=3, nan_at=None):
+    out = []
+    for s in range(steps):
+        x = rng.standard_normal((2, 1, 4, 4)).astype(np.float32)
+        if s + 1 == nan_at:
+            x[0, 0, 0, 0] = np.nan
+        out.append((x, rng.integers(0, 3, 2)))
+    return out
+
+
+def test_train_epoch_reads_its_tally_once(monkeypatch, reads):
+    """train_epoch on a GPU keeps each step's loss and correct count on the device and reads
+    them back at the epoch's end (READ_EVERY_S apart before that): two copies for the whole
+    epoch here, and the same loss and accuracy as reading after every step."""
+    from cnn_numba import train
+    rng = np.random.default_rng(1)
+    batches = _batches(rng)
+    _epoch(monkeypatch, 1e9, batches)  # compiles
+    reads.clear()
+    lazy, _ = _epoch(monkeypatch, 1e9, batches)
+    assert len(reads) == 2  # the losses and the counts, once each
+    reads.clear()
+    eager, _ = _epoch(monkeypatch, 0.0, batches)
+    assert len(reads) == 2 * len(batches)
+    assert lazy == eager
+    with pytest.raises(train.DivergedError, match="step 2 of 3"):
+        _epoch(monkeypatch, 1e9, _batches(np.random.default_rng(1), nan_at=2))

@@ -775,3 +775,28 @@ def test_registered_members_are_plain_attributes_and_stay_in_step():
     with pytest.raises(AttributeError):
         m.stat
     assert [n for n, _ in m.named_parameters()] == ["weight"]  # bias is None
+
+
+def test_batch_norm_counts_batches_through_every_change_of_its_counter(rng):
+    """num_batches_tracked counts training forwards (remembered on the host, written to the
+    buffer: nn/layers.py's _count_batch) and restarts from whatever reset_running_stats,
+    init.zeros_, fill_, copy_ or load_state_dict put there; a dtype move keeps it. With
+    momentum=None the running mean is the plain average of the batch means."""
+    from cnn_numba.nn import init
+    bn = nn.BatchNorm2d(2, momentum=None)
+    xs = [rng.standard_normal((3, 2, 2, 2)).astype(np.float32) for _ in range(3)]
+    for x in xs:
+        bn(cn.tensor(x))
+    assert int(bn.num_batches_tracked.item()) == 3
+    np.testing.assert_allclose(bn.running_mean.numpy(), np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0),
+                               rtol=1e-5, atol=1e-6)
+    for reset, start in [(lambda: bn.reset_running_stats(), 0), (lambda: init.zeros_(bn.num_batches_tracked), 0),
+                         (lambda: bn.num_batches_tracked.fill_(7), 7),
+                         (lambda: bn.num_batches_tracked.copy_(np.array(4)), 4),
+                         (lambda: bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": np.array(9)}), 9),
+                         (lambda: bn.to(np.float64), None)]:
+        before = int(bn.num_batches_tracked.item())
+        reset()
+        start = before if start is None else start
+        bn(cn.tensor(xs[0].astype(bn.running_mean.dtype)))
+        assert int(bn.num_batches_tracked.item()) == start + 1

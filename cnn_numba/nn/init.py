@@ -25,6 +25,7 @@ from .module import _device_array
 
 def _assign(tensor: Tensor, values) -> Tensor:
     tensor.data = _device_array(np.array(np.broadcast_to(values, tensor.shape), dtype=tensor.dtype), tensor.device)
+    tensor._vc[0] += 1  # new values: an in-place change
     return tensor
 
 

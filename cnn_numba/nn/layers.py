@@ -246,6 +246,7 @@ class _BatchNorm(Module):
             init.zeros_(self.running_mean)
             init.ones_(self.running_var)
             init.zeros_(self.num_batches_tracked)
+            object.__setattr__(self, "_tracked", (self.num_batches_tracked, self.num_batches_tracked._vc[0], 0))
 
     def reset_parameters(self):
         self.reset_running_stats()
@@ -277,16 +278,17 @@ class _BatchNorm(Module):
     def _count_batch(self) -> int:
         """num_batches_tracked + 1, written into the buffer where it lives (on a GPU a fill
         kernel: nothing is read back, so a training step does not wait for the device here).
-        The count is remembered with the buffer's array and version; the buffer is read only
-        where that array was replaced or written since (load_state_dict, init, copy_)."""
+        The count is remembered with the buffer's version; the buffer is read only where it
+        was written since by something else (load_state_dict, init, copy_, fill_ each count as
+        a version; moving it to another device or dtype does not change its value)."""
         t = self.num_batches_tracked
         seen = self.__dict__.get("_tracked")
-        if seen is not None and seen[0] is t and seen[1] is t.data and seen[2] == t._vc[0]:
-            count = seen[3] + 1
+        if seen is not None and seen[0] is t and seen[1] == t._vc[0]:
+            count = seen[2] + 1
         else:
             count = int(t.item()) + 1
         t.fill_(count)
-        object.__setattr__(self, "_tracked", (t, t.data, t._vc[0], count))
+        object.__setattr__(self, "_tracked", (t, t._vc[0], count))
         return count
 
     def extra_repr(self):

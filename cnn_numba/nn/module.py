@@ -275,6 +275,7 @@ class Module:
         for k, t in own.items():
             if k in values:
                 t.data = _device_array(np.array(values[k], dtype=t.dtype, copy=True), t.device)
+                t._vc[0] += 1  # new values: an in-place change (what saved them for backward can tell)
         return IncompatibleKeys(missing, unexpected)
 
     # ---- printing

@@ -258,11 +258,13 @@ def _hits(z, t, flags):
 
 
 @register("count_correct", CUDA)
-def count_correct(z, t):
-    """Correct predictions of logits z (N, K) for labels t (N,), counted on the device."""
+def count_correct(z, t, on_device: bool = False):
+    """Correct predictions of logits z (N, K) for labels t (N,), counted on the device: an int,
+    or with ``on_device`` the 0-d float64 device array that holds it (nothing read back)."""
     flags = empty((t.size,), np.float64)
     launch(_hits, t.size, z, t, flags)
-    return int(total(flags).copy_to_host())
+    count = total(flags)
+    return count if on_device else int(count.copy_to_host())
 
 
 # ----------------------------------------------------------------------------- relu
