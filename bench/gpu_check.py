@@ -9,7 +9,9 @@
    offline MNIST sample) on the GPU and on the CPU with the same seed: the test
    accuracies must agree within a point;
 3. bench/gpu_report.py (conv layers vs cuDNN, the GEMM vs the FP32 peak);
-4. bench/train_speed.py --device cuda (LeNet-5 b64, resnet20 b128 vs PyTorch).
+4. bench/train_speed.py --device cuda (LeNet-5 b64, resnet20 b128 vs PyTorch);
+5. bench/gpu_host.py: launches and device-to-host reads per training step, host and device
+   time per step, host microseconds per launch (written to gpu-host-<date>.json too).
 
 Writes bench/results/gpu-check-<date>.md with the GPU's name, the date and the commit,
 and prints it. Steps that fail are recorded as failed; the script goes on.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-STEPS = ("tests", "train", "report", "speed")
+STEPS = ("tests", "train", "report", "speed", "host")
 
 
 def run(cmd: list[str], timeout: int, env=None) -> tuple[int, str, float]:
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
             lines += [""] + [f"    {r['device']}: {r['last']}" for r in runs if r["code"]] + [""]
         else:
             script = (["bench/gpu_report.py", "--reps", str(args.reps)] if step == "report" else
+                      ["bench/gpu_host.py", "--json", str(RESULTS / f"gpu-host-{today}.json")] if step == "host" else
                       ["bench/train_speed.py", "--device", "cuda", "--steps", str(args.steps)])
             code, out, secs = run([sys.executable, *script], limit)
             lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s", "", tail(out, 60), ""]

@@ -125,3 +125,16 @@ def test_train_epoch_reads_its_tally_once(monkeypatch, reads):
     assert lazy == eager
     with pytest.raises(train.DivergedError, match="step 2 of 3"):
         _epoch(monkeypatch, 1e9, _batches(np.random.default_rng(1), nan_at=2))
+
+
+def test_gpu_host_script_counts_a_step():
+    """bench/gpu_host.py (the GPU session's host measurements) on a tiny model under the
+    simulator: launches counted, no reads; the per-launch timing runs."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu_host
+    row = gpu_host.step_counts("tiny", _model(0.1), 2, 4, 1, classes=3)
+    assert row["reads"] == 0 and row["launches"] > 10
+    per = gpu_host.launch_us(3)
+    assert per["launcher"] > 0 and per["bare"] > 0

@@ -1,0 +1,166 @@
+"""The host side of a CUDA training step (issue 11, part 1): what the host does per step, and
+what each launch costs it.
+
+    python bench/gpu_host.py [--models lenet5,resnet20] [--batch 64,128] [--steps 20] [--json PATH]
+
+Per model, one training step (forward, cross-entropy, backward, SGD) after warm-up steps:
+
+    launches      kernel launches through cnn_numba's launcher (kernels/cuda/launch.py)
+    reads         device-to-host copies (every read goes through a device array's
+                  copy_to_host: .item(), .numpy(), the count kernels); each one waits for
+                  the device to finish the work queued before it
+    host ms       wall time of the Python that queues the step (no synchronisation inside)
+    device ms     the step's device time, from CUDA events around it (a GPU only)
+
+and, per launch, host microseconds through cnn_numba's launcher and through a bare
+numba-cuda launch of the same kernel (``kernel[grid, block](*args)``), the mean of
+``--launches`` calls queued back to back.
+
+On a GPU this is what bench/gpu_check.py runs as its "host" step, and ``--json`` writes the
+figures (launch_us, syncs_per_step, launches_per_step, host/device ms per step). Without a GPU
+it runs under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), where only the counts mean
+anything: keep the shapes tiny there (``--batch 2 --side 8``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _counting(made: dict):
+    """Count launches (launch.record) and device-to-host copies (copy_to_host) into ``made``."""
+    from numba import cuda
+
+    from cnn_numba.kernels.cuda import launch
+
+    cls = type(cuda.to_device(np.zeros(1)))
+    inner = cls.copy_to_host
+
+    def copy_to_host(self, *args, **kwargs):
+        made["reads"] += 1
+        return inner(self, *args, **kwargs)
+
+    def record(kernel, args):
+        made["launches"] += 1
+
+    cls.copy_to_host = copy_to_host
+    launch.record = record
+    return lambda: (setattr(cls, "copy_to_host", inner), setattr(launch, "record", None))
+
+
+def step_counts(name: str, model, batch: int, side: int, steps: int, classes: int = 10) -> dict:
+    """Launches, reads and host/device time of one training step of ``model`` (on "cuda",
+    taking (batch, 1, side, side) images into ``classes`` logits), reported as ``name``."""
+    from numba import config, cuda
+
+    import cnn_numba as cn
+    import cnn_numba.functional as F
+    from cnn_numba import optim
+
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    x = cn.tensor(rng.standard_normal((batch, 1, side, side)).astype(np.float32), device="cuda")
+    y = rng.integers(0, classes, batch)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):  # compiles, and the batch norms' first count
+        step()
+    made = {"launches": 0, "reads": 0}
+    restore = _counting(made)
+    try:
+        step()
+    finally:
+        restore()
+    out = {"model": name, "batch": batch, "launches": made["launches"], "reads": made["reads"]}
+    if not config.ENABLE_CUDASIM:
+        cuda.synchronize()
+        start, end = cuda.event(), cuda.event()
+        host = []
+        start.record()
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - t)
+        end.record()
+        end.synchronize()
+        out["host_ms"] = 1e3 * float(np.median(host))
+        out["device_ms"] = cuda.event_elapsed_time(start, end) / steps
+    return out
+
+
+def launch_us(launches: int) -> dict:
+    """Host microseconds per launch of a one-element fill kernel: through cnn_numba's launcher,
+    and bare (``kernel[grid, block](*args)``), queued back to back."""
+    from numba import cuda
+
+    from cnn_numba.kernels.cuda import elementwise as E
+    from cnn_numba.kernels.cuda.launch import BLOCK, launch, scalar
+
+    out = cuda.device_array(1, np.float32)
+    value = scalar(1.0, np.float32)
+    launch(E._fill, 1, out, value)
+    E._fill[1, BLOCK](out, value)
+    res = {}
+    for name, call in (("launcher", lambda: launch(E._fill, 1, out, value)),
+                       ("bare", lambda: E._fill[1, BLOCK](out, value))):
+        cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(launches):
+            call()
+        res[name] = 1e6 * (time.perf_counter() - t) / launches
+        cuda.synchronize()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="lenet5,resnet20")
+    ap.add_argument("--batch", default="64,128", help="one batch size per model")
+    ap.add_argument("--side", type=int, default=28, help="input side (28: MNIST)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (a GPU only)")
+    ap.add_argument("--launches", type=int, default=2000)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args(argv)
+    import cnn_numba as cn
+    from cnn_numba import models
+
+    names = args.models.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    rows = []
+    for n, b in zip(names, batches + batches[-1:] * len(names)):
+        cn.manual_seed(0)
+        rows.append(step_counts(n, getattr(models, n)().to("cuda"), b, args.side, args.steps))
+    per_launch = launch_us(args.launches)
+    print("| model | batch | launches | device-to-host reads | host ms | device ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['launches']} | {r['reads']} | "
+              f"{r.get('host_ms', float('nan')):.2f} | {r.get('device_ms', float('nan')):.2f} |")
+    print(f"\nhost us per launch: cnn_numba's launcher {per_launch['launcher']:.1f}, "
+          f"bare numba-cuda {per_launch['bare']:.1f}")
+    if args.json:
+        record = {"launch_us": per_launch["launcher"], "launch_us_bare": per_launch["bare"],
+                  "syncs_per_step": max(r["reads"] for r in rows)}
+        for r in rows:
+            for k in ("launches", "reads", "host_ms", "device_ms"):
+                if k in r:
+                    record[f"{r['model']}_{k}_per_step" if k in ("launches", "reads") else f"{r['model']}_{k}"] = r[k]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
