@@ -612,6 +612,7 @@ class _DeviceTally:
         self.sizes: list[int] = []  # each step's batch size (known on the host)
 
     def add(self, loss, logits, y) -> None:
+        """Slot the step's loss and its correct count (``y``: the step's labels, on the host)."""
         if self.losses is None:
             self.losses = kernel("full", self.device)((self.steps,), 0, loss.dtype)
             self.hits = kernel("full", self.device)((self.steps,), 0, np.float64)

@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from . import PARALLEL, get_num_threads
 from .conv import KERNEL, channel, epilogue, epilogue_args, no_epilogue
-from .conv_stride1 import REGISTER_BLOCKED, flip_kernel, pad_phases
+from .conv_stride1 import REGISTER_BLOCKED, even_runs, flip_kernel, pad_phases
 from .simd import LANES, vfma, vload, vstore
 
 VECTORS = 2               # output-channel vectors per tile
@@ -112,13 +112,8 @@ def _plan(n, cog, oh, ow, g, slots):
     """``(nb, runs, parts)``: nb samples per run (about RUN_TILES tiles), and, where fewer
     (run, group) tasks than ``slots`` (a small batch), each group's blocks of output channels
     split into ``parts`` tasks, so that every thread has work."""
-    plane = oh * ow
-    nb = max(1, min(n, (RUN_TILES * TILE) // max(plane, 1)))
+    nb = even_runs(n, max(1, min(n, (RUN_TILES * TILE) // max(oh * ow, 1))), slots)
     runs = -(-n // nb)
-    if slots > 1 and runs < 2 * slots:  # equal runs, a multiple of the threads where the batch allows
-        runs = min(n, -(-runs // slots) * slots)
-        nb = -(-n // runs)
-        runs = -(-n // nb)
     blocks = -(-cog // CHANNELS)
     parts = max(1, min(blocks, -(-slots // (runs * g))))
     return nb, runs, parts

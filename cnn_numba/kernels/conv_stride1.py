@@ -211,6 +211,22 @@ def _axis_plan(k, s, p, d, size, size_in, adjoint):
 
 
 @njit(cache=True)
+def even_runs(n, nb, slots):
+    """``nb`` samples per run, lowered so that the runs over ``n`` samples number a multiple of
+    ``slots`` where the batch allows, all about as long (a run's outputs do not depend on the
+    runs: same results). One thread's time for one run (2026-12-01, float32, us): 64->64 7x7
+    (9x9 padded) 12 samples 393, 8 292, 4 171, 3 139, 2 108, 1 92; so on 2 idle cores
+    resnet8's third stage at b16 takes 292 (runs 8+8) instead of 393 (12+4), at b3 108
+    instead of 139; LeNet-5's conv2 at b16 (14x14) 2x26 (4 runs of 4) instead of 2x39 (5+5,
+    5+1). Both threads measured (shared cores): the b16 layer 309 against 600 when the other
+    core was free, 450 against 400 when it was busy."""
+    if slots > 1:
+        runs = min(n, -(-(-(-n // nb)) // slots) * slots)
+        nb = -(-n // runs)
+    return nb
+
+
+@njit(cache=True)
 def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, dw, adjoint, slots):
     """Sizes of a direct pass over ``n`` samples of ``cig`` channels (see above),
     ``(lead, phases_in, phases_out, (hq, wq), (uh, uw), nb, counts, taps, sources, (hp, rows))``:
@@ -238,17 +254,7 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
     oph, iph, shh, lh, uh, hp, hq = _axis_plan(kh, sh, ph, dh, size_h, in_h, adjoint)
     opw, ipw, shw, lw, uw, wp, wq = _axis_plan(kw, sw, pw, dw, size_w, in_w, adjoint)
     phases_in, phases_out = ((1, 1), (sh, sw)) if adjoint else ((sh, sw), (1, 1))
-    nb = max(1, min(n, FLAT_RUN // (hq * wq)))
-    if slots > 1:
-        # Runs in a multiple of the threads, of equal length (a run's outputs do not depend
-        # on the runs: same results). One thread's time for one run (2026-12-01, float32, us):
-        # 64->64 7x7 (9x9 padded) 12 samples 393, 8 292, 4 171, 3 139, 2 108, 1 92; so on
-        # 2 idle cores resnet8's third stage at b16 takes 292 (runs 8+8) instead of 393
-        # (12+4), at b3 108 instead of 139; LeNet-5's conv2 at b16 (14x14) 2x26 (4 runs of
-        # 4) instead of 2x39 (5+5, 5+1). Both threads measured (shared cores): the b16 layer
-        # 309 against 600 when the other core was free, 450 against 400 when it was busy.
-        runs = min(n, -(-(-(-n // nb)) // slots) * slots)
-        nb = -(-n // runs)
+    nb = even_runs(n, max(1, min(n, FLAT_RUN // (hq * wq))), slots)
     # a run buffer's rows per phase plane: the last sample's plane is hp rows, and its
     # last row's taps reach wp - wq columns past them (see above)
     rows = (nb - 1) * hq + hp - (-(wp - wq) // wq)
@@ -307,10 +313,12 @@ def phases_read(kh, kw, sh, sw, dh, dw):
     """The mask (bit r*sw + q) of the input phases that a forward's taps read: tap (a, bb)
     reads phase ((a*dh) % sh, (bb*dw) % sw) (see above). All of them for a 3x3 kernel at
     stride 2; for a 1x1 one, phase 0 alone, so a shortcut loads a quarter of its input."""
+    rows = _axis_plan(kh, sh, 0, dh, 1, 1, False)[1]  # each tap's input phase (sizes do not matter)
+    cols = _axis_plan(kw, sw, 0, dw, 1, 1, False)[1]
     used = 0
     for a in range(kh):
         for bb in range(kw):
-            used |= 1 << (((a * dh) % sh) * sw + (bb * dw) % sw)
+            used |= 1 << (rows[a] * sw + cols[bb])
     return used
 
 

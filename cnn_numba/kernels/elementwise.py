@@ -85,7 +85,7 @@ ADD_RELU_CHUNK = 1 << 14
 
 @njit(parallel=PARALLEL, cache=True)
 def add_relu_kernel(a, b, y):
-    """y = relu_value(a + b) (1-d, one size; y may be a or b), in chunks over the threads:
+    """y = relu_value(a + b) (1-d, one size), in chunks over the threads:
     relu(add(a, b)) bit for bit, in one pass instead of two."""
     n = y.size
     for c in prange(-(-n // ADD_RELU_CHUNK)):
@@ -99,10 +99,9 @@ add_relu_kernel_serial = serial_twin(add_relu_kernel)
 
 
 @register("add_relu_forward", CPU)
-def add_relu_forward(a, b, out=None):
-    """relu(a + b) for a and b of one shape and dtype, into ``out`` (a new array, or one of the
-    same shape and dtype, which may be a or b)."""
-    y = np.empty(a.shape, a.dtype) if out is None else out
+def add_relu_forward(a, b):
+    """relu(a + b), a new array, for a and b of one shape and dtype."""
+    y = np.empty(a.shape, a.dtype)
     run = add_relu_kernel if y.size >= ADD_RELU_PARALLEL_ELEMENTS else add_relu_kernel_serial
     run(np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), y.reshape(-1))
     return y

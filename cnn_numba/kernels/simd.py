@@ -64,15 +64,19 @@ class _VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), LANES))
 
 
-def _vector_pointer(context, builder, arrty, arr, index):
+def _vector_pointer(context, builder, arrty, arr, index, count=None):
     """A pointer to arr[index:index + LANES] as a vector; with NUMBA_BOUNDSCHECK=1 an
     IndexError unless both ends lie in the array (tests/test_boundscheck.py runs every
-    kernel so)."""
+    kernel so). With ``count`` (an i64: the masked accesses), only the ``count`` elements from
+    ``index`` are checked, and none where it is 0."""
     ary = context.make_array(arrty)(context, builder, arr)
     if context.enable_boundscheck:
         size = builder.extract_value(ary.shape, 0)
-        cgutils.do_boundscheck(context, builder, index, size)
-        cgutils.do_boundscheck(context, builder, builder.add(index, ir.Constant(index.type, LANES - 1)), size)
+        reach = ir.Constant(index.type, LANES) if count is None else count
+        last = builder.add(index, builder.sub(reach, ir.Constant(index.type, 1)))
+        with builder.if_then(builder.icmp_signed(">", reach, ir.Constant(index.type, 0))):
+            cgutils.do_boundscheck(context, builder, index, size)
+            cgutils.do_boundscheck(context, builder, last, size)
     data = ary.data
     return builder.bitcast(builder.gep(data, [index]), ir.PointerType(ir.VectorType(data.type.pointee, LANES)))
 
@@ -163,19 +167,6 @@ def _mask(builder, count):
     return builder.icmp_signed("<", lanes, _broadcast(builder, ir.VectorType(i64, LANES), count))
 
 
-def _masked_pointer(context, builder, arrty, arr, index, count):
-    """_vector_pointer for the ``count`` lanes from ``index`` (bounds checked on those only)."""
-    ary = context.make_array(arrty)(context, builder, arr)
-    if context.enable_boundscheck:
-        size = builder.extract_value(ary.shape, 0)
-        last = builder.add(index, builder.sub(count, ir.Constant(count.type, 1)))
-        with builder.if_then(builder.icmp_signed(">", count, ir.Constant(count.type, 0))):
-            cgutils.do_boundscheck(context, builder, index, size)
-            cgutils.do_boundscheck(context, builder, last, size)
-    data = ary.data
-    return builder.bitcast(builder.gep(data, [index]), ir.PointerType(ir.VectorType(data.type.pointee, LANES)))
-
-
 def _masked(module, name, ptr, lanes, bits):
     """(llvm.masked.<name> (load or store) for vectors like ``*ptr`` of ``bits``-bit floats,
     declared in ``module``; the alignment argument)."""
@@ -198,7 +189,7 @@ def vload_masked(typingctx, arr, index, count):
 
     def codegen(context, builder, sig, args):
         a, i, n = args
-        ptr = _masked_pointer(context, builder, sig.args[0], a, i, n)
+        ptr = _vector_pointer(context, builder, sig.args[0], a, i, n)
         lanes = _mask(builder, n)
         load, align = _masked(builder.module, "load", ptr, lanes, arr.dtype.bitwidth)
         return builder.call(load, [ptr, align, lanes, ir.Constant(ptr.type.pointee, None)])
@@ -213,7 +204,7 @@ def vstore_masked(typingctx, arr, index, vec, count):
 
     def codegen(context, builder, sig, args):
         a, i, v, n = args
-        ptr = _masked_pointer(context, builder, sig.args[0], a, i, n)
+        ptr = _vector_pointer(context, builder, sig.args[0], a, i, n)
         lanes = _mask(builder, n)
         store, align = _masked(builder.module, "store", ptr, lanes, arr.dtype.bitwidth)
         builder.call(store, [v, ptr, align, lanes])
@@ -222,10 +213,10 @@ def vstore_masked(typingctx, arr, index, vec, count):
 
 
 def copy_row(src, i, dst, j, n):
-    """dst[j:j + n] = src[i:i + n] (1-D arrays): in masked vectors of LANES where both are
-    float arrays of one dtype whose elements are adjacent, element by element otherwise
-    (compiled code only)."""
-    raise NotImplementedError("copy_row runs in compiled code")
+    """dst[j:j + n] = src[i:i + n] (1-D arrays). Compiled (the overload below): in masked
+    vectors of LANES where both are float arrays of one dtype whose elements are adjacent,
+    element by element otherwise; from Python, a slice copy."""
+    dst[j:j + n] = src[i:i + n]
 
 
 def _vector_row(a) -> bool:

@@ -246,7 +246,7 @@ class _BatchNorm(Module):
             init.zeros_(self.running_mean)
             init.ones_(self.running_var)
             init.zeros_(self.num_batches_tracked)
-            object.__setattr__(self, "_tracked", (self.num_batches_tracked, self.num_batches_tracked._vc[0], 0))
+            self._remember_count(0)
 
     def reset_parameters(self):
         self.reset_running_stats()
@@ -288,8 +288,13 @@ class _BatchNorm(Module):
         else:
             count = int(t.item()) + 1
         t.fill_(count)
-        object.__setattr__(self, "_tracked", (t, t._vc[0], count))
+        self._remember_count(count)
         return count
+
+    def _remember_count(self, count: int) -> None:
+        """Note that num_batches_tracked, at its current version, holds ``count``."""
+        t = self.num_batches_tracked
+        object.__setattr__(self, "_tracked", (t, t._vc[0], count))
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
