@@ -139,14 +139,20 @@ from . import kernels  # noqa: F401  (registers the CPU kernels with the backend
 from . import functional
 from .tensor import (Function, Tensor, enable_grad, from_cuda_array, is_grad_enabled, no_grad, set_grad_enabled,
                      tensor)
-from . import models, nn, optim
+from . import gpu as cuda, models, nn, optim
 from .random import manual_seed
 from .summary import summary
 from .sysinfo import show_config
 
+# ``cnn_numba.cuda`` is gpu.py. No module file can carry that name: numba-cuda's import hook
+# takes any module whose name contains "numba.cuda" for Numba's own and recurses on it. A
+# module found in sys.modules is never looked for, so ``import cnn_numba.cuda`` works too.
+import sys as _sys  # noqa: E402
+_sys.modules[__name__ + ".cuda"] = cuda
+
 __version__ = "0.1.0"
 __all__ = ["Tensor", "tensor", "from_cuda_array", "no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled",
-           "Function", "functional", "nn", "optim", "models", "manual_seed", "summary", "show_config",
+           "Function", "functional", "nn", "optim", "models", "cuda", "manual_seed", "summary", "show_config",
            "cuda_is_available", "__version__"]
 
 

@@ -18,6 +18,13 @@ DEVICES = ("cpu", "cuda")
 _KERNELS: dict[tuple[str, str], Callable] = {}
 
 
+def capturing() -> bool:
+    """Whether a CUDA step is being captured as a graph (kernels/cuda/graph.py) right now."""
+    import sys
+    launch = sys.modules.get("cnn_numba.kernels.cuda.launch")
+    return launch is not None and getattr(launch.capture, "capturing", False)
+
+
 def check_device(device) -> str:
     device = str(device)
     base = device.split(":")[0]

@@ -74,13 +74,39 @@ def _check_bias(bias, channels, weight):
 
 def _indices(t: Tensor, bound: int, name: str, what: str, device: str) -> Tensor:
     """Integer tensor ``t`` checked to lie in ``[0, bound)`` (on its own device: only a count
-    comes back), as int64 on ``device``."""
+    comes back), as int64 on ``device``. Labels that ``checked_labels`` made skip the check."""
+    if getattr(t, "_checked", None) == (bound, t._vc[0]) and t.device == device:
+        return t
     if kernel("count_outside", t.device)(t.data, 0, bound):
         host = t.numpy()
         raise ValueError(f"{name} must lie in [0, {bound}) for {what}, got range [{host.min()}, {host.max()}]")
     if t.dtype != np.int64 or t.device != device:
         t = Tensor(t.numpy().astype(np.int64), device=device)
     return t
+
+
+def _label_array(labels, classes: int) -> np.ndarray:
+    """Class indices ``labels`` (N,) as a host int64 array, checked to lie in [0, classes)."""
+    host = np.asarray(labels.numpy() if isinstance(labels, Tensor) else labels)
+    if host.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integer class indices, got dtype {host.dtype}")
+    if host.size and (host.min() < 0 or host.max() >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}), got range [{host.min()}, {host.max()}]")
+    return host.astype(np.int64, copy=False)
+
+
+def _mark_checked(t: Tensor, classes: int) -> Tensor:
+    """Mark int64 labels ``t`` as known to lie in [0, classes): cross_entropy then takes them
+    without checking them on the device, a check that reads its count back (a wait for the
+    device, and a read no CUDA graph can capture). An in-place write through the Tensor API
+    drops the mark (it bumps the version); whoever writes the memory directly checks first."""
+    t._checked = (classes, t._vc[0])
+    return t
+
+
+def _checked_labels(labels, classes: int, device: str) -> Tensor:
+    """Host labels checked on the host, uploaded once, marked (see _mark_checked)."""
+    return _mark_checked(Tensor(_label_array(labels, classes), device=device), classes)
 
 
 def _inputs(*tensors):

@@ -180,7 +180,9 @@ class Function:
 class Tensor:
     """An n-d array on a device, with an optional gradient. Layout NCHW for images."""
 
-    __slots__ = ("data", "device", "requires_grad", "grad", "_ctx", "_vc", "__weakref__")
+    # _checked (set only by functional.checked_labels): (bound, version) of integer labels known
+    # to lie in [0, bound) at that version, so a loss need not check them on the device again.
+    __slots__ = ("data", "device", "requires_grad", "grad", "_ctx", "_vc", "_checked", "__weakref__")
     __array_priority__ = 1000  # so numpy defers ``ndarray * Tensor`` to us
 
     def __init__(self, data, requires_grad: bool = False, device: str = "cpu", dtype=None):
@@ -283,8 +285,8 @@ class Tensor:
                                "are not differentiable here; use it under no_grad() or on .detach()")
         if isinstance(self.data, np.ndarray):
             np.copyto(self.data, arr)
-        else:
-            self.data.copy_to_device(arr)
+        else:  # a kernel, not a driver copy: a CUDA graph can capture it
+            kernel("copy_into", self.device)(arr, self.data)
         self._vc[0] += 1
         return self
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import functional as F
 from .. import shapes
-from ..backend import check_device
+from ..backend import capturing as _capturing, check_device, kernel
 from ..tensor import Tensor
 from . import init
 from .module import FUSION_ROLES, Module, Parameter, _device_array
@@ -282,6 +282,8 @@ class _BatchNorm(Module):
         was written since by something else (load_state_dict, init, copy_, fill_ each count as
         a version; moving it to another device or dtype does not change its value)."""
         t = self.num_batches_tracked
+        if t.device != "cpu" and _capturing():
+            return self._count_captured_batch()
         seen = self.__dict__.get("_tracked")
         if seen is not None and seen[0] is t and seen[1] == t._vc[0]:
             count = seen[2] + 1
@@ -290,6 +292,18 @@ class _BatchNorm(Module):
         t.fill_(count)
         self._remember_count(count)
         return count
+
+    def _count_captured_batch(self) -> int:
+        """In a step captured as a CUDA graph (kernels/cuda/graph.py) the count goes up on the
+        device, once per replay; the host forgets it and reads it again when next needed. A
+        cumulative average (momentum=None) needs 1/count on the host every step: not capturable."""
+        if self.momentum is None:
+            from ..kernels.cuda.graph import NotCapturable
+            raise NotCapturable(f"{type(self).__name__}(momentum=None) computes 1/num_batches_tracked on the host")
+        t = self.num_batches_tracked
+        t._write(kernel("add", t.device)(t.data, 1))
+        object.__setattr__(self, "_tracked", None)
+        return 0
 
     def _remember_count(self, count: int) -> None:
         """Note that num_batches_tracked, at its current version, holds ``count``."""

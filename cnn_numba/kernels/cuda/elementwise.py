@@ -17,7 +17,7 @@ import numpy as np
 from numba import cuda, float64
 
 from ...backend import register
-from .launch import BLOCK, empty, flat, is_device_array, jit, launch, launch_grid, scalar
+from .launch import BLOCK, empty, flat, is_device_array, jit, launch, launch_grid, refuse_in_capture, scalar
 from .reduce import block_reduce
 
 CUDA = "cuda"
@@ -27,6 +27,7 @@ CUDA = "cuda"
 
 @register("to_host", CUDA)
 def to_host(a):
+    refuse_in_capture(f"a read of a device array of shape {tuple(a.shape)}")
     return a.copy_to_host()
 
 
@@ -34,6 +35,7 @@ def to_host(a):
 def from_host(a):
     if is_device_array(a):
         return a
+    refuse_in_capture(f"an upload of a host array of shape {np.shape(a)}")
     return cuda.to_device(np.asarray(a, order="C"))
 
 
@@ -70,6 +72,12 @@ def pointwise(kernel, first, *rest):
 @register("copy", CUDA)
 def copy(a):
     return pointwise(_copy, a)
+
+
+@register("copy_into", CUDA)
+def copy_into(src, dst):
+    """dst[...] = src (same shape and dtype) by a kernel, so a captured step can write in place."""
+    launch(_copy, dst.size, flat(src), flat(dst))
 
 
 @register("reshape", CUDA)
@@ -240,6 +248,7 @@ def _outside(a, lo, hi, flags):
 def count_outside(a, lo, hi):
     """How many elements lie outside ``[lo, hi)``: one scalar comes back, not the array."""
     flags = empty((a.size,), np.float64)
+    refuse_in_capture("a range check that reads its count back")
     launch(_outside, a.size, flat(a), lo, hi, flags)
     return int(total(flags).copy_to_host())
 
@@ -261,6 +270,8 @@ def _hits(z, t, flags):
 def count_correct(z, t, on_device: bool = False):
     """Correct predictions of logits z (N, K) for labels t (N,), counted on the device: an int,
     or with ``on_device`` the 0-d float64 device array that holds it (nothing read back)."""
+    if not on_device:
+        refuse_in_capture("a correct count read back")
     flags = empty((t.size,), np.float64)
     launch(_hits, t.size, z, t, flags)
     count = total(flags)

@@ -45,6 +45,10 @@ def device_function(fn):
     return cuda.jit(device=True)(getattr(fn, "py_func", fn))
 
 
+# The capture in progress (kernels/cuda/graph.py), or None: while one is, launches go into it
+# (a CUDA graph under construction, or the simulator's list) instead of running.
+capture = None
+
 # Called as ``record(kernel, args)`` before every launch when set. The tests set it under the
 # simulator, which runs kernels as Python and so never types them: tests/cuda_typecheck.py
 # then compiles every launched signature the way a real GPU would (typing and lowering).
@@ -65,7 +69,7 @@ def launch(kernel, n: int, *args) -> None:
     if n <= 0:
         return
     _check(kernel, args)
-    kernel[(n + BLOCK - 1) // BLOCK, BLOCK](*args)
+    _run(kernel, (n + BLOCK - 1) // BLOCK, BLOCK, args)
 
 
 def launch_grid(kernel, grid, block, *args) -> None:
@@ -74,7 +78,22 @@ def launch_grid(kernel, grid, block, *args) -> None:
     if min(grid) <= 0:
         return
     _check(kernel, args)
-    kernel[grid, block](*args)
+    _run(kernel, grid, block, args)
+
+
+def _run(kernel, grid, block, args) -> None:
+    if capture is None:
+        kernel[grid, block](*args)
+    else:
+        capture.add(kernel, grid, block, args)
+
+
+def refuse_in_capture(what: str) -> None:
+    """Raise where ``what`` (a copy between host and device, a read) would run while a step is
+    being captured: it would not be in the graph, so replays would skip it or bake its result in."""
+    if capture is not None:
+        from .graph import NotCapturable
+        raise NotCapturable(f"{what} during a CUDA-graph capture")
 
 
 def blocks(n: int, per_block: int) -> int:
@@ -94,6 +113,13 @@ def flat(a):
 def scalar(value, dtype):
     """A Python number as a scalar of ``dtype``, so kernels stay in that precision."""
     return np.dtype(dtype).type(value)
+
+
+def address(a) -> int:
+    """The device address of array ``a``'s first element (views of one buffer share it)."""
+    if SIMULATOR:
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
 
 
 def is_device_array(a) -> bool:

@@ -25,6 +25,7 @@ from numba import cuda, float64
 from ...backend import register
 from .. import nn as _cpu
 from .elementwise import pointwise
+from .graph import step_scalars
 from .launch import SIMULATOR, device_function, empty, flat, jit, launch, launch_grid, scalar
 from .reduce import block_reduce
 
@@ -289,6 +290,23 @@ def _adam_step(p, g, m, v, vmax, beta1, beta2, eps, weight_decay, decoupled, ams
                      one_minus_beta1, one_minus_beta2, shrink, step_size, bc2_sqrt)
 
 
+# The same updates in a captured step (kernels/cuda/graph.py): their per-step scalars come from
+# row ``r`` of a device table, in the order of the eager kernels' arguments, flags as 0 or 1.
+@jit
+def _sgd_step_at(p, g, buf, s, r):
+    i = cuda.grid(1)
+    if i < p.size:
+        _sgd_update(i, p, g, buf, s[r, 0], s[r, 1], s[r, 2], s[r, 3], s[r, 4] != 0, s[r, 5] != 0, s[r, 6] != 0)
+
+
+@jit
+def _adam_step_at(p, g, m, v, vmax, s, r):
+    i = cuda.grid(1)
+    if i < p.size:
+        _adam_update(i, p, g, m, v, vmax, s[r, 0], s[r, 1], s[r, 2], s[r, 3], s[r, 4] != 0, s[r, 5] != 0,
+                     s[r, 6] != 0, s[r, 7], s[r, 8], s[r, 9], s[r, 10], s[r, 11])
+
+
 def _scalars(dtype, *values):
     return tuple(scalar(v, dtype) for v in values)
 
@@ -297,18 +315,27 @@ def _scalars(dtype, *values):
 def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, maximize):
     """Updates p (and buf, when momentum != 0) in place. Without momentum buf may be None: p
     stands in for it, never read nor written."""
-    p = flat(p)
+    p, g = flat(p), flat(g)
     buf = p if buf is None else flat(buf)
-    launch(_sgd_step, p.size, p, flat(g), buf, *_scalars(p.dtype, lr, momentum, 1 - dampening, weight_decay),
-           bool(nesterov), bool(first), bool(maximize))
+    values = (lr, momentum, 1 - dampening, weight_decay, bool(nesterov), bool(first), bool(maximize))
+    captured = step_scalars(values, p.dtype, (p, g, buf))
+    if captured is not None:
+        launch(_sgd_step_at, p.size, p, g, buf, *captured)
+        return
+    launch(_sgd_step, p.size, p, g, buf, *_scalars(p.dtype, *values[:4]), *values[4:])
 
 
 @register("adam_step", CUDA)
 def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step):
     """Updates p, m, v (and vmax under amsgrad) in place. Without amsgrad vmax may be None: v
     stands in for it, never written."""
-    p, v = flat(p), flat(v)
+    p, g, m, v = flat(p), flat(g), flat(m), flat(v)
     vmax = v if vmax is None else flat(vmax)
     coefficients = _cpu.adam_coefficients(float(lr), float(beta1), float(beta2), float(weight_decay), step)
-    launch(_adam_step, p.size, p, flat(g), flat(m), v, vmax, *_scalars(p.dtype, beta1, beta2, eps, weight_decay),
-           bool(decoupled), bool(amsgrad), bool(maximize), *_scalars(p.dtype, *coefficients))
+    flags = (bool(decoupled), bool(amsgrad), bool(maximize))
+    captured = step_scalars((beta1, beta2, eps, weight_decay, *flags, *coefficients), p.dtype, (p, g, m, v, vmax))
+    if captured is not None:
+        launch(_adam_step_at, p.size, p, g, m, v, vmax, *captured)
+        return
+    launch(_adam_step, p.size, p, g, m, v, vmax, *_scalars(p.dtype, beta1, beta2, eps, weight_decay),
+           *flags, *_scalars(p.dtype, *coefficients))
