@@ -14,7 +14,9 @@
    time per step, host microseconds per launch (written to gpu-host-<date>.json too).
 
 Writes bench/results/gpu-check-<date>.md with the GPU's name, the date and the commit,
-and prints it. Steps that fail are recorded as failed; the script goes on.
+and prints it, and bench/results/gpu-<date>.json with the issues' figures (``summary``:
+steps per model with and without the CUDA graph beside PyTorch eager and graphed, the conv
+and GEMM figures, launch microseconds, reads per step, the epoch against 2 CPU threads). Steps that fail are recorded as failed; the script goes on.
 """
 from __future__ import annotations
 
@@ -54,16 +56,42 @@ def tail(text: str, n: int) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
 
-def train(device: str, dataset: str, log: Path, data_dir: str | None, limit: int) -> dict:
+def train(device: str, dataset: str, log: Path, data_dir: str | None, limit: int, env=None) -> dict:
+    """One epoch of LeNet-5 through the CLI: exit code, wall seconds, the epoch's own training
+    seconds and the test accuracy (from the run's log)."""
     cmd = [sys.executable, "-m", "cnn_numba", "train", "--device", device, "--dataset", dataset, "--epochs", "1",
            "--seed", "0", "--no-progress", "--log", str(log)]
     if data_dir:
         cmd += ["--data-dir", data_dir]
-    code, out, secs = run(cmd, limit)
+    code, out, secs = run(cmd, limit, env)
     res = {"device": device, "code": code, "seconds": secs, "last": tail(out, 1)}
     if code == 0 and log.exists():
-        res["test_acc"] = json.loads(log.read_text())["test"]["accuracy"]
+        done = json.loads(log.read_text())
+        res["test_acc"] = done["test"]["accuracy"]
+        res["epoch_s"] = done["epochs"][0]["train_time_s"]
     return res
+
+
+def summary(gpu: str, commit: str, today: str, parts: dict) -> dict:
+    """bench/results/gpu-<date>.json: the issues' figures, from the steps' own JSON files
+    (``parts``: speed, report, host, train), None where a step did not run."""
+    speed, report, host, train_ = (parts.get(k) or {} for k in ("speed", "report", "host", "train"))
+    out = {"gpu": gpu, "commit": commit, "date": today}
+    for model in ("lenet5", "resnet20"):
+        ms = speed.get(model, {})
+        ours, eager, theirs, graph = (ms.get(k) for k in ("cnn_numba-graph", "cnn_numba", "torch", "torch-graph"))
+        out.update({f"{model}_step_ms": ours, f"{model}_step_eager_ms": eager, f"{model}_step_torch_ms": theirs,
+                    f"{model}_step_torch_graph_ms": graph,
+                    f"{model}_step_ratio": ours / theirs if ours and theirs else None,
+                    f"{model}_step_ratio_vs_torch_graph": ours / graph if ours and graph else None})
+    out["conv_device_geomean_vs_cudnn"] = report.get("conv_device_geomean_vs_cudnn")
+    out["conv_wall_geomean_vs_cudnn"] = report.get("conv_wall_geomean_vs_cudnn")
+    out["gemm_fraction_of_peak"] = report.get("gemm_fraction_of_peak")
+    out["launch_us"] = host.get("launch_us")
+    out["syncs_per_step"] = host.get("syncs_per_step")
+    out.update({k: v for k, v in host.items() if k not in out})
+    out.update(train_)
+    return out
 
 
 def main(argv=None) -> int:
@@ -91,10 +119,14 @@ def main(argv=None) -> int:
              f"compute capability {facts['cc'][0]}.{facts['cc'][1]}, {facts['sms']} SMs.", ""]
     record = [RESULTS / f"gpu-check-{today}.md"] + ([args.out] if args.out else [])
 
+    parts = {}
+
     def save():
         for path in record:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(lines) + "\n")
+        figures = summary(facts["name"], commit(), today, parts)
+        (RESULTS / f"gpu-{today}.json").write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
 
     for step in filter(lambda s: s not in skip, args.order.split(",")):
         limit = limits.get(step, 1800)
@@ -106,22 +138,33 @@ def main(argv=None) -> int:
         elif step == "train":
             fashion = args.data_dir and (Path(args.data_dir) / "fashion-mnist").is_dir()
             dataset = "fashion-mnist" if fashion else "mnist"
-            runs = [train(dev, dataset, RESULTS / f"gpu-check-train-{dev}.json", args.data_dir, limit // 2)
+            # The CPU side on 2 threads: the issue's comparison is with a 2-core machine.
+            runs = [train(dev, dataset, RESULTS / f"gpu-check-train-{dev}.json", args.data_dir, limit // 2,
+                          env={"NUMBA_NUM_THREADS": "2"} if dev == "cpu" else None)
                     for dev in ("cuda", "cpu")]
-            lines += [f"## LeNet-5, one epoch of {dataset}, seed 0", "", "| device | exit | seconds | test accuracy |",
-                      "|---|---:|---:|---:|"]
-            lines += [f"| {r['device']} | {r['code']} | {r['seconds']:.1f} | {r.get('test_acc', float('nan')):.4f} |"
-                      for r in runs]
+            gpu_run, cpu_run = runs
+            if "epoch_s" in gpu_run and "epoch_s" in cpu_run:
+                parts["train"] = {"epoch_cuda_s": gpu_run["epoch_s"], "epoch_cpu2_s": cpu_run["epoch_s"],
+                                  "epoch_speedup_vs_cpu2": cpu_run["epoch_s"] / gpu_run["epoch_s"],
+                                  "epoch_wall_cuda_s": gpu_run["seconds"], "epoch_wall_cpu2_s": cpu_run["seconds"],
+                                  "test_acc_cuda": gpu_run["test_acc"], "test_acc_cpu": cpu_run["test_acc"]}
+            lines += [f"## LeNet-5, one epoch of {dataset}, seed 0 (CPU: 2 threads)", "",
+                      "| device | exit | wall s | epoch s | test accuracy |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['device']} | {r['code']} | {r['seconds']:.1f} | {r.get('epoch_s', float('nan')):.1f} | "
+                      f"{r.get('test_acc', float('nan')):.4f} |" for r in runs]
             accs = [r.get("test_acc") for r in runs]
             if None not in accs:
                 lines += ["", f"GPU - CPU accuracy: {100 * (accs[0] - accs[1]):+.2f} points "
                               f"({'within' if abs(accs[0] - accs[1]) <= 0.01 else 'OUTSIDE'} the 1-point tolerance)"]
             lines += [""] + [f"    {r['device']}: {r['last']}" for r in runs if r["code"]] + [""]
         else:
+            part = RESULTS / f"gpu-{step}-{today}.json"
             script = (["bench/gpu_report.py", "--reps", str(args.reps)] if step == "report" else
-                      ["bench/gpu_host.py", "--json", str(RESULTS / f"gpu-host-{today}.json")] if step == "host" else
+                      ["bench/gpu_host.py"] if step == "host" else
                       ["bench/train_speed.py", "--device", "cuda", "--steps", str(args.steps)])
-            code, out, secs = run([sys.executable, *script], limit)
+            code, out, secs = run([sys.executable, *script, "--json", str(part)], limit)
+            if code == 0 and part.exists():
+                parts[step] = json.loads(part.read_text())
             lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s", "", tail(out, 60), ""]
         save()
         print("\n".join(lines), flush=True)

@@ -12,7 +12,9 @@ Per model, one training step (forward, cross-entropy, backward, SGD) after warm-
     host ms       wall time of the Python that queues the step (no synchronisation inside)
     device ms     the step's device time, from CUDA events around it (a GPU only)
 
-and, per launch, host microseconds through cnn_numba's launcher and through a bare
+each also for the same step replayed as a CUDA graph (cnn_numba.cuda.graphed_step, fed host
+batches: its launches from Python are none, its host time the batch's staging, the
+optimiser's host code and one graph launch), and, per launch, host microseconds through cnn_numba's launcher and through a bare
 numba-cuda launch of the same kernel (``kernel[grid, block](*args)``), the mean of
 ``--launches`` calls queued back to back.
 
@@ -75,28 +77,33 @@ def step_counts(name: str, model, batch: int, side: int, steps: int, classes: in
         loss.backward()
         opt.step()
 
-    for _ in range(2):  # compiles, and the batch norms' first count
-        step()
-    made = {"launches": 0, "reads": 0}
-    restore = _counting(made)
-    try:
-        step()
-    finally:
-        restore()
-    out = {"model": name, "batch": batch, "launches": made["launches"], "reads": made["reads"]}
-    if not config.ENABLE_CUDASIM:
-        cuda.synchronize()
-        start, end = cuda.event(), cuda.event()
-        host = []
-        start.record()
-        for _ in range(steps):
-            t = time.perf_counter()
-            step()
-            host.append(time.perf_counter() - t)
-        end.record()
-        end.synchronize()
-        out["host_ms"] = 1e3 * float(np.median(host))
-        out["device_ms"] = cuda.event_elapsed_time(start, end) / steps
+    graphed = cn.cuda.graphed_step(model, F.cross_entropy, opt)
+    x_host = x.numpy()
+    out = {"model": name, "batch": batch}
+    for kind, one in (("", step), ("graph_", lambda: graphed(x_host, y))):
+        for _ in range(2):  # compiles, the batch norms' first count; the graph: warm-up, then capture
+            one()
+        made = {"launches": 0, "reads": 0}
+        restore = _counting(made)
+        try:
+            one()
+        finally:
+            restore()
+        out.update({f"{kind}launches": made["launches"], f"{kind}reads": made["reads"]})
+        if not config.ENABLE_CUDASIM:
+            cuda.synchronize()
+            start, end = cuda.event(), cuda.event()
+            host = []
+            start.record()
+            for _ in range(steps):
+                t = time.perf_counter()
+                one()
+                host.append(time.perf_counter() - t)
+            end.record()
+            end.synchronize()
+            out[f"{kind}host_ms"] = 1e3 * float(np.median(host))
+            out[f"{kind}device_ms"] = cuda.event_elapsed_time(start, end) / steps
+    out["graph_kind"] = graphed.kind
     return out
 
 
@@ -143,20 +150,24 @@ def main(argv=None) -> int:
         cn.manual_seed(0)
         rows.append(step_counts(n, getattr(models, n)().to("cuda"), b, args.side, args.steps))
     per_launch = launch_us(args.launches)
-    print("| model | batch | launches | device-to-host reads | host ms | device ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| model | batch | step | launches from Python | device-to-host reads | host ms | device ms |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['launches']} | {r['reads']} | "
-              f"{r.get('host_ms', float('nan')):.2f} | {r.get('device_ms', float('nan')):.2f} |")
+        for kind, label in (("", "eager"), ("graph_", r["graph_kind"] or "eager (capture failed)")):
+            print(f"| {r['model']} | {r['batch']} | {label} | {r[kind + 'launches']} | {r[kind + 'reads']} | "
+                  f"{r.get(kind + 'host_ms', float('nan')):.2f} | {r.get(kind + 'device_ms', float('nan')):.2f} |")
     print(f"\nhost us per launch: cnn_numba's launcher {per_launch['launcher']:.1f}, "
           f"bare numba-cuda {per_launch['bare']:.1f}")
     if args.json:
         record = {"launch_us": per_launch["launcher"], "launch_us_bare": per_launch["bare"],
-                  "syncs_per_step": max(r["reads"] for r in rows)}
+                  "syncs_per_step": max(max(r["reads"], r["graph_reads"]) for r in rows)}
         for r in rows:
-            for k in ("launches", "reads", "host_ms", "device_ms"):
-                if k in r:
-                    record[f"{r['model']}_{k}_per_step" if k in ("launches", "reads") else f"{r['model']}_{k}"] = r[k]
+            for kind in ("", "graph_"):
+                for k in ("launches", "reads", "host_ms", "device_ms"):
+                    if kind + k in r:
+                        key = f"{r['model']}_{kind}{k}" + ("_per_step" if k in ("launches", "reads") else "")
+                        record[key] = r[kind + k]
+            record[f"{r['model']}_graph_kind"] = r["graph_kind"]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return 0

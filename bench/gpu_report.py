@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import statistics
 import sys
@@ -115,7 +116,8 @@ def conv_rows(shapes, reps: int, torch) -> tuple[list[str], list[float]]:
     return rows, ratios
 
 
-def gemm_line(reps: int, torch, peak_tflops: float) -> str:
+def gemm_line(reps: int, torch, peak_tflops: float) -> tuple[str, float]:
+    """(the report's GEMM line, our TFLOP/s as a fraction of the FP32 peak)."""
     from numba import cuda
 
     from cnn_numba.kernels.cuda import gemm
@@ -134,7 +136,7 @@ def gemm_line(reps: int, torch, peak_tflops: float) -> str:
         tt, ref = timed(lambda: ta @ tb, torch.cuda.synchronize, reps)
         err = rel_err(out, ref)
         line += f"; cuBLAS (TF32 off) {2 * GEMM_N ** 3 / tt / 1e12:.1f} TFLOP/s; max rel. difference {err:.1e}"
-    return line
+    return line, tflops / peak_tflops
 
 
 def main(argv=None) -> int:
@@ -142,11 +144,12 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", help="comma-separated conv shape names (default: all)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the summary figures here")
     args = ap.parse_args(argv)
     shapes = [S.CONV_BY_NAME[n] for n in args.shapes.split(",")] if args.shapes else S.CONV_SHAPES
     facts, torch = device_facts(), torch_cuda()
     rows, ratios = conv_rows(shapes, args.reps, torch)
-    gemm = gemm_line(args.reps, torch, facts["fp32_peak_tflops"])
+    gemm, gemm_fraction = gemm_line(args.reps, torch, facts["fp32_peak_tflops"])
     today = datetime.date.today().isoformat()
     geo = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None
     lines = [f"# GPU report, {facts['name']}, {today}, commit {S.commit()}", "",
@@ -161,6 +164,10 @@ def main(argv=None) -> int:
              + (f"**{geo:.2f}** (target <= 3.0)" if geo else "— (no CUDA PyTorch)"), "", gemm, ""]
     text = "\n".join(lines)
     print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"conv_wall_geomean_vs_cudnn": geo, "gemm_fraction_of_peak": gemm_fraction,
+                                         "conv_passes": len(ratios)}, indent=1) + "\n")
     if args.save:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"gpu-{today}.md").write_text(text)

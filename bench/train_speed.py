@@ -7,7 +7,11 @@ Models: the modern LeNet-5 at batch 64 and resnet8 (He et al.'s CIFAR design, 16
 channels, BatchNorm) at batch 128 (on the GPU: LeNet-5 at 64 and resnet20 at 128, the
 issue's targets), all on 1x28x28 inputs, SGD with momentum, softmax cross-entropy. On the
 GPU both sides keep data, parameters and optimiser state on the device, PyTorch runs with
-TF32 off (float32 like ours), and each timed stretch ends with a device synchronisation. Each side runs ``--warmup`` steps (compilation, allocator warm-up), then
+TF32 off (float32 like ours), and each timed stretch ends with a device synchronisation.
+On the GPU each library also runs its whole step replayed as a CUDA graph (sides
+"cnn_numba-graph": cnn_numba.cuda.graphed_step, fed device images and host labels, as the
+trainer's loop; "torch-graph": PyTorch's whole-network torch.cuda.graph capture, the honest
+upper anchor). Each side runs ``--warmup`` steps (compilation, allocator warm-up), then
 ``--steps`` timed steps (forward, loss, backward, update) on fixed random batches; the
 epoch time is the per-step time x the 938 (LeNet) or 469 (resnet8) steps of a 60,000-image
 MNIST epoch. Random inputs time the same work as real images. PyTorch runs first, in its
@@ -87,6 +91,25 @@ def child(side: str, name: str, warmup: int, steps: int, device: str) -> None:
             loss = loss_fn(model(xs_t[i % 4]), ys_t[i % 4])
             loss.backward()
             opt.step()
+
+        if side == "torch-graph":  # PyTorch's whole-network capture (its CUDA-graphs docs)
+            static_x, static_y = xs_t[0].clone(), ys_t[0].clone()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for i in range(3):
+                    step(i)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                loss_fn(model(static_x), static_y).backward()
+                opt.step()
+
+            def step(i):  # noqa: F811
+                static_x.copy_(xs_t[i % 4])
+                static_y.copy_(ys_t[i % 4])
+                graph.replay()
     else:
         import cnn_numba as cn
         from cnn_numba import models, nn, optim
@@ -108,6 +131,12 @@ def child(side: str, name: str, warmup: int, steps: int, device: str) -> None:
             loss = loss_fn(model(xs_t[i % 4]), ys_t[i % 4])
             loss.backward()
             opt.step()
+
+        if side == "cnn_numba-graph":  # images already on the device, labels from the host (checked there)
+            graphed = cn.cuda.graphed_step(model, loss_fn, opt)
+
+            def step(i):  # noqa: F811
+                graphed(xs_t[i % 4], ys[i % 4])
 
     for i in range(warmup):
         step(i)
@@ -134,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--save", action="store_true", help="write bench/results/train[-cuda]-<date>.md")
+    ap.add_argument("--json", type=Path, help="also write {model: {side: ms per step}} here")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -146,6 +176,8 @@ def main(argv=None) -> int:
     except ImportError:
         usable = False
     sides = ("torch", "cnn_numba") if usable else ("cnn_numba",)
+    if args.device == "cuda":  # each also with its whole step replayed as a CUDA graph
+        sides = tuple(v for side in sides for v in (side, side + "-graph"))
     res = {}
     for side in sides:
         for name in cases:
@@ -157,7 +189,7 @@ def main(argv=None) -> int:
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[side, name] = r
-            print(f"{side:<9} {name:<8} batch {r['batch']:>3}: {r['ms_per_step']:8.2f} ms/step, "
+            print(f"{side:<15} {name:<8} batch {r['batch']:>3}: {r['ms_per_step']:8.2f} ms/step, "
                   f"epoch {r['epoch_s']:7.1f} s, peak RSS {r['peak_mb']:.0f} MB", file=sys.stderr)
     import shapes  # the bench's shared module (after the children: it imports torch and the kernels)
 
@@ -167,7 +199,17 @@ def main(argv=None) -> int:
              f"steps after {args.warmup} warm-up steps; epoch = 60,000 images.", "",
              "| model | batch | cnn_numba ms/step | torch ms/step | ratio | cnn_numba epoch s | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in cases:
+    if args.device == "cuda":
+        lines[-2:] = ["| model | batch | cnn_numba graph ms/step | cnn_numba eager | torch eager | torch graph | "
+                      "graph / torch eager | graph / torch graph |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name in cases:
+            ms = {side: res[side, name]["ms_per_step"] for side in sides if (side, name) in res}
+            cell = lambda side: f"{ms[side]:.2f}" if side in ms else "—"  # noqa: E731
+            ratio = lambda a, b: f"{ms[a] / ms[b]:.2f}" if a in ms and b in ms else "—"  # noqa: E731
+            lines.append(f"| {name} | {CASES['cuda'][name]} | {cell('cnn_numba-graph')} | {cell('cnn_numba')} | "
+                         f"{cell('torch')} | {cell('torch-graph')} | {ratio('cnn_numba-graph', 'torch')} | "
+                         f"{ratio('cnn_numba-graph', 'torch-graph')} |")
+    for name in cases if args.device == "cpu" else ():
         ours, theirs = res.get(("cnn_numba", name)), res.get(("torch", name))
         if ours is None:
             lines.append(f"| {name} | {CASES[args.device][name]} | failed | — | — | — | — |")
@@ -178,6 +220,11 @@ def main(argv=None) -> int:
                      f"{ours['epoch_s']:.1f} | {ours['peak_mb']:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
+    if args.json:
+        figures = {name: {side: res[side, name]["ms_per_step"] for side in sides if (side, name) in res}
+                   for name in cases}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
     if args.save:
         RESULTS.mkdir(exist_ok=True)
         kind = "train-cuda" if args.device == "cuda" else "train"

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log", metavar="FILE", help="JSON log of the run (default: DIR/log.json with --checkpoint)")
     t.add_argument("--plots", metavar="DIR", help="save PNG plots there (needs matplotlib)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-cuda-graph", action="store_true",
+                   help="with --device cuda: launch every kernel of a step from Python instead of replaying "
+                        "the step as one CUDA graph")
     t.add_argument("--nproc", type=_positive_int, metavar="N",
                    help="train with N MPI ranks on this machine (starts mpiexec; needs cnn_numba[distributed]); "
                    "--batch-size stays the global batch")
@@ -159,7 +162,8 @@ def _train(args) -> int:
             given = {**T.resume_args(args.checkpoint), **given}
     config = T.TrainConfig(**given, epochs=args.epochs, device=args.device, checkpoint=args.checkpoint,
                            resume=args.resume, data_dir=args.data_dir, log=args.log, plots=args.plots,
-                           progress=not args.no_progress, sync_bn=args.sync_bn)
+                           progress=not args.no_progress, sync_bn=args.sync_bn,
+                           cuda_graph=not args.no_cuda_graph)
     T.train(config)
     return 0
 

@@ -34,12 +34,14 @@ from .backend import check_device, kernel
 from .tensor import Tensor, tensor
 
 
-def graphed_step(model, loss_fn, optimizer, example_x, example_y, *, enabled: bool = True) -> "GraphedStep":
+def graphed_step(model, loss_fn, optimizer, example_x=None, example_y=None, *,
+                 enabled: bool = True) -> "GraphedStep":
     """A callable ``step(x, y) -> loss`` running ``optimizer.zero_grad(); loss = loss_fn(model(x), y);
     loss.backward(); optimizer.step()``, replayed as one CUDA graph for batches with the shapes
-    and dtypes of ``example_x`` and ``example_y`` (see the module docstring); ``enabled=False``
-    always runs it eagerly. The returned loss and ``step.output`` (the model's output) are
-    the step's own buffers: read them before the next call."""
+    and dtypes of ``example_x`` and ``example_y`` (without them, of the first batch; see the
+    module docstring); ``enabled=False`` always runs it eagerly. The returned loss,
+    ``step.output`` (the model's output) and ``step.labels`` (y on the device) are the step's
+    own buffers: read them before the next call."""
     return GraphedStep(model, loss_fn, optimizer, example_x, example_y, enabled=enabled)
 
 
@@ -47,21 +49,29 @@ def _host(a) -> np.ndarray | Tensor:
     return a if isinstance(a, Tensor) else np.asarray(a)
 
 
+def _spec(a) -> tuple:
+    """(shape, dtype) of a batch as the step holds it: integer labels as int64."""
+    a = _host(a)
+    dtype = np.dtype(a.dtype)
+    return tuple(a.shape), np.dtype(np.int64) if dtype.kind in "iu" else dtype
+
+
 class GraphedStep:
     """See ``graphed_step``. ``kind``: what replays the step ("CUDA graph", or "launch list"
     under the simulator), None until captured; ``failed``: why capture failed, or None."""
 
-    def __init__(self, model, loss_fn, optimizer, example_x, example_y, *, enabled: bool = True):
+    def __init__(self, model, loss_fn, optimizer, example_x=None, example_y=None, *, enabled: bool = True):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.device = params[0].device if params else "cpu"
         if check_device(self.device) != "cuda":
             raise ValueError(f"graphed_step: the optimizer's parameters are on {self.device!r}, not on 'cuda'")
-        ex, ey = _host(example_x), _host(example_y)
-        self.x_spec, self.y_spec = (tuple(ex.shape), np.dtype(ex.dtype)), (tuple(ey.shape), np.dtype(ey.dtype))
+        self.x_spec = self.y_spec = None
+        if example_x is not None and example_y is not None:
+            self.x_spec, self.y_spec = _spec(example_x), _spec(example_y)
         self.enabled = enabled
         self.failed = None
-        self.capture = self.output = self.loss = None
+        self.capture = self.output = self.loss = self.labels = None
         self.warm = False
         self.classes = None      # labels' bound (integer y and a 2-D output), checked on the host per step
         self._inputs = None      # (static x, static y, their Staged uploads)
@@ -73,8 +83,9 @@ class GraphedStep:
     # ---- the step
     def __call__(self, x, y) -> Tensor:
         x, y = _host(x), _host(y)
-        graphable = (self.enabled and self.failed is None and (tuple(x.shape), np.dtype(x.dtype)) == self.x_spec
-                     and (tuple(y.shape), np.dtype(y.dtype)) == self.y_spec)
+        if self.x_spec is None:
+            self.x_spec, self.y_spec = _spec(x), _spec(y)
+        graphable = self.enabled and self.failed is None and (_spec(x), _spec(y)) == (self.x_spec, self.y_spec)
         if not graphable or not self.warm:
             self.warm = self.warm or graphable
             return self._eager(x, y)
@@ -96,13 +107,22 @@ class GraphedStep:
         return self.loss
 
     def _eager(self, x, y) -> Tensor:
-        xt = x if isinstance(x, Tensor) else tensor(x, device=self.device)
-        out = self.model(xt.to(self.device))
-        loss = self.loss_fn(out, y)
+        """The step launched op by op. Host labels go up once, before the forward is queued
+        (an upload waits for queued work), and are range-checked on the host once the output
+        says how many classes there are, so the loss does not check them on the device."""
+        xt = (x if isinstance(x, Tensor) else tensor(x)).to(self.device)
+        host = None if isinstance(y, Tensor) else y
+        yt = y.to(self.device) if host is None else tensor(host.astype(np.int64) if host.dtype.kind in "iu" else host,
+                                                           device=self.device)
+        out = self.model(xt)
+        if host is not None and host.dtype.kind in "iu" and out.ndim == 2:
+            F._label_array(host, out.shape[1])
+            F._mark_checked(yt, out.shape[1])
+        loss = self.loss_fn(out, yt)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self.output = out
+        self.output, self.labels = out, yt
         return loss
 
     # ---- capture
@@ -154,7 +174,7 @@ class GraphedStep:
             print(f"cnn_numba: the training step could not be captured as a CUDA graph; it runs eagerly "
                   f"({self.failed})", file=sys.stderr)
             return False
-        self.capture, self.output, self.loss = capture, out, loss
+        self.capture, self.output, self.loss, self.labels = capture, out, loss, sy
         self.grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
         self._training, self._arrays = self.model.training, self._tracked()
         return True
@@ -169,6 +189,8 @@ class GraphedStep:
         for host, static, stage in ((x, sx, stage_x), (y, sy, stage_y)):
             if isinstance(host, Tensor):
                 if host.device != "cpu":
+                    if static is sy and self.classes is not None:  # device labels: checked there (one read)
+                        F._indices(host, self.classes, "labels", f"{self.classes} classes", self.device)
                     kernel("copy_into", self.device)(host.data, static.data)
                     continue
                 host = host.numpy()

@@ -52,6 +52,7 @@ import numpy as np
 
 from . import distributed as dist
 from . import functional as F
+from . import gpu
 from . import models, optim, recipes
 from .backend import check_device, kernel
 from .fileio import atomic_write, read_npz
@@ -110,6 +111,7 @@ class TrainConfig:
     plots: str | None = None         # folder for PNG plots (needs matplotlib)
     progress: bool = True            # tqdm bar per epoch
     sync_bn: bool = False            # under MPI: batch-norm statistics over all ranks' shares
+    cuda_graph: bool = True          # on "cuda": replay each full batch's step as one CUDA graph
 
 
 # ----------------------------------------------------------------------------- models
@@ -611,16 +613,16 @@ class _DeviceTally:
         self.losses = self.hits = None
         self.sizes: list[int] = []  # each step's batch size (known on the host)
 
-    def add(self, loss, logits, y) -> None:
-        """Slot the step's loss and its correct count (``y``: the step's labels, on the host)."""
+    def add(self, loss, logits, labels) -> None:
+        """Slot the step's loss and its correct count (``labels``: the step's labels, on the device)."""
         if self.losses is None:
             self.losses = kernel("full", self.device)((self.steps,), 0, loss.dtype)
             self.hits = kernel("full", self.device)((self.steps,), 0, np.float64)
         i = self.filled
         self.losses[i:i + 1].copy_to_device(loss.data.reshape(1))
-        hits = kernel("count_correct", self.device)(logits.data, tensor(y, device=self.device).data, on_device=True)
+        hits = kernel("count_correct", self.device)(logits.data, labels.data, on_device=True)
         self.hits[i:i + 1].copy_to_device(hits.reshape(1))
-        self.sizes.append(len(y))
+        self.sizes.append(labels.shape[0])
         self.filled += 1
 
     def read(self) -> list:
@@ -634,8 +636,13 @@ class _DeviceTally:
         return [(lo + k + 1, float(v), int(h), self.sizes[lo + k]) for k, (v, h) in enumerate(zip(losses, hits))]
 
 
+def _loss(logits, labels):
+    return F.cross_entropy(logits, labels)  # looked up per call (tests substitute it)
+
+
 def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, progress: bool,
-                *, batch_scheduler=None, ddp: dist.DistributedDataParallel | None = None) -> dict:
+                *, batch_scheduler=None, ddp: dist.DistributedDataParallel | None = None,
+                step: gpu.GraphedStep | None = None, cuda_graph: bool = True) -> dict:
     """One pass of mini-batch updates, stepping ``batch_scheduler`` after each; raises
     DivergedError at the first non-finite loss.
 
@@ -647,12 +654,16 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
     On a GPU (without ``ddp``) the losses and counts stay on the device (_DeviceTally) and are
     read back at most every READ_EVERY_S and at the end: a step reads nothing back, and a
     non-finite loss raises at the read that finds it, naming its step (the steps after it have
-    run by then)."""
+    run by then). There each step is ``step`` (a gpu.GraphedStep, kept across epochs by
+    ``train``; made here when not given): full batches replay one CUDA graph unless
+    ``cuda_graph`` is False, the rest run eagerly."""
     model.train()
     n = correct = 0
     loss_sum = 0.0
     start = time.perf_counter()
     tally = _DeviceTally(device, len(loader)) if ddp is None and device != "cpu" else None
+    if tally is not None and step is None:
+        step = gpu.GraphedStep(model, _loss, optimizer, enabled=cuda_graph)
     due = time.monotonic() + READ_EVERY_S
 
     def count(step, value, hits, total):
@@ -671,33 +682,32 @@ def train_epoch(model, optimizer, loader, epoch: int, epochs: int, device: str, 
     # Overflow warnings would only precede the clear non-finite-loss error below.
     with _progress(len(loader), f"epoch {epoch}/{epochs}", progress) as bar, \
             np.errstate(over="ignore", invalid="ignore"):
-        for step, (x, y) in enumerate(loader, 1):  # x float32 (b, 1, 28, 28), y int64 (b,)
-            b = len(y)
-            total = loader.global_batch if ddp is not None else b
-            value, hits = 0.0, 0
-            if b:  # a rank's share of a short last batch may be empty
-                logits = model(tensor(x, device=device))
-                loss = F.cross_entropy(logits, y)  # host labels: range-checked on the host, no read back
-                if tally is not None:
-                    tally.add(loss, logits, y)
-                else:
+        for i, (x, y) in enumerate(loader, 1):  # x float32 (b, 1, 28, 28), y int64 (b,)
+            if tally is not None:  # a GPU: the whole step, then its metrics slotted on the device
+                tally.add(step(x, y), step.output, step.labels)
+            else:
+                b = len(y)
+                total = loader.global_batch if ddp is not None else b
+                value, hits = 0.0, 0
+                if b:  # a rank's share of a short last batch may be empty
+                    logits = model(tensor(x, device=device))
+                    loss = F.cross_entropy(logits, y)
                     value = loss.item()
                     hits = kernel("count_correct", device)(logits.data, tensor(y, device=device).data)
-            if ddp is not None:
-                value, hits = dist.all_reduce(np.array([value * b, hits], np.float64))
-                value /= total
-            if tally is None:
-                count(step, value, hits, total)
-            optimizer.zero_grad()
-            if b:
-                scale = b * dist.world_size() / total if ddp is not None else 1.0
-                loss.backward(None if scale == 1.0 else scale)
-            if ddp is not None:
-                ddp.reduce_gradients()
-            optimizer.step()
+                if ddp is not None:
+                    value, hits = dist.all_reduce(np.array([value * b, hits], np.float64))
+                    value /= total
+                count(i, value, hits, total)
+                optimizer.zero_grad()
+                if b:
+                    scale = b * dist.world_size() / total if ddp is not None else 1.0
+                    loss.backward(None if scale == 1.0 else scale)
+                if ddp is not None:
+                    ddp.reduce_gradients()
+                optimizer.step()
             if batch_scheduler is not None:
                 batch_scheduler.step()
-            if tally is not None and (step == len(loader) or time.monotonic() >= due):
+            if tally is not None and (i == len(loader) or time.monotonic() >= due):
                 due = time.monotonic() + READ_EVERY_S
                 for s, v, h, size in tally.read():
                     count(s, v, h, size)
@@ -856,11 +866,13 @@ def train(config: TrainConfig, out: Callable[[str], None] = print) -> dict:
             dist.barrier()
     if config.sync_bn and world.size > 1:  # after the warm-up, whose dry step must not all-reduce
         dist.convert_sync_batchnorm(model)
+    # On a GPU one step object for the whole run: it captures its CUDA graph once.
+    step = gpu.GraphedStep(model, _loss, optimizer, enabled=config.cuda_graph) if device != "cpu" and ddp is None else None
     try:
         for epoch in range((start.epoch if start else 0) + 1, config.epochs + 1):
             record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                       **train_epoch(ddp or model, optimizer, loader, epoch, config.epochs, device,
-                                    config.progress and main, batch_scheduler=batch_scheduler, ddp=ddp)}
+                                    config.progress and main, batch_scheduler=batch_scheduler, ddp=ddp, step=step)}
             if scheduler is not None:
                 scheduler.step()
             if ddp is not None:  # per-rank batch-norm statistics: rank 0's are evaluated and saved

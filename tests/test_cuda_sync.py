@@ -136,5 +136,7 @@ def test_gpu_host_script_counts_a_step():
     import gpu_host
     row = gpu_host.step_counts("tiny", _model(0.1), 2, 4, 1, classes=3)
     assert row["reads"] == 0 and row["launches"] > 10
+    assert row["graph_reads"] == 0 and row["graph_launches"] == 0  # a replay: one graph, nothing from Python
+    assert row["graph_kind"] == "launch list"
     per = gpu_host.launch_us(3)
     assert per["launcher"] > 0 and per["bare"] > 0

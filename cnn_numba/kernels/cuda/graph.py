@@ -113,6 +113,7 @@ class GraphChanged(RuntimeError):
 
 class _Capture:
     """A step's launches, captured; ``replay`` runs them again."""
+    drops = False
 
     def __init__(self):
         self.scalars = StepScalars()
@@ -194,12 +195,10 @@ class Refresh:
     launches are dropped, step scalars rewritten (``capture.scalars``)."""
 
     capturing = False
+    drops = True
 
     def __init__(self, capture: _Capture):
         self.scalars = capture.scalars
-
-    def add(self, kernel, grid, block, args) -> None:
-        pass
 
     def __enter__(self):
         self.scalars.cursor = 0

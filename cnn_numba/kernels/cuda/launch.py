@@ -46,7 +46,8 @@ def device_function(fn):
 
 
 # The capture in progress (kernels/cuda/graph.py), or None: while one is, launches go into it
-# (a CUDA graph under construction, or the simulator's list) instead of running.
+# (a CUDA graph under construction, or the simulator's list) instead of running, or nowhere
+# (``drops``: the optimiser's host code rerun before a replay).
 capture = None
 
 # Called as ``record(kernel, args)`` before every launch when set. The tests set it under the
@@ -66,7 +67,7 @@ def _check(kernel, args) -> None:
 
 def launch(kernel, n: int, *args) -> None:
     """One thread per item, ``n`` items, in blocks of ``BLOCK``."""
-    if n <= 0:
+    if n <= 0 or (capture is not None and capture.drops):
         return
     _check(kernel, args)
     _run(kernel, (n + BLOCK - 1) // BLOCK, BLOCK, args)
@@ -75,7 +76,7 @@ def launch(kernel, n: int, *args) -> None:
 def launch_grid(kernel, grid, block, *args) -> None:
     """An explicit grid (tiled kernels). Empty grids launch nothing."""
     grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
-    if min(grid) <= 0:
+    if min(grid) <= 0 or (capture is not None and capture.drops):
         return
     _check(kernel, args)
     _run(kernel, grid, block, args)
