@@ -108,26 +108,33 @@ def step_counts(name: str, model, batch: int, side: int, steps: int, classes: in
 
 
 def launch_us(launches: int) -> dict:
-    """Host microseconds per launch of a one-element fill kernel: through cnn_numba's launcher,
-    and bare (``kernel[grid, block](*args)``), queued back to back."""
+    """Host microseconds per launch of a one-element fill kernel, queued back to back: through
+    cnn_numba's launcher (its lean path, kernels/cuda/lean.py, on a GPU), through the launcher
+    with the lean path off (Numba's own launch), and bare (``kernel[grid, block](*args)``)."""
     from numba import cuda
 
     from cnn_numba.kernels.cuda import elementwise as E
-    from cnn_numba.kernels.cuda.launch import BLOCK, launch, scalar
+    from cnn_numba.kernels.cuda import launch as L
 
     out = cuda.device_array(1, np.float32)
-    value = scalar(1.0, np.float32)
-    launch(E._fill, 1, out, value)
-    E._fill[1, BLOCK](out, value)
+    value = L.scalar(1.0, np.float32)
     res = {}
-    for name, call in (("launcher", lambda: launch(E._fill, 1, out, value)),
-                       ("bare", lambda: E._fill[1, BLOCK](out, value))):
-        cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(launches):
+    lean = L.LEAN
+    try:
+        for name, use_lean, call in (("launcher", lean, lambda: L.launch(E._fill, 1, out, value)),
+                                     ("launcher_numba", False, lambda: L.launch(E._fill, 1, out, value)),
+                                     ("bare", lean, lambda: E._fill[1, L.BLOCK](out, value))):
+            L.LEAN = use_lean
             call()
-        res[name] = 1e6 * (time.perf_counter() - t) / launches
-        cuda.synchronize()
+            call()  # the first makes the lean plan
+            cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(launches):
+                call()
+            res[name] = 1e6 * (time.perf_counter() - t) / launches
+            cuda.synchronize()
+    finally:
+        L.LEAN = lean
     return res
 
 
@@ -156,10 +163,11 @@ def main(argv=None) -> int:
         for kind, label in (("", "eager"), ("graph_", r["graph_kind"] or "eager (capture failed)")):
             print(f"| {r['model']} | {r['batch']} | {label} | {r[kind + 'launches']} | {r[kind + 'reads']} | "
                   f"{r.get(kind + 'host_ms', float('nan')):.2f} | {r.get(kind + 'device_ms', float('nan')):.2f} |")
-    print(f"\nhost us per launch: cnn_numba's launcher {per_launch['launcher']:.1f}, "
-          f"bare numba-cuda {per_launch['bare']:.1f}")
+    print(f"\nhost us per launch: cnn_numba's launcher {per_launch['launcher']:.1f} (lean path), "
+          f"{per_launch['launcher_numba']:.1f} with the lean path off, bare numba-cuda {per_launch['bare']:.1f}")
     if args.json:
         record = {"launch_us": per_launch["launcher"], "launch_us_bare": per_launch["bare"],
+                  "launch_us_numba_path": per_launch["launcher_numba"],
                   "syncs_per_step": max(max(r["reads"], r["graph_reads"]) for r in rows)}
         for r in rows:
             for kind in ("", "graph_"):

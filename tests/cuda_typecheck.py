@@ -6,7 +6,9 @@ Numba's CUDA simulator runs a kernel as plain Python, one thread after another, 
 never types the kernel: a branch that is dead for the arguments at hand (say, indexing a
 placeholder array that is never read) passes there and fails the real compile. This
 script types and lowers each signature with numba-cuda's compiler, stopping before PTX, so
-it needs neither a GPU nor NVVM. LAUNCHED.json holds ``[module, kernel name, argument
+it needs neither a GPU nor NVVM; and it packs an example of each signature's arguments the
+way cnn_numba's lean launches do (kernels/cuda/lean.py) and the way numba-cuda does, and
+fails where the two differ. LAUNCHED.json holds ``[module, kernel name, argument
 descriptors]`` entries as tests/conftest.py records them under the simulator (``describe``).
 
 Prints one block per failing signature and exits 1 if any failed, 0 if all compiled, and 2
@@ -14,6 +16,7 @@ if this numba-cuda cannot compile without a driver (nothing could be checked).
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import sys
@@ -70,6 +73,52 @@ def _without_nvvm_if_missing() -> None:
         nvvm.NVVM = lambda: stand_in
 
 
+class _FakeMemory:
+    """Device memory at a made-up address: enough for a DeviceNDArray to be built and packed."""
+
+    def __init__(self, address):
+        self.device_ctypes_pointer = self.handle = ctypes.c_void_p(address)
+
+    def own(self):
+        return self
+
+
+def example(desc, k: int):
+    """An argument matching ``desc``: a DeviceNDArray (not C-contiguous where the layout says
+    so) at a made-up address, a scalar of the dtype, or a tuple of them."""
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    kind = desc[0]
+    if kind == "array":
+        dtype, ndim, layout = np.dtype(desc[1]), desc[2], desc[3]
+        shape = tuple(range(2, 2 + ndim))
+        strides = np.empty(shape, dtype).strides if layout == "C" else tuple(
+            s * 2 for s in np.empty(shape, dtype).strides)
+        return DeviceNDArray(shape, strides, dtype, gpu_data=_FakeMemory(4096 * (k + 1)))
+    if kind == "tuple":
+        return tuple(example(d, k + i) for i, d in enumerate(desc[1]))
+    return np.dtype(desc[1]).type(k + 1)
+
+
+def lean_packing_differs(argtypes, descs) -> str | None:
+    """Where cnn_numba's lean launch (kernels/cuda/lean.py) would pack these arguments unlike
+    numba-cuda's own launch, the two lists; None where they agree."""
+    from numba.cuda.dispatcher import _Kernel
+
+    from cnn_numba.kernels.cuda import lean
+
+    class NumbaPacking:
+        extensions = []
+        _prepare_args = _Kernel._prepare_args
+
+    args = [example(d, k) for k, d in enumerate(descs)]
+    ours = lean.pack_all([lean.packer(t) for t in argtypes], args)
+    numbas = []
+    for t, v in zip(argtypes, args):
+        NumbaPacking()._prepare_args(t, v, 0, [], numbas)
+    return None if lean.same_packing(ours, numbas) else f"lean {ours}\nnumba {numbas}"
+
+
 def main(path: str) -> int:
     from numba import types
     from numba.cuda import compiler, dispatcher
@@ -97,6 +146,11 @@ def main(path: str) -> int:
             failed += 1
             print(f"FAIL {module}.{name}{tuple(map(str, signature(json.loads(descs))))}:\n"
                   f"{type(e).__name__}: {str(e)[-2500:]}\n")
+            continue
+        differs = lean_packing_differs(signature(json.loads(descs)), json.loads(descs))
+        if differs:
+            failed += 1
+            print(f"FAIL {module}.{name}: lean launch packing differs from numba-cuda's\n{differs}\n")
     print(f"{len(entries)} launched signatures, {failed} failed to compile")
     return 1 if failed else 0
 

@@ -139,4 +139,4 @@ def test_gpu_host_script_counts_a_step():
     assert row["graph_reads"] == 0 and row["graph_launches"] == 0  # a replay: one graph, nothing from Python
     assert row["graph_kind"] == "launch list"
     per = gpu_host.launch_us(3)
-    assert per["launcher"] > 0 and per["bare"] > 0
+    assert per["launcher"] > 0 and per["bare"] > 0 and per["launcher_numba"] > 0

@@ -59,3 +59,33 @@ def test_every_launched_kernel_compiles_for_a_real_gpu(tmp_path):
         pytest.skip("no CUDA kernel was launched before this test in this run")
     code, out = typecheck(LAUNCHED, tmp_path)
     assert code == 0, out
+
+
+def test_lean_launch_packs_as_numba_does(tmp_path):
+    """kernels/cuda/lean.py packs each argument as numba-cuda's launch does: arrays (C-contiguous
+    or strided), scalars of each dtype, nested tuples; and the comparison notices a difference
+    (here a float32 packed as a double)."""
+    snippet = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import cuda_typecheck as T
+from cnn_numba.kernels.cuda import lean
+descs = [["array", "<f4", 4, "C"], ["array", "<f8", 2, "A"], ["array", "<i8", 1, "C"], ["scalar", "<f4"],
+         ["scalar", "<f8"], ["scalar", "<i8"], ["scalar", "|b1"], ["tuple", [["scalar", "<i8"], ["scalar", "<i8"]]],
+         ["tuple", [["array", "<f4", 1, "C"], ["tuple", [["scalar", "<i4"]]]]]]
+good = T.lean_packing_differs(T.signature(descs), descs)
+import ctypes
+from numba.core import types
+inner = lean.packer
+lean.packer = lambda t: (lambda out, v: out.append(ctypes.c_double(v))) if t == types.float32 else inner(t)
+bad = T.lean_packing_differs(T.signature(descs), descs)
+print(json.dumps([good, bad]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", snippet, str(HERE)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    good, bad = json.loads(done.stdout.strip().splitlines()[-1])
+    assert good is None
+    assert bad and "c_double" in bad

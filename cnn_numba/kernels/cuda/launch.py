@@ -20,8 +20,10 @@ import numpy as np
 from numba import config, cuda
 
 from ..sourcecache import install_cuda
+from . import lean
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+LEAN = lean.ENABLED and not SIMULATOR  # resolved overloads, packed arguments (lean.py); a GPU only
 if not SIMULATOR:
     install_cuda()  # before any cached @cuda.jit below is decorated
 
@@ -83,10 +85,12 @@ def launch_grid(kernel, grid, block, *args) -> None:
 
 
 def _run(kernel, grid, block, args) -> None:
-    if capture is None:
-        kernel[grid, block](*args)
-    else:
+    if capture is not None:
         capture.add(kernel, grid, block, args)
+    elif LEAN:
+        lean.launch(kernel, grid, block, args)
+    else:
+        kernel[grid, block](*args)
 
 
 def refuse_in_capture(what: str) -> None:
