@@ -104,6 +104,9 @@ class GraphedStep:
         self._upload(x, y)
         self.capture.replay()
         self._restore_grads()
+        for t in self._written:  # a replay updates them in place: new versions, as an eager step makes
+            t._vc[0] += 1
+        self.loss, self.output, self.labels = self._static
         return self.loss
 
     def _eager(self, x, y) -> Tensor:
@@ -122,7 +125,7 @@ class GraphedStep:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self.output, self.labels = out, yt
+        self.loss, self.output, self.labels = loss, out, yt
         return loss
 
     # ---- capture
@@ -174,9 +177,10 @@ class GraphedStep:
             print(f"cnn_numba: the training step could not be captured as a CUDA graph; it runs eagerly "
                   f"({self.failed})", file=sys.stderr)
             return False
-        self.capture, self.output, self.loss, self.labels = capture, out, loss, sy
+        self.capture, self._static = capture, (loss, out, sy)
         self.grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
         self._training, self._arrays = self.model.training, self._tracked()
+        self._written = [t for t in [*self.model.parameters(), *self.model.buffers()] if t is not None]
         return True
 
     def _restore_grads(self) -> None:

@@ -165,6 +165,25 @@ def test_graphed_step_needs_cuda_parameters():
         cn.cuda.graphed_step(m, F.cross_entropy, optim.SGD(m.parameters(), lr=0.1), *_batches(1, np.random.default_rng(0))[0])
 
 
+def test_train_epoch_with_and_without_the_graph():
+    """train_epoch on "cuda" (the CLI's loop) gives the same metrics and weights whether its
+    full batches replay a graph or run eagerly (--no-cuda-graph); a short last batch included,
+    and the step kept across two epochs."""
+    from cnn_numba import gpu, train
+    rng = np.random.default_rng(6)
+    batches = _batches(3, rng) + _batches(1, rng, batch=1)
+    out = []
+    for graph in (False, True):
+        (m, o, _), _ = _pair(OPTIMIZERS["adam"])
+        step = gpu.GraphedStep(m, train._loss, o, enabled=graph)
+        metrics = [train.train_epoch(m, o, batches, e, 2, "cuda", False, step=step) for e in (1, 2)]
+        out.append(([{k: r[k] for k in ("train_loss", "train_acc")} for r in metrics], _state(m, o), step.kind))
+    (a, sa, ka), (b, sb, kb) = out
+    assert ka is None and kb is not None
+    assert a == b
+    _same(sa, sb)
+
+
 @pytest.mark.skipif(CUDA_SIMULATED, reason="full models: a real GPU (the simulator runs each CUDA thread as a Python thread)")
 @pytest.mark.parametrize("name,batch", [("lenet5", 64), ("resnet20", 128)])
 def test_graph_replays_equal_eager_steps_on_models(name, batch):

@@ -178,10 +178,16 @@ class CudaGraph(_Capture):
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        built = self.builder.end_building()
-        if exc[0] is None:
-            self.graph = built.complete()
-        self.builder.close()
+        try:
+            built = self.builder.end_building()
+            if exc[0] is None:
+                self.graph = built.complete()
+        except Exception:
+            if exc[0] is None:
+                raise
+            # the step's own error says why; ending an invalidated capture only repeats it
+        finally:
+            self.builder.close()
         return False
 
     def replay(self) -> None:
