@@ -142,46 +142,66 @@ class GraphedStep:
                 or any(a is not b for a, b in zip(now, self._arrays)))
 
     def _capture(self) -> bool:
-        from .kernels.cuda.graph import new_capture
-        from .kernels.cuda.launch import empty
+        from .kernels.cuda.graph import LaunchList, load, new_capture
+        from .kernels.cuda.launch import SIMULATOR, empty
         if self._inputs is None:
             from .kernels.cuda.graph import Staged
             (xs, xd), (ys, yd) = self.x_spec, self.y_spec
             self._inputs = (Tensor._wrap(empty(xs, xd), self.device, False, None),
                             Tensor._wrap(empty(ys, yd), self.device, False, None), Staged(xs, xd), Staged(ys, yd))
-        sx, sy = self._inputs[:2]
         # What a failed capture must leave as it found it: the optimiser's host values (step
         # counts) and the random stream (a dropout mask drawn before the capture gave up).
         saved = {p: dict(s) for p, s in self.optimizer.state.items()}
         rng = _random.default_generator().bit_generator.state
-        try:
-            capture = new_capture()
-            for dtype in {p.dtype for g in self.optimizer.param_groups for p in g["params"]}:
-                capture.scalars.prepare(dtype)
-            with capture:
-                self.optimizer.zero_grad()
-                out = self.model(sx)
-                if self.y_spec[1].kind in "iu" and out.ndim == 2:
-                    self.classes = out.shape[1]
-                    F._mark_checked(sy, self.classes)
-                loss = self.loss_fn(out, sy)
-                loss.backward()
-                self.optimizer.step()
-        except Exception as e:  # noqa: BLE001  (any failure: the step still trains, eagerly)
+
+        def restore():
             for p, s in saved.items():
                 self.optimizer.state[p].clear()
                 self.optimizer.state[p].update(s)
             _random.default_generator().bit_generator.state = rng
+
+        try:
+            # A dry run first, into a launch list, its host effects undone: whatever is not
+            # capturable fails here, before a CUDA capture is open, and on a GPU every kernel the
+            # graph will hold (the optimisers' table-reading updates are new) is compiled and
+            # loaded outside the capture.
+            dry = self._record(LaunchList())
+            restore()
+            if not SIMULATOR:
+                for kernel, _, _, args in dry.calls:
+                    load(kernel, args)
+            del dry
+            capture = self._record(new_capture())
+        except Exception as e:  # noqa: BLE001  (any failure: the step still trains, eagerly)
+            restore()
             self.failed = f"{type(e).__name__}: {e}".splitlines()[0]
             self.capture = None
             print(f"cnn_numba: the training step could not be captured as a CUDA graph; it runs eagerly "
                   f"({self.failed})", file=sys.stderr)
             return False
-        self.capture, self._static = capture, (loss, out, sy)
+        self.capture = capture
         self.grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
         self._training, self._arrays = self.model.training, self._tracked()
         self._written = [t for t in [*self.model.parameters(), *self.model.buffers()] if t is not None]
         return True
+
+    def _record(self, capture):
+        """The step's launches into ``capture`` (nothing runs): zero_grad, forward, loss,
+        backward, optimizer.step, on the static inputs; its outputs kept as the step's."""
+        sx, sy = self._inputs[:2]
+        for dtype in {p.dtype for g in self.optimizer.param_groups for p in g["params"]}:
+            capture.scalars.prepare(dtype)
+        with capture:
+            self.optimizer.zero_grad()
+            out = self.model(sx)
+            if self.y_spec[1].kind in "iu" and out.ndim == 2:
+                self.classes = out.shape[1]
+                F._mark_checked(sy, self.classes)
+            loss = self.loss_fn(out, sy)
+            loss.backward()
+            self.optimizer.step()
+        self._static = (loss, out, sy)
+        return capture
 
     def _restore_grads(self) -> None:
         """After a replay each parameter's .grad is the captured step's gradient buffer."""

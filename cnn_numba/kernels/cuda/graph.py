@@ -216,6 +216,13 @@ class Refresh:
         return False
 
 
+def load(kernel, args) -> None:
+    """Compile ``kernel`` for ``args`` and load it into the context, without launching it."""
+    argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+    overload = kernel.overloads.get(argtypes) or kernel.compile(argtypes)
+    overload._codelibrary.get_cufunc()
+
+
 def new_capture() -> _Capture:
     """A CUDA graph on a GPU; the launch list under the simulator."""
     return LaunchList() if SIMULATOR else CudaGraph()
