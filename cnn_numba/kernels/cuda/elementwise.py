@@ -76,7 +76,12 @@ def copy(a):
 
 @register("copy_into", CUDA)
 def copy_into(src, dst):
-    """dst[...] = src (same shape and dtype) by a kernel, so a captured step can write in place."""
+    """dst[...] = src (same shape and dtype): by a kernel from device memory, so a captured step
+    can write in place; an upload from a host array."""
+    if not is_device_array(src):
+        refuse_in_capture(f"an upload of a host array of shape {np.shape(src)}")
+        dst.copy_to_device(np.ascontiguousarray(src))
+        return
     launch(_copy, dst.size, flat(src), flat(dst))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from numba import cuda
 
 from . import launch as _launch
-from .launch import SIMULATOR, address
+from .launch import SIMULATOR
 
 
 class NotCapturable(RuntimeError):
@@ -66,6 +66,7 @@ class StepScalars:
     def __init__(self):
         self.tables = {}   # dtype -> [host table, device table, Staged, changed]
         self.rows = []     # (dtype, arrays) of each row, in call order
+        self.last = []     # each row's values as last written
         self.cursor = 0
 
     def prepare(self, dtype) -> None:
@@ -81,21 +82,24 @@ class StepScalars:
             raise NotCapturable(f"an optimiser update in {dtype}, which the step was not prepared for")
         return entry
 
-    def row(self, values, dtype, arrays, capturing: bool):
-        dtype = np.dtype(dtype)
+    def row(self, values: tuple, dtype, arrays: tuple, capturing: bool):
+        """(device table, row) for the next update, its values written where they changed.
+        ``arrays``: the update's arrays, as the optimiser passes them (the same objects every
+        step while the graph stands; other ones mean it does something else now)."""
         i, self.cursor = self.cursor, self.cursor + 1
-        if capturing and (i >= self.ROWS or len(values) > self.WIDTH):
-            raise NotCapturable(f"more than {self.ROWS} optimiser updates in one step")
-        where = tuple(address(a) for a in arrays)
         if capturing:
-            self.rows.append((dtype, where))
-        elif i >= len(self.rows) or self.rows[i] != (dtype, where):
+            if i >= self.ROWS or len(values) > self.WIDTH:
+                raise NotCapturable(f"more than {self.ROWS} optimiser updates in one step")
+            self.rows.append((dtype, arrays))
+            self.last.append(None)
+        elif i >= len(self.rows) or self.rows[i][0] != dtype or any(
+                a is not b for a, b in zip(self.rows[i][1], arrays)):
             raise GraphChanged("the optimiser updates other arrays than when the step was captured")
         entry = self.table(dtype)
-        new = np.array(values, dtype)
-        if not np.array_equal(entry[0][i, :len(new)], new):
-            entry[0][i, :len(new)] = new
+        if values != self.last[i]:
+            entry[0][i, :len(values)] = values
             entry[3] = True
+            self.last[i] = values
         return entry[1], i
 
     def send(self) -> None:

@@ -120,13 +120,6 @@ def scalar(value, dtype):
     return np.dtype(dtype).type(value)
 
 
-def address(a) -> int:
-    """The device address of array ``a``'s first element (views of one buffer share it)."""
-    if SIMULATOR:
-        return a._ary.__array_interface__["data"][0]
-    return a.__cuda_array_interface__["data"][0]
-
-
 def is_device_array(a) -> bool:
     return cuda.is_cuda_array(a) if not SIMULATOR else hasattr(a, "copy_to_host")
 

@@ -315,10 +315,10 @@ def _scalars(dtype, *values):
 def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, maximize):
     """Updates p (and buf, when momentum != 0) in place. Without momentum buf may be None: p
     stands in for it, never read nor written."""
-    p, g = flat(p), flat(g)
-    buf = p if buf is None else flat(buf)
     values = (lr, momentum, 1 - dampening, weight_decay, bool(nesterov), bool(first), bool(maximize))
     captured = step_scalars(values, p.dtype, (p, g, buf))
+    p, g = flat(p), flat(g)
+    buf = p if buf is None else flat(buf)
     if captured is not None:
         launch(_sgd_step_at, p.size, p, g, buf, *captured)
         return
@@ -329,11 +329,11 @@ def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first, 
 def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, step):
     """Updates p, m, v (and vmax under amsgrad) in place. Without amsgrad vmax may be None: v
     stands in for it, never written."""
-    p, g, m, v = flat(p), flat(g), flat(m), flat(v)
-    vmax = v if vmax is None else flat(vmax)
     coefficients = _cpu.adam_coefficients(float(lr), float(beta1), float(beta2), float(weight_decay), step)
     flags = (bool(decoupled), bool(amsgrad), bool(maximize))
     captured = step_scalars((beta1, beta2, eps, weight_decay, *flags, *coefficients), p.dtype, (p, g, m, v, vmax))
+    p, g, m, v = flat(p), flat(g), flat(m), flat(v)
+    vmax = v if vmax is None else flat(vmax)
     if captured is not None:
         launch(_adam_step_at, p.size, p, g, m, v, vmax, *captured)
         return
