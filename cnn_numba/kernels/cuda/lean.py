@@ -22,6 +22,7 @@ import ctypes
 import os
 import warnings
 
+import numpy as np
 from numba.core import types
 from numba.np import numpy_support
 
@@ -33,15 +34,19 @@ _configs: dict = {}   # (grid, block) -> cuda.core LaunchConfig
 _core = None          # (cuda.core's launch, the default stream as it takes it), bound on first use
 
 
+_SCALARS = frozenset({int, float, bool, np.float32, np.float64, np.int64, np.int32, np.uint32, np.uint64,
+                      np.bool_})
+
+
 def arg_key(a):
-    """What decides an argument's Numba type, cheaply: a device array's own cached type, a
-    scalar's Python type, a tuple's element keys."""
-    t = getattr(a, "_numba_type_", None)
-    if t is not None:
+    """What decides an argument's Numba type, cheaply: a scalar's Python type, a tuple's
+    element keys, a device array's own cached Numba type."""
+    t = type(a)
+    if t in _SCALARS:
         return t
-    if type(a) is tuple:
+    if t is tuple:
         return tuple(map(arg_key, a))
-    return type(a)
+    return a._numba_type_
 
 
 def _array(out, a) -> None:
