@@ -41,6 +41,13 @@ def out_range(t, s, p, d, size_in, size_out):
 
 
 @njit(cache=True, inline="always")
+def column_row(row, kh, kw):
+    """``(c, a, b)`` of row ``row`` of an im2col matrix, whose rows run over (channel,
+    tap row, tap column) with the tap column fastest."""
+    return row // (kh * kw), (row // kw) % kh, row % kw
+
+
+@njit(cache=True, inline="always")
 def pool_window(o, s, p, k, size_in):
     """Average-pool window of output ``o``: ``(start, end, size_with_padding)``.
 

@@ -6,7 +6,7 @@ the dualities that give conv_transpose2d. Every kernel is a gather over its outp
 no atomics, and every sum runs in an order fixed by the launch geometry, so results
 are the same run to run.
 
-Two algorithms, same signatures:
+Three algorithms, same signatures:
 
 direct   One kernel, ``_correlate``, computes the forward and the input-gradient.
          A block owns a th x tw tile of output positions of one sample and C_T output
@@ -39,6 +39,9 @@ im2col   Per chunk of samples (at most COLUMN_ELEMENTS elements of columns):
          with cols (C*KH*KW, nb*OH*OW), group g's rows [g*K, (g+1)*K), K = C/G*KH*KW,
          and the tiled GEMM of gemm.py (no transpose or sub-matrix is copied).
 
+implicit_gemm  The same products with no column buffer: gemm.py's kernel gathers the
+         columns as it stages them (kernels/cuda/conv_implicit.py, which has the details).
+
 The launchers take the layer's ``shapes.ConvGeom`` and pass its fields to the kernels as
 scalars; the table at the end lists the algorithms (kernels/conv_algos.py) and 'auto' is
 its ``auto_algo``.
@@ -50,8 +53,9 @@ from numba import cuda
 
 from ...backend import register
 from ..conv_algos import ConvAlgo, ConvTable
+from . import conv_implicit as CI
 from .gemm import _sum_partials, gemm, view, workspace
-from .index import out_range, tap
+from .index import column_entry, out_range, sampled, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
 if SIMULATOR:  # every thread a Python thread: few of them
@@ -77,12 +81,6 @@ def _at(i):
     """Index ``i`` (>= 0) in a form the compiler can see is >= 0, so the access skips
     Python's negative-index wraparound: a compare and a select per load of an inner loop."""
     return i & 0x7FFFFFFFFFFFFFFF
-
-
-@cuda.jit(device=True, inline=True)
-def _sampled(i, u, size):
-    """Whether row (or column) i of a plane of ``size`` rows upsampled by u holds a sample."""
-    return i >= 0 and i % u == 0 and i // u < size
 
 
 @jit
@@ -135,7 +133,7 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
                 cs = gi * spg + j0 + e // plane
                 i, k = ih0 + (e % plane) // prow, iw0 + e % prow
                 patch[e] = 0  # padding, or a row/column of up(src) between two samples
-                if _sampled(i, uh, src.shape[2]) and _sampled(k, uw, src.shape[3]):
+                if sampled(i, uh, src.shape[2]) and sampled(k, uw, src.shape[3]):
                     patch[e] = src[n, cs, i // uh, k // uw]
             for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*kh + a)*kw + bb)*C_T + c]
                 c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kw, (e // C_T) % kw
@@ -236,18 +234,14 @@ def _bias_partials(gy, part, per_split):
 
 
 @jit
-def _im2col(x, n0, cols, sh, sw, ph, pw, dh, dw, kh, kw, oh, ow):
-    """cols[(c*kh + a)*kw + bb, i*oh*ow + r*ow + q] = x[n0 + i, c, tap(r, a), tap(q, bb)], 0 in
-    the padding, for every channel c. Grid: (pixels, rows, samples i)."""
-    p, i, m = cuda.grid(1), cuda.blockIdx.z, oh * ow
+def _im2col(x, n0, cols, win):
+    """cols[row, i*oh*ow + p] = column_entry(x, win, row, (n0 + i)*oh*ow + p) for every row:
+    samples n0 + i of x unfolded through the window ``win`` (kernels/cuda/index.py). Grid:
+    (pixels, rows, samples i)."""
+    p, i, m = cuda.grid(1), cuda.blockIdx.z, win[11] * win[12]
     if p < m:
-        r, q = p // ow, p % ow
         for row in range(cuda.blockIdx.y, cols.shape[0], cuda.gridDim.y):
-            c, a, bb = row // (kh * kw), (row // kw) % kh, row % kw
-            ih, iw = tap(r, sh, ph, a, dh), tap(q, sw, pw, bb, dw)
-            cols[row, i * m + p] = 0
-            if 0 <= ih < x.shape[2] and 0 <= iw < x.shape[3]:
-                cols[row, i * m + p] = x[n0 + i, c, ih, iw]
+            cols[row, i * m + p] = column_entry(x, win, row, (n0 + i) * m + p)
 
 
 @jit
@@ -410,8 +404,7 @@ def _forward_im2col(x, w, b, y, geom):
     n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype):
-        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, *_window(geom),
-                    geom.oh, geom.ow)
+        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
         for gi in range(geom.g):  # y[n0:n0+nc, group gi] = w_g @ cols_g (+ b), through y's planes
             gemm(cog, nc * m, k, flat(w), view(k, off=gi * cog * k), flat(cols), view(nc * m, off=gi * k * nc * m),
                  flat(y), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
@@ -435,8 +428,7 @@ def _backward_weight_im2col(x, gy, gw, geom):
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype, bound=co):
         gyc = workspace("conv-gy-columns", co * nc * m, x.dtype).reshape(co, nc * m)
-        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, *_window(geom),
-                    geom.oh, geom.ow)
+        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
         launch_grid(_planes_to_columns, _fold_grid(m, co, nc), BLOCK, gy.reshape(n, co, m), n0, gyc)
         for gi in range(geom.g):  # gw_g (=, then +=) gy_g @ cols_g^T
             gemm(cog, k, nc * m, flat(gyc), view(nc * m, off=gi * cog * nc * m),
@@ -456,6 +448,7 @@ def auto_algo(geom, pass_):
 TABLE = ConvTable([
     ConvAlgo("direct", _forward_direct, _backward_input_direct, _backward_weight_direct, supports=_direct_supports),
     ConvAlgo("im2col", _forward_im2col, _backward_input_im2col, _backward_weight_im2col),
+    ConvAlgo("implicit_gemm", CI.forward, CI.backward_input, CI.backward_weight),
 ], auto_algo)
 
 register("conv2d_algorithms", "cuda")(lambda: TABLE)

@@ -30,67 +30,92 @@ output, long reduction) the K range is cut into ``splits`` slices, grid.z; slice
 writes its own partial C and ``_sum_partials`` adds them in slice order afterwards, so
 the result is deterministic (no atomics).
 
-Under the simulator (every thread a Python thread) the tile is 16x16 with 4x4 per
+Tile shapes. The kernels are built per ``Tile`` (BM, BN, BK, TM, TN) by ``kernel(kind,
+tile)``, a factory whose closures see the tile's sizes as compile-time constants (shared
+and local array shapes must be): one kernel body for every tile and for the three kinds of
+product below, cached per (kind, tile) in this process and on disk like every kernel (the
+closure's constants are part of Numba's cache key). ``DEFAULT`` is what runs; ``CANDIDATES``
+are the tiles bench/gpu_sweep.py times on a GPU, one of which may replace DEFAULT when the
+sweep has said so. Each kernel is also a module attribute, ``_<kind>_<tile name>``
+(``_gemm_128x128x8_8x8``), so tests/cuda_typecheck.py finds it by name.
+
+Kinds. ``gemm``: both operands through views. ``conv``: B is no stored matrix but the
+im2col matrix of an image, each element gathered as it is staged (``column_entry``,
+kernels/cuda/index.py; vb is then its window, b the 4-D image): the implicit-GEMM
+convolution of kernels/cuda/conv_implicit.py. ``conv_weight``: B is the transpose of that
+matrix (K runs over the pixels) and A may cut K into panels (A is then gy's planes): the
+convolution's weight-gradient.
+
+Under the simulator (every thread a Python thread) the default tile is 16x16 with 4x4 per
 thread; kernel code is identical.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda
 
 from ...backend import register
+from .index import column_entry
 from .launch import SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
+PAD = 4  # shared rows are BM + PAD (BN + PAD) long
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A block tile: BM x BN outputs per block, K in steps of BK, TM x TN per thread."""
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+
+    def __post_init__(self):
+        # every thread stages whole columns of both tiles (see _gemm's x-minor offsets)
+        assert self.threads % self.bn == 0 and self.threads % self.bm == 0 and self.threads % self.bk == 0, self
+
+    @property
+    def threads(self) -> int:
+        return (self.bm // self.tm) * (self.bn // self.tn)
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}_{self.tm}x{self.tn}"
+
+    @classmethod
+    def parse(cls, name: str) -> Tile:
+        """The tile ``name`` spells (``128x128x8_8x8``)."""
+        block, thread = name.split("_")
+        return cls(*map(int, block.split("x")), *map(int, thread.split("x")))
+
+
 if SIMULATOR:
-    BM, BN, BK, TM, TN = 16, 16, 8, 4, 4
+    DEFAULT = Tile(16, 16, 8, 4, 4)
+    CANDIDATES = (DEFAULT, Tile(8, 16, 8, 2, 4), Tile(8, 32, 8, 2, 4))
     MIN_TILES = 4      # fewer output tiles than this: split K
-    MIN_SPLIT_K = BK   # ... into slices of at least this many
+    MIN_SPLIT_K = 8    # ... into slices of at least this many
 else:
-    BM, BN, BK, TM, TN = 128, 128, 8, 8, 8
+    DEFAULT = Tile(128, 128, 8, 8, 8)
+    # bench/gpu_sweep.py times each of these; smaller M tiles are for the convolutions
+    # whose groups have 16-64 output channels (the GEMM's M).
+    CANDIDATES = (DEFAULT, Tile(128, 128, 16, 8, 8), Tile(128, 64, 8, 8, 8), Tile(64, 128, 8, 8, 8),
+                  Tile(64, 64, 8, 4, 4), Tile(64, 64, 8, 8, 4), Tile(32, 128, 8, 4, 8), Tile(16, 128, 8, 2, 8))
     MIN_TILES = 264    # two waves of an H100's 132 SMs
     MIN_SPLIT_K = 256
-PAD = 4
-A_ROW, B_ROW = BM + PAD, BN + PAD  # shared row lengths (a shared shape must be plain constants)
-THREADS = (BM // TM) * (BN // TN)
-TX = BN // TN                   # threads along a tile row
-LOAD_A = BM * BK // THREADS     # elements of each tile one thread stages per step
-LOAD_B = BK * BN // THREADS
-assert THREADS % BN == 0 and THREADS % BM == 0 and THREADS % BK == 0
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @cuda.jit(device=True, inline=True)
-def _tile_coords(e, k_minor, width):
-    """(p, x) of element ``e`` of a BK x width tile in staging order: ``k_minor`` when the
+def _tile_coords(e, k_minor, width, bk):
+    """(p, x) of element ``e`` of a bk x width tile in staging order: ``k_minor`` when the
     operand is stored with K innermost (row-major A, transposed B), else x-minor; either
     way consecutive threads load consecutive addresses."""
     if k_minor:
-        return e % BK, e // BK
+        return e % bk, e // bk
     return e // width, e % width
-
-
-@cuda.jit(device=True, inline=True)
-def _fetch(arr, v, k_minor, width, count, t, x0, k0, xn, kn, inner, regs):
-    """Thread t's ``count`` elements of the operand tile at (x0, k0) into ``regs``, 0
-    outside (xn, kn). ``inner`` is the offset of its x column when x is the inner index
-    (then fixed for the whole K walk, see _gemm)."""
-    for u in range(count):
-        p, x = _tile_coords(t + u * THREADS, k_minor, width)
-        regs[u] = 0
-        if x0 + x < xn and k0 + p < kn:
-            if k_minor:
-                regs[u] = arr[v[0] + (x0 + x) * v[1] + k0 + p]
-            else:
-                regs[u] = arr[v[0] + (k0 + p) * v[1] + inner]
-
-
-@cuda.jit(device=True, inline=True)
-def _stage(regs, tile, k_minor, width, count, t):
-    """Registers -> the shared tile ``tile[p, x]`` (the inverse of _fetch's order)."""
-    for u in range(count):
-        p, x = _tile_coords(t + u * THREADS, k_minor, width)
-        tile[p, x] = regs[u]
 
 
 @cuda.jit(device=True, inline=True)
@@ -99,72 +124,152 @@ def _inner(v, q):
     return (q // v[3]) * v[4] + q % v[3]
 
 
-@jit
-def _gemm(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate):
-    """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
+@cuda.jit(device=True, inline=True)
+def _fetch(arr, v, k_minor, k_panel, width, count, t, threads, bk, x0, k0, xn, kn, inner, regs):
+    """Thread t's ``count`` elements of the operand tile at (x0, k0) into ``regs``, 0
+    outside (xn, kn). ``inner`` is the offset of its x column when x is the inner index
+    (then fixed for the whole K walk, see the kernel); ``k_panel`` when K is the inner
+    index and cut into panels (conv_weight's A)."""
+    for u in range(count):
+        p, x = _tile_coords(t + u * threads, k_minor, width, bk)
+        regs[u] = 0
+        if x0 + x < xn and k0 + p < kn:
+            if not k_minor:
+                regs[u] = arr[v[0] + (k0 + p) * v[1] + inner]
+            elif k_panel:
+                regs[u] = arr[v[0] + (x0 + x) * v[1] + _inner(v, k0 + p)]
+            else:
+                regs[u] = arr[v[0] + (x0 + x) * v[1] + k0 + p]
 
-    vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[off + i*row_step + j*col_step].
-    Slice z writes C's view shifted by z*c_split.
-    """
-    As = cuda.shared.array((2, BK, A_ROW), a.dtype)  # As[buffer, p, i] = A[i0 + i, k0 + p]
-    Bs = cuda.shared.array((2, BK, B_ROW), a.dtype)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
-    acc = cuda.local.array((TM, TN), a.dtype)
-    ra = cuda.local.array(LOAD_A, a.dtype)
-    rb = cuda.local.array(LOAD_B, a.dtype)
-    ar = cuda.local.array(TM, a.dtype)
-    br = cuda.local.array(TN, a.dtype)
-    # The mask is a no-op that shows the compiler t >= 0, so it drops Python's
-    # negative-index wraparound from every shared-memory access below.
-    t = cuda.threadIdx.x & (THREADS - 1)
-    tx, ty = t % TX, t // TX
-    i0, j0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
-    kb = cuda.blockIdx.z * k_per_split
-    ke = min(k, kb + k_per_split)
-    a_kmin, b_kmin = not va[2], vb[2]
-    # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
-    # its offset (through the panels, for B) is computed once, not per step.
-    inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
-    inner_b = 0 if b_kmin else _inner(vb, j0 + t % BN)
 
-    for ii in range(TM):
-        for jj in range(TN):
-            acc[ii, jj] = 0
-    steps = (ke - kb + BK - 1) // BK
-    for s in range(steps + 1):
-        cur = s % 2
-        if s < steps:  # issue the global loads of step s; they land while step s-1 computes
-            k0 = kb + s * BK
-            _fetch(a, va, a_kmin, BM, LOAD_A, t, i0, k0, m, ke, inner_a, ra)
-            _fetch(b, vb, b_kmin, BN, LOAD_B, t, j0, k0, n, ke, inner_b, rb)
-        if s > 0:  # step s-1, staged in the other buffer
-            prev = 1 - cur
-            for p in range(BK):
-                for ii in range(TM):
-                    ar[ii] = As[prev, p, ty + ii * (BM // TM)]
-                for jj in range(TN):
-                    br[jj] = Bs[prev, p, tx + jj * (BN // TN)]
-                for ii in range(TM):
+@cuda.jit(device=True, inline=True)
+def _gather(src, win, transposed, width, count, t, threads, bk, x0, k0, xn, kn, regs):
+    """_fetch for a B that is the im2col matrix of ``src`` through ``win`` (``transposed``:
+    its transpose, K running over the pixels), gathered element by element."""
+    for u in range(count):
+        p, x = _tile_coords(t + u * threads, transposed, width, bk)
+        regs[u] = 0
+        if x0 + x < xn and k0 + p < kn:
+            if transposed:
+                regs[u] = column_entry(src, win, x0 + x, k0 + p)
+            else:
+                regs[u] = column_entry(src, win, k0 + p, x0 + x)
+
+
+@cuda.jit(device=True, inline=True)
+def _stage(regs, tile, k_minor, width, count, t, threads, bk):
+    """Registers -> the shared tile ``tile[p, x]`` (the inverse of _fetch's order)."""
+    for u in range(count):
+        p, x = _tile_coords(t + u * threads, k_minor, width, bk)
+        tile[p, x] = regs[u]
+
+
+# kind -> (A's K cut into panels, B gathered: 0 a view, 1 the im2col matrix, 2 its transpose)
+KINDS = {"gemm": (0, 0), "conv": (0, 1), "conv_weight": (1, 2)}
+_kernels: dict = {}
+
+
+def kernel(kind: str, tile: Tile):
+    """The product kernel of ``kind`` for ``tile``, built once per process."""
+    key = (kind, tile)
+    if key not in _kernels:
+        _kernels[key] = _build(kind, tile)
+    return _kernels[key]
+
+
+def __getattr__(name):
+    """``_<kind>_<tile name>``: that kernel (for tests/cuda_typecheck.py's lookup by name)."""
+    for kind in KINDS:
+        if name.startswith(f"_{kind}_") and name[len(kind) + 2:][:1].isdigit():
+            return kernel(kind, Tile.parse(name[len(kind) + 2:]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build(kind: str, tile: Tile):
+    A_PANEL, B_GATHER = KINDS[kind]
+    BM, BN, BK, TM, TN = tile.bm, tile.bn, tile.bk, tile.tm, tile.tn
+    A_ROW, B_ROW = BM + PAD, BN + PAD  # shared row lengths (a shared shape must be plain constants)
+    THREADS = tile.threads
+    TX = BN // TN                   # threads along a tile row
+    LOAD_A = BM * BK // THREADS     # elements of each tile one thread stages per step
+    LOAD_B = BK * BN // THREADS
+    B_KMIN = B_GATHER == 2          # a gathered B's staging order (a viewed B's is vb[2])
+
+    def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate):
+        """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
+
+        vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[off + i*row_step + j*col_step].
+        Slice z writes C's view shifted by z*c_split.
+        """
+        As = cuda.shared.array((2, BK, A_ROW), a.dtype)  # As[buffer, p, i] = A[i0 + i, k0 + p]
+        Bs = cuda.shared.array((2, BK, B_ROW), a.dtype)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
+        acc = cuda.local.array((TM, TN), a.dtype)
+        ra = cuda.local.array(LOAD_A, a.dtype)
+        rb = cuda.local.array(LOAD_B, a.dtype)
+        ar = cuda.local.array(TM, a.dtype)
+        br = cuda.local.array(TN, a.dtype)
+        # The mask is a no-op that shows the compiler t >= 0, so it drops Python's
+        # negative-index wraparound from every shared-memory access below.
+        t = cuda.threadIdx.x & (THREADS - 1)
+        tx, ty = t % TX, t // TX
+        i0, j0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        kb = cuda.blockIdx.z * k_per_split
+        ke = min(k, kb + k_per_split)
+        a_kmin = not va[2]
+        # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
+        # its offset (through the panels, for B) is computed once, not per step.
+        inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
+        if B_GATHER:
+            b_kmin, inner_b = B_KMIN, 0
+        else:
+            b_kmin = vb[2] != 0
+            inner_b = 0 if b_kmin else _inner(vb, j0 + t % BN)
+
+        for ii in range(TM):
+            for jj in range(TN):
+                acc[ii, jj] = 0
+        steps = (ke - kb + BK - 1) // BK
+        for s in range(steps + 1):
+            cur = s % 2
+            if s < steps:  # issue the global loads of step s; they land while step s-1 computes
+                k0 = kb + s * BK
+                _fetch(a, va, a_kmin, A_PANEL, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, ra)
+                if B_GATHER:
+                    _gather(b, vb, B_KMIN, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, rb)
+                else:
+                    _fetch(b, vb, b_kmin, 0, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, inner_b, rb)
+            if s > 0:  # step s-1, staged in the other buffer
+                prev = 1 - cur
+                for p in range(BK):
+                    for ii in range(TM):
+                        ar[ii] = As[prev, p, ty + ii * (BM // TM)]
                     for jj in range(TN):
-                        acc[ii, jj] += ar[ii] * br[jj]
-        if s < steps:  # into the buffer of step s-2, whose readers (iteration s-1) all passed the barrier
-            _stage(ra, As[cur], a_kmin, BM, LOAD_A, t)
-            _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t)
-        cuda.syncthreads()
+                        br[jj] = Bs[prev, p, tx + jj * (BN // TN)]
+                    for ii in range(TM):
+                        for jj in range(TN):
+                            acc[ii, jj] += ar[ii] * br[jj]
+            if s < steps:  # into the buffer of step s-2, whose readers (iteration s-1) all passed the barrier
+                _stage(ra, As[cur], a_kmin, BM, LOAD_A, t, THREADS, BK)
+                _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t, THREADS, BK)
+            cuda.syncthreads()
 
-    coff = vc[0] + cuda.blockIdx.z * c_split
-    for jj in range(TN):
-        j = j0 + tx + jj * (BN // TN)
-        if j < n:
-            col = coff + _inner(vc, j)
-            for ii in range(TM):
-                i = i0 + ty + ii * (BM // TM)
-                if i < m:
-                    v = acc[ii, jj]
-                    if vbias[0]:
-                        v += bias[vbias[1] + i * vbias[2] + j * vbias[3]]
-                    if accumulate:
-                        v += c[col + i * vc[1]]
-                    c[col + i * vc[1]] = v
+        coff = vc[0] + cuda.blockIdx.z * c_split
+        for jj in range(TN):
+            j = j0 + tx + jj * (BN // TN)
+            if j < n:
+                col = coff + _inner(vc, j)
+                for ii in range(TM):
+                    i = i0 + ty + ii * (BM // TM)
+                    if i < m:
+                        v = acc[ii, jj]
+                        if vbias[0]:
+                            v += bias[vbias[1] + i * vbias[2] + j * vbias[3]]
+                        if accumulate:
+                            v += c[col + i * vc[1]]
+                        c[col + i * vc[1]] = v
+
+    product.__name__ = product.__qualname__ = f"_{kind}_{tile.name}"
+    return jit(product)
 
 
 @jit
@@ -205,46 +310,52 @@ def workspace(name, size, dtype):
     return buf[:size]
 
 
-def _splits(m, n, k):
+def _splits(m, n, k, tile):
     """How many K slices: enough tiles for the GPU, slices of at least MIN_SPLIT_K."""
-    tiles = blocks(m, BM) * blocks(n, BN)
+    tiles = blocks(m, tile.bm) * blocks(n, tile.bn)
     if tiles == 0 or tiles >= MIN_TILES:
         return 1
     return max(1, min(blocks(MIN_TILES, tiles), k // MIN_SPLIT_K))
 
 
-def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0)):
+def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), tile=None):
     """C (=, or += with ``accumulate``) op(A) @ op(B) (+ bias), M x N x K, on flat device
     arrays read through views (``view``). ``bias`` adds bias[off + i*row_step + j*col_step]
-    with ``vbias`` = (off, row_step, col_step)."""
+    with ``vbias`` = (off, row_step, col_step). ``tile``: DEFAULT unless given."""
     assert va[3] == NO_PANEL or va[2], "a row-major A's inner index is K: no panels"
     assert vb[3] == NO_PANEL or not vb[2], "a transposed B's inner index is K: no panels"
+    product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias)
+
+
+def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0)):
+    """The product of ``kind`` (see the module docstring), M x N x K, by ``tile``'s kernel,
+    split over K (partials summed in slice order) when M and N give too few tiles."""
     assert not vc[2], "C is written row-major"
-    splits = _splits(m, n, k)
+    splits = _splits(m, n, k, tile)
     if splits > 1 and bias is None and vc[1] == n and vc[3] >= n:
         # K slices into a partial buffer (splits, m, n), then their sum into C, in order
-        per = blocks(blocks(k, splits), BK) * BK
+        per = blocks(blocks(k, splits), tile.bk) * tile.bk
         splits = blocks(k, per)
         part = workspace("gemm-split", splits * m * n, c.dtype).reshape(splits, m * n)
-        _launch_gemm(m, n, k, per, splits, a, va, b, vb, flat(part), view(n), m * n, False, None, vbias)
+        _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, flat(part), view(n), m * n, False, None, vbias)
         launch(_sum_partials, m * n, part, c, vc[0], int(accumulate))
     else:
-        _launch_gemm(m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias)
+        _launch(kind, tile, m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias)
 
 
-def _launch_gemm(m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias):
+def _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias):
     has_bias = (int(bias is not None),) + tuple(int(v) for v in vbias)
-    launch_grid(_gemm, (blocks(n, BN), blocks(m, BM), splits), THREADS,
+    launch_grid(kernel(kind, tile), (blocks(n, tile.bn), blocks(m, tile.bm), splits), tile.threads,
                 a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, m, n, k, per, int(accumulate))
 
 
-def matmul(a, b, out, trans_a=False, trans_b=False, accumulate=False):
+def matmul(a, b, out, trans_a=False, trans_b=False, accumulate=False, tile=None):
     """out (M, N) (=, or +=) op(a) @ op(b) for 2-D C-contiguous device arrays, where op
     transposes with the flag: a (M, K) or (K, M), b (K, N) or (N, K)."""
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     n = b.shape[0] if trans_b else b.shape[1]
     gemm(m, n, k, flat(a), view(a.shape[1], trans=trans_a), flat(b), view(b.shape[1], trans=trans_b),
-         flat(out), view(n), accumulate)
+         flat(out), view(n), accumulate, tile=tile)
     return out
 
 
