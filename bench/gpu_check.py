@@ -11,7 +11,9 @@
 3. bench/gpu_report.py (conv layers vs cuDNN, the GEMM vs the FP32 peak);
 4. bench/train_speed.py --device cuda (LeNet-5 b64, resnet20 b128 vs PyTorch);
 5. bench/gpu_host.py: launches and device-to-host reads per training step, host and device
-   time per step, host microseconds per launch (written to gpu-host-<date>.json too).
+   time per step, host microseconds per launch (written to gpu-host-<date>.json too);
+6. bench/gpu_sweep.py: every CUDA conv algorithm and every candidate GEMM tile on the
+   table's layers and the 4096^3 GEMM, device and wall time (gpu-sweep-<date>.json).
 
 Writes bench/results/gpu-check-<date>.md with the GPU's name, the date and the commit,
 and prints it. Steps that fail are recorded as failed; the script goes on.
@@ -30,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-STEPS = ("tests", "train", "report", "speed", "host")
+STEPS = ("tests", "train", "report", "speed", "host", "sweep")
 
 
 def run(cmd: list[str], timeout: int, env=None) -> tuple[int, str, float]:
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
         else:
             script = (["bench/gpu_report.py", "--reps", str(args.reps)] if step == "report" else
                       ["bench/gpu_host.py", "--json", str(RESULTS / f"gpu-host-{today}.json")] if step == "host" else
+                      ["bench/gpu_sweep.py", "--json", str(RESULTS / f"gpu-sweep-{today}.json")] if step == "sweep" else
                       ["bench/train_speed.py", "--device", "cuda", "--steps", str(args.steps)])
             code, out, secs = run([sys.executable, *script], limit)
             lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s", "", tail(out, 60), ""]

@@ -52,6 +52,7 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
+from ..autotune import CudaTuner
 from ..conv_algos import ConvAlgo, ConvTable
 from . import conv_implicit as CI
 from .gemm import _sum_partials, gemm, view, workspace
@@ -440,7 +441,14 @@ def auto_algo(geom, pass_):
     """'auto': direct when a group has at most 32 output channels (the GEMM's tiles are 128
     rows: a smaller M wastes most of each) or each output reads fewer than 16 inputs
     (depthwise); im2col otherwise. The same rule for the three passes of a layer (where
-    direct's shared patch cannot hold a receptive field, the table falls back to im2col)."""
+    direct's shared patch cannot hold a receptive field, the table falls back to im2col).
+
+    implicit_gemm is not in the rule yet: it runs im2col's products without the column
+    buffer, so it should win where im2col runs now, but its gather costs integer divisions
+    per staged element that im2col's unfold pays once, and no GPU has timed the two. On a
+    real GPU 'auto' is the tuner's choice anyway (``CudaTuner``: every algorithm timed per
+    shape, dtype and pass); this rule is what runs without it (``CNN_NUMBA_AUTOTUNE=0``),
+    and bench/gpu_sweep.py's record decides whether it should name implicit_gemm."""
     return "direct" if geom.cog <= 32 or geom.cig * geom.kh * geom.kw < 16 else "im2col"
 
 
@@ -449,7 +457,7 @@ TABLE = ConvTable([
     ConvAlgo("direct", _forward_direct, _backward_input_direct, _backward_weight_direct, supports=_direct_supports),
     ConvAlgo("im2col", _forward_im2col, _backward_input_im2col, _backward_weight_im2col),
     ConvAlgo("implicit_gemm", CI.forward, CI.backward_input, CI.backward_weight),
-], auto_algo)
+], auto_algo, tuner=CudaTuner())
 
 register("conv2d_algorithms", "cuda")(lambda: TABLE)
 
