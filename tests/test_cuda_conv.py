@@ -182,6 +182,9 @@ def test_gemm_kernels_are_found_by_name_for_the_typecheck():
             assert k is gemm.kernel(kind, tile) and k.py_func.__name__ == f"_{kind}_{tile.name}"
     with pytest.raises(AttributeError):
         gemm._conv_nonsense
+    # ptxas refuses more than 48 KiB of static shared memory (bench/ptx_check.py found this one)
+    assert gemm.Tile(128, 128, 16, 8, 8).fits(np.float32) and not gemm.Tile(128, 128, 16, 8, 8).fits(np.float64)
+    assert all(gemm.DEFAULT.fits(d) for d in (np.float32, np.float64))
 
 
 # ----------------------------------------------------------------------------- per-shape choice

@@ -56,7 +56,7 @@ from ..autotune import CudaTuner
 from ..conv_algos import ConvAlgo, ConvTable
 from . import conv_implicit as CI
 from .gemm import _sum_partials, gemm, view, workspace
-from .index import column_entry, out_range, sampled, tap
+from .index import column_entry, out_range, sample, sampled, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
 if SIMULATOR:  # every thread a Python thread: few of them
@@ -135,7 +135,7 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
                 i, k = ih0 + (e % plane) // prow, iw0 + e % prow
                 patch[e] = 0  # padding, or a row/column of up(src) between two samples
                 if sampled(i, uh, src.shape[2]) and sampled(k, uw, src.shape[3]):
-                    patch[e] = src[n, cs, i // uh, k // uw]
+                    patch[e] = src[n, cs, sample(i, uh), sample(k, uw)]
             for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*kh + a)*kw + bb)*C_T + c]
                 c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kw, (e // C_T) % kw
                 filt[e] = 0

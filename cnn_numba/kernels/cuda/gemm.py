@@ -57,10 +57,11 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
-from .index import column_entry
+from .index import column_entry, column_origin, column_value
 from .launch import SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
 PAD = 4  # shared rows are BM + PAD (BN + PAD) long
+SHARED_LIMIT = 48 << 10  # bytes of static shared memory a kernel may declare
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class Tile:
     @property
     def threads(self) -> int:
         return (self.bm // self.tm) * (self.bn // self.tn)
+
+    def fits(self, dtype) -> bool:
+        """Whether the two double-buffered tiles of ``dtype`` fit SHARED_LIMIT (128x128x16
+        holds 33 KiB of float32, 66 KiB of float64: ptxas refuses that one)."""
+        return 2 * self.bk * (self.bm + self.bn + 2 * PAD) * np.dtype(dtype).itemsize <= SHARED_LIMIT
 
     @property
     def name(self) -> str:
@@ -143,9 +149,10 @@ def _fetch(arr, v, k_minor, k_panel, width, count, t, threads, bk, x0, k0, xn, k
 
 
 @cuda.jit(device=True, inline=True)
-def _gather(src, win, transposed, width, count, t, threads, bk, x0, k0, xn, kn, regs):
+def _gather(src, win, transposed, width, count, t, threads, bk, x0, k0, xn, kn, origin, regs):
     """_fetch for a B that is the im2col matrix of ``src`` through ``win`` (``transposed``:
-    its transpose, K running over the pixels), gathered element by element."""
+    its transpose, K running over the pixels), gathered element by element. Not transposed,
+    a thread stages one column (x) throughout, whose ``column_origin`` is ``origin``."""
     for u in range(count):
         p, x = _tile_coords(t + u * threads, transposed, width, bk)
         regs[u] = 0
@@ -153,7 +160,7 @@ def _gather(src, win, transposed, width, count, t, threads, bk, x0, k0, xn, kn, 
             if transposed:
                 regs[u] = column_entry(src, win, x0 + x, k0 + p)
             else:
-                regs[u] = column_entry(src, win, k0 + p, x0 + x)
+                regs[u] = column_value(src, win, k0 + p, origin[0], origin[1], origin[2])
 
 
 @cuda.jit(device=True, inline=True)
@@ -194,6 +201,7 @@ def _build(kind: str, tile: Tile):
     LOAD_A = BM * BK // THREADS     # elements of each tile one thread stages per step
     LOAD_B = BK * BN // THREADS
     B_KMIN = B_GATHER == 2          # a gathered B's staging order (a viewed B's is vb[2])
+    B_COLUMNS = B_GATHER == 1       # B gathered a column per thread (see _gather)
 
     def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate):
         """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
@@ -219,6 +227,10 @@ def _build(kind: str, tile: Tile):
         # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
         # its offset (through the panels, for B) is computed once, not per step.
         inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
+        if B_COLUMNS:  # like inner_b: the thread's column split once
+            origin = column_origin(vb, j0 + t % BN)
+        else:
+            origin = (0, 0, 0)
         if B_GATHER:
             b_kmin, inner_b = B_KMIN, 0
         else:
@@ -235,7 +247,7 @@ def _build(kind: str, tile: Tile):
                 k0 = kb + s * BK
                 _fetch(a, va, a_kmin, A_PANEL, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, ra)
                 if B_GATHER:
-                    _gather(b, vb, B_KMIN, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, rb)
+                    _gather(b, vb, B_KMIN, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, origin, rb)
                 else:
                     _fetch(b, vb, b_kmin, 0, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, inner_b, rb)
             if s > 0:  # step s-1, staged in the other buffer
@@ -331,6 +343,8 @@ def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=Non
     """The product of ``kind`` (see the module docstring), M x N x K, by ``tile``'s kernel,
     split over K (partials summed in slice order) when M and N give too few tiles."""
     assert not vc[2], "C is written row-major"
+    if not tile.fits(c.dtype):
+        raise ValueError(f"tile {tile.name} needs more than {SHARED_LIMIT} bytes of shared {c.dtype}")
     splits = _splits(m, n, k, tile)
     if splits > 1 and bias is None and vc[1] == n and vc[3] >= n:
         # K slices into a partial buffer (splits, m, n), then their sum into C, in order
