@@ -125,14 +125,17 @@ def test_conv2d_huge_dilation_runs_in_memory_of_the_output(rng, algo):
 
 # 19 output channels and K = 5*3*2 = 30 cross the simulator's 16-row tiles and 8-deep K steps
 # with remainders; stride, dilation, asymmetric padding; then groups, whose weight-gradient
-# (3 x 18 outputs per group, too few tiles) splits its 75-pixel reduction into K slices.
+# (3 x 18 outputs per group, too few tiles) splits its 75-pixel reduction into K slices. The
+# gathers carry each thread's row and pixel splits from K step to K step (gemm.py): these cross
+# channels, taps, rows and samples on the way.
 IMPLICIT_CASES = [
     ((2, 5, 7, 6), (19, 5, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
     ((3, 6, 5, 5), (9, 2, 3, 3), dict(groups=3, padding=1, dilation=2)),
+    ((3, 4, 5, 5), (18, 4, 1, 1), dict(stride=2)),  # a 1x1 shortcut: every tap split is (c, 0, 0)
 ]
 
 
-@pytest.mark.parametrize("case", IMPLICIT_CASES, ids=["remainders", "groups"])
+@pytest.mark.parametrize("case", IMPLICIT_CASES, ids=["remainders", "groups", "pointwise"])
 @pytest.mark.parametrize("tile", [t.name for t in gemm.CANDIDATES] if CUDA_AVAILABLE else [])
 def test_implicit_gemm_every_candidate_tile_all_passes(rng, case, tile):
     """conv_implicit's three launchers with each tile bench/gpu_sweep.py times, against the

@@ -44,7 +44,9 @@ im2col matrix of an image, each element gathered as it is staged (``column_entry
 kernels/cuda/index.py; vb is then its window, b the 4-D image): the implicit-GEMM
 convolution of kernels/cuda/conv_implicit.py. ``conv_weight``: B is the transpose of that
 matrix (K runs over the pixels) and A may cut K into panels (A is then gy's planes): the
-convolution's weight-gradient.
+convolution's weight-gradient. A thread stages B's elements along one column (or, for
+conv_weight, one pixel) at rows a fixed step apart, so it splits its column and first row
+once and carries the splits along (``digits_add``): no division per element.
 
 Under the simulator (every thread a Python thread) the default tile is 16x16 with 4x4 per
 thread; kernel code is identical.
@@ -57,7 +59,7 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
-from .index import column_entry, column_origin, column_value
+from .index import column_origin, column_row, column_value, digits_add
 from .launch import SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
 PAD = 4  # shared rows are BM + PAD (BN + PAD) long
@@ -136,6 +138,9 @@ def _fetch(arr, v, k_minor, k_panel, width, count, t, threads, bk, x0, k0, xn, k
     outside (xn, kn). ``inner`` is the offset of its x column when x is the inner index
     (then fixed for the whole K walk, see the kernel); ``k_panel`` when K is the inner
     index and cut into panels (conv_weight's A)."""
+    kin = 0
+    if k_minor and k_panel:  # every element of the thread is at p = t % bk: one split per step
+        kin = _inner(v, k0 + t % bk)
     for u in range(count):
         p, x = _tile_coords(t + u * threads, k_minor, width, bk)
         regs[u] = 0
@@ -143,24 +148,28 @@ def _fetch(arr, v, k_minor, k_panel, width, count, t, threads, bk, x0, k0, xn, k
             if not k_minor:
                 regs[u] = arr[v[0] + (k0 + p) * v[1] + inner]
             elif k_panel:
-                regs[u] = arr[v[0] + (x0 + x) * v[1] + _inner(v, k0 + p)]
+                regs[u] = arr[v[0] + (x0 + x) * v[1] + kin]
             else:
                 regs[u] = arr[v[0] + (x0 + x) * v[1] + k0 + p]
 
 
 @cuda.jit(device=True, inline=True)
-def _gather(src, win, transposed, width, count, t, threads, bk, x0, k0, xn, kn, origin, regs):
-    """_fetch for a B that is the im2col matrix of ``src`` through ``win`` (``transposed``:
-    its transpose, K running over the pixels), gathered element by element. Not transposed,
-    a thread stages one column (x) throughout, whose ``column_origin`` is ``origin``."""
+def _gather(src, win, count, live, col, row, rd, step, sd, end, regs):
+    """_fetch for a B that is the im2col matrix of ``src`` through ``win`` (or its
+    transpose), gathered: a thread's ``count`` elements share one column (split ``col``,
+    ``live`` when inside the matrix) and lie at rows row, row + step, ... (split ``rd``, the
+    step's split ``sd``), 0 from ``end`` on. Returns the row after them and its split.
+
+    Not transposed (x-minor order) the column is the thread's x and the rows run along K:
+    the row returned is the next K step's first. Transposed (k-minor) the column is the
+    thread's pixel, on K, and the rows its x's."""
     for u in range(count):
-        p, x = _tile_coords(t + u * threads, transposed, width, bk)
         regs[u] = 0
-        if x0 + x < xn and k0 + p < kn:
-            if transposed:
-                regs[u] = column_entry(src, win, x0 + x, k0 + p)
-            else:
-                regs[u] = column_value(src, win, k0 + p, origin[0], origin[1], origin[2])
+        if live and row < end:
+            regs[u] = column_value(src, win, rd, col)
+        row += step
+        rd = digits_add(rd, sd, win[9], win[10])
+    return row, rd
 
 
 @cuda.jit(device=True, inline=True)
@@ -200,8 +209,9 @@ def _build(kind: str, tile: Tile):
     TX = BN // TN                   # threads along a tile row
     LOAD_A = BM * BK // THREADS     # elements of each tile one thread stages per step
     LOAD_B = BK * BN // THREADS
-    B_KMIN = B_GATHER == 2          # a gathered B's staging order (a viewed B's is vb[2])
-    B_COLUMNS = B_GATHER == 1       # B gathered a column per thread (see _gather)
+    B_COLUMNS = B_GATHER == 1       # B gathered a column per thread (x-minor) ...
+    B_PIXELS = B_GATHER == 2        # ... or a pixel per thread (k-minor): see _gather
+    RS, XS = THREADS // BN, THREADS // BK  # the rows between a thread's elements in x-, k-minor order
 
     def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate):
         """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
@@ -227,12 +237,20 @@ def _build(kind: str, tile: Tile):
         # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
         # its offset (through the panels, for B) is computed once, not per step.
         inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
-        if B_COLUMNS:  # like inner_b: the thread's column split once
-            origin = column_origin(vb, j0 + t % BN)
-        else:
-            origin = (0, 0, 0)
+        # A gathered B's splits are made once and carried along by digits_add: its column
+        # (and first row) for B_COLUMNS; its rows (fixed) and pixel (moving by BK) for B_PIXELS.
+        if B_COLUMNS:
+            live = j0 + t % BN < n
+            col = column_origin(vb, j0 + t % BN)
+            kr = kb + t // BN
+            krd, rsd = column_row(kr, vb[9], vb[10]), column_row(RS, vb[9], vb[10])
+        elif B_PIXELS:
+            xr = j0 + t // BK
+            xrd, xsd = column_row(xr, vb[9], vb[10]), column_row(XS, vb[9], vb[10])
+            kp = kb + t % BK
+            kpd, bkd = column_origin(vb, kp), column_origin(vb, BK)
         if B_GATHER:
-            b_kmin, inner_b = B_KMIN, 0
+            b_kmin, inner_b = B_PIXELS, 0
         else:
             b_kmin = vb[2] != 0
             inner_b = 0 if b_kmin else _inner(vb, j0 + t % BN)
@@ -246,8 +264,12 @@ def _build(kind: str, tile: Tile):
             if s < steps:  # issue the global loads of step s; they land while step s-1 computes
                 k0 = kb + s * BK
                 _fetch(a, va, a_kmin, A_PANEL, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, ra)
-                if B_GATHER:
-                    _gather(b, vb, B_KMIN, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, origin, rb)
+                if B_COLUMNS:
+                    kr, krd = _gather(b, vb, LOAD_B, live, col, kr, krd, RS, rsd, ke, rb)
+                elif B_PIXELS:
+                    _gather(b, vb, LOAD_B, kp < ke, kpd, xr, xrd, XS, xsd, n, rb)
+                    kp += BK
+                    kpd = digits_add(kpd, bkd, vb[11], vb[12])
                 else:
                     _fetch(b, vb, b_kmin, 0, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, inner_b, rb)
             if s > 0:  # step s-1, staged in the other buffer

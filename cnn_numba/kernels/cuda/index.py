@@ -13,6 +13,7 @@ out_range = device_function(_cpu.out_range)
 pool_window = device_function(_cpu.pool_window)
 adaptive_window = device_function(_cpu.adaptive_window)
 column_row = device_function(_cpu.column_row)
+digits_add = device_function(_cpu.digits_add)
 
 
 @cuda.jit(device=True, inline=True)
@@ -33,21 +34,22 @@ def sample(i, u):
 @cuda.jit(device=True, inline=True)
 def column_origin(win, col):
     """(n, r, q) of column ``col`` of an im2col matrix read through ``win`` (see
-    ``column_entry``): its sample and output position."""
+    ``column_entry``): its sample and output position, the digits of col in the radix
+    (any, hd, wd)."""
     m = win[11] * win[12]
     return col // m, (col % m) // win[12], col % win[12]
 
 
 @cuda.jit(device=True, inline=True)
-def column_value(src, win, row, n, r, q):
-    """``column_entry`` at row ``row`` of the column whose origin (``column_origin``) is
-    (n, r, q): a thread that stages one column for many rows splits it once."""
+def column_value(src, win, row, col):
+    """``column_entry`` with its row and column already split: ``row`` = (c, a, b) as
+    ``column_row`` gives, ``col`` = (n, r, q) as ``column_origin`` gives. A thread that
+    walks rows or columns by a fixed step carries their splits along (``digits_add``)."""
     c0, sh, sw, ph, pw, dh, dw, uh, uw, kh, kw, hd, wd = win
-    c, a, bb = column_row(row, kh, kw)
-    i, j = tap(r, sh, ph, a, dh), tap(q, sw, pw, bb, dw)
+    i, j = tap(col[1], sh, ph, row[1], dh), tap(col[2], sw, pw, row[2], dw)
     v = src.dtype.type(0)
     if sampled(i, uh, src.shape[2]) and sampled(j, uw, src.shape[3]):
-        v = src[n, c0 + c, sample(i, uh), sample(j, uw)]
+        v = src[col[0], c0 + row[0], sample(i, uh), sample(j, uw)]
     return v
 
 
@@ -61,5 +63,4 @@ def column_entry(src, win, row, col):
     plane, and the entry up(src)[n, c0 + c, tap(r, a), tap(q, b)], 0 in the padding, where
     up(src) is src upsampled by (uh, uw): a sample every uh rows and uw columns, zeros
     between (the input-gradient's view of gy, see kernels/cuda/conv.py)."""
-    n, r, q = column_origin(win, col)
-    return column_value(src, win, row, n, r, q)
+    return column_value(src, win, column_row(row, win[9], win[10]), column_origin(win, col))
