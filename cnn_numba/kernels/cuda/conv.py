@@ -44,7 +44,8 @@ implicit_gemm  The same products with no column buffer: gemm.py's kernel gathers
 
 The launchers take the layer's ``shapes.ConvGeom`` and pass its fields to the kernels as
 scalars; the table at the end lists the algorithms (kernels/conv_algos.py) and 'auto' is
-its ``auto_algo``.
+its ``auto_algo``, or on a real GPU the timed choice of its tuner (kernels/autotune.py's
+``CudaTuner``).
 """
 from __future__ import annotations
 
@@ -444,8 +445,9 @@ def auto_algo(geom, pass_):
     direct's shared patch cannot hold a receptive field, the table falls back to im2col).
 
     implicit_gemm is not in the rule yet: it runs im2col's products without the column
-    buffer, so it should win where im2col runs now, but its gather costs integer divisions
-    per staged element that im2col's unfold pays once, and no GPU has timed the two. On a
+    buffer, so it should win where im2col runs now, but every staged element costs it the
+    tap and bounds arithmetic that im2col's unfold pays once per column entry (then the
+    GEMM streams the columns), and no GPU has timed the two. On a
     real GPU 'auto' is the tuner's choice anyway (``CudaTuner``: every algorithm timed per
     shape, dtype and pass); this rule is what runs without it (``CNN_NUMBA_AUTOTUNE=0``),
     and bench/gpu_sweep.py's record decides whether it should name implicit_gemm."""
