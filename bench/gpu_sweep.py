@@ -172,6 +172,31 @@ def sweep_gemm(record: Record, n: int, reps: int, timeout: float, torch) -> None
         ref = out if ref is None else ref
 
 
+def summary(data: dict) -> list[str]:
+    """Markdown: per layer and pass the device ms (min) of each algorithm, the fastest tile
+    of implicit_gemm and cuDNN; per GEMM tile its TFLOP/s. Failed cases show as 'x'."""
+    def ms(row):
+        return "x" if row is None or "error" in row else f"{row['device_ms_min']:.3f}"
+
+    algos = list(dict.fromkeys(r["algo"] for r in data["conv"] if r["kind"] == "algo"))
+    lines = ["| layer | pass | " + " | ".join(f"{a} ms" for a in algos) + " | best tile | its ms | cuDNN ms |",
+             "|---|---|" + "---:|" * len(algos) + "---|---:|---:|"]
+    cases = dict.fromkeys((r["layer"], r["pass"]) for r in data["conv"])
+    for layer, p in cases:
+        rows = [r for r in data["conv"] if (r["layer"], r["pass"]) == (layer, p)]
+        by_algo = {r["algo"]: r for r in rows if r["kind"] == "algo"}
+        tiles = [r for r in rows if r["kind"] == "tile" and "error" not in r]
+        best = min(tiles, key=lambda r: r["device_ms_min"], default=None)
+        cudnn = next((r for r in rows if r["kind"] == "cudnn"), None)
+        lines.append(f"| {layer} | {p} | " + " | ".join(ms(by_algo.get(a)) for a in algos)
+                     + f" | {best['tile'] if best else 'x'} | {ms(best)} | {ms(cudnn) if cudnn else '-'} |")
+    for r in data["gemm"]:
+        flops = 2 * r["n"] ** 3
+        rate = "x" if "error" in r else f"{flops / (r['device_ms_min'] / 1e3) / 1e12:.1f} TFLOP/s"
+        lines.append(f"GEMM {r['n']}^3 {r.get('tile', r['kind'])}: {ms(r)} ms, {rate}")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", help="comma-separated conv layer names of bench/shapes.py, or of TINY_SHAPES "
@@ -198,6 +223,7 @@ def main(argv=None) -> int:
         sweep_gemm(record, TINY_GEMM_N if args.tiny else GEMM_N, args.reps, args.timeout, torch)
     rows = record.data["conv"] + record.data["gemm"]
     failed = [r for r in rows if "error" in r]
+    print("\n".join(summary(record.data)))
     print(f"{len(rows)} cases in {time.perf_counter() - t0:.0f} s, {len(failed)} failed; wrote {record.path}")
     return 0
 
