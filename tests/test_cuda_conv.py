@@ -176,6 +176,18 @@ def test_implicit_gemm_weight_gradient_splits_k_in_order(rng, monkeypatch):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_implicit_gemm_leaves_depthwise_layers_to_direct():
+    from cnn_numba import shapes
+    from cnn_numba.kernels.conv_algos import PASSES
+
+    table = kernel("conv2d_algorithms", "cuda")()
+    depthwise = shapes.conv2d_geom((1, 4, 6, 6), (8, 1, 3, 3), 1, 1, 1, 4)
+    grouped = shapes.conv2d_geom((1, 4, 6, 6), (8, 2, 3, 3), 1, 1, 1, 2)
+    for p in PASSES:
+        assert table.pick("implicit_gemm", depthwise, p).name == "direct"
+        assert table.pick("implicit_gemm", grouped, p).name == "implicit_gemm"
+
+
 def test_gemm_kernels_are_found_by_name_for_the_typecheck():
     """tests/cuda_typecheck.py looks each launched kernel up by module and name: the tile
     factory's kernels answer to theirs."""

@@ -458,7 +458,7 @@ def auto_algo(geom, pass_):
 TABLE = ConvTable([
     ConvAlgo("direct", _forward_direct, _backward_input_direct, _backward_weight_direct, supports=_direct_supports),
     ConvAlgo("im2col", _forward_im2col, _backward_input_im2col, _backward_weight_im2col),
-    ConvAlgo("implicit_gemm", CI.forward, CI.backward_input, CI.backward_weight),
+    ConvAlgo("implicit_gemm", CI.forward, CI.backward_input, CI.backward_weight, supports=CI.supports),
 ], auto_algo, tuner=CudaTuner())
 
 register("conv2d_algorithms", "cuda")(lambda: TABLE)

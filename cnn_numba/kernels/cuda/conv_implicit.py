@@ -27,7 +27,8 @@ double-buffered, with the same register tiles, split-K and epilogue as the GEMM 
                      split-K into partials summed in slice order (deterministic).
 
 Every tile shape of gemm.py (``Tile``) runs every pass; ``tile_for`` picks one by the
-product's M (see its comment); bench/gpu_sweep.py times them all.
+product's M (see its comment); bench/gpu_sweep.py times them all. Depthwise layers are left
+to the direct kernel (``supports``).
 """
 from __future__ import annotations
 
@@ -65,6 +66,13 @@ def tile_for(m: int) -> G.Tile:
         return G.DEFAULT
     fits = [t for t in G.CANDIDATES if t.bk == G.DEFAULT.bk and t.bn == 128 and t.bm >= min(max(m, 32), 128)]
     return min(fits, key=lambda t: t.bm)
+
+
+def supports(geom, pass_: str) -> bool:
+    """Every layer but the depthwise ones (one input channel per group, G > 1): their
+    products are C_out/G x N*m x KH*KW slivers of a tile, one launch per group, where the
+    direct kernel (its own depthwise tiles) has no GEMM to waste; the table gives them to it."""
+    return geom.cig > 1 or geom.g == 1
 
 
 def window(geom, pass_: str, c0: int = 0) -> tuple:
