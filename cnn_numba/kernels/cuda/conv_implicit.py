@@ -4,7 +4,7 @@ Layouts, symbols and the launchers' contract are kernels/cuda/conv.py's (each la
 writes its fresh output with =); K below is the GEMM's reduction length, m = OH*OW.
 
 Per group g (channels [g*C/G, (g+1)*C/G) in, [g*CO/G, ...) out), one tiled product of
-gemm.py in which the im2col matrix cols (C/G*KH*KW rows (c, a, b), N*m columns (n, r, q))
+gemm.py (all groups in one launch) in which the im2col matrix cols (C/G*KH*KW rows (c, a, b), N*m columns (n, r, q))
 is never stored: gemm.py's ``conv`` kernels gather each of its elements
 (``column_entry``, kernels/cuda/index.py) as they stage a K step of B in shared memory,
 double-buffered, with the same register tiles, split-K and epilogue as the GEMM itself.
@@ -36,7 +36,7 @@ from numba import cuda
 
 from . import gemm as G
 from .index import column_row
-from .launch import flat, jit, launch
+from .launch import blocks, flat, jit, launch
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -69,49 +69,48 @@ def tile_for(m: int) -> G.Tile:
 
 
 def supports(geom, pass_: str) -> bool:
-    """Every layer but the depthwise ones (one input channel per group, G > 1): their
-    products are C_out/G x N*m x KH*KW slivers of a tile, one launch per group, where the
-    direct kernel (its own depthwise tiles) has no GEMM to waste; the table gives them to it."""
-    return geom.cig > 1 or geom.g == 1
+    """Every layer but the depthwise ones (one input channel per group, G > 1), whose
+    products are C_out/G x N*m x KH*KW slivers of a tile, where the direct kernel (its own
+    depthwise tiles) has no GEMM to waste (the table gives them to it); and but those
+    whose groups' M tiles would overflow grid.y (65535, at the smallest tile of 16 rows)."""
+    return (geom.cig > 1 or geom.g == 1) and geom.g * blocks(max(geom.cog, geom.cig), 16) <= 65535
 
 
-def window(geom, pass_: str, c0: int = 0) -> tuple:
-    """The window through which ``column_entry`` reads the source of ``pass_`` from channel
-    c0: the forward's (and weight-gradient's) x at the layer's stride and padding into
-    (OH, OW); the input-gradient's gy upsampled by the stride, at stride 1 and the full
-    padding, into (H, W)."""
+def window(geom, pass_: str) -> tuple:
+    """The window through which ``column_entry`` reads the source of ``pass_`` (from its
+    first channel; group g's starts g*C/G further on, the kernels' group step): the
+    forward's (and weight-gradient's) x at the layer's stride and padding into (OH, OW);
+    the input-gradient's gy upsampled by the stride, at stride 1 and the full padding,
+    into (H, W)."""
     if pass_ == "backward_input":
         ph, pw = geom.full_padding
-        return (c0, 1, 1, ph, pw, geom.dh, geom.dw, geom.sh, geom.sw, geom.kh, geom.kw, geom.h, geom.w)
-    return (c0, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, 1, 1, geom.kh, geom.kw, geom.oh, geom.ow)
+        return (0, 1, 1, ph, pw, geom.dh, geom.dw, geom.sh, geom.sw, geom.kh, geom.kw, geom.h, geom.w)
+    return (0, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, 1, 1, geom.kh, geom.kw, geom.oh, geom.ow)
 
 
-def _planes(m, c0, channels):
-    """The (channel, n*m + pixel) matrix view of an (N, channels, m) array from channel c0."""
-    return G.view(m, off=c0 * m, panel=m, panel_stride=channels * m)
+def _planes(m, channels):
+    """The (channel, n*m + pixel) matrix view of an (N, channels, m) array."""
+    return G.view(m, panel=m, panel_stride=channels * m)
 
 
 def forward(x, w, b, y, geom, tile=None):
     m, k = geom.oh * geom.ow, geom.cig * geom.kh * geom.kw
-    for gi in range(geom.g):
-        G.product("conv", tile or tile_for(geom.cog), geom.cog, geom.n * m, k,
-                  flat(w), G.view(k, off=gi * geom.cog * k), x, window(geom, "forward", gi * geom.cig),
-                  flat(y), _planes(m, gi * geom.cog, geom.co), bias=b, vbias=(gi * geom.cog, 1, 0))
+    G.product("conv", tile or tile_for(geom.cog), geom.cog, geom.n * m, k,
+              flat(w), G.view(k), x, window(geom, "forward"), flat(y), _planes(m, geom.co),
+              bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(geom.cog * k, geom.cig, geom.cog * m, geom.cog))
 
 
 def backward_input(gy, w, gx, geom, tile=None):
     m, k = geom.h * geom.w, geom.cog * geom.kh * geom.kw
     wt = G.workspace("implicit-flipped-w", w.size, w.dtype).reshape(geom.g, geom.cig, k)
     launch(_flip_weight, wt.size, w, wt)
-    for gi in range(geom.g):
-        G.product("conv", tile or tile_for(geom.cig), geom.cig, geom.n * m, k,
-                  flat(wt), G.view(k, off=gi * geom.cig * k), gy, window(geom, "backward_input", gi * geom.cog),
-                  flat(gx), _planes(m, gi * geom.cig, geom.c))
+    G.product("conv", tile or tile_for(geom.cig), geom.cig, geom.n * m, k,
+              flat(wt), G.view(k), gy, window(geom, "backward_input"), flat(gx), _planes(m, geom.c),
+              groups=geom.g, gs=(geom.cig * k, geom.cog, geom.cig * m, 0))
 
 
 def backward_weight(x, gy, gw, geom, tile=None):
     m, k = geom.oh * geom.ow, geom.cig * geom.kh * geom.kw
-    for gi in range(geom.g):
-        G.product("conv_weight", tile or tile_for(geom.cog), geom.cog, k, geom.n * m,
-                  flat(gy), _planes(m, gi * geom.cog, geom.co), x, window(geom, "forward", gi * geom.cig),
-                  flat(gw), G.view(k, off=gi * geom.cog * k))
+    G.product("conv_weight", tile or tile_for(geom.cog), geom.cog, k, geom.n * m,
+              flat(gy), _planes(m, geom.co), x, window(geom, "forward"), flat(gw), G.view(k),
+              groups=geom.g, gs=(geom.cog * m, geom.cig, geom.cog * k, 0))

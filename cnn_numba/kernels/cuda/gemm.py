@@ -25,6 +25,9 @@ and writes C in 16-wide coalesced runs. For each k a thread does TM*TN FMAs for
 TM + TN shared loads. The shared rows are padded by PAD so the k-minor global loads
 of a non-transposed A (or a transposed B) store without bank conflicts.
 
+Groups. One launch can run G products of the same shape whose operands lie a fixed
+stride apart (a grouped convolution's): grid.y runs over each group's M tiles in turn.
+
 Split-K. When M and N give too few tiles to fill the GPU (a weight-gradient: small
 output, long reduction) the K range is cut into ``splits`` slices, grid.z; slice z
 writes its own partial C and ``_sum_partials`` adds them in slice order afterwards, so
@@ -213,11 +216,13 @@ def _build(kind: str, tile: Tile):
     B_PIXELS = B_GATHER == 2        # ... or a pixel per thread (k-minor): see _gather
     RS, XS = THREADS // BN, THREADS // BK  # the rows between a thread's elements in x-, k-minor order
 
-    def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate):
+    def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate, gs):
         """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
 
         vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[off + i*row_step + j*col_step].
-        Slice z writes C's view shifted by z*c_split.
+        Slice z writes C's view shifted by z*c_split. grid.y runs over the M tiles of each
+        of the product's groups in turn: group g's A, B (its view's offset or its window's
+        first channel), C and bias lie g*gs[0], g*gs[1], g*gs[2], g*gs[3] further on.
         """
         As = cuda.shared.array((2, BK, A_ROW), a.dtype)  # As[buffer, p, i] = A[i0 + i, k0 + p]
         Bs = cuda.shared.array((2, BK, B_ROW), a.dtype)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
@@ -230,7 +235,11 @@ def _build(kind: str, tile: Tile):
         # negative-index wraparound from every shared-memory access below.
         t = cuda.threadIdx.x & (THREADS - 1)
         tx, ty = t % TX, t // TX
-        i0, j0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
+        mb = (m + BM - 1) // BM
+        gz = cuda.blockIdx.y // mb
+        i0, j0 = (cuda.blockIdx.y % mb) * BM, cuda.blockIdx.x * BN
+        va = (va[0] + gz * gs[0], va[1], va[2], va[3], va[4])
+        vb = (vb[0] + gz * gs[1],) + vb[1:]
         kb = cuda.blockIdx.z * k_per_split
         ke = min(k, kb + k_per_split)
         a_kmin = not va[2]
@@ -287,7 +296,7 @@ def _build(kind: str, tile: Tile):
                 _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t, THREADS, BK)
             cuda.syncthreads()
 
-        coff = vc[0] + cuda.blockIdx.z * c_split
+        coff = vc[0] + gz * gs[2] + cuda.blockIdx.z * c_split
         for jj in range(TN):
             j = j0 + tx + jj * (BN // TN)
             if j < n:
@@ -297,7 +306,7 @@ def _build(kind: str, tile: Tile):
                     if i < m:
                         v = acc[ii, jj]
                         if vbias[0]:
-                            v += bias[vbias[1] + i * vbias[2] + j * vbias[3]]
+                            v += bias[vbias[1] + gz * gs[3] + i * vbias[2] + j * vbias[3]]
                         if accumulate:
                             v += c[col + i * vc[1]]
                         c[col + i * vc[1]] = v
@@ -344,9 +353,9 @@ def workspace(name, size, dtype):
     return buf[:size]
 
 
-def _splits(m, n, k, tile):
+def _splits(m, n, k, tile, groups=1):
     """How many K slices: enough tiles for the GPU, slices of at least MIN_SPLIT_K."""
-    tiles = blocks(m, tile.bm) * blocks(n, tile.bn)
+    tiles = blocks(m, tile.bm) * blocks(n, tile.bn) * groups
     if tiles == 0 or tiles >= MIN_TILES:
         return 1
     return max(1, min(blocks(MIN_TILES, tiles), k // MIN_SPLIT_K))
@@ -361,28 +370,34 @@ def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0,
     product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias)
 
 
-def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0)):
+def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), groups=1,
+            gs=(0, 0, 0, 0)):
     """The product of ``kind`` (see the module docstring), M x N x K, by ``tile``'s kernel,
-    split over K (partials summed in slice order) when M and N give too few tiles."""
+    for ``groups`` products at once, group g's operands and outputs offset by g*gs (A, B, C,
+    bias; see the kernel); split over K (partials summed in slice order) when they give too
+    few tiles and the groups' C follow each other."""
     assert not vc[2], "C is written row-major"
     if not tile.fits(c.dtype):
         raise ValueError(f"tile {tile.name} needs more than {SHARED_LIMIT} bytes of shared {c.dtype}")
-    splits = _splits(m, n, k, tile)
-    if splits > 1 and bias is None and vc[1] == n and vc[3] >= n:
-        # K slices into a partial buffer (splits, m, n), then their sum into C, in order
+    splits = _splits(m, n, k, tile, groups)
+    size = groups * m * n
+    if splits > 1 and bias is None and vc[1] == n and vc[3] >= n and (groups == 1 or gs[2] == m * n):
+        # K slices into a partial buffer (splits, groups*m*n), then their sum into C, in order
         per = blocks(blocks(k, splits), tile.bk) * tile.bk
         splits = blocks(k, per)
-        part = workspace("gemm-split", splits * m * n, c.dtype).reshape(splits, m * n)
-        _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, flat(part), view(n), m * n, False, None, vbias)
-        launch(_sum_partials, m * n, part, c, vc[0], int(accumulate))
+        part = workspace("gemm-split", splits * size, c.dtype).reshape(splits, size)
+        _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, flat(part), view(n), size, False, None, vbias,
+                groups, gs)
+        launch(_sum_partials, size, part, c, vc[0], int(accumulate))
     else:
-        _launch(kind, tile, m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias)
+        _launch(kind, tile, m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias, groups, gs)
 
 
-def _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias):
+def _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias, groups, gs):
     has_bias = (int(bias is not None),) + tuple(int(v) for v in vbias)
-    launch_grid(kernel(kind, tile), (blocks(n, tile.bn), blocks(m, tile.bm), splits), tile.threads,
-                a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, m, n, k, per, int(accumulate))
+    launch_grid(kernel(kind, tile), (blocks(n, tile.bn), blocks(m, tile.bm) * groups, splits), tile.threads,
+                a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, m, n, k, per, int(accumulate),
+                tuple(int(v) for v in gs))
 
 
 def matmul(a, b, out, trans_a=False, trans_b=False, accumulate=False, tile=None):
