@@ -407,20 +407,20 @@ def _forward_im2col(x, w, b, y, geom):
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype):
         launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
-        for gi in range(geom.g):  # y[n0:n0+nc, group gi] = w_g @ cols_g (+ b), through y's planes
-            gemm(cog, nc * m, k, flat(w), view(k, off=gi * cog * k), flat(cols), view(nc * m, off=gi * k * nc * m),
-                 flat(y), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
-                 bias=b, vbias=(gi * cog, 1, 0))
+        # y[n0:n0+nc, group g] = w_g @ cols_g (+ b), through y's planes, every g in one launch
+        gemm(cog, nc * m, k, flat(w), view(k), flat(cols), view(nc * m),
+             flat(y), view(m, off=n0 * co * m, panel=m, panel_stride=co * m),
+             bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(cog * k, k * nc * m, cog * m, cog))
 
 
 def _backward_input_im2col(gy, w, gx, geom):
     n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, gy.dtype):
-        for gi in range(geom.g):  # cols_g = w_g^T @ gy[n0:n0+nc, group gi]
-            gemm(k, nc * m, cog, flat(w), view(k, off=gi * cog * k, trans=True),
-                 flat(gy), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
-                 flat(cols), view(nc * m, off=gi * k * nc * m))
+        # cols_g = w_g^T @ gy[n0:n0+nc, group g], every g in one launch
+        gemm(k, nc * m, cog, flat(w), view(k, trans=True),
+             flat(gy), view(m, off=n0 * co * m, panel=m, panel_stride=co * m),
+             flat(cols), view(nc * m), groups=geom.g, gs=(cog * k, cog * m, k * nc * m, 0))
         launch_grid(_col2im, _fold_grid(geom.h * geom.w, c, nc), BLOCK, cols, gx, n0, *_window(geom),
                     geom.oh, geom.ow)
 
@@ -432,10 +432,9 @@ def _backward_weight_im2col(x, gy, gw, geom):
         gyc = workspace("conv-gy-columns", co * nc * m, x.dtype).reshape(co, nc * m)
         launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
         launch_grid(_planes_to_columns, _fold_grid(m, co, nc), BLOCK, gy.reshape(n, co, m), n0, gyc)
-        for gi in range(geom.g):  # gw_g (=, then +=) gy_g @ cols_g^T
-            gemm(cog, k, nc * m, flat(gyc), view(nc * m, off=gi * cog * nc * m),
-                 flat(cols), view(nc * m, off=gi * k * nc * m, trans=True),
-                 flat(gw), view(k, off=gi * cog * k), accumulate=n0 > 0)
+        # gw_g (=, then +=) gy_g @ cols_g^T, every g in one launch
+        gemm(cog, k, nc * m, flat(gyc), view(nc * m), flat(cols), view(nc * m, trans=True),
+             flat(gw), view(k), accumulate=n0 > 0, groups=geom.g, gs=(cog * nc * m, k * nc * m, cog * k, 0))
 
 
 def auto_algo(geom, pass_):

@@ -361,13 +361,15 @@ def _splits(m, n, k, tile, groups=1):
     return max(1, min(blocks(MIN_TILES, tiles), k // MIN_SPLIT_K))
 
 
-def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), tile=None):
+def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), tile=None, groups=1,
+         gs=(0, 0, 0, 0)):
     """C (=, or += with ``accumulate``) op(A) @ op(B) (+ bias), M x N x K, on flat device
     arrays read through views (``view``). ``bias`` adds bias[off + i*row_step + j*col_step]
-    with ``vbias`` = (off, row_step, col_step). ``tile``: DEFAULT unless given."""
+    with ``vbias`` = (off, row_step, col_step). ``tile``: DEFAULT unless given. ``groups``
+    such products in one launch, group g's A, B, C and bias offset by g*gs."""
     assert va[3] == NO_PANEL or va[2], "a row-major A's inner index is K: no panels"
     assert vb[3] == NO_PANEL or not vb[2], "a transposed B's inner index is K: no panels"
-    product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias)
+    product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias, groups, gs)
 
 
 def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), groups=1,
