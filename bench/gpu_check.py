@@ -11,7 +11,9 @@
 3. bench/gpu_report.py (conv layers vs cuDNN, the GEMM vs the FP32 peak);
 4. bench/train_speed.py --device cuda (LeNet-5 b64, resnet20 b128 vs PyTorch);
 5. bench/gpu_host.py: launches and device-to-host reads per training step, host and device
-   time per step, host microseconds per launch (written to gpu-host-<date>.json too).
+   time per step, host microseconds per launch (written to gpu-host-<date>.json too);
+6. bench/gpu_sweep.py: every CUDA conv algorithm and every candidate GEMM tile on the
+   table's layers and the 4096^3 GEMM, device and wall time (gpu-sweep-<date>.json).
 
 Writes bench/results/gpu-check-<date>.md with the GPU's name, the date and the commit,
 and prints it, and bench/results/gpu-<date>.json with the issues' figures (``summary``:
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import signal
 import subprocess
@@ -32,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-STEPS = ("tests", "train", "report", "speed", "host")
+STEPS = ("tests", "train", "report", "speed", "host", "sweep")
 
 
 def run(cmd: list[str], timeout: int, env=None) -> tuple[int, str, float]:
@@ -72,9 +75,26 @@ def train(device: str, dataset: str, log: Path, data_dir: str | None, limit: int
     return res
 
 
+def _device_ratios(sweep: dict | None) -> tuple:
+    """(geometric mean, worst) over the sweep's layer passes of the fastest CUDA algorithm's
+    device time over cuDNN's: what 'auto' gets once its tuner has timed them all."""
+    if not sweep:
+        return None, None
+    ratios = []
+    for layer, p in dict.fromkeys((r["layer"], r["pass"]) for r in sweep.get("conv", [])):
+        rows = [r for r in sweep["conv"] if (r["layer"], r["pass"]) == (layer, p) and "error" not in r]
+        ours = [r["device_ms_min"] for r in rows if r["kind"] == "algo"]
+        cudnn = [r["device_ms_min"] for r in rows if r["kind"] == "cudnn"]
+        if ours and cudnn:
+            ratios.append(min(ours) / cudnn[0])
+    if not ratios:
+        return None, None
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)), max(ratios)
+
+
 def summary(gpu: str, commit: str, today: str, parts: dict) -> dict:
     """bench/results/gpu-<date>.json: the issues' figures, from the steps' own JSON files
-    (``parts``: speed, report, host, train), None where a step did not run."""
+    (``parts``: speed, report, host, train, sweep), None where a step did not run."""
     speed, report, host, train_ = (parts.get(k) or {} for k in ("speed", "report", "host", "train"))
     out = {"gpu": gpu, "commit": commit, "date": today}
     for model in ("lenet5", "resnet20"):
@@ -84,7 +104,7 @@ def summary(gpu: str, commit: str, today: str, parts: dict) -> dict:
                     f"{model}_step_torch_graph_ms": graph,
                     f"{model}_step_ratio": ours / theirs if ours and theirs else None,
                     f"{model}_step_ratio_vs_torch_graph": ours / graph if ours and graph else None})
-    out["conv_device_geomean_vs_cudnn"] = report.get("conv_device_geomean_vs_cudnn")
+    out["conv_device_geomean_vs_cudnn"], out["conv_device_worst_vs_cudnn"] = _device_ratios(parts.get("sweep"))
     out["conv_wall_geomean_vs_cudnn"] = report.get("conv_wall_geomean_vs_cudnn")
     out["gemm_fraction_of_peak"] = report.get("gemm_fraction_of_peak")
     out["launch_us"] = host.get("launch_us")
@@ -161,6 +181,7 @@ def main(argv=None) -> int:
             part = RESULTS / f"gpu-{step}-{today}.json"
             script = (["bench/gpu_report.py", "--reps", str(args.reps)] if step == "report" else
                       ["bench/gpu_host.py"] if step == "host" else
+                      ["bench/gpu_sweep.py"] if step == "sweep" else
                       ["bench/train_speed.py", "--device", "cuda", "--steps", str(args.steps)])
             code, out, secs = run([sys.executable, *script, "--json", str(part)], limit)
             if code == 0 and part.exists():

@@ -89,6 +89,13 @@ def rel_err(out, ref) -> float:
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+def cuda_algos() -> tuple[str, ...]:
+    """The CUDA table's algorithm names (kernels/cuda/conv.py), which differ from the CPU's."""
+    from cnn_numba.backend import check_device, kernel
+    check_device("cuda")
+    return tuple(kernel("conv2d_algorithms", "cuda")().names)
+
+
 def conv_rows(shapes, reps: int, torch) -> tuple[list[str], list[float]]:
     from numba import cuda
 
@@ -98,7 +105,7 @@ def conv_rows(shapes, reps: int, torch) -> tuple[list[str], list[float]]:
         dev = {k: cuda.to_device(v) for k, v in host.items()}
         for p in S.CONV_PASSES:
             ours = {algo: timed(S.numba_conv_pass(shape, p, algo, dev, "cuda"), cuda.synchronize, reps)
-                    for algo in ("auto",) + S.ALGOS}
+                    for algo in ("auto",) + cuda_algos()}
             theirs = None
             if torch is not None:
                 theirs = timed(S.torch_conv_pass(shape, p, host, "cuda"), torch.cuda.synchronize, reps)
@@ -110,7 +117,7 @@ def conv_rows(shapes, reps: int, torch) -> tuple[list[str], list[float]]:
             cudnn = f"{theirs[0] * 1e3:.3f} | {ratio:.2f}" if theirs else "— | —"
             check = f"✗ {', '.join(bad)} differ > {CHECK_RTOL}" if theirs and bad else ("ok" if theirs else "—")
             rows.append(f"| {shape.name} | {p} | {t_auto * 1e3:.3f} | "
-                        + "".join(f"{ours[a][0] * 1e3:.3f} | " for a in S.ALGOS) + f"{cudnn} | "
+                        + "".join(f"{ours[a][0] * 1e3:.3f} | " for a in cuda_algos()) + f"{cudnn} | "
                         f"{shape.flops / t_auto / 1e9:.0f} | {check} |")
             print(rows[-1], file=sys.stderr)
     return rows, ratios
@@ -157,9 +164,9 @@ def main(argv=None) -> int:
              f"{facts['clock_ghz']:.2f} GHz, FP32 peak {facts['fp32_peak_tflops']:.1f} TFLOP/s); "
              f"torch {torch.__version__ + ' + cuDNN ' + str(torch.backends.cudnn.version()) if torch else 'absent'}, "
              f"TF32 off. `python bench/gpu_report.py --reps {args.reps}`, median of {args.reps} synchronised calls.",
-             "", "| layer | pass | auto ms | " + "".join(f"{a} ms | " for a in S.ALGOS)
+             "", "| layer | pass | auto ms | " + "".join(f"{a} ms | " for a in cuda_algos())
              + "cuDNN ms | auto / cuDNN | GFLOP/s (auto) | vs cuDNN |",
-             "|---|---|---:|" + "---:|" * len(S.ALGOS) + "---:|---:|---:|---|", *rows, "",
+             "|---|---|---:|" + "---:|" * len(cuda_algos()) + "---:|---:|---:|---|", *rows, "",
              f"Geometric mean of auto / cuDNN over {len(ratios)} passes: "
              + (f"**{geo:.2f}** (target <= 3.0)" if geo else "— (no CUDA PyTorch)"), "", gemm, ""]
     text = "\n".join(lines)

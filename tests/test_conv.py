@@ -582,3 +582,16 @@ def test_im2col_forward_split_by_rows_matches_reference(rng, dtype, xs, ws, stri
         conv_kernels.conv2d_forward_im2col(x, w, b, y, *conv_kernels.no_epilogue(dtype), stride, stride, padding,
                                            padding, 1, 1, groups, slots)
         R.assert_close(y, ref, dtype)
+
+
+def test_digits_add_carries_a_split_like_dividing_again():
+    """kernels/index.digits_add, with which the CUDA implicit GEMM walks column_row's
+    (c, a, b) and a plane's (n, r, q) by a fixed step: the split of i + j from those of i
+    and j, for every i, j below a bound and radices that make one or both carries happen."""
+    from cnn_numba.kernels.index import column_row, digits_add
+
+    for r1, r0 in ((1, 1), (3, 3), (2, 5), (7, 1), (4, 6)):
+        for i in range(3 * r1 * r0 + 2):
+            for j in range(2 * r1 * r0 + 3):
+                got = digits_add(column_row(i, r1, r0), column_row(j, r1, r0), r1, r0)
+                assert got == column_row(i + j, r1, r0), (i, j, r1, r0)

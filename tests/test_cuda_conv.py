@@ -15,6 +15,9 @@ import reference as R
 from cnn_numba.backend import kernel
 from conftest import CUDA_AVAILABLE, CUDA_SIMULATED, forward_backward, needs_cuda, random
 
+if CUDA_AVAILABLE:
+    from cnn_numba.kernels.cuda import gemm
+
 pytestmark = needs_cuda
 
 # The CUDA table's algorithm names; none where CUDA cannot load (needs_cuda skips the file there).
@@ -116,6 +119,184 @@ def test_conv2d_huge_dilation_runs_in_memory_of_the_output(rng, algo):
     the receptive field, so its forward and input-gradient fall back to im2col, whose columns
     are C*KH*KW x OH*OW."""
     _check_conv(rng, ((2, 3, 1, 1), (4, 3, 3, 3), True, dict(padding=10000, dilation=10000)), np.float32, algo)
+
+
+# ----------------------------------------------------------------------------- implicit GEMM and its tiles
+
+# 19 output channels and K = 5*3*2 = 30 cross the simulator's 16-row tiles and 8-deep K steps
+# with remainders; stride, dilation, asymmetric padding; then groups, whose weight-gradient
+# (3 x 18 outputs per group, in one launch) the split test below cuts into K slices. The
+# gathers carry each thread's row and pixel splits from K step to K step (gemm.py): these cross
+# channels, taps, rows and samples on the way.
+IMPLICIT_CASES = [
+    ((2, 5, 7, 6), (19, 5, 3, 2), dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2))),
+    ((3, 6, 5, 5), (9, 2, 3, 3), dict(groups=3, padding=1, dilation=2)),
+    ((3, 4, 5, 5), (18, 4, 1, 1), dict(stride=2)),  # a 1x1 shortcut: every tap split is (c, 0, 0)
+]
+
+
+@pytest.mark.parametrize("case", IMPLICIT_CASES, ids=["remainders", "groups", "pointwise"])
+@pytest.mark.parametrize("tile", [t.name for t in gemm.CANDIDATES] if CUDA_AVAILABLE else [])
+def test_implicit_gemm_every_candidate_tile_all_passes(rng, case, tile):
+    """conv_implicit's three launchers with each tile bench/gpu_sweep.py times, against the
+    float64 references: every tile shape gives the same convolution."""
+    from numba import cuda
+
+    from cnn_numba import shapes
+    from cnn_numba.kernels.cuda import conv_implicit as CI
+
+    xs, ws, kw = case
+    x, w, b = random(rng, xs, np.float32), random(rng, ws, np.float32), random(rng, ws[:1], np.float32)
+    geom = shapes.conv2d_geom(xs, ws, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                              kw.get("groups", 1))
+    gy = random(rng, geom.y_shape, np.float32)
+    t = gemm.Tile.parse(tile)
+    y, gx, gw = (cuda.device_array(s, np.float32) for s in (geom.y_shape, geom.x_shape, geom.w_shape))
+    CI.forward(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), y, geom, tile=t)
+    CI.backward_input(cuda.to_device(gy), cuda.to_device(w), gx, geom, tile=t)
+    CI.backward_weight(cuda.to_device(x), cuda.to_device(gy), gw, geom, tile=t)
+    R.assert_close(y.copy_to_host(), R.conv2d(x, w, b, **kw), np.float32, "y")
+    ref_gx, ref_gw, _ = R.conv2d_grads(x, w, gy, **kw)
+    R.assert_close(gx.copy_to_host(), ref_gx, np.float32, "gx")
+    R.assert_close(gw.copy_to_host(), ref_gw, np.float32, "gw")
+
+
+def test_implicit_gemm_weight_gradient_splits_k_in_order(rng, monkeypatch):
+    """The weight-gradient's reduction over N*OH*OW is cut into K slices (partials summed by
+    _sum_partials in slice order, no atomics): the split runs, and two runs agree bit for bit."""
+    from cnn_numba.kernels.cuda import launch
+
+    launched = []
+    monkeypatch.setattr(launch, "record", lambda kernel, args: launched.append(kernel.fn.__name__))
+    monkeypatch.setattr(gemm, "MIN_TILES", 64)  # its 6 tiles (3 groups x 1 x 2) too few, on any device
+    monkeypatch.setattr(gemm, "MIN_SPLIT_K", 8)
+    xs, ws, kw = IMPLICIT_CASES[1]
+    x, w = random(rng, xs, np.float32), random(rng, ws, np.float32)
+    runs = [forward_backward(F.conv2d, (x, w, None), device="cuda", algo="implicit_gemm", **kw)[1][1]
+            for _ in range(2)]
+    assert "_sum_partials" in launched and any(n.startswith("_conv_weight_") for n in launched), launched
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_implicit_gemm_leaves_depthwise_layers_to_direct():
+    from cnn_numba import shapes
+    from cnn_numba.kernels.conv_algos import PASSES
+
+    table = kernel("conv2d_algorithms", "cuda")()
+    depthwise = shapes.conv2d_geom((1, 4, 6, 6), (8, 1, 3, 3), 1, 1, 1, 4)
+    grouped = shapes.conv2d_geom((1, 4, 6, 6), (8, 2, 3, 3), 1, 1, 1, 2)
+    for p in PASSES:
+        assert table.pick("implicit_gemm", depthwise, p).name == "direct"
+        assert table.pick("implicit_gemm", grouped, p).name == "implicit_gemm"
+
+
+def test_gemm_kernels_are_found_by_name_for_the_typecheck():
+    """tests/cuda_typecheck.py looks each launched kernel up by module and name: the tile
+    factory's kernels answer to theirs."""
+    for tile in gemm.CANDIDATES:
+        for kind in gemm.KINDS:
+            k = getattr(gemm, f"_{kind}_{tile.name}")
+            assert k is gemm.kernel(kind, tile) and k.py_func.__name__ == f"_{kind}_{tile.name}"
+    with pytest.raises(AttributeError):
+        gemm._conv_nonsense
+    # ptxas refuses more than 48 KiB of static shared memory (bench/ptx_check.py found this one)
+    assert gemm.Tile(128, 128, 16, 8, 8).fits(np.float32) and not gemm.Tile(128, 128, 16, 8, 8).fits(np.float64)
+    assert all(gemm.DEFAULT.fits(d) for d in (np.float32, np.float64))
+
+
+# ----------------------------------------------------------------------------- per-shape choice
+
+
+def test_gpu_tuner_times_each_algorithm_once_and_auto_runs_the_fastest(rng, monkeypatch, tmp_path):
+    """CudaTuner (kernels/autotune.py) with a fake clock: the first 'auto' call of each pass
+    times every algorithm of the CUDA table, later calls (and a fresh process, through the
+    table file) run the fastest alone; explicit names still run; the simulator switches it off."""
+    from cnn_numba.kernels import autotune
+    from cnn_numba.kernels.conv_algos import PASSES, ConvAlgo
+
+    table = kernel("conv2d_algorithms", "cuda")()
+    tuner = table.tuner
+    monkeypatch.setenv(autotune.ENV, "1")
+    monkeypatch.setenv(autotune.FILE_ENV, str(tmp_path / "autotune.json"))
+    assert isinstance(tuner, autotune.CudaTuner) and tuner._enabled() != CUDA_SIMULATED  # off on the simulator
+    monkeypatch.setattr(tuner, "_enabled", lambda: True)
+    monkeypatch.setattr(autotune, "MIN_MACS", 0)
+    fake = {"direct": 3e-3, "im2col": 2e-3, "implicit_gemm": 1e-3}
+    timed, ran = [], []
+
+    def clock(name, run):
+        run()
+        timed.append(name)
+        return fake[name]
+
+    def spy(self, pass_, geom, *arrays, **kw):
+        ran.append((self.name, pass_))
+        return run(self, pass_, geom, *arrays, **kw)
+
+    run = ConvAlgo.run
+    monkeypatch.setattr(tuner, "clock", clock)
+    monkeypatch.setattr(ConvAlgo, "run", spy)
+    tuner.clear()
+    try:
+        x, w, b = random(rng, (2, 3, 5, 5), np.float32), random(rng, (4, 3, 3, 3), np.float32), None
+        assert {table.policy(shapes_geom(x, w), p) for p in PASSES} == {"direct"}  # the rule's choice
+        out, grads, gy = forward_backward(F.conv2d, (x, w, b), device="cuda", padding=1)
+        # every pass timed every algorithm in rounds (at most REPEATS, within BUDGET_S)
+        rounds = {timed.count(name) for name in fake}
+        assert len(rounds) == 1 and len(PASSES) <= rounds.pop() <= len(PASSES) * autotune.REPEATS, timed
+        R.assert_close(out, R.conv2d(x, w, padding=1), np.float32, "y")
+        for fresh in (False, True):  # later calls; a fresh process reads the table file
+            if fresh:
+                tuner.clear()
+            timed.clear(), ran.clear()
+            forward_backward(F.conv2d, (x, w, b), device="cuda", padding=1)
+            assert timed == [] and sorted(ran) == sorted(("implicit_gemm", p) for p in PASSES), ran
+        ran.clear()
+        forward_backward(F.conv2d, (x, w, b), device="cuda", padding=1, algo="direct")
+        assert {n for n, _ in ran} == {"direct"}
+
+        # The rule's choice stands unless another is MARGIN faster.
+        tuner.clear()
+        (tmp_path / "autotune.json").unlink()
+        fake.update(direct=1e-3, implicit_gemm=1e-3 * (1 - autotune.MARGIN / 2))
+        forward_backward(F.conv2d, (x, w, b), device="cuda", padding=1)  # times them
+        ran.clear()
+        forward_backward(F.conv2d, (x, w, b), device="cuda", padding=1)
+        assert sorted(ran) == sorted(("direct", p) for p in PASSES), ran
+    finally:
+        tuner.clear()
+
+
+def shapes_geom(x, w):
+    from cnn_numba import shapes
+    return shapes.conv2d_geom(x.shape, w.shape, 1, 1, 1, 1)
+
+
+def test_gpu_sweep_script_records_every_algorithm_and_tile(tmp_path):
+    """bench/gpu_sweep.py (the GPU session's tile and algorithm sweep) on its tiny shapes: a
+    row per algorithm and per candidate tile for each pass, and per tile for the GEMM, none
+    failed, each output equal to the reference case's."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu_sweep
+
+    path = tmp_path / "sweep.json"
+    assert gpu_sweep.main(["--tiny", "--shapes", "tiny_grouped_strided", "--reps", "1", "--json", str(path)]) == 0
+    rec = json.loads(path.read_text())
+    rows = rec["conv"] + rec["gemm"]
+    assert not [r for r in rows if "error" in r]
+    tiles = [t.name for t in gemm.CANDIDATES]
+    for p in ("fwd", "gx", "gw"):
+        mine = [r for r in rec["conv"] if r["pass"] == p]
+        assert [r["algo"] for r in mine if r["kind"] == "algo"] == list(ALGOS)
+        assert [r["tile"] for r in mine if r["kind"] == "tile"] == tiles
+    assert sorted(r["tile"] for r in rec["gemm"] if r["kind"] == "tile") == sorted(tiles)
+    diffs = [r["max_rel_diff"] for r in rows if "max_rel_diff" in r]
+    assert len(diffs) == len(rows) - 3 - 1 and max(diffs) < 1e-5  # all but each reference case
+    assert all(r["device_ms_min"] is not None and r["wall_ms_median"] > 0 for r in rows)
 
 
 # ----------------------------------------------------------------------------- conv_transpose2d

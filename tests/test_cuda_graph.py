@@ -184,6 +184,42 @@ def test_train_epoch_with_and_without_the_graph():
     _same(sa, sb)
 
 
+def test_gpu_tuner_times_nothing_while_a_step_is_captured(monkeypatch, tmp_path):
+    """A capture runs no kernel, so the conv tuner (kernels/autotune.CudaTuner) must not time
+    one then: an undecided shape gets the rule (None), a decided one its choice, and the clock
+    is never called."""
+    from cnn_numba.backend import kernel
+    from cnn_numba.kernels import autotune
+    from cnn_numba.kernels.cuda.graph import LaunchList
+    from cnn_numba.shapes import conv2d_geom
+
+    table = kernel("conv2d_algorithms", "cuda")()
+    tuner = table.tuner
+    monkeypatch.setenv(autotune.FILE_ENV, str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(tuner, "_enabled", lambda: True)
+    monkeypatch.setattr(autotune, "MIN_MACS", 0)
+    timed = []
+    monkeypatch.setattr(tuner, "clock", lambda name, run: timed.append(name) or 1e-3)
+    tuner.clear()
+    x = cn.tensor(np.zeros((2, 3, 5, 5), np.float32), device="cuda")
+    w = cn.tensor(np.zeros((4, 3, 3, 3), np.float32), device="cuda")
+    y = kernel("full", "cuda")((2, 4, 5, 5), 0.0, np.float32)
+    geom = conv2d_geom(x.shape, w.shape, 1, 1, 1, 1)
+    try:
+        arrays = (x.data, w.data, None, y)
+        with LaunchList():
+            assert tuner.choose(table, geom, "forward", arrays) is None
+        assert timed == []
+        chosen = tuner.choose(table, geom, "forward", arrays)  # outside: timed and remembered
+        assert timed and chosen in table.names
+        timed.clear()
+        with LaunchList():
+            assert tuner.choose(table, geom, "forward", arrays) == chosen
+        assert timed == []
+    finally:
+        tuner.clear()
+
+
 @pytest.mark.skipif(CUDA_SIMULATED, reason="full models: a real GPU (the simulator runs each CUDA thread as a Python thread)")
 @pytest.mark.parametrize("name,batch", [("lenet5", 64), ("resnet20", 128)])
 def test_graph_replays_equal_eager_steps_on_models(name, batch):

@@ -25,6 +25,8 @@ needs_simulator = pytest.mark.skipif(not CUDA_SIMULATED, reason="on a real GPU e
 def typecheck(entries, tmp_path):
     path = tmp_path / "launched.json"
     path.write_text(json.dumps(sorted(entries)))
+    if os.environ.get("CNN_NUMBA_LAUNCHED_JSON"):  # kept for bench/ptx_check.py --launched
+        Path(os.environ["CNN_NUMBA_LAUNCHED_JSON"]).write_text(path.read_text())
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, str(HERE / "cuda_typecheck.py"), str(path)], env=env,

@@ -1,4 +1,5 @@
-"""Per-shape autotuning of the CPU's conv2d 'auto' (on unless ``CNN_NUMBA_AUTOTUNE=0``).
+"""Per-shape autotuning of conv2d's 'auto' (on unless ``CNN_NUMBA_AUTOTUNE=0``): the CPU's
+(``Tuner``) and, by the same logic and table file, a real GPU's (``CudaTuner``, at the end).
 
 With tuning on (``CNN_NUMBA_AUTOTUNE`` is read at the first conv call of the process), the
 first 'auto' call of a (geometry, dtype, pass) runs every algorithm of the table on that
@@ -127,16 +128,42 @@ def _read(path: Path) -> dict:
         return {}
 
 
+def wall_clock(name: str, run) -> float:
+    """Seconds that ``run()`` takes by the host's clock (the CPU tuner's ``clock``)."""
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
 class Tuner:
     """A table's tuned choices: ``choose(table, geom, pass_, arrays)`` gives the name 'auto'
-    runs, or None for the rule. One per table; choices made in this process stay fixed."""
+    runs, or None for the rule. One per table; choices made in this process stay fixed.
 
-    def __init__(self):
-        self._chosen: dict = {}      # (geom, dtype, pass_, threads) -> name
+    A device's tuner (CudaTuner below) overrides the hooks: ``_enabled``, ``_setting`` (the
+    context a choice holds for), ``machine`` (the on-disk key), ``_evictor``, and ``clock``,
+    ``clock(name, run) -> seconds`` of one call of algorithm ``name``."""
+
+    def __init__(self, clock=wall_clock):
+        self.clock = clock
+        self._chosen: dict = {}      # (geom, dtype, pass_, context) -> name
         self._disk: dict | None = None  # this machine's entries, read once per (path, machine)
         self._disk_for = None
         self._lock = threading.Lock()
         self._on: bool | None = None  # enabled(), read at the first call (a lookup costs ~1 us)
+
+    def _enabled(self) -> bool:
+        return enabled()
+
+    def _setting(self) -> tuple[bool, object]:
+        """(recording, context): whether the warm-up's dry step is recording (its kernels
+        only record, and numba.get_num_threads() would start the thread pool before the
+        warm-up forks), and the thread count the choice holds for."""
+        from .. import warmup
+        recording = warmup._recorded is not None
+        return recording, warmup._configured_threads() if recording else get_num_threads()
+
+    def _evictor(self, arrays):
+        return _cache_evictor(sum(a.nbytes for a in arrays))
 
     def machine(self, threads: int, table) -> str:
         """The table's key for this machine: CPU, threads, BLAS kernels (OpenBLAS's AVX-512 or
@@ -154,22 +181,18 @@ class Tuner:
 
     def choose(self, table, geom, pass_: str, arrays) -> str | None:
         if self._on is None:
-            self._on = enabled()
+            self._on = self._enabled()
         if not self._on or not geom.n:
             return None
-        from .. import warmup
-        # In the warm-up's dry step the kernels only record, and numba.get_num_threads()
-        # would start the thread pool before the warm-up forks: a known choice is used, the
-        # rule otherwise.
-        recording = warmup._recorded is not None
-        threads = warmup._configured_threads() if recording else get_num_threads()
+        # While recording, a known choice is used, the rule otherwise.
+        recording, context = self._setting()
         dtype = arrays[-1].dtype
-        pkey = (geom, dtype, pass_, threads)
+        pkey = (geom, dtype, pass_, context)
         name = self._chosen.get(pkey)
         if name is not None:
             return name
         with self._lock:
-            machine, key = self.machine(threads, table), shape_key(geom, dtype, pass_)
+            machine, key = self.machine(context, table), shape_key(geom, dtype, pass_)
             name = self._disk_entries(machine).get(key)
             if name in table.by_name and table.by_name[name].tuned() and table.by_name[name].supports(geom, pass_):
                 self._chosen[pkey] = name
@@ -197,15 +220,14 @@ class Tuner:
         for entry in entries:
             entry.run(pass_, geom, *arrays)  # compiles (or loads) its kernels; not timed
         best = dict.fromkeys((e.name for e in entries), float("inf"))
-        evict = _cache_evictor(sum(a.nbytes for a in arrays))
+        evict = self._evictor(arrays)
         start = time.perf_counter()
         for _ in range(REPEATS):
             for entry in entries:
                 if evict is not None:
                     evict.fill(0)
-                t0 = time.perf_counter()
-                entry.run(pass_, geom, *arrays)
-                best[entry.name] = min(best[entry.name], time.perf_counter() - t0)
+                elapsed = self.clock(entry.name, lambda: entry.run(pass_, geom, *arrays))  # noqa: B023 (called at once)
+                best[entry.name] = min(best[entry.name], elapsed)
             if time.perf_counter() - start > BUDGET_S:
                 break
         fastest, rule = min(best, key=best.get), table.policy(geom, pass_)
@@ -262,3 +284,62 @@ def _blas_core() -> str:
 
 
 _CPU_MODEL = cpu_model()
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+# Part of a GPU's machine key, as GENERATION is of the CPU's. 1: direct, im2col and
+# implicit_gemm (issue 12).
+CUDA_GENERATION = 1
+
+
+def cuda_event_clock(name: str, run) -> float:
+    """Seconds of device time that ``run()`` queues, between two CUDA events (the GPU
+    tuner's ``clock``; host time spent launching is not counted)."""
+    from numba import cuda
+
+    start, end = cuda.event(), cuda.event()
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3  # milliseconds
+
+
+class CudaTuner(Tuner):
+    """The CUDA table's tuner: the CPU tuner's choice, keys and on-disk table, timed by CUDA
+    events (device time) instead of the host's clock, keyed by the GPU (name, compute
+    capability) and CUDA_GENERATION instead of the CPU, BLAS and threads, and with no cache
+    eviction (a GPU's L2 is refilled by the next layer's kernels in microseconds). Off under
+    Numba's CUDA simulator (every thread a Python thread: its timings say nothing), and with
+    ``CNN_NUMBA_AUTOTUNE=0``."""
+
+    def __init__(self, clock=cuda_event_clock):
+        super().__init__(clock)
+
+    def choose(self, table, geom, pass_: str, arrays) -> str | None:
+        """While a step is captured as a CUDA graph nothing runs, so nothing can be timed: a
+        choice made before is used, the rule otherwise (None)."""
+        from ..backend import capturing
+        if capturing():
+            return self._chosen.get((geom, arrays[-1].dtype, pass_, self._setting()[1]))
+        return super().choose(table, geom, pass_, arrays)
+
+    def _enabled(self) -> bool:
+        return enabled() and not numba.config.ENABLE_CUDASIM
+
+    def _setting(self) -> tuple[bool, object]:
+        from numba import cuda
+        return False, getattr(cuda.get_current_device(), "id", 0)  # (the simulator's device has none)
+
+    def _evictor(self, arrays):
+        return None
+
+    def machine(self, device_id, table) -> str:
+        from numba import cuda
+        dev = cuda.get_current_device()
+        name = getattr(dev, "name", "Numba CUDA simulator")  # (the simulator's device has no name)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        algos = ",".join(a.name for a in table.algos if a.tuned())
+        cc = ".".join(map(str, dev.compute_capability))
+        return f"{name} | cc {cc} | cuda kernels {CUDA_GENERATION} | algos {algos}"

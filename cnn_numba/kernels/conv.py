@@ -46,7 +46,7 @@ from numba import njit, prange
 from ..backend import register
 from . import PARALLEL, get_num_threads
 from .elementwise import relu_value
-from .index import axpy, copy_run, dot, out_range, tap
+from .index import axpy, column_row, copy_run, dot, out_range, tap
 
 # Reassociation lets LLVM vectorise the reductions; no 'nnan'/'ninf', NaN propagates.
 FASTMATH = {"reassoc", "contract"}
@@ -213,7 +213,7 @@ def im2col(x, c0, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
     nb, h, wd = x.shape[0], x.shape[2], x.shape[3]
     m = oh * ow
     for row in range(cols.shape[0]):
-        ci, a, bb = row // (kh * kw), (row // kw) % kh, row % kw
+        ci, a, bb = column_row(row, kh, kw)
         r0, r1 = out_range(a, sh, ph, dh, h, oh)
         q0, q1 = out_range(bb, sw, pw, dw, wd, ow)
         for i in range(nb):

@@ -41,6 +41,29 @@ def out_range(t, s, p, d, size_in, size_out):
 
 
 @njit(cache=True, inline="always")
+def column_row(row, kh, kw):
+    """``(c, a, b)`` of row ``row`` of an im2col matrix, whose rows run over (channel,
+    tap row, tap column) with the tap column fastest."""
+    return row // (kh * kw), (row // kw) % kh, row % kw
+
+
+@njit(cache=True, inline="always")
+def digits_add(d, s, r1, r0):
+    """The digits of i + j in the mixed radix (any, r1, r0) from those of i (``d``) and j
+    (``s``), each digit below its radix: a split such as ``column_row``'s carried along by a
+    fixed step with no division (each digit carries at most one)."""
+    d0, d1 = d[2] + s[2], d[1] + s[1]
+    if d0 >= r0:
+        d0 -= r0
+        d1 += 1
+    d2 = d[0] + s[0]
+    if d1 >= r1:
+        d1 -= r1
+        d2 += 1
+    return d2, d1, d0
+
+
+@njit(cache=True, inline="always")
 def pool_window(o, s, p, k, size_in):
     """Average-pool window of output ``o``: ``(start, end, size_with_padding)``.
 

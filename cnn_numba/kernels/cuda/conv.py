@@ -6,7 +6,7 @@ the dualities that give conv_transpose2d. Every kernel is a gather over its outp
 no atomics, and every sum runs in an order fixed by the launch geometry, so results
 are the same run to run.
 
-Two algorithms, same signatures:
+Three algorithms, same signatures:
 
 direct   One kernel, ``_correlate``, computes the forward and the input-gradient.
          A block owns a th x tw tile of output positions of one sample and C_T output
@@ -39,9 +39,13 @@ im2col   Per chunk of samples (at most COLUMN_ELEMENTS elements of columns):
          with cols (C*KH*KW, nb*OH*OW), group g's rows [g*K, (g+1)*K), K = C/G*KH*KW,
          and the tiled GEMM of gemm.py (no transpose or sub-matrix is copied).
 
+implicit_gemm  The same products with no column buffer: gemm.py's kernel gathers the
+         columns as it stages them (kernels/cuda/conv_implicit.py, which has the details).
+
 The launchers take the layer's ``shapes.ConvGeom`` and pass its fields to the kernels as
 scalars; the table at the end lists the algorithms (kernels/conv_algos.py) and 'auto' is
-its ``auto_algo``.
+its ``auto_algo``, or on a real GPU the timed choice of its tuner (kernels/autotune.py's
+``CudaTuner``).
 """
 from __future__ import annotations
 
@@ -49,9 +53,11 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
+from ..autotune import CudaTuner
 from ..conv_algos import ConvAlgo, ConvTable
+from . import conv_implicit as CI
 from .gemm import _sum_partials, gemm, view, workspace
-from .index import out_range, tap
+from .index import column_entry, out_range, sample, sampled, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
 if SIMULATOR:  # every thread a Python thread: few of them
@@ -77,12 +83,6 @@ def _at(i):
     """Index ``i`` (>= 0) in a form the compiler can see is >= 0, so the access skips
     Python's negative-index wraparound: a compare and a select per load of an inner loop."""
     return i & 0x7FFFFFFFFFFFFFFF
-
-
-@cuda.jit(device=True, inline=True)
-def _sampled(i, u, size):
-    """Whether row (or column) i of a plane of ``size`` rows upsampled by u holds a sample."""
-    return i >= 0 and i % u == 0 and i // u < size
 
 
 @jit
@@ -135,8 +135,8 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
                 cs = gi * spg + j0 + e // plane
                 i, k = ih0 + (e % plane) // prow, iw0 + e % prow
                 patch[e] = 0  # padding, or a row/column of up(src) between two samples
-                if _sampled(i, uh, src.shape[2]) and _sampled(k, uw, src.shape[3]):
-                    patch[e] = src[n, cs, i // uh, k // uw]
+                if sampled(i, uh, src.shape[2]) and sampled(k, uw, src.shape[3]):
+                    patch[e] = src[n, cs, sample(i, uh), sample(k, uw)]
             for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*kh + a)*kw + bb)*C_T + c]
                 c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kw, (e // C_T) % kw
                 filt[e] = 0
@@ -236,18 +236,14 @@ def _bias_partials(gy, part, per_split):
 
 
 @jit
-def _im2col(x, n0, cols, sh, sw, ph, pw, dh, dw, kh, kw, oh, ow):
-    """cols[(c*kh + a)*kw + bb, i*oh*ow + r*ow + q] = x[n0 + i, c, tap(r, a), tap(q, bb)], 0 in
-    the padding, for every channel c. Grid: (pixels, rows, samples i)."""
-    p, i, m = cuda.grid(1), cuda.blockIdx.z, oh * ow
+def _im2col(x, n0, cols, win):
+    """cols[row, i*oh*ow + p] = column_entry(x, win, row, (n0 + i)*oh*ow + p) for every row:
+    samples n0 + i of x unfolded through the window ``win`` (kernels/cuda/index.py). Grid:
+    (pixels, rows, samples i)."""
+    p, i, m = cuda.grid(1), cuda.blockIdx.z, win[11] * win[12]
     if p < m:
-        r, q = p // ow, p % ow
         for row in range(cuda.blockIdx.y, cols.shape[0], cuda.gridDim.y):
-            c, a, bb = row // (kh * kw), (row // kw) % kh, row % kw
-            ih, iw = tap(r, sh, ph, a, dh), tap(q, sw, pw, bb, dw)
-            cols[row, i * m + p] = 0
-            if 0 <= ih < x.shape[2] and 0 <= iw < x.shape[3]:
-                cols[row, i * m + p] = x[n0 + i, c, ih, iw]
+            cols[row, i * m + p] = column_entry(x, win, row, (n0 + i) * m + p)
 
 
 @jit
@@ -410,22 +406,21 @@ def _forward_im2col(x, w, b, y, geom):
     n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype):
-        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, *_window(geom),
-                    geom.oh, geom.ow)
-        for gi in range(geom.g):  # y[n0:n0+nc, group gi] = w_g @ cols_g (+ b), through y's planes
-            gemm(cog, nc * m, k, flat(w), view(k, off=gi * cog * k), flat(cols), view(nc * m, off=gi * k * nc * m),
-                 flat(y), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
-                 bias=b, vbias=(gi * cog, 1, 0))
+        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
+        # y[n0:n0+nc, group g] = w_g @ cols_g (+ b), through y's planes, every g in one launch
+        gemm(cog, nc * m, k, flat(w), view(k), flat(cols), view(nc * m),
+             flat(y), view(m, off=n0 * co * m, panel=m, panel_stride=co * m),
+             bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(cog * k, k * nc * m, cog * m, cog))
 
 
 def _backward_input_im2col(gy, w, gx, geom):
     n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, gy.dtype):
-        for gi in range(geom.g):  # cols_g = w_g^T @ gy[n0:n0+nc, group gi]
-            gemm(k, nc * m, cog, flat(w), view(k, off=gi * cog * k, trans=True),
-                 flat(gy), view(m, off=(n0 * co + gi * cog) * m, panel=m, panel_stride=co * m),
-                 flat(cols), view(nc * m, off=gi * k * nc * m))
+        # cols_g = w_g^T @ gy[n0:n0+nc, group g], every g in one launch
+        gemm(k, nc * m, cog, flat(w), view(k, trans=True),
+             flat(gy), view(m, off=n0 * co * m, panel=m, panel_stride=co * m),
+             flat(cols), view(nc * m), groups=geom.g, gs=(cog * k, cog * m, k * nc * m, 0))
         launch_grid(_col2im, _fold_grid(geom.h * geom.w, c, nc), BLOCK, cols, gx, n0, *_window(geom),
                     geom.oh, geom.ow)
 
@@ -435,20 +430,26 @@ def _backward_weight_im2col(x, gy, gw, geom):
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype, bound=co):
         gyc = workspace("conv-gy-columns", co * nc * m, x.dtype).reshape(co, nc * m)
-        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, *_window(geom),
-                    geom.oh, geom.ow)
+        launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
         launch_grid(_planes_to_columns, _fold_grid(m, co, nc), BLOCK, gy.reshape(n, co, m), n0, gyc)
-        for gi in range(geom.g):  # gw_g (=, then +=) gy_g @ cols_g^T
-            gemm(cog, k, nc * m, flat(gyc), view(nc * m, off=gi * cog * nc * m),
-                 flat(cols), view(nc * m, off=gi * k * nc * m, trans=True),
-                 flat(gw), view(k, off=gi * cog * k), accumulate=n0 > 0)
+        # gw_g (=, then +=) gy_g @ cols_g^T, every g in one launch
+        gemm(cog, k, nc * m, flat(gyc), view(nc * m), flat(cols), view(nc * m, trans=True),
+             flat(gw), view(k), accumulate=n0 > 0, groups=geom.g, gs=(cog * nc * m, k * nc * m, cog * k, 0))
 
 
 def auto_algo(geom, pass_):
     """'auto': direct when a group has at most 32 output channels (the GEMM's tiles are 128
     rows: a smaller M wastes most of each) or each output reads fewer than 16 inputs
     (depthwise); im2col otherwise. The same rule for the three passes of a layer (where
-    direct's shared patch cannot hold a receptive field, the table falls back to im2col)."""
+    direct's shared patch cannot hold a receptive field, the table falls back to im2col).
+
+    implicit_gemm is not in the rule yet: it runs im2col's products without the column
+    buffer, so it should win where im2col runs now, but every staged element costs it the
+    tap and bounds arithmetic that im2col's unfold pays once per column entry (then the
+    GEMM streams the columns), and no GPU has timed the two. On a
+    real GPU 'auto' is the tuner's choice anyway (``CudaTuner``: every algorithm timed per
+    shape, dtype and pass); this rule is what runs without it (``CNN_NUMBA_AUTOTUNE=0``),
+    and bench/gpu_sweep.py's record decides whether it should name implicit_gemm."""
     return "direct" if geom.cog <= 32 or geom.cig * geom.kh * geom.kw < 16 else "im2col"
 
 
@@ -456,7 +457,8 @@ def auto_algo(geom, pass_):
 TABLE = ConvTable([
     ConvAlgo("direct", _forward_direct, _backward_input_direct, _backward_weight_direct, supports=_direct_supports),
     ConvAlgo("im2col", _forward_im2col, _backward_input_im2col, _backward_weight_im2col),
-], auto_algo)
+    ConvAlgo("implicit_gemm", CI.forward, CI.backward_input, CI.backward_weight, supports=CI.supports),
+], auto_algo, tuner=CudaTuner())
 
 register("conv2d_algorithms", "cuda")(lambda: TABLE)
 

@@ -25,72 +25,108 @@ and writes C in 16-wide coalesced runs. For each k a thread does TM*TN FMAs for
 TM + TN shared loads. The shared rows are padded by PAD so the k-minor global loads
 of a non-transposed A (or a transposed B) store without bank conflicts.
 
+Groups. One launch can run G products of the same shape whose operands lie a fixed
+stride apart (a grouped convolution's): grid.y runs over each group's M tiles in turn.
+
 Split-K. When M and N give too few tiles to fill the GPU (a weight-gradient: small
 output, long reduction) the K range is cut into ``splits`` slices, grid.z; slice z
 writes its own partial C and ``_sum_partials`` adds them in slice order afterwards, so
 the result is deterministic (no atomics).
 
-Under the simulator (every thread a Python thread) the tile is 16x16 with 4x4 per
+Tile shapes. The kernels are built per ``Tile`` (BM, BN, BK, TM, TN) by ``kernel(kind,
+tile)``, a factory whose closures see the tile's sizes as compile-time constants (shared
+and local array shapes must be): one kernel body for every tile and for the three kinds of
+product below, cached per (kind, tile) in this process and on disk like every kernel (the
+closure's constants are part of Numba's cache key). ``DEFAULT`` is what runs; ``CANDIDATES``
+are the tiles bench/gpu_sweep.py times on a GPU, one of which may replace DEFAULT when the
+sweep has said so. Each kernel is also a module attribute, ``_<kind>_<tile name>``
+(``_gemm_128x128x8_8x8``), so tests/cuda_typecheck.py finds it by name.
+
+Kinds. ``gemm``: both operands through views. ``conv``: B is no stored matrix but the
+im2col matrix of an image, each element gathered as it is staged (``column_entry``,
+kernels/cuda/index.py; vb is then its window, b the 4-D image): the implicit-GEMM
+convolution of kernels/cuda/conv_implicit.py. ``conv_weight``: B is the transpose of that
+matrix (K runs over the pixels) and A may cut K into panels (A is then gy's planes): the
+convolution's weight-gradient. A thread stages B's elements along one column (or, for
+conv_weight, one pixel) at rows a fixed step apart, so it splits its column and first row
+once and carries the splits along (``digits_add``): no division per element.
+
+Under the simulator (every thread a Python thread) the default tile is 16x16 with 4x4 per
 thread; kernel code is identical.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numba import cuda
 
 from ...backend import register
+from .index import column_origin, column_row, column_value, digits_add
 from .launch import SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
+PAD = 4  # shared rows are BM + PAD (BN + PAD) long
+SHARED_LIMIT = 48 << 10  # bytes of static shared memory a kernel may declare
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A block tile: BM x BN outputs per block, K in steps of BK, TM x TN per thread."""
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+
+    def __post_init__(self):
+        # every thread stages whole columns of both tiles (see _gemm's x-minor offsets)
+        assert self.threads % self.bn == 0 and self.threads % self.bm == 0 and self.threads % self.bk == 0, self
+
+    @property
+    def threads(self) -> int:
+        return (self.bm // self.tm) * (self.bn // self.tn)
+
+    def fits(self, dtype) -> bool:
+        """Whether the two double-buffered tiles of ``dtype`` fit SHARED_LIMIT (128x128x16
+        holds 33 KiB of float32, 66 KiB of float64: ptxas refuses that one)."""
+        return 2 * self.bk * (self.bm + self.bn + 2 * PAD) * np.dtype(dtype).itemsize <= SHARED_LIMIT
+
+    @property
+    def name(self) -> str:
+        return f"{self.bm}x{self.bn}x{self.bk}_{self.tm}x{self.tn}"
+
+    @classmethod
+    def parse(cls, name: str) -> Tile:
+        """The tile ``name`` spells (``128x128x8_8x8``)."""
+        block, thread = name.split("_")
+        return cls(*map(int, block.split("x")), *map(int, thread.split("x")))
+
+
 if SIMULATOR:
-    BM, BN, BK, TM, TN = 16, 16, 8, 4, 4
+    DEFAULT = Tile(16, 16, 8, 4, 4)
+    CANDIDATES = (DEFAULT, Tile(8, 16, 8, 2, 4), Tile(8, 32, 8, 2, 4))
     MIN_TILES = 4      # fewer output tiles than this: split K
-    MIN_SPLIT_K = BK   # ... into slices of at least this many
+    MIN_SPLIT_K = 8    # ... into slices of at least this many
 else:
-    BM, BN, BK, TM, TN = 128, 128, 8, 8, 8
+    DEFAULT = Tile(128, 128, 8, 8, 8)
+    # bench/gpu_sweep.py times each of these; smaller M tiles are for the convolutions
+    # whose groups have 16-64 output channels (the GEMM's M).
+    CANDIDATES = (DEFAULT, Tile(128, 128, 16, 8, 8), Tile(128, 64, 8, 8, 8), Tile(64, 128, 8, 8, 8),
+                  Tile(64, 64, 8, 4, 4), Tile(64, 64, 8, 8, 4), Tile(32, 128, 8, 4, 8), Tile(16, 128, 8, 2, 8))
     MIN_TILES = 264    # two waves of an H100's 132 SMs
     MIN_SPLIT_K = 256
-PAD = 4
-A_ROW, B_ROW = BM + PAD, BN + PAD  # shared row lengths (a shared shape must be plain constants)
-THREADS = (BM // TM) * (BN // TN)
-TX = BN // TN                   # threads along a tile row
-LOAD_A = BM * BK // THREADS     # elements of each tile one thread stages per step
-LOAD_B = BK * BN // THREADS
-assert THREADS % BN == 0 and THREADS % BM == 0 and THREADS % BK == 0
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @cuda.jit(device=True, inline=True)
-def _tile_coords(e, k_minor, width):
-    """(p, x) of element ``e`` of a BK x width tile in staging order: ``k_minor`` when the
+def _tile_coords(e, k_minor, width, bk):
+    """(p, x) of element ``e`` of a bk x width tile in staging order: ``k_minor`` when the
     operand is stored with K innermost (row-major A, transposed B), else x-minor; either
     way consecutive threads load consecutive addresses."""
     if k_minor:
-        return e % BK, e // BK
+        return e % bk, e // bk
     return e // width, e % width
-
-
-@cuda.jit(device=True, inline=True)
-def _fetch(arr, v, k_minor, width, count, t, x0, k0, xn, kn, inner, regs):
-    """Thread t's ``count`` elements of the operand tile at (x0, k0) into ``regs``, 0
-    outside (xn, kn). ``inner`` is the offset of its x column when x is the inner index
-    (then fixed for the whole K walk, see _gemm)."""
-    for u in range(count):
-        p, x = _tile_coords(t + u * THREADS, k_minor, width)
-        regs[u] = 0
-        if x0 + x < xn and k0 + p < kn:
-            if k_minor:
-                regs[u] = arr[v[0] + (x0 + x) * v[1] + k0 + p]
-            else:
-                regs[u] = arr[v[0] + (k0 + p) * v[1] + inner]
-
-
-@cuda.jit(device=True, inline=True)
-def _stage(regs, tile, k_minor, width, count, t):
-    """Registers -> the shared tile ``tile[p, x]`` (the inverse of _fetch's order)."""
-    for u in range(count):
-        p, x = _tile_coords(t + u * THREADS, k_minor, width)
-        tile[p, x] = regs[u]
 
 
 @cuda.jit(device=True, inline=True)
@@ -99,72 +135,184 @@ def _inner(v, q):
     return (q // v[3]) * v[4] + q % v[3]
 
 
-@jit
-def _gemm(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate):
-    """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
+@cuda.jit(device=True, inline=True)
+def _fetch(arr, v, k_minor, k_panel, width, count, t, threads, bk, x0, k0, xn, kn, inner, regs):
+    """Thread t's ``count`` elements of the operand tile at (x0, k0) into ``regs``, 0
+    outside (xn, kn). ``inner`` is the offset of its x column when x is the inner index
+    (then fixed for the whole K walk, see the kernel); ``k_panel`` when K is the inner
+    index and cut into panels (conv_weight's A)."""
+    kin = 0
+    if k_minor and k_panel:  # every element of the thread is at p = t % bk: one split per step
+        kin = _inner(v, k0 + t % bk)
+    for u in range(count):
+        p, x = _tile_coords(t + u * threads, k_minor, width, bk)
+        regs[u] = 0
+        if x0 + x < xn and k0 + p < kn:
+            if not k_minor:
+                regs[u] = arr[v[0] + (k0 + p) * v[1] + inner]
+            elif k_panel:
+                regs[u] = arr[v[0] + (x0 + x) * v[1] + kin]
+            else:
+                regs[u] = arr[v[0] + (x0 + x) * v[1] + k0 + p]
 
-    vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[off + i*row_step + j*col_step].
-    Slice z writes C's view shifted by z*c_split.
-    """
-    As = cuda.shared.array((2, BK, A_ROW), a.dtype)  # As[buffer, p, i] = A[i0 + i, k0 + p]
-    Bs = cuda.shared.array((2, BK, B_ROW), a.dtype)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
-    acc = cuda.local.array((TM, TN), a.dtype)
-    ra = cuda.local.array(LOAD_A, a.dtype)
-    rb = cuda.local.array(LOAD_B, a.dtype)
-    ar = cuda.local.array(TM, a.dtype)
-    br = cuda.local.array(TN, a.dtype)
-    # The mask is a no-op that shows the compiler t >= 0, so it drops Python's
-    # negative-index wraparound from every shared-memory access below.
-    t = cuda.threadIdx.x & (THREADS - 1)
-    tx, ty = t % TX, t // TX
-    i0, j0 = cuda.blockIdx.y * BM, cuda.blockIdx.x * BN
-    kb = cuda.blockIdx.z * k_per_split
-    ke = min(k, kb + k_per_split)
-    a_kmin, b_kmin = not va[2], vb[2]
-    # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
-    # its offset (through the panels, for B) is computed once, not per step.
-    inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
-    inner_b = 0 if b_kmin else _inner(vb, j0 + t % BN)
 
-    for ii in range(TM):
-        for jj in range(TN):
-            acc[ii, jj] = 0
-    steps = (ke - kb + BK - 1) // BK
-    for s in range(steps + 1):
-        cur = s % 2
-        if s < steps:  # issue the global loads of step s; they land while step s-1 computes
-            k0 = kb + s * BK
-            _fetch(a, va, a_kmin, BM, LOAD_A, t, i0, k0, m, ke, inner_a, ra)
-            _fetch(b, vb, b_kmin, BN, LOAD_B, t, j0, k0, n, ke, inner_b, rb)
-        if s > 0:  # step s-1, staged in the other buffer
-            prev = 1 - cur
-            for p in range(BK):
-                for ii in range(TM):
-                    ar[ii] = As[prev, p, ty + ii * (BM // TM)]
-                for jj in range(TN):
-                    br[jj] = Bs[prev, p, tx + jj * (BN // TN)]
-                for ii in range(TM):
+@cuda.jit(device=True, inline=True)
+def _gather(src, win, count, live, col, row, rd, step, sd, end, regs):
+    """_fetch for a B that is the im2col matrix of ``src`` through ``win`` (or its
+    transpose), gathered: a thread's ``count`` elements share one column (split ``col``,
+    ``live`` when inside the matrix) and lie at rows row, row + step, ... (split ``rd``, the
+    step's split ``sd``), 0 from ``end`` on. Returns the row after them and its split.
+
+    Not transposed (x-minor order) the column is the thread's x and the rows run along K:
+    the row returned is the next K step's first. Transposed (k-minor) the column is the
+    thread's pixel, on K, and the rows its x's."""
+    for u in range(count):
+        regs[u] = 0
+        if live and row < end:
+            regs[u] = column_value(src, win, rd, col)
+        row += step
+        rd = digits_add(rd, sd, win[9], win[10])
+    return row, rd
+
+
+@cuda.jit(device=True, inline=True)
+def _stage(regs, tile, k_minor, width, count, t, threads, bk):
+    """Registers -> the shared tile ``tile[p, x]`` (the inverse of _fetch's order)."""
+    for u in range(count):
+        p, x = _tile_coords(t + u * threads, k_minor, width, bk)
+        tile[p, x] = regs[u]
+
+
+# kind -> (A's K cut into panels, B gathered: 0 a view, 1 the im2col matrix, 2 its transpose)
+KINDS = {"gemm": (0, 0), "conv": (0, 1), "conv_weight": (1, 2)}
+_kernels: dict = {}
+
+
+def kernel(kind: str, tile: Tile):
+    """The product kernel of ``kind`` for ``tile``, built once per process."""
+    key = (kind, tile)
+    if key not in _kernels:
+        _kernels[key] = _build(kind, tile)
+    return _kernels[key]
+
+
+def __getattr__(name):
+    """``_<kind>_<tile name>``: that kernel (for tests/cuda_typecheck.py's lookup by name)."""
+    for kind in KINDS:
+        if name.startswith(f"_{kind}_") and name[len(kind) + 2:][:1].isdigit():
+            return kernel(kind, Tile.parse(name[len(kind) + 2:]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _build(kind: str, tile: Tile):
+    A_PANEL, B_GATHER = KINDS[kind]
+    BM, BN, BK, TM, TN = tile.bm, tile.bn, tile.bk, tile.tm, tile.tn
+    A_ROW, B_ROW = BM + PAD, BN + PAD  # shared row lengths (a shared shape must be plain constants)
+    THREADS = tile.threads
+    TX = BN // TN                   # threads along a tile row
+    LOAD_A = BM * BK // THREADS     # elements of each tile one thread stages per step
+    LOAD_B = BK * BN // THREADS
+    B_COLUMNS = B_GATHER == 1       # B gathered a column per thread (x-minor) ...
+    B_PIXELS = B_GATHER == 2        # ... or a pixel per thread (k-minor): see _gather
+    RS, XS = THREADS // BN, THREADS // BK  # the rows between a thread's elements in x-, k-minor order
+
+    def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate, gs):
+        """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
+
+        vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[off + i*row_step + j*col_step].
+        Slice z writes C's view shifted by z*c_split. grid.y runs over the M tiles of each
+        of the product's groups in turn: group g's A, B (its view's offset or its window's
+        first channel), C and bias lie g*gs[0], g*gs[1], g*gs[2], g*gs[3] further on.
+        """
+        As = cuda.shared.array((2, BK, A_ROW), a.dtype)  # As[buffer, p, i] = A[i0 + i, k0 + p]
+        Bs = cuda.shared.array((2, BK, B_ROW), a.dtype)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
+        acc = cuda.local.array((TM, TN), a.dtype)
+        ra = cuda.local.array(LOAD_A, a.dtype)
+        rb = cuda.local.array(LOAD_B, a.dtype)
+        ar = cuda.local.array(TM, a.dtype)
+        br = cuda.local.array(TN, a.dtype)
+        # The mask is a no-op that shows the compiler t >= 0, so it drops Python's
+        # negative-index wraparound from every shared-memory access below.
+        t = cuda.threadIdx.x & (THREADS - 1)
+        tx, ty = t % TX, t // TX
+        mb = (m + BM - 1) // BM
+        gz = cuda.blockIdx.y // mb
+        i0, j0 = (cuda.blockIdx.y % mb) * BM, cuda.blockIdx.x * BN
+        va = (va[0] + gz * gs[0], va[1], va[2], va[3], va[4])
+        vb = (vb[0] + gz * gs[1],) + vb[1:]
+        kb = cuda.blockIdx.z * k_per_split
+        ke = min(k, kb + k_per_split)
+        a_kmin = not va[2]
+        # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
+        # its offset (through the panels, for B) is computed once, not per step.
+        inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
+        # A gathered B's splits are made once and carried along by digits_add: its column
+        # (and first row) for B_COLUMNS; its rows (fixed) and pixel (moving by BK) for B_PIXELS.
+        if B_COLUMNS:
+            live = j0 + t % BN < n
+            col = column_origin(vb, j0 + t % BN)
+            kr = kb + t // BN
+            krd, rsd = column_row(kr, vb[9], vb[10]), column_row(RS, vb[9], vb[10])
+        elif B_PIXELS:
+            xr = j0 + t // BK
+            xrd, xsd = column_row(xr, vb[9], vb[10]), column_row(XS, vb[9], vb[10])
+            kp = kb + t % BK
+            kpd, bkd = column_origin(vb, kp), column_origin(vb, BK)
+        if B_GATHER:
+            b_kmin, inner_b = B_PIXELS, 0
+        else:
+            b_kmin = vb[2] != 0
+            inner_b = 0 if b_kmin else _inner(vb, j0 + t % BN)
+
+        for ii in range(TM):
+            for jj in range(TN):
+                acc[ii, jj] = 0
+        steps = (ke - kb + BK - 1) // BK
+        for s in range(steps + 1):
+            cur = s % 2
+            if s < steps:  # issue the global loads of step s; they land while step s-1 computes
+                k0 = kb + s * BK
+                _fetch(a, va, a_kmin, A_PANEL, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, ra)
+                if B_COLUMNS:
+                    kr, krd = _gather(b, vb, LOAD_B, live, col, kr, krd, RS, rsd, ke, rb)
+                elif B_PIXELS:
+                    _gather(b, vb, LOAD_B, kp < ke, kpd, xr, xrd, XS, xsd, n, rb)
+                    kp += BK
+                    kpd = digits_add(kpd, bkd, vb[11], vb[12])
+                else:
+                    _fetch(b, vb, b_kmin, 0, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, inner_b, rb)
+            if s > 0:  # step s-1, staged in the other buffer
+                prev = 1 - cur
+                for p in range(BK):
+                    for ii in range(TM):
+                        ar[ii] = As[prev, p, ty + ii * (BM // TM)]
                     for jj in range(TN):
-                        acc[ii, jj] += ar[ii] * br[jj]
-        if s < steps:  # into the buffer of step s-2, whose readers (iteration s-1) all passed the barrier
-            _stage(ra, As[cur], a_kmin, BM, LOAD_A, t)
-            _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t)
-        cuda.syncthreads()
+                        br[jj] = Bs[prev, p, tx + jj * (BN // TN)]
+                    for ii in range(TM):
+                        for jj in range(TN):
+                            acc[ii, jj] += ar[ii] * br[jj]
+            if s < steps:  # into the buffer of step s-2, whose readers (iteration s-1) all passed the barrier
+                _stage(ra, As[cur], a_kmin, BM, LOAD_A, t, THREADS, BK)
+                _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t, THREADS, BK)
+            cuda.syncthreads()
 
-    coff = vc[0] + cuda.blockIdx.z * c_split
-    for jj in range(TN):
-        j = j0 + tx + jj * (BN // TN)
-        if j < n:
-            col = coff + _inner(vc, j)
-            for ii in range(TM):
-                i = i0 + ty + ii * (BM // TM)
-                if i < m:
-                    v = acc[ii, jj]
-                    if vbias[0]:
-                        v += bias[vbias[1] + i * vbias[2] + j * vbias[3]]
-                    if accumulate:
-                        v += c[col + i * vc[1]]
-                    c[col + i * vc[1]] = v
+        coff = vc[0] + gz * gs[2] + cuda.blockIdx.z * c_split
+        for jj in range(TN):
+            j = j0 + tx + jj * (BN // TN)
+            if j < n:
+                col = coff + _inner(vc, j)
+                for ii in range(TM):
+                    i = i0 + ty + ii * (BM // TM)
+                    if i < m:
+                        v = acc[ii, jj]
+                        if vbias[0]:
+                            v += bias[vbias[1] + gz * gs[3] + i * vbias[2] + j * vbias[3]]
+                        if accumulate:
+                            v += c[col + i * vc[1]]
+                        c[col + i * vc[1]] = v
+
+    product.__name__ = product.__qualname__ = f"_{kind}_{tile.name}"
+    return jit(product)
 
 
 @jit
@@ -205,46 +353,62 @@ def workspace(name, size, dtype):
     return buf[:size]
 
 
-def _splits(m, n, k):
+def _splits(m, n, k, tile, groups=1):
     """How many K slices: enough tiles for the GPU, slices of at least MIN_SPLIT_K."""
-    tiles = blocks(m, BM) * blocks(n, BN)
+    tiles = blocks(m, tile.bm) * blocks(n, tile.bn) * groups
     if tiles == 0 or tiles >= MIN_TILES:
         return 1
     return max(1, min(blocks(MIN_TILES, tiles), k // MIN_SPLIT_K))
 
 
-def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0)):
+def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), tile=None, groups=1,
+         gs=(0, 0, 0, 0)):
     """C (=, or += with ``accumulate``) op(A) @ op(B) (+ bias), M x N x K, on flat device
     arrays read through views (``view``). ``bias`` adds bias[off + i*row_step + j*col_step]
-    with ``vbias`` = (off, row_step, col_step)."""
+    with ``vbias`` = (off, row_step, col_step). ``tile``: DEFAULT unless given. ``groups``
+    such products in one launch, group g's A, B, C and bias offset by g*gs."""
     assert va[3] == NO_PANEL or va[2], "a row-major A's inner index is K: no panels"
     assert vb[3] == NO_PANEL or not vb[2], "a transposed B's inner index is K: no panels"
+    product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias, groups, gs)
+
+
+def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), groups=1,
+            gs=(0, 0, 0, 0)):
+    """The product of ``kind`` (see the module docstring), M x N x K, by ``tile``'s kernel,
+    for ``groups`` products at once, group g's operands and outputs offset by g*gs (A, B, C,
+    bias; see the kernel); split over K (partials summed in slice order) when they give too
+    few tiles and the groups' C follow each other."""
     assert not vc[2], "C is written row-major"
-    splits = _splits(m, n, k)
-    if splits > 1 and bias is None and vc[1] == n and vc[3] >= n:
-        # K slices into a partial buffer (splits, m, n), then their sum into C, in order
-        per = blocks(blocks(k, splits), BK) * BK
+    if not tile.fits(c.dtype):
+        raise ValueError(f"tile {tile.name} needs more than {SHARED_LIMIT} bytes of shared {c.dtype}")
+    splits = _splits(m, n, k, tile, groups)
+    size = groups * m * n
+    if splits > 1 and bias is None and vc[1] == n and vc[3] >= n and (groups == 1 or gs[2] == m * n):
+        # K slices into a partial buffer (splits, groups*m*n), then their sum into C, in order
+        per = blocks(blocks(k, splits), tile.bk) * tile.bk
         splits = blocks(k, per)
-        part = workspace("gemm-split", splits * m * n, c.dtype).reshape(splits, m * n)
-        _launch_gemm(m, n, k, per, splits, a, va, b, vb, flat(part), view(n), m * n, False, None, vbias)
-        launch(_sum_partials, m * n, part, c, vc[0], int(accumulate))
+        part = workspace("gemm-split", splits * size, c.dtype).reshape(splits, size)
+        _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, flat(part), view(n), size, False, None, vbias,
+                groups, gs)
+        launch(_sum_partials, size, part, c, vc[0], int(accumulate))
     else:
-        _launch_gemm(m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias)
+        _launch(kind, tile, m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias, groups, gs)
 
 
-def _launch_gemm(m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias):
+def _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias, groups, gs):
     has_bias = (int(bias is not None),) + tuple(int(v) for v in vbias)
-    launch_grid(_gemm, (blocks(n, BN), blocks(m, BM), splits), THREADS,
-                a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, m, n, k, per, int(accumulate))
+    launch_grid(kernel(kind, tile), (blocks(n, tile.bn), blocks(m, tile.bm) * groups, splits), tile.threads,
+                a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, m, n, k, per, int(accumulate),
+                tuple(int(v) for v in gs))
 
 
-def matmul(a, b, out, trans_a=False, trans_b=False, accumulate=False):
+def matmul(a, b, out, trans_a=False, trans_b=False, accumulate=False, tile=None):
     """out (M, N) (=, or +=) op(a) @ op(b) for 2-D C-contiguous device arrays, where op
     transposes with the flag: a (M, K) or (K, M), b (K, N) or (N, K)."""
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     n = b.shape[0] if trans_b else b.shape[1]
     gemm(m, n, k, flat(a), view(a.shape[1], trans=trans_a), flat(b), view(b.shape[1], trans=trans_b),
-         flat(out), view(n), accumulate)
+         flat(out), view(n), accumulate, tile=tile)
     return out
 
 

@@ -1,6 +1,10 @@
 """CUDA twins of the scalar index helpers in kernels/index.py: the same Python
 functions compiled for the device, so CPU and GPU kernels share one copy of the
-window arithmetic (``i = o*s - p + t*d`` and what follows from it)."""
+window arithmetic (``i = o*s - p + t*d`` and what follows from it); and, built on them,
+the one element of an im2col matrix that the CUDA column kernels and the implicit GEMM
+(which never stores the matrix) both read through ``column_entry``."""
+from numba import cuda
+
 from .. import index as _cpu
 from .launch import device_function
 
@@ -8,3 +12,55 @@ tap = device_function(_cpu.tap)
 out_range = device_function(_cpu.out_range)
 pool_window = device_function(_cpu.pool_window)
 adaptive_window = device_function(_cpu.adaptive_window)
+column_row = device_function(_cpu.column_row)
+digits_add = device_function(_cpu.digits_add)
+
+
+@cuda.jit(device=True, inline=True)
+def sampled(i, u, size):
+    """Whether row (or column) i of a plane of ``size`` rows upsampled by u holds a sample
+    (u = 1, every unstrided pass: no division)."""
+    if u == 1:
+        return 0 <= i < size
+    return i >= 0 and i % u == 0 and i // u < size
+
+
+@cuda.jit(device=True, inline=True)
+def sample(i, u):
+    """The sample at row (or column) i of a plane upsampled by u (where ``sampled``)."""
+    return i if u == 1 else i // u
+
+
+@cuda.jit(device=True, inline=True)
+def column_origin(win, col):
+    """(n, r, q) of column ``col`` of an im2col matrix read through ``win`` (see
+    ``column_entry``): its sample and output position, the digits of col in the radix
+    (any, hd, wd)."""
+    m = win[11] * win[12]
+    return col // m, (col % m) // win[12], col % win[12]
+
+
+@cuda.jit(device=True, inline=True)
+def column_value(src, win, row, col):
+    """``column_entry`` with its row and column already split: ``row`` = (c, a, b) as
+    ``column_row`` gives, ``col`` = (n, r, q) as ``column_origin`` gives. A thread that
+    walks rows or columns by a fixed step carries their splits along (``digits_add``)."""
+    c0, sh, sw, ph, pw, dh, dw, uh, uw, kh, kw, hd, wd = win
+    i, j = tap(col[1], sh, ph, row[1], dh), tap(col[2], sw, pw, row[2], dw)
+    v = src.dtype.type(0)
+    if sampled(i, uh, src.shape[2]) and sampled(j, uw, src.shape[3]):
+        v = src[col[0], c0 + row[0], sample(i, uh), sample(j, uw)]
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def column_entry(src, win, row, col):
+    """cols[row, col] of the im2col matrix of ``src`` (N, C, H, W) read through a window
+
+        win = (c0, sh, sw, ph, pw, dh, dw, uh, uw, kh, kw, hd, wd):
+
+    rows (c, a, b) as ``column_row``, columns the flattened (n, r, q) of an hd x wd output
+    plane, and the entry up(src)[n, c0 + c, tap(r, a), tap(q, b)], 0 in the padding, where
+    up(src) is src upsampled by (uh, uw): a sample every uh rows and uw columns, zeros
+    between (the input-gradient's view of gy, see kernels/cuda/conv.py)."""
+    return column_value(src, win, column_row(row, win[9], win[10]), column_origin(win, col))
