@@ -92,6 +92,16 @@ def _device_ratios(sweep: dict | None) -> tuple:
     return math.exp(sum(map(math.log, ratios)) / len(ratios)), max(ratios)
 
 
+def _gemm_fraction(sweep: dict | None):
+    """The sweep's fastest GEMM tile (device time) as a fraction of the GPU's FP32 peak, where
+    the report step (the default tile) did not run."""
+    rows = [r for r in (sweep or {}).get("gemm", []) if r.get("kind") == "tile" and "error" not in r]
+    peak = (sweep or {}).get("device", {}).get("fp32_peak_tflops")
+    if not rows or not peak:
+        return None
+    return max(2 * r["n"] ** 3 / (r["device_ms_min"] / 1e3) / 1e12 for r in rows) / peak
+
+
 def summary(gpu: str, commit: str, today: str, parts: dict) -> dict:
     """bench/results/gpu-<date>.json: the issues' figures, from the steps' own JSON files
     (``parts``: speed, report, host, train, sweep), None where a step did not run."""
@@ -106,7 +116,7 @@ def summary(gpu: str, commit: str, today: str, parts: dict) -> dict:
                     f"{model}_step_ratio_vs_torch_graph": ours / graph if ours and graph else None})
     out["conv_device_geomean_vs_cudnn"], out["conv_device_worst_vs_cudnn"] = _device_ratios(parts.get("sweep"))
     out["conv_wall_geomean_vs_cudnn"] = report.get("conv_wall_geomean_vs_cudnn")
-    out["gemm_fraction_of_peak"] = report.get("gemm_fraction_of_peak")
+    out["gemm_fraction_of_peak"] = report.get("gemm_fraction_of_peak", _gemm_fraction(parts.get("sweep")))
     out["launch_us"] = host.get("launch_us")
     out["syncs_per_step"] = host.get("syncs_per_step")
     out.update({k: v for k, v in host.items() if k not in out})
