@@ -89,6 +89,7 @@ class GraphedStep:
         if not graphable or not self.warm:
             self.warm = self.warm or graphable
             return self._eager(x, y)
+        y = self._checked(y)  # bad labels raise here, before the step changes anything
         if self.capture is None or self._stale():
             if not self._capture():
                 return self._eager(x, y)
@@ -118,9 +119,11 @@ class GraphedStep:
         yt = y.to(self.device) if host is None else tensor(host.astype(np.int64) if host.dtype.kind in "iu" else host,
                                                            device=self.device)
         out = self.model(xt)
-        if host is not None and host.dtype.kind in "iu" and out.ndim == 2:
-            F._label_array(host, out.shape[1])
-            F._mark_checked(yt, out.shape[1])
+        if yt.dtype.kind in "iu" and out.ndim == 2:
+            self.classes = out.shape[1]  # what later batches' labels are checked against
+            if host is not None:
+                F._label_array(host, out.shape[1])
+                F._mark_checked(yt, out.shape[1])
         loss = self.loss_fn(out, yt)
         self.optimizer.zero_grad()
         loss.backward()
@@ -208,16 +211,22 @@ class GraphedStep:
         for p, g in self.grads:
             p.grad = g
 
+    def _checked(self, y):
+        """Class-index labels checked against the output's classes (host labels on the host;
+        labels already on the device there, one count read back); other targets as given."""
+        if self.classes is None:
+            return y
+        if isinstance(y, Tensor) and y.device != "cpu":
+            F._indices(y, self.classes, "labels", f"{self.classes} classes", self.device)
+            return y
+        return F._label_array(y.numpy() if isinstance(y, Tensor) else y, self.classes)
+
     def _upload(self, x, y) -> None:
         sx, sy, stage_x, stage_y = self._inputs
         for host, static, stage in ((x, sx, stage_x), (y, sy, stage_y)):
             if isinstance(host, Tensor):
                 if host.device != "cpu":
-                    if static is sy and self.classes is not None:  # device labels: checked there (one read)
-                        F._indices(host, self.classes, "labels", f"{self.classes} classes", self.device)
                     kernel("copy_into", self.device)(host.data, static.data)
                     continue
                 host = host.numpy()
-            if static is sy and self.classes is not None:
-                host = F._label_array(host, self.classes)
             stage.put(host, static.data)

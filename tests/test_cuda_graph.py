@@ -148,15 +148,26 @@ def test_uncapturable_step_trains_eagerly_with_one_line(why, capsys):
     assert all(s["step"] == 4 for s in o2.state.values())  # the failed capture moved no step count
 
 
-def test_bad_labels_raise_before_the_replay():
+@pytest.mark.parametrize("at", ["capture", "replay"])
+def test_bad_labels_raise_before_the_step_changes_anything(at):
+    """Labels outside [0, classes) raise a ValueError before the capture or the replay: the
+    optimiser's step counts and the weights are as before, and the next good batch trains."""
     rng = np.random.default_rng(4)
-    (_, _, _), (m, o, _) = _pair(OPTIMIZERS["sgd"])
+    (_, _, _), (m, o, _) = _pair(OPTIMIZERS["adam"])
     x, y = _batches(1, rng)[0]
     step = cn.cuda.graphed_step(m, F.cross_entropy, o, x, y)
-    step(x, y)
-    step(x, y)
+    step(x, y)  # eager
+    if at == "replay":
+        step(x, y)  # captured
+    before = _state(m, o)[0], [s["step"] for s in o.state.values()]
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         step(x, np.array([0, 3]))
+    after = _state(m, o)[0], [s["step"] for s in o.state.values()]
+    assert before[1] == after[1]
+    for k in before[0]:
+        np.testing.assert_array_equal(before[0][k], after[0][k], strict=True)
+    step(x, y)
+    assert all(s["step"] == before[1][0] + 1 for s in o.state.values()) and step.kind is not None
 
 
 def test_graphed_step_needs_cuda_parameters():
