@@ -91,3 +91,68 @@ print(json.dumps([good, bad]))
     good, bad = json.loads(done.stdout.strip().splitlines()[-1])
     assert good is None
     assert bad and "c_double" in bad
+
+
+def test_lean_launch_plans_once_then_launches_packed(tmp_path):
+    """kernels/cuda/lean.launch with a stand-in kernel and cuda.core launch: the first call of
+    a signature goes through Numba's launch and makes a plan; later calls of that signature
+    skip Numba and hand cuda.core the packed arguments; another signature gets its own plan;
+    a kernel whose overload cannot be planned (internals missing) stays on Numba's path with a
+    warning instead of failing."""
+    snippet = """
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import cuda_typecheck as T
+from numba.cuda.dispatcher import _Kernel
+from cnn_numba.kernels.cuda import lean
+
+log = []
+
+class Overload:
+    debug = cooperative = False
+    extensions = []
+    _prepare_args = _Kernel._prepare_args
+    def __init__(self, types):
+        self.argument_types = types
+        self._codelibrary = type("L", (), {"get_cufunc": lambda s: type("F", (), {"kernel": "fn"})()})()
+
+class Kernel:
+    py_func = type("P", (), {"__name__": "k"})
+    def __init__(self, broken=False):
+        self.overloads, self.broken = {}, broken
+    def typeof_pyval(self, a):
+        from numba.core.typing.typeof import typeof, Purpose
+        return typeof(a, Purpose.argument)
+    def __getitem__(self, config):
+        def run(*args):
+            types = tuple(self.typeof_pyval(a) for a in args)
+            self.overloads[types] = ov = Overload(types)
+            if self.broken:
+                del ov._codelibrary  # as if numba-cuda had moved it
+            log.append(("numba", config))
+        return run
+
+lean._core = (lambda stream, config, fn, *args: log.append(("lean", config, fn, len(args))), "stream")
+lean._configs[(4, 32)] = "cfg"
+a = T.example(["array", "<f4", 2, "C"], 0)
+k = Kernel()
+for v in (np.float32(1), np.float32(2), 3):
+    lean.launch(k, 4, 32, (a, v))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    b = Kernel(broken=True)
+    lean.launch(b, 4, 32, (a, 1.5))
+    lean.launch(b, 4, 32, (a, 1.5))
+print(json.dumps([log, [str(x.message) for x in w]]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", snippet, str(HERE)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    log, warned = json.loads(done.stdout.strip().splitlines()[-1])
+    # float32 twice (Numba, then lean: the 2-D array's 9 words + the scalar), an int: Numba again
+    assert log[:3] == [["numba", [4, 32]], ["lean", "cfg", "fn", 10], ["numba", [4, 32]]]
+    assert log[3:] == [["numba", [4, 32]], ["numba", [4, 32]]]  # the unplannable kernel, both times Numba's
+    assert len(warned) == 1 and "keeps Numba's own launch" in warned[0]

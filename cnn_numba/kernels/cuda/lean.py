@@ -135,7 +135,12 @@ def launch(kernel, grid, block, args) -> None:
         return
     if plan is _MISSING:
         kernel[grid, block](*args)  # compiles and loads; its packing is the reference
-        _plans[key] = _make_plan(kernel, args)
+        try:
+            _plans[key] = _make_plan(kernel, args)
+        except Exception as e:  # noqa: BLE001  (a numba-cuda whose internals moved: its own path)
+            _plans[key] = None
+            warnings.warn(f"cnn_numba: no lean launch for kernel {kernel.py_func.__name__} ({type(e).__name__}: "
+                          f"{e}); it keeps Numba's own launch", RuntimeWarning, stacklevel=2)
         return
     config = _configs.get((grid, block))
     if config is None:
