@@ -22,14 +22,27 @@ HERE = Path(__file__).resolve().parent
 needs_simulator = pytest.mark.skipif(not CUDA_SIMULATED, reason="on a real GPU every launch compiles anyway")
 
 
+def _env_without_simulator() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run_without_simulator(snippet: str):
+    """Run ``snippet`` (tests/ is its argv[1]) in a process with numba-cuda's real driver
+    layer (no GPU needed for what the snippets do); it must succeed."""
+    done = subprocess.run([sys.executable, "-c", snippet, str(HERE)], env=_env_without_simulator(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def typecheck(entries, tmp_path):
     path = tmp_path / "launched.json"
     path.write_text(json.dumps(sorted(entries)))
     if os.environ.get("CNN_NUMBA_LAUNCHED_JSON"):  # kept for bench/ptx_check.py --launched
         Path(os.environ["CNN_NUMBA_LAUNCHED_JSON"]).write_text(path.read_text())
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(HERE / "cuda_typecheck.py"), str(path)], env=env,
+    done = subprocess.run([sys.executable, str(HERE / "cuda_typecheck.py"), str(path)], env=_env_without_simulator(),
                           capture_output=True, text=True, timeout=900)
     if done.returncode == 2:
         pytest.skip(done.stdout.strip().splitlines()[-1])
@@ -83,11 +96,7 @@ lean.packer = lambda t: (lambda out, v: out.append(ctypes.c_double(v))) if t == 
 bad = T.lean_packing_differs(T.signature(descs), descs)
 print(json.dumps([good, bad]))
 """
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", snippet, str(HERE)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = _run_without_simulator(snippet)
     good, bad = json.loads(done.stdout.strip().splitlines()[-1])
     assert good is None
     assert bad and "c_double" in bad
@@ -146,11 +155,7 @@ with warnings.catch_warnings(record=True) as w:
     lean.launch(b, 4, 32, (a, 1.5))
 print(json.dumps([log, [str(x.message) for x in w]]))
 """
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", snippet, str(HERE)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = _run_without_simulator(snippet)
     log, warned = json.loads(done.stdout.strip().splitlines()[-1])
     # float32 twice (Numba, then lean: the 2-D array's 9 words + the scalar), an int: Numba again
     assert log[:3] == [["numba", [4, 32]], ["lean", "cfg", "fn", 10], ["numba", [4, 32]]]
