@@ -104,7 +104,33 @@ def step_counts(name: str, model, batch: int, side: int, steps: int, classes: in
             out[f"{kind}host_ms"] = 1e3 * float(np.median(host))
             out[f"{kind}device_ms"] = cuda.event_elapsed_time(start, end) / steps
     out["graph_kind"] = graphed.kind
+    if graphed.kind is not None:
+        out.update(replay_parts(graphed, x_host, y, max(steps, 3)))
     return out
+
+
+def replay_parts(graphed, x, y, steps: int) -> dict:
+    """Host microseconds of a replayed step's parts, medians over ``steps``: the labels'
+    check, the optimiser's host code rewriting the step's scalars (``refresh_us``), the
+    batch's staging (``upload_us``) and the replay (the scalar table's upload and the graph
+    launch, ``replay_us``): what the host spends per batch once the step is a graph."""
+    from cnn_numba.kernels.cuda.graph import Refresh
+    parts = {"check_us": [], "refresh_us": [], "upload_us": [], "replay_us": []}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        labels = graphed._checked(y)
+        t1 = time.perf_counter()
+        with Refresh(graphed.capture):
+            graphed.optimizer.step()
+        t2 = time.perf_counter()
+        graphed._upload(x, labels)
+        t3 = time.perf_counter()
+        graphed.capture.replay()
+        t4 = time.perf_counter()
+        graphed._restore_grads()
+        for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            parts[key].append(1e6 * dt)
+    return {f"graph_{k}": float(np.median(v)) for k, v in parts.items()}
 
 
 def launch_us(launches: int) -> dict:
@@ -163,6 +189,11 @@ def main(argv=None) -> int:
         for kind, label in (("", "eager"), ("graph_", r["graph_kind"] or "eager (capture failed)")):
             print(f"| {r['model']} | {r['batch']} | {label} | {r[kind + 'launches']} | {r[kind + 'reads']} | "
                   f"{r.get(kind + 'host_ms', float('nan')):.2f} | {r.get(kind + 'device_ms', float('nan')):.2f} |")
+    for r in rows:
+        if "graph_replay_us" in r:
+            print(f"\n{r['model']} replayed step, host us: labels {r['graph_check_us']:.0f}, optimiser refresh "
+                  f"{r['graph_refresh_us']:.0f}, batch staging {r['graph_upload_us']:.0f}, "
+                  f"scalars + graph launch {r['graph_replay_us']:.0f}")
     print(f"\nhost us per launch: cnn_numba's launcher {per_launch['launcher']:.1f} (lean path), "
           f"{per_launch['launcher_numba']:.1f} with the lean path off, bare numba-cuda {per_launch['bare']:.1f}")
     if args.json:
@@ -176,6 +207,9 @@ def main(argv=None) -> int:
                         key = f"{r['model']}_{kind}{k}" + ("_per_step" if k in ("launches", "reads") else "")
                         record[key] = r[kind + k]
             record[f"{r['model']}_graph_kind"] = r["graph_kind"]
+            for k in ("check_us", "refresh_us", "upload_us", "replay_us"):
+                if f"graph_{k}" in r:
+                    record[f"{r['model']}_graph_{k}"] = r[f"graph_{k}"]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return 0

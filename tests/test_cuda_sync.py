@@ -138,5 +138,6 @@ def test_gpu_host_script_counts_a_step():
     assert row["reads"] == 0 and row["launches"] > 10
     assert row["graph_reads"] == 0 and row["graph_launches"] == 0  # a replay: one graph, nothing from Python
     assert row["graph_kind"] == "launch list"
+    assert all(row[f"graph_{k}_us"] > 0 for k in ("check", "refresh", "upload", "replay"))
     per = gpu_host.launch_us(3)
     assert per["launcher"] > 0 and per["bare"] > 0 and per["launcher_numba"] > 0
