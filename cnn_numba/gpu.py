@@ -94,15 +94,23 @@ class GraphedStep:
             if not self._capture():
                 return self._eager(x, y)
         else:
-            from .kernels.cuda.graph import GraphChanged, Refresh
-            self._restore_grads()
+            from .kernels.cuda.graph import GraphChanged
             try:
-                with Refresh(self.capture):
-                    self.optimizer.step()  # its host side: rewrites the step's scalars, launches nothing
+                self._refresh()
             except GraphChanged:
                 if not self._capture():
                     return self._eager(x, y)
         self._upload(x, y)
+        return self._replay()
+
+    def _refresh(self) -> None:
+        """The optimiser's host side, launches off: it rewrites the step's scalars."""
+        from .kernels.cuda.graph import Refresh
+        self._restore_grads()
+        with Refresh(self.capture):
+            self.optimizer.step()
+
+    def _replay(self) -> Tensor:
         self.capture.replay()
         self._restore_grads()
         for t in self._written:  # a replay updates them in place: new versions, as an eager step makes

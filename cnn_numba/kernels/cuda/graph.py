@@ -108,7 +108,6 @@ class StepScalars:
             if entry[3]:
                 entry[2].put(entry[0], entry[1])
                 entry[3] = False
-        self.cursor = 0
 
 
 class GraphChanged(RuntimeError):
@@ -139,7 +138,6 @@ class _Capture:
     def __exit__(self, *exc):
         _launch.capture = None
         self.capturing = False
-        self.scalars.cursor = 0
         return False
 
 
