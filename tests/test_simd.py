@@ -6,8 +6,8 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from cnn_numba.kernels.simd import (LANES, copy_row, vector_length, vfma, vload, vload_masked, vsplat, vstore,
-                                    vstore_masked)
+from cnn_numba.kernels.simd import (LANES, copy_row, vadd, vector_length, vfma, vload, vload_masked, vmul, vrelu,
+                                    vsplat, vstore, vstore_lanes, vstore_masked, vsub, vtranspose8)
 
 
 @njit
@@ -141,3 +141,62 @@ def test_copy_row_copies_exactly_its_elements(dtype, rng):
     ints = np.zeros(10, np.int64)
     _copy(np.arange(10), 2, ints, 0, 5)
     np.testing.assert_array_equal(ints[:5], np.arange(2, 7))
+
+
+@njit
+def _transpose(a, out):
+    t = vtranspose8(vload(a[0], 0), vload(a[1], 0), vload(a[2], 0), vload(a[3], 0),
+                    vload(a[4], 0), vload(a[5], 0), vload(a[6], 0), vload(a[7], 0))
+    for j in range(8):
+        vstore(out[j], 0, t[j])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose8_moves_every_lane(dtype):
+    """t_j[8h + p] = r_p[8h + j]: each group of 8 lanes is an 8 x 8 matrix, transposed."""
+    a = np.arange(8 * LANES, dtype=dtype).reshape(8, LANES)
+    out = np.full_like(a, -1)
+    _transpose(a, out)
+    want = a.reshape(8, LANES // 8, 8).transpose(2, 1, 0).reshape(8, LANES)
+    np.testing.assert_array_equal(out, want)
+
+
+@njit
+def _store_lanes(v, a, i, lo, n):
+    vstore_lanes(a, i, vload(v, 0), lo, n)
+
+
+def test_store_lanes_writes_exactly_its_elements():
+    v = np.arange(LANES, dtype=np.float32) + 100
+    for lo in range(LANES):
+        for n in range(LANES - lo + 1):
+            a = np.full(2 * LANES, -7.0, np.float32)
+            _store_lanes(v, a, 3, lo, n)
+            want = np.full_like(a, -7.0)
+            want[3:3 + n] = v[lo:lo + n]
+            np.testing.assert_array_equal(a, want)
+    a = np.full(LANES, -7.0, np.float32)
+    _store_lanes(v, a, 0, LANES - 2, 2)  # the vector would start before the array: masked lanes only
+    np.testing.assert_array_equal(a[:3], [v[-2], v[-1], -7.0])
+
+
+@njit
+def _arith(v, w, out):
+    x, y = vload(v, 0), vload(w, 0)
+    vstore(out[0], 0, vadd(x, y))
+    vstore(out[1], 0, vsub(x, y))
+    vstore(out[2], 0, vmul(x, y))
+    vstore(out[3], 0, vsub(x, np.float32(0.5)))
+    vstore(out[4], 0, vrelu(x))
+
+
+def test_lane_arithmetic_is_numpys_and_relu_keeps_nan_and_negative_zero(rng):
+    v = np.array([-1.5, -0.0, np.nan, 3.0, -np.inf, np.inf, 2.0, -2.0] * (LANES // 8), np.float32)
+    w = rng.standard_normal(LANES).astype(np.float32)
+    out = np.empty((5, LANES), np.float32)
+    _arith(v, w, out)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(out[:4], [v + w, v - w, v * w, v - np.float32(0.5)])
+    relu = np.where(v < 0, np.float32(0), v)
+    np.testing.assert_array_equal(out[4], relu)
+    assert np.signbit(out[4][1])  # -0.0 is not below 0: kept, as elementwise.relu_value does

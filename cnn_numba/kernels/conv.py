@@ -47,6 +47,7 @@ from ..backend import register
 from . import PARALLEL, get_num_threads
 from .elementwise import relu_value
 from .index import axpy, column_row, copy_run, dot, out_range, tap
+from .simd import vadd, vmul, vrelu, vsub
 
 # Reassociation lets LLVM vectorise the reductions; no 'nnan'/'ninf', NaN propagates.
 FASTMATH = {"reassoc", "contract"}
@@ -69,6 +70,17 @@ def epilogue(v, chan, relu):
     if affine:
         v = (v - mu) * scale + shift
     return relu_value(v) if relu else v
+
+
+@njit(cache=True, fastmath=False)
+def epilogue_vec(v, mu, scale, shift, affine, relu):
+    """``epilogue`` on a Vec (kernels/simd.py) of outputs of several channels, their per-channel
+    values in Vecs ``mu``, ``scale``, ``shift`` lane by lane: the same operations, in the same
+    order and precision, so the results are equal bit for bit (fastmath=False here for the
+    same reason)."""
+    if affine:
+        v = vadd(vmul(vsub(v, mu), scale), shift)
+    return vrelu(v) if relu else v
 
 
 @njit(cache=True, inline="always")

@@ -24,8 +24,11 @@ the flat kernels' register blocks, bit for bit.
 
 Per pair: VECTORS weight loads, TILE broadcasts, TILE * VECTORS multiply-adds (14 for 9
 loads). The weights are laid out (group, block, pair, CHANNELS) once per call, zero past the
-group's output channels; a tile's CHANNELS x TILE results go out through a small buffer,
-channel by channel, through the epilogue.
+group's output channels. A tile's results leave from the registers: the epilogue on the
+accumulators (``epilogue_vec``), each group of 8 lanes transposed in registers (simd's
+``vtranspose8``), then one masked store of a channel's outputs (``vstore_lanes``), where the
+tile's pixels lie side by side in y (within one sample); a tile across two samples goes
+through a small buffer, output by output.
 
 Where it pays: layers with at least CHANNELS output channels per group whose planes waste
 the most in the flat layout (small planes, stride 2); 'auto' leaves the choice to the
@@ -37,9 +40,9 @@ import numpy as np
 from numba import njit, prange
 
 from . import PARALLEL, get_num_threads
-from .conv import KERNEL, channel, epilogue, epilogue_args, no_epilogue
+from .conv import KERNEL, channel, epilogue, epilogue_args, epilogue_vec, no_epilogue
 from .conv_stride1 import REGISTER_BLOCKED, even_runs, flip_kernel, pad_phases
-from .simd import LANES, vfma, vload, vstore
+from .simd import LANES, vfma, vload, vstore, vstore_lanes, vtranspose8
 
 VECTORS = 2               # output-channel vectors per tile
 CHANNELS = VECTORS * LANES
@@ -48,9 +51,10 @@ RUN_TILES = 64            # tiles per run of samples, about (a run's padded inpu
 
 
 @njit(cache=True)
-def _tile(wv, bias, src, base, taps, count, out):
-    """out[p, :CHANNELS] = bias + sum_{k < count} wv[k*CHANNELS:(k+1)*CHANNELS] * src[base[p] + taps[k]]
-    for p < TILE, each accumulator in a vector register, one fused multiply-add per pair."""
+def _tile(wv, bias, src, base, taps, count):
+    """The tile's accumulators ((c_p), (d_p)), p < TILE: output channels [0, LANES) and
+    [LANES, CHANNELS) of pixel p = bias + sum_{k < count} wv[k*CHANNELS:(k+1)*CHANNELS] *
+    src[base[p] + taps[k]], each in a vector register, one fused multiply-add per pair."""
     b0, b1, b2, b3, b4, b5, b6 = base[0], base[1], base[2], base[3], base[4], base[5], base[6]
     c0 = c1 = c2 = c3 = c4 = c5 = c6 = vload(bias, 0)
     d0 = d1 = d2 = d3 = d4 = d5 = d6 = vload(bias, LANES)
@@ -71,40 +75,76 @@ def _tile(wv, bias, src, base, taps, count, out):
         c5, d5 = vfma(c5, x, u), vfma(d5, x, v)
         x = src[b6 + t]
         c6, d6 = vfma(c6, x, u), vfma(d6, x, v)
-    _store(out[0], c0, d0)
-    _store(out[1], c1, d1)
-    _store(out[2], c2, d2)
-    _store(out[3], c3, d3)
-    _store(out[4], c4, d4)
-    _store(out[5], c5, d5)
-    _store(out[6], c6, d6)
-
-
-@njit(cache=True, inline="always")
-def _store(row, c, d):
-    vstore(row, 0, c)
-    vstore(row, LANES, d)
+    return (c0, c1, c2, c3, c4, c5, c6), (d0, d1, d2, d3, d4, d5, d6)
 
 
 @njit(cache=True)
-def _blocked_weights(w, b, g):
-    """(wv, bv): wv (g, blocks, cig*kh*kw*CHANNELS), each block's pairs in the flat weight's
-    order with the block's CHANNELS weights contiguous; bv (g, blocks, CHANNELS) the biases;
-    zeros past each group's output channels."""
+def _store_side_by_side(acc, epv, first, affine, relu, yf, at, pixels, valid, p_count):
+    """A tile whose p_count pixels lie side by side in y (within one sample): the epilogue on
+    ``acc`` (one Vec per pixel: channels first + l, l < LANES, of the block; their epilogue
+    values epv[:, first + l]), an in-register transpose, then per channel one masked store of
+    its p_count outputs at yf[at + channel * pixels], for the channels below ``valid``."""
+    mu, scale, shift = vload(epv[0], first), vload(epv[1], first), vload(epv[2], first)
+    a0 = epilogue_vec(acc[0], mu, scale, shift, affine, relu)
+    a1 = epilogue_vec(acc[1], mu, scale, shift, affine, relu)
+    a2 = epilogue_vec(acc[2], mu, scale, shift, affine, relu)
+    a3 = epilogue_vec(acc[3], mu, scale, shift, affine, relu)
+    a4 = epilogue_vec(acc[4], mu, scale, shift, affine, relu)
+    a5 = epilogue_vec(acc[5], mu, scale, shift, affine, relu)
+    a6 = epilogue_vec(acc[6], mu, scale, shift, affine, relu)
+    t = vtranspose8(a0, a1, a2, a3, a4, a5, a6, a6)  # row 7 repeats row 6: its lanes are never stored
+    _store_channels(t[0], first, yf, at, pixels, valid, p_count)
+    _store_channels(t[1], first + 1, yf, at, pixels, valid, p_count)
+    _store_channels(t[2], first + 2, yf, at, pixels, valid, p_count)
+    _store_channels(t[3], first + 3, yf, at, pixels, valid, p_count)
+    _store_channels(t[4], first + 4, yf, at, pixels, valid, p_count)
+    _store_channels(t[5], first + 5, yf, at, pixels, valid, p_count)
+    _store_channels(t[6], first + 6, yf, at, pixels, valid, p_count)
+    _store_channels(t[7], first + 7, yf, at, pixels, valid, p_count)
+
+
+@njit(cache=True, inline="always")
+def _store_channels(row, c, yf, at, pixels, valid, p_count):
+    """A transposed row's lanes [8h, 8h + p_count): the outputs of channel c + 8h."""
+    for h in range(LANES // 8):
+        if c + 8 * h < valid:
+            vstore_lanes(yf, at + (c + 8 * h) * pixels, row, 8 * h, p_count)
+
+
+@njit(cache=True, inline="always")
+def _stage(out, acc, first):
+    """out[p, first:first + LANES] = acc[p] for p < TILE: a tile for ``_scatter``."""
+    vstore(out[0], first, acc[0])
+    vstore(out[1], first, acc[1])
+    vstore(out[2], first, acc[2])
+    vstore(out[3], first, acc[3])
+    vstore(out[4], first, acc[4])
+    vstore(out[5], first, acc[5])
+    vstore(out[6], first, acc[6])
+
+
+@njit(cache=True)
+def _blocked_weights(w, b, ep, g):
+    """(wv, bv, epv): wv (g, blocks, cig*kh*kw*CHANNELS), each block's pairs in the flat
+    weight's order with the block's CHANNELS weights contiguous; bv (g, blocks, CHANNELS) the
+    biases and epv (g, blocks, 3, CHANNELS) the epilogue's per-channel values (``channel``;
+    zeros without one); zeros past each group's output channels."""
     co, cig, kh, kw = w.shape
     cog, k = co // g, cig * kh * kw
     blocks = -(-cog // CHANNELS)
     wf = w.reshape(co, k)
     wv = np.zeros((g, blocks, k * CHANNELS), w.dtype)
     bv = np.zeros((g, blocks, CHANNELS), w.dtype)
+    epv = np.zeros((g, blocks, 3, CHANNELS), w.dtype)
     for gi in range(g):
         for o in range(cog):
             blk, c = o // CHANNELS, o % CHANNELS
             bv[gi, blk, c] = b[gi * cog + o]
+            _, epv[gi, blk, 0, c], epv[gi, blk, 1, c], epv[gi, blk, 2, c] = channel(ep, gi * cog + o)
             row, dst = wf[gi * cog + o], wv[gi, blk]
             for j in range(k):
                 dst[j * CHANNELS + c] = row[j]
-    return wv, bv
+    return wv, bv, epv
 
 
 @njit(cache=True)
@@ -129,7 +169,8 @@ def conv2d_forward_blocked(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, slot
     cog = co // g
     hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     plane, pixels, count = cig * hp * wp, oh * ow, cig * kh * kw
-    wv, bv = _blocked_weights(w, b, g)
+    wv, bv, epv = _blocked_weights(w, b, ep, g)
+    affine = ep.shape[1] > 0
     blocks = wv.shape[1]
     taps = np.empty(count, np.uint64)  # unsigned: no wraparound checks in the tile's loads
     for ci in range(cig):
@@ -161,9 +202,18 @@ def conv2d_forward_blocked(x, w, b, y, ep, relu, sh, sw, ph, pw, dh, dw, g, slot
             for blk in range(part * per_part, min(blocks, (part + 1) * per_part)):
                 o0 = gi * cog + blk * CHANNELS
                 valid = min(CHANNELS, (gi + 1) * cog - o0)
+                epb = epv[gi, blk]
                 for q0 in range(0, outputs, TILE):
-                    _tile(wv[gi, blk], bv[gi, blk], src, base[q0:], taps, count, out)
-                    _scatter(out, dst[q0:], min(TILE, outputs - q0), ep, relu, o0, valid, pixels, yf)
+                    p_count = min(TILE, outputs - q0)
+                    c, d = _tile(wv[gi, blk], bv[gi, blk], src, base[q0:], taps, count)
+                    if dst[q0 + p_count - 1] - dst[q0] == p_count - 1:  # side by side in y
+                        at = dst[q0] + np.uint64(o0 * pixels)
+                        _store_side_by_side(c, epb, 0, affine, relu, yf, at, pixels, valid, p_count)
+                        _store_side_by_side(d, epb, LANES, affine, relu, yf, at, pixels, valid, p_count)
+                    else:
+                        _stage(out, c, 0)
+                        _stage(out, d, LANES)
+                        _scatter(out, dst[q0:], p_count, ep, relu, o0, valid, pixels, yf)
 
 
 @njit(cache=True)

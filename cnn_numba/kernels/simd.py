@@ -17,6 +17,12 @@ same sums (each output still adds its pairs in order, one fused multiply-add eac
     s = vsum(v)              the lanes' sum, added pairwise
     v = vload_masked(a, i, n)      a[i:i + n] in the first n lanes (n <= LANES; masked: no
     vstore_masked(a, i, v, n)      element past n read or written), and ``copy_row`` on them
+    vstore_lanes(a, i, v, lo, n)   a[i:i + n] = v[lo:lo + n] (lo + n <= LANES; masked)
+    v = vadd(v, w), vsub, vmul     lane by lane, w a Vec or a scalar; no fast-math flags of
+                                   their own (a caller's fastmath=True adds them: see conv.py)
+    v = vrelu(v)                   0 in the lanes below 0, NaN kept
+    t = vtranspose8(r0, ..., r7)   eight Vecs as a matrix of 8 rows, transposed in registers
+                                   within each group of 8 lanes: t[j][8*h + p] = r_p[8*h + j]
 
 No bounds checks but under NUMBA_BOUNDSCHECK=1: callers keep every index within arrays they
 sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where
@@ -210,6 +216,95 @@ def vstore_masked(typingctx, arr, index, vec, count):
         builder.call(store, [v, ptr, align, lanes])
         return context.get_dummy_value()
     return types.none(arr, types.intp, vec, types.intp), codegen
+
+
+@intrinsic
+def vstore_lanes(typingctx, arr, index, vec, lo, count):
+    """arr[index:index + count] = vec[lo:lo + count] (0 <= lo, lo + count <= LANES): one masked
+    store of the lanes from ``lo``, as if the vector started at arr[index - lo] (masked lanes
+    are neither read nor written, so that address need not lie in the array)."""
+    _check_row(arr)
+
+    def codegen(context, builder, sig, args):
+        a, i, v, first, n = args
+        ptr = _vector_pointer(context, builder, sig.args[0], a, i, n)
+        elem = ir.PointerType(ptr.type.pointee.element)
+        ptr = builder.bitcast(builder.gep(builder.bitcast(ptr, elem), [builder.neg(first)]), ptr.type)
+        i64 = ir.IntType(64)
+        lanes = ir.Constant(ir.VectorType(i64, LANES), list(range(LANES)))
+        lanes = builder.sub(lanes, _broadcast(builder, ir.VectorType(i64, LANES), first))  # lane - lo
+        inside = builder.and_(builder.icmp_signed(">=", lanes, ir.Constant(lanes.type, [0] * LANES)),
+                              builder.icmp_signed("<", lanes, _broadcast(builder, ir.VectorType(i64, LANES), n)))
+        store, align = _masked(builder.module, "store", ptr, inside, arr.dtype.bitwidth)
+        builder.call(store, [v, ptr, align, inside])
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, vec, types.intp, types.intp), codegen
+
+
+def _binary(name, doc):
+    @intrinsic
+    def op(typingctx, v, w):
+        if not isinstance(v, Vec) or (isinstance(w, Vec) and w != v):
+            raise TypingError(f"{name}: a Vec and a Vec of its dtype or a scalar are needed, got {v} and {w}")
+
+        def codegen(context, builder, sig, args):
+            a, b = args
+            if not isinstance(sig.args[1], Vec):
+                b = _broadcast(builder, a.type, context.cast(builder, b, sig.args[1], v.dtype))
+            return getattr(builder, name)(a, b)
+        return v(v, w), codegen
+    op.__doc__ = doc
+    return op
+
+
+vadd = _binary("fadd", "v + w lane by lane (w a Vec or a scalar in every lane).")
+vsub = _binary("fsub", "v - w lane by lane (w a Vec or a scalar in every lane).")
+vmul = _binary("fmul", "v * w lane by lane (w a Vec or a scalar in every lane).")
+
+
+@intrinsic
+def vrelu(typingctx, vec):
+    """0 in the lanes below 0, the rest (NaN, -0.0 included) kept: elementwise.relu_value's rule."""
+    if not isinstance(vec, Vec):
+        raise TypingError(f"vrelu: a Vec is needed, got {vec}")
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        below = builder.fcmp_ordered("<", v, ir.Constant(v.type, None))
+        return builder.select(below, ir.Constant(v.type, None), v)
+    return vec(vec), codegen
+
+
+def _transpose_masks(bit):
+    """The two shuffles of one stage of vtranspose8: rows p and q = p | bit (p without ``bit``)
+    swap bit ``bit`` of the row with that of the lane: new p takes, in the lanes with the bit
+    set, q's lane without it; new q takes, in the lanes without it, p's lane with it."""
+    low = [c if not c & bit else LANES + c - bit for c in range(LANES)]
+    high = [c + bit if not c & bit else LANES + c for c in range(LANES)]
+    return low, high
+
+
+@intrinsic
+def vtranspose8(typingctx, r0, r1, r2, r3, r4, r5, r6, r7):
+    """(t0, ..., t7) with t_j[8*h + p] = r_p[8*h + j] for h < LANES // 8: in each group of 8
+    lanes, the 8 x 8 matrix of rows r_p transposed, in three stages of eight two-register
+    shuffles (each swaps one bit of the row index with the same bit of the lane index)."""
+    rows = (r0, r1, r2, r3, r4, r5, r6, r7)
+    if not isinstance(r0, Vec) or any(r != r0 for r in rows):
+        raise TypingError(f"vtranspose8: eight Vecs of one dtype are needed, got {rows}")
+
+    def codegen(context, builder, sig, args):
+        regs = list(args)
+        i32 = ir.IntType(32)
+        for bit in (1, 2, 4):
+            low, high = (ir.Constant(ir.VectorType(i32, LANES), m) for m in _transpose_masks(bit))
+            for p in range(8):
+                if not p & bit:
+                    q = p | bit
+                    regs[p], regs[q] = (builder.shuffle_vector(regs[p], regs[q], low),
+                                        builder.shuffle_vector(regs[p], regs[q], high))
+        return context.make_tuple(builder, sig.return_type, regs)
+    return types.UniTuple(r0, 8)(*rows), codegen
 
 
 def copy_row(src, i, dst, j, n):
