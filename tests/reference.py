@@ -107,7 +107,7 @@ def conv2d_grads(x, w, gy, stride=1, padding=0, dilation=1, groups=1):
     t, bo, l, r = conv_pads(padding, (kh, kw), (dh, dw))
     oh, ow = gy.shape[2:]
     xp = pad(x, t, bo, l, r)
-    gxp = np.zeros_like(xp)
+    gxp = np.zeros(xp.shape)  # not zeros_like, which writes every page: huge paddings stay untouched
     gw = np.zeros_like(w)
     cog = co // groups
     for g in range(groups):
