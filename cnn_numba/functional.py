@@ -184,8 +184,9 @@ def conv2d_bn_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, gr
 
     One pass over the output, batch norm and relu applied as the conv stores each value, where
     no graph is recorded (no_grad, or no input requiring grad), the device has the epilogue
-    (the CPU) and onnx.export is not tracing; the ops one by one otherwise. Either way the same
-    arithmetic: the outputs agree bit for bit (tests/test_fusion.py)."""
+    (the CPU and CUDA both do) and onnx.export is not tracing; the ops one by one otherwise.
+    Either way the same arithmetic: the outputs agree bit for bit (tests/test_fusion.py,
+    tests/test_cuda_conv.py)."""
     x, w, b, g = _conv_args(input, weight, bias, groups, algo)
     stats = None if bn is None else _bn_tensors(bn, x, w.shape[0])
     if (bn is not None and stats is None) or not _fuses("conv2d_epilogue", x.device, x, w, b,

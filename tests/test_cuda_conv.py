@@ -14,6 +14,7 @@ import cnn_numba.functional as F
 import reference as R
 from cnn_numba.backend import kernel
 from conftest import CUDA_AVAILABLE, CUDA_SIMULATED, forward_backward, needs_cuda, random
+from test_fusion import _bn_stats, _same_bits, non_finite_inputs  # the CPU fusion's test inputs and check
 
 if CUDA_AVAILABLE:
     from cnn_numba.kernels.cuda import gemm
@@ -297,6 +298,136 @@ def test_gpu_sweep_script_records_every_algorithm_and_tile(tmp_path):
     diffs = [r["max_rel_diff"] for r in rows if "max_rel_diff" in r]
     assert len(diffs) == len(rows) - 3 - 1 and max(diffs) < 1e-5  # all but each reference case
     assert all(r["device_ms_min"] is not None and r["wall_ms_median"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- conv2d -> batch norm -> relu, fused
+
+# (x shape, w shape, conv bias?, conv2d keyword arguments): groups with padding; stride, odd
+# and non-square sizes, no conv bias, one sample (its GEMM is split over K on the simulator,
+# the epilogue applied to the slices' sums); 19 output channels (a 16-row GEMM tile and a
+# remainder, four 4-channel direct blocks and one of 3) with dilation. Each by every algorithm.
+FUSED_CASES = [
+    ((2, 4, 5, 5), (6, 2, 3, 3), True, dict(groups=2, padding=1)),
+    ((1, 3, 7, 6), (5, 3, 3, 2), False, dict(stride=(2, 1), padding=(1, 2))),
+    ((1, 3, 5, 5), (19, 3, 3, 3), True, dict(padding=2, dilation=2)),
+]
+
+
+def _cuda(*arrays):
+    import cnn_numba as cn
+    return [None if a is None else cn.tensor(a, device="cuda") for a in arrays]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """(calls, launched): the relu flag of each fused conv so far (calls of Conv2dEpilogue's
+    forward), and the names of the CUDA kernels launched (still recorded for the typecheck)."""
+    from cnn_numba.kernels.cuda import launch
+
+    calls, launched = [], []
+    inner = F.Conv2dEpilogue.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(kwargs["epilogue"][1])
+        return inner(self, *args, **kwargs)
+
+    def record(kernel, args, recorded=launch.record):
+        launched.append(kernel.fn.__name__)
+        if recorded is not None:  # conftest's, for the typecheck
+            recorded(kernel, args)
+
+    monkeypatch.setattr(F.Conv2dEpilogue, "forward", forward)
+    monkeypatch.setattr(launch, "record", record)
+    return calls, launched
+
+
+def _unfused_cuda(y, stats, relu):
+    """Eval batch_norm and relu of the CUDA conv output y, one by one on the device."""
+    if stats is not None:
+        y = F.batch_norm(y, *_cuda(*stats), training=False, eps=1e-5)
+    return (F.relu(y) if relu else y).numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)), ids=[f"case{i}" for i in range(len(FUSED_CASES))])
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv2d_bn_relu_fused_equals_unfused(rng, algo, case, dtype, fused_calls):
+    """conv2d_bn_relu on "cuda" under no_grad runs the conv with the batch norm and relu in its
+    store (no batch-norm kernel runs) and gives the bits of conv2d, batch_norm (eval), relu one
+    by one on the device, for each algorithm; close to the float64 reference."""
+    import cnn_numba as cn
+    from cnn_numba import shapes
+
+    calls, launched = fused_calls
+    xs, ws, has_bias, kw = FUSED_CASES[case]
+    geom = shapes.conv2d_geom(xs, ws, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                              kw.get("groups", 1))
+    assert kernel("conv2d_algorithms", "cuda")().pick(algo, geom, "forward").name == algo  # no fallback
+    x, w = random(rng, xs, dtype), random(rng, ws, dtype)
+    b = random(rng, ws[:1], dtype) if has_bias else None
+    xd, wd, bd = _cuda(x, w, b)
+    assert F._fuses("conv2d_epilogue", "cuda", xd, wd, bd)
+    with cn.no_grad():
+        del launched[:]
+        conv = F.conv2d(xd, wd, bd, algo=algo, **kw)
+        split = "_sum_partials" in launched  # K cut into slices: the fused sums must follow
+        assert split == (case == 1 and algo != "direct")  # one sample, no bias: the simulator splits
+        ref_conv = R.conv2d(x, w, b, **kw)
+        for bn, relu in (("affine", True), ("affine", False), ("plain", True), (None, True)):
+            stats = None if bn is None else _bn_stats(rng, ws[0], dtype, affine=bn == "affine")
+            want = _unfused_cuda(conv, stats, relu)
+            del launched[:]
+            got = F.conv2d_bn_relu(xd, wd, bd, bn=None if stats is None else (*_cuda(*stats), 1e-5), with_relu=relu,
+                                   algo=algo, **kw).numpy()
+            assert calls[-1] is relu and not any(n in ("_bn_forward", "_relu_forward") for n in launched), launched
+            assert ("_sum_partials_epilogue" in launched) == split, launched
+            assert _same_bits(got, want), (bn, relu, np.abs(got - want).max())
+            ref = ref_conv if stats is None else R.batch_norm_eval(ref_conv, *stats)
+            R.assert_close(got, R.relu(ref) if relu else ref, dtype, f"{bn} relu={relu}")
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv2d_bn_relu_non_finite_and_signed_zeros(rng, algo):
+    """inf and NaN inputs, and -0.0 outputs, come out of the fused pass as out of the three ops."""
+    import cnn_numba as cn
+
+    x, w, stats = non_finite_inputs(rng, (2, 3, 6, 6), 5)
+    xd, wd = _cuda(x, w)
+    with cn.no_grad():
+        conv = F.conv2d(xd, wd, padding=1, algo=algo)
+        for relu in (False, True):
+            want = _unfused_cuda(conv, stats, relu)
+            got = F.conv2d_bn_relu(xd, wd, padding=1, bn=(*_cuda(*stats), 1e-5), with_relu=relu, algo=algo).numpy()
+            assert _same_bits(got, want), relu
+            assert np.isnan(got).any()
+
+
+def test_conv2d_bn_relu_records_the_unfused_ops_when_grad_is_on(rng, fused_calls, monkeypatch):
+    """With a graph recorded the CUDA conv2d_bn_relu is the three ops (differentiable), with
+    the fused op's bits; an eval-mode Sequential under no_grad fuses, bit for bit."""
+    import cnn_numba as cn
+    from cnn_numba import nn
+    from cnn_numba.nn import module as M
+
+    calls, _ = fused_calls
+    stats = (*_cuda(*_bn_stats(rng, 4, np.float32)), 1e-5)
+    xd, = _cuda(random(rng, (2, 3, 5, 5), np.float32))
+    wt = cn.tensor(random(rng, (4, 3, 3, 3), np.float32), device="cuda", requires_grad=True)
+    with cn.no_grad():
+        fused = F.conv2d_bn_relu(xd, wt, padding=1, bn=stats, with_relu=True).numpy()
+    y = F.conv2d_bn_relu(xd, wt, padding=1, bn=stats, with_relu=True)
+    assert len(calls) == 1 and y.requires_grad and _same_bits(y.numpy(), fused)
+    y.sum().backward()
+    assert wt.grad is not None
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).to("cuda").eval()
+    with cn.no_grad():
+        got = model(xd).numpy()
+        assert len(calls) == 2
+        monkeypatch.setattr(M, "FUSE", False)
+        off = model(xd).numpy()
+    assert len(calls) == 2 and _same_bits(got, off)
 
 
 # ----------------------------------------------------------------------------- conv_transpose2d

@@ -127,14 +127,21 @@ def test_conv2d_bn_relu_function(algo, bn, relu, dtype, rng):
     assert wt.grad is not None
 
 
+def non_finite_inputs(rng, xs, co):
+    """float32 x of shape ``xs`` (N >= 2, C = 3, H and W >= 6) holding inf, NaN and -inf; w
+    (co >= 4, 3, 3, 3) and batch-norm statistics (tests/test_cuda_conv.py uses them too)."""
+    x = random(rng, xs, np.float32)
+    x[0, 0, 2, 2], x[1, 2, 5, 1], x[0, 1, xs[2] - 1, xs[3] - 1] = np.inf, np.nan, -np.inf
+    w = random(rng, (co, 3, 3, 3), np.float32)
+    w[3] = 0  # channel 3: conv output +-0 (and NaN where it reads an inf)
+    stats = list(_bn_stats(rng, co, np.float32))
+    stats[0][3], stats[3][3] = 0, -0.0  # (0 - 0) * scale + -0.0 = +-0
+    return x, w, stats
+
+
 def test_non_finite_and_signed_zero_outputs(rng):
     """inf and NaN inputs, and -0.0 outputs, come out of the fused pass as out of the three ops."""
-    x = random(rng, (2, 3, 8, 8), np.float32)
-    x[0, 0, 2, 2], x[1, 2, 5, 1], x[0, 1, 7, 7] = np.inf, np.nan, -np.inf
-    w = random(rng, (4, 3, 3, 3), np.float32)
-    w[3] = 0  # channel 3: conv output +-0 (and NaN where it reads an inf)
-    stats = list(_bn_stats(rng, 4, np.float32))
-    stats[0][3], stats[3][3] = 0, -0.0  # (0 - 0) * scale + -0.0 = +-0
+    x, w, stats = non_finite_inputs(rng, (2, 3, 8, 8), 4)
     for algo in TABLE.names:
         for relu in (False, True):
             want = _unfused(x, w, None, (1, 1, 1, 1), stats, relu, algo)

@@ -7,10 +7,11 @@ A table lists ``ConvAlgo`` entries, each a name and its launchers for the three 
     backward_weight  (x, gy, gw, geom)     gw = its weight-gradient
 
 with ``geom`` the layer's ``shapes.ConvGeom`` and every output allocated by the caller and
-written (=) by the launcher. The CPU's forward launchers also take ``epilogue=(ep, relu)``,
-applied as each output is stored (kernels/conv.py): y = relu(batch_norm_eval(conv + b)) in
-one pass; ``ConvTable.run(..., epilogue=...)`` passes it on (``conv2d_epilogue`` at the end
-of this module builds it). ``supports(geom, pass_)`` says where an entry can run; a
+written (=) by the launcher. The forward launchers (the CPU's and CUDA's) also take
+``epilogue=(ep, relu)``, applied as each output is stored (kernels/conv.py,
+kernels/cuda/conv.py): y = relu(batch_norm_eval(conv + b)) in one pass;
+``ConvTable.run(..., epilogue=...)`` passes it on (each device's ``conv2d_epilogue``, the
+CPU's at the end of this module, builds it). ``supports(geom, pass_)`` says where an entry can run; a
 ``special`` entry (the flat direct kernels, the stride-1 im2col ones) runs instead of its
 parent wherever it supports the pass. ``algo="auto"`` is the table's ``policy``, a rule from the geometry to a name,
 unless the table has a ``tuner`` (the CPU's, kernels/autotune.py, off with

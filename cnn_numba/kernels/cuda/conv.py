@@ -42,6 +42,15 @@ im2col   Per chunk of samples (at most COLUMN_ELEMENTS elements of columns):
 implicit_gemm  The same products with no column buffer: gemm.py's kernel gathers the
          columns as it stages them (kernels/cuda/conv_implicit.py, which has the details).
 
+Epilogue: every forward launcher takes ``epilogue=(ep, relu)`` (``conv2d_epilogue`` builds
+it: ep (3, CO) the rows (mean, scale, shift) of an eval-mode batch norm, or (3, 0), and a
+relu flag), which the kernel that stores y applies to each output (elementwise.py's
+``epilogue``, the batch-norm kernel's own expression: the fused output has the unfused
+ops' bits): y = relu(batch_norm_eval(conv + b)) in one pass, as on the CPU
+(functional.conv2d_bn_relu). Direct applies it where it stores its accumulators, im2col
+and implicit_gemm in the GEMM's store (gemm.py), or where it adds the K slices of a split
+product.
+
 The launchers take the layer's ``shapes.ConvGeom`` and pass its fields to the kernels as
 scalars; the table at the end lists the algorithms (kernels/conv_algos.py) and 'auto' is
 its ``auto_algo``, or on a real GPU the timed choice of its tuner (kernels/autotune.py's
@@ -56,9 +65,11 @@ from ...backend import register
 from ..autotune import CudaTuner
 from ..conv_algos import ConvAlgo, ConvTable
 from . import conv_implicit as CI
+from .elementwise import channel, epilogue, no_epilogue
 from .gemm import _sum_partials, gemm, view, workspace
 from .index import column_entry, out_range, sample, sampled, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
+from .nn import batch_norm_epilogue
 
 if SIMULATOR:  # every thread a Python thread: few of them
     DIRECT_THREADS, REDUCE_THREADS = 16, 16
@@ -86,9 +97,11 @@ def _at(i):
 
 
 @jit
-def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, tiles_w, flip, has_bias):
-    """dst[n, d] = b[d] + sum over the group's source channels j and taps (a, bb) of
-    wt[d, j, a, bb] * up(src)[n, j, tap(r, a), tap(q, bb)]   (see the module docstring).
+def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, tiles_w, flip, has_bias, ep, relu):
+    """dst[n, d] = epilogue(b[d] + sum over the group's source channels j and taps (a, bb) of
+    wt[d, j, a, bb] * up(src)[n, j, tap(r, a), tap(q, bb)])   (see the module docstring),
+    the epilogue (ep, relu) as elementwise.py's: the forward's fused batch norm and relu, or
+    none (ep (3, 0), relu 0).
 
     The correlation's stride (sh, sw), leading padding (ph, pw), dilation (dh, dw), the
     source's upsampling (uh, uw) and the groups g. wt is w (flip=0) or, flip=1, w with its
@@ -163,7 +176,7 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
             if p < th * tw and r < hd and q < wd:
                 for c in range(C_T):
                     if c < nd:
-                        dst[n, d0 + c, r, q] = acc[c, u]
+                        dst[n, d0 + c, r, q] = epilogue(acc[c, u], channel(ep, d0 + c), relu)
 
 
 @cuda.jit(device=True)
@@ -331,10 +344,11 @@ def _direct_supports(geom, pass_):
     return pass_ == "backward_weight" or _correlation(geom, pass_) is not None
 
 
-def _correlate_launch(src, w, b, dst, geom, pass_):
+def _correlate_launch(src, w, b, dst, geom, pass_, epilogue=None):
     """Run _correlate for the forward (x correlated with w at the layer's stride and padding)
     or the input-gradient (gy upsampled by the stride, correlated with the flipped kernel at
-    stride 1 and the full padding d*(k-1) - p)."""
+    stride 1 and the full padding d*(k-1) - p), with the forward's ``epilogue`` = (ep, relu)
+    or none."""
     tiling, channel_blocks = _correlation(geom, pass_)
     if pass_ == "forward":
         (sh, sw), (ph, pw), (uh, uw), flip = geom.stride, (geom.ph, geom.pw), (1, 1), 0
@@ -343,12 +357,13 @@ def _correlate_launch(src, w, b, dst, geom, pass_):
         ph, pw = geom.full_padding
     th, tw, cc, tiles_w = tiling
     grid = (blocks(dst.shape[2], th) * tiles_w, channel_blocks, min(src.shape[0], MAX_GRID))
+    ep, relu = no_epilogue(dst.dtype) if epilogue is None else epilogue
     launch_grid(_correlate, grid, DIRECT_THREADS, src, w, flat(w) if b is None else b, dst, sh, sw, ph, pw,
-                geom.dh, geom.dw, uh, uw, geom.g, th, tw, cc, tiles_w, flip, int(b is not None))
+                geom.dh, geom.dw, uh, uw, geom.g, th, tw, cc, tiles_w, flip, int(b is not None), ep, int(relu))
 
 
-def _forward_direct(x, w, b, y, geom):
-    _correlate_launch(x, w, b, y, geom, "forward")
+def _forward_direct(x, w, b, y, geom, epilogue=None):
+    _correlate_launch(x, w, b, y, geom, "forward", epilogue)
 
 
 def _backward_input_direct(gy, w, gx, geom):
@@ -402,15 +417,15 @@ def _window(geom):
     return geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, geom.kh, geom.kw
 
 
-def _forward_im2col(x, w, b, y, geom):
+def _forward_im2col(x, w, b, y, geom, epilogue=None):
     n, c, co, cog, m = geom.n, geom.c, geom.co, geom.cog, geom.oh * geom.ow
     k = geom.cig * geom.kh * geom.kw
     for n0, nc, cols in _chunks(n, c * geom.kh * geom.kw, m, x.dtype):
         launch_grid(_im2col, _fold_grid(m, c * geom.kh * geom.kw, nc), BLOCK, x, n0, cols, CI.window(geom, "forward"))
-        # y[n0:n0+nc, group g] = w_g @ cols_g (+ b), through y's planes, every g in one launch
+        # y[n0:n0+nc, group g] = epilogue(w_g @ cols_g (+ b)), through y's planes, every g in one launch
         gemm(cog, nc * m, k, flat(w), view(k), flat(cols), view(nc * m),
              flat(y), view(m, off=n0 * co * m, panel=m, panel_stride=co * m),
-             bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(cog * k, k * nc * m, cog * m, cog))
+             bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(cog * k, k * nc * m, cog * m, cog), epilogue=epilogue)
 
 
 def _backward_input_im2col(gy, w, gx, geom):
@@ -464,9 +479,21 @@ register("conv2d_algorithms", "cuda")(lambda: TABLE)
 
 
 @register("conv2d_forward", "cuda")
-def forward(x, w, b, geom, algo):
-    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None)."""
-    return TABLE.run(algo, "forward", geom, x, w, b, empty(geom.y_shape, x.dtype))
+def forward(x, w, b, geom, algo, epilogue=None):
+    """y (N, CO, OH, OW) = conv2d(x, w) + b (b may be None); with ``epilogue=(ep, relu)``
+    (``conv2d_epilogue``), relu((y - ep[0]) * ep[1] + ep[2]) per channel as it is stored."""
+    return TABLE.run(algo, "forward", geom, x, w, b, empty(geom.y_shape, x.dtype), epilogue=epilogue)
+
+
+@register("conv2d_epilogue", "cuda")
+def conv2d_epilogue(dtype, bn=None, relu=False):
+    """``forward``'s ``epilogue=(ep, relu)``: ep (3, CO) on the device, the rows (mean, scale,
+    shift) of eval-mode batch_norm from ``bn = (running_mean, running_var, weight, bias, eps)``
+    (device arrays, weight and bias may be None), the values the batch-norm forward computes
+    (nn.py's batch_norm_epilogue); (3, 0) without ``bn``."""
+    if bn is None:
+        return no_epilogue(dtype)[0], bool(relu)
+    return batch_norm_epilogue(*bn, dtype), bool(relu)
 
 
 @register("conv2d_backward_input", "cuda")

@@ -11,7 +11,8 @@ double-buffered, with the same register tiles, split-K and epilogue as the GEMM 
 
     forward          y_g (CO/G, N*m) = w_g (CO/G, K) @ cols(x)_g (K, N*m)  + b_g
                      K = C/G*KH*KW; y written in place through its (N, CO, m) planes
-                     (the panelled C view), the bias added as each output is stored.
+                     (the panelled C view), the bias added as each output is stored,
+                     and the fused batch norm and relu (``epilogue=``) applied there.
     input-gradient   gx_g (C/G, N*H*W) = wt_g (C/G, K) @ cols(up(gy))_g (K, N*H*W)
                      K = CO/G*KH*KW: the forward's kernel on the transposed problem,
                      the duality conv.py's direct kernel uses (its ``flip``): gy
@@ -93,11 +94,12 @@ def _planes(m, channels):
     return G.view(m, panel=m, panel_stride=channels * m)
 
 
-def forward(x, w, b, y, geom, tile=None):
+def forward(x, w, b, y, geom, tile=None, epilogue=None):
     m, k = geom.oh * geom.ow, geom.cig * geom.kh * geom.kw
     G.product("conv", tile or tile_for(geom.cog), geom.cog, geom.n * m, k,
               flat(w), G.view(k), x, window(geom, "forward"), flat(y), _planes(m, geom.co),
-              bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(geom.cog * k, geom.cig, geom.cog * m, geom.cog))
+              bias=b, vbias=(0, 1, 0), groups=geom.g, gs=(geom.cog * k, geom.cig, geom.cog * m, geom.cog),
+              epilogue=epilogue)
 
 
 def backward_input(gy, w, gx, geom, tile=None):

@@ -10,6 +10,11 @@ one operand's element strides (0 along broadcast dimensions).
 The reductions (``sum`` of a whole array, ``sum_to`` for broadcasting's gradient)
 accumulate in float64 in a fixed order, so a loss or a bias gradient is the same on
 every run.
+
+The conv epilogue lives here too, next to relu: ``epilogue`` applies eval-mode batch norm
+and relu to one value as a kernel stores it, ``channel`` reads its per-channel values from
+ep (3, C) (rows mean, scale, shift; (3, 0) for none), as the CPU's kernels/conv.py does; the
+batch-norm forward and the convolutions' stores share it (see ``epilogue``).
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ import numpy as np
 from numba import cuda, float64
 
 from ...backend import register
-from .launch import BLOCK, empty, flat, is_device_array, jit, launch, launch_grid, refuse_in_capture, scalar
+from .. import elementwise as _cpu
+from .launch import (BLOCK, device_function, empty, flat, is_device_array, jit, launch, launch_grid,
+                     refuse_in_capture, scalar)
 from .reduce import block_reduce
 
 CUDA = "cuda"
@@ -283,14 +290,54 @@ def count_correct(z, t, on_device: bool = False):
     return count if on_device else int(count.copy_to_host())
 
 
-# ----------------------------------------------------------------------------- relu
+# ----------------------------------------------------------------------------- relu, the conv epilogue
+
+relu_value = device_function(_cpu.relu_value)  # the CPU's rule: 0 below 0, NaN kept (PyTorch's)
+
+
+@cuda.jit(device=True, inline=True)
+def channel(ep, o):
+    """``epilogue``'s per-channel values for channel o from ep (3, C) = rows (mean, scale,
+    shift), or (3, 0) for none: (affine, mean, scale, shift), as kernels/conv.py's ``channel``."""
+    z = ep.dtype.type(0)
+    if ep.shape[1] == 0:
+        return False, z, z, z
+    return True, ep[0, o], ep[1, o], ep[2, o]
+
+
+@cuda.jit(device=True, inline=True)
+def epilogue(v, chan, relu):
+    """``(v - mean) * scale + shift`` where ``chan`` = (affine, mean, scale, shift) is affine,
+    then relu_value where ``relu``: kernels/conv.py's ``epilogue``, operation for operation.
+
+    The one copy of eval-mode batch norm's arithmetic on the device: the batch-norm forward
+    (kernels/cuda/nn.py) and the convolutions' stores (gemm.py's product, conv.py's direct
+    kernel) all call it, so a conv with this epilogue and the unfused conv -> batch_norm ->
+    relu compile the same expression. (NVVM contracts the multiply-add into one FMA, unlike
+    the CPU's kernels: CUDA's results then differ from the CPU's in the last bit, but the
+    fused and unfused CUDA paths contract alike.)"""
+    affine, mu, scale, shift = chan
+    if affine:
+        v = (v - mu) * scale + shift
+    return relu_value(v) if relu else v
+
+
+_no_epilogue: dict = {}
+
+
+def no_epilogue(dtype):
+    """``(ep, relu)`` of a plain conv: ep (3, 0) (one device array per dtype, kept), no relu."""
+    dtype = np.dtype(dtype)
+    if dtype not in _no_epilogue:
+        _no_epilogue[dtype] = empty((3, 0), dtype)
+    return _no_epilogue[dtype], False
+
 
 @jit
 def _relu_forward(x, y):
     i = cuda.grid(1)
     if i < y.size:
-        v = x[i]
-        y[i] = 0 if v < 0 else v  # NaN stays NaN
+        y[i] = relu_value(x[i])
 
 
 @jit

@@ -2,6 +2,10 @@
 
     C (M, N)  (=, or += with ``accumulate``)  A (M, K) @ B (K, N)  (+ bias)
 
+and, as each value is stored, the conv epilogue (eval-mode batch norm, then relu:
+elementwise.py's ``epilogue``, the batch-norm kernel's own expression), so a convolution
+followed by its batch norm and relu writes its output once.
+
 Operands are flat device arrays read through a *view*, the tuple
 
     (off, ld, trans, panel, panel_stride)
@@ -31,7 +35,10 @@ stride apart (a grouped convolution's): grid.y runs over each group's M tiles in
 Split-K. When M and N give too few tiles to fill the GPU (a weight-gradient: small
 output, long reduction) the K range is cut into ``splits`` slices, grid.z; slice z
 writes its own partial C and ``_sum_partials`` adds them in slice order afterwards, so
-the result is deterministic (no atomics).
+the result is deterministic (no atomics). A product with a bias never splits; one with an
+epilogue splits as the same product without it would, the epilogue then applied to the
+sums (``_sum_partials_epilogue``): a conv fused with its batch norm sums its products in
+the order of the plain conv, whose bits the unfused batch norm starts from.
 
 Tile shapes. The kernels are built per ``Tile`` (BM, BN, BK, TM, TN) by ``kernel(kind,
 tile)``, a factory whose closures see the tile's sizes as compile-time constants (shared
@@ -62,6 +69,7 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
+from .elementwise import channel, epilogue, no_epilogue
 from .index import column_origin, column_row, column_value, digits_add
 from .launch import SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 
@@ -216,10 +224,12 @@ def _build(kind: str, tile: Tile):
     B_PIXELS = B_GATHER == 2        # ... or a pixel per thread (k-minor): see _gather
     RS, XS = THREADS // BN, THREADS // BK  # the rows between a thread's elements in x-, k-minor order
 
-    def product(a, va, b, vb, c, vc, c_split, bias, vbias, m, n, k, k_per_split, accumulate, gs):
+    def product(a, va, b, vb, c, vc, c_split, bias, vbias, ep, relu, m, n, k, k_per_split, accumulate, gs):
         """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
 
-        vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[off + i*row_step + j*col_step].
+        vbias = (has_bias, off, row_step, col_step): C[i, j] gets bias[o], o = off + i*row_step +
+        j*col_step; then ``epilogue`` with ep's column o (ep (3, *) or (3, 0), see
+        elementwise.py) and ``relu``, on the value stored (after ``accumulate``'s add).
         Slice z writes C's view shifted by z*c_split. grid.y runs over the M tiles of each
         of the product's groups in turn: group g's A, B (its view's offset or its window's
         first channel), C and bias lie g*gs[0], g*gs[1], g*gs[2], g*gs[3] further on.
@@ -305,27 +315,50 @@ def _build(kind: str, tile: Tile):
                     i = i0 + ty + ii * (BM // TM)
                     if i < m:
                         v = acc[ii, jj]
+                        o = _vector_at(vbias, gs[3], gz, i, j)
                         if vbias[0]:
-                            v += bias[vbias[1] + gz * gs[3] + i * vbias[2] + j * vbias[3]]
+                            v += bias[o]
                         if accumulate:
                             v += c[col + i * vc[1]]
-                        c[col + i * vc[1]] = v
+                        c[col + i * vc[1]] = epilogue(v, channel(ep, o), relu)
 
     product.__name__ = product.__qualname__ = f"_{kind}_{tile.name}"
     return jit(product)
 
 
+@cuda.jit(device=True, inline=True)
+def _vector_at(vbias, group_step, gz, i, j):
+    """Where C[i, j] of group gz reads the bias and the epilogue's columns (``product``'s vbias)."""
+    return vbias[1] + gz * group_step + i * vbias[2] + j * vbias[3]
+
+
+@cuda.jit(device=True, inline=True)
+def _partial_sum(part, out, off, j, accumulate):
+    """sum_z part[z, j] in z order (deterministic), + out[off + j] with ``accumulate``."""
+    s = part[0, j]
+    for z in range(1, part.shape[0]):
+        s += part[z, j]
+    if accumulate:
+        s += out[off + j]
+    return s
+
+
 @jit
 def _sum_partials(part, out, off, accumulate):
-    """out[off + j] (= or +=) sum_z part[z, j], summed in z order (deterministic)."""
+    """out[off + j] (= or +=) sum_z part[z, j]."""
     j = cuda.grid(1)
     if j < part.shape[1]:
-        s = part[0, j]
-        for z in range(1, part.shape[0]):
-            s += part[z, j]
-        if accumulate:
-            s += out[off + j]
-        out[off + j] = s
+        out[off + j] = _partial_sum(part, out, off, j, accumulate)
+
+
+@jit
+def _sum_partials_epilogue(part, out, off, accumulate, vbias, group_step, m, n, ep, relu):
+    """_sum_partials, then the epilogue (ep, relu) as the product's store applies it: element j
+    is C[i, q] of group gz, j = (gz*m + i)*n + q (the groups' (m, n) blocks one after another)."""
+    j = cuda.grid(1)
+    if j < part.shape[1]:
+        o = _vector_at(vbias, group_step, j // (m * n), j // n % m, j % n)
+        out[off + j] = epilogue(_partial_sum(part, out, off, j, accumulate), channel(ep, o), relu)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -362,44 +395,56 @@ def _splits(m, n, k, tile, groups=1):
 
 
 def gemm(m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), tile=None, groups=1,
-         gs=(0, 0, 0, 0)):
+         gs=(0, 0, 0, 0), epilogue=None):
     """C (=, or += with ``accumulate``) op(A) @ op(B) (+ bias), M x N x K, on flat device
     arrays read through views (``view``). ``bias`` adds bias[off + i*row_step + j*col_step]
     with ``vbias`` = (off, row_step, col_step). ``tile``: DEFAULT unless given. ``groups``
-    such products in one launch, group g's A, B, C and bias offset by g*gs."""
+    such products in one launch, group g's A, B, C and bias offset by g*gs. ``epilogue`` =
+    (ep, relu) (kernels/cuda/conv.py's ``conv2d_epilogue``) is applied to each value stored,
+    ep's columns indexed as the bias."""
     assert va[3] == NO_PANEL or va[2], "a row-major A's inner index is K: no panels"
     assert vb[3] == NO_PANEL or not vb[2], "a transposed B's inner index is K: no panels"
-    product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias, groups, gs)
+    product("gemm", tile or DEFAULT, m, n, k, a, va, b, vb, c, vc, accumulate, bias, vbias, groups, gs, epilogue)
 
 
 def product(kind, tile, m, n, k, a, va, b, vb, c, vc, accumulate=False, bias=None, vbias=(0, 0, 0), groups=1,
-            gs=(0, 0, 0, 0)):
+            gs=(0, 0, 0, 0), epilogue=None):
     """The product of ``kind`` (see the module docstring), M x N x K, by ``tile``'s kernel,
     for ``groups`` products at once, group g's operands and outputs offset by g*gs (A, B, C,
-    bias; see the kernel); split over K (partials summed in slice order) when they give too
-    few tiles and the groups' C follow each other."""
+    bias; see the kernel), with ``epilogue`` (as ``gemm``'s) on each value stored; split over
+    K (partials summed in slice order, then the epilogue) when they give too few tiles, the
+    groups' C follow each other and there is no bias."""
     assert not vc[2], "C is written row-major"
     if not tile.fits(c.dtype):
         raise ValueError(f"tile {tile.name} needs more than {SHARED_LIMIT} bytes of shared {c.dtype}")
     splits = _splits(m, n, k, tile, groups)
     size = groups * m * n
+    ep, relu = no_epilogue(c.dtype) if epilogue is None else epilogue
     if splits > 1 and bias is None and vc[1] == n and vc[3] >= n and (groups == 1 or gs[2] == m * n):
-        # K slices into a partial buffer (splits, groups*m*n), then their sum into C, in order
+        # K slices into a partial buffer (splits, groups*m*n), then their sum into C, in order.
+        # The epilogue goes on the sums, so C's values are the plain product's with or without it.
         per = blocks(blocks(k, splits), tile.bk) * tile.bk
         splits = blocks(k, per)
         part = workspace("gemm-split", splits * size, c.dtype).reshape(splits, size)
+        plain = no_epilogue(c.dtype)
         _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, flat(part), view(n), size, False, None, vbias,
-                groups, gs)
-        launch(_sum_partials, size, part, c, vc[0], int(accumulate))
+                *plain, groups, gs)
+        if epilogue is None:
+            launch(_sum_partials, size, part, c, vc[0], int(accumulate))
+        else:
+            launch(_sum_partials_epilogue, size, part, c, vc[0], int(accumulate), tuple(int(v) for v in (0,) + vbias),
+                   int(gs[3]), m, n, ep, int(relu))
     else:
-        _launch(kind, tile, m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias, groups, gs)
+        _launch(kind, tile, m, n, k, max(k, 1), 1, a, va, b, vb, c, vc, 0, accumulate, bias, vbias, ep, relu,
+                groups, gs)
 
 
-def _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias, groups, gs):
+def _launch(kind, tile, m, n, k, per, splits, a, va, b, vb, c, vc, c_split, accumulate, bias, vbias, ep, relu,
+            groups, gs):
     has_bias = (int(bias is not None),) + tuple(int(v) for v in vbias)
     launch_grid(kernel(kind, tile), (blocks(n, tile.bn), blocks(m, tile.bm) * groups, splits), tile.threads,
-                a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, m, n, k, per, int(accumulate),
-                tuple(int(v) for v in gs))
+                a, va, b, vb, c, vc, c_split, c if bias is None else bias, has_bias, ep, int(relu), m, n, k, per,
+                int(accumulate), tuple(int(v) for v in gs))
 
 
 def matmul(a, b, out, trans_a=False, trans_b=False, accumulate=False, tile=None):

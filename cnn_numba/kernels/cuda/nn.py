@@ -24,7 +24,7 @@ from numba import cuda, float64
 
 from ...backend import register
 from .. import nn as _cpu
-from .elementwise import pointwise
+from .elementwise import epilogue, pointwise
 from .graph import step_scalars
 from .launch import SIMULATOR, device_function, empty, flat, jit, launch, launch_grid, scalar
 from .reduce import block_reduce
@@ -124,20 +124,42 @@ def _bn_update_stats(running_mean, running_var, mean, var, keep, momentum, unbia
         running_var[ch] = keep * running_var[ch] + unbiased_momentum * var[ch]
 
 
+@cuda.jit(device=True, inline=True)
+def _invstd(var, eps):
+    """1/sqrt(var + eps) in float64 (eps is a float64), like the CPU's _invstd_into; the
+    caller's store rounds it to the array's dtype."""
+    return 1.0 / math.sqrt(var + eps)
+
+
 @jit
 def _bn_invstd(var, eps, invstd):
-    """invstd = 1/sqrt(var + eps), computed in float64 like the CPU."""
     ch = cuda.grid(1)
     if ch < var.size:
-        invstd[ch] = 1.0 / math.sqrt(var[ch] + eps)
+        invstd[ch] = _invstd(var[ch], eps)
 
 
 @jit
 def _bn_forward(x, c, l, mean, invstd, w, b, y):
+    """y = (x - mean) * (invstd * w) + b per channel: the conv epilogue's expression (one copy,
+    elementwise.epilogue), so a conv fused with its eval-mode batch norm gives these bits."""
     i = cuda.grid(1)
     if i < y.size:
         ch = i // l % c
-        y[i] = (x[i] - mean[ch]) * (invstd[ch] * w[ch]) + b[ch]
+        y[i] = epilogue(x[i], (True, mean[ch], invstd[ch] * w[ch], b[ch]), False)
+
+
+@jit
+def _bn_epilogue(mean, var, w, b, eps, has_w, has_b, ep):
+    """ep (3, C) = the rows (mean, invstd * w, b), invstd as _bn_invstd stores it and the
+    product in ep's dtype, as _bn_forward's ``invstd[ch] * w[ch]``; w taken as 1 and b as 0
+    where absent (``has_w``, ``has_b``): the CPU's _epilogue_rows."""
+    ch = cuda.grid(1)
+    if ch < var.size:
+        ep[0, ch] = mean[ch]
+        ep[1, ch] = _invstd(var[ch], eps)
+        if has_w:
+            ep[1, ch] = ep[1, ch] * w[ch]
+        ep[2, ch] = b[ch] if has_b else 0
 
 
 @jit
@@ -202,6 +224,18 @@ def batch_norm_forward(x, mean, var, w, b, eps):
     launch(_bn_invstd, c, var, float(eps), invstd)
     launch(_bn_forward, x.size, flat(x), c, l, mean, invstd, w, b, flat(y))
     return y, invstd
+
+
+def batch_norm_epilogue(mean, var, w, b, eps, dtype):
+    """ep (3, C) in ``dtype``: the rows (mean, scale, shift) of eval-mode batch_norm from its
+    running statistics, weight and bias (device arrays; either of the last two may be None),
+    for conv2d's fused epilogue (kernels/cuda/conv.py's ``conv2d_epilogue``): the values
+    batch_norm_forward computes per channel, so the fused conv gives its bits."""
+    c = var.shape[0]
+    ep = empty((3, c), dtype)
+    launch(_bn_epilogue, c, mean, var, var if w is None else w, var if b is None else b, float(eps),
+           w is not None, b is not None, ep)
+    return ep
 
 
 @register("batch_norm_backward", CUDA)
