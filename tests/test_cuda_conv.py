@@ -210,6 +210,12 @@ def test_gemm_kernels_are_found_by_name_for_the_typecheck():
     assert any(t.vec for t in gemm.CANDIDATES) and not gemm.DEFAULT.vec
     with pytest.raises(AssertionError):
         gemm.Tile(64, 64, 8, 4, 4, vec=True)  # 2 elements of each tile per thread
+    # which operands run (bench/ptx_check.py expects 128-bit loads where one does): the views, but
+    # conv_weight's A (K in panels)
+    vec = replace(gemm.DEFAULT, vec=True)
+    assert [gemm.vec_operands(k, vec) for k in ("gemm", "conv", "conv_weight")] == [(True, True), (True, False),
+                                                                                     (False, False)]
+    assert not any(gemm.vec_operands("gemm", gemm.DEFAULT))
 
 
 # ----------------------------------------------------------------------------- per-shape choice
