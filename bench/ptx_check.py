@@ -23,11 +23,14 @@ takes a file of the same entries instead (tests/test_cuda_typing.py writes the s
 $CNN_NUMBA_LAUNCHED_JSON).
 
 Per kernel and signature: registers, stack frame bytes (local memory: a local array the
-compiler could not keep in registers), spill stores and loads, and the number of PTX
-instructions on .f64 operands. A float32 kernel (no float64 array argument) with any is
+compiler could not keep in registers), spill stores and loads, the number of PTX
+instructions on .f64 operands, and of 128-bit global loads (``ld.global[.nc].v4.f32`` /
+``.v2.f64``). A float32 kernel (no float64 array argument) with any .f64 instruction is
 reported: it computes in double precision somewhere (a Python float constant, a
-float64 scalar), which runs at 1/64 of the FP32 rate on most GPUs. Exit status 1 if one
-does, or a kernel spills; 0 otherwise.
+float64 scalar), which runs at 1/64 of the FP32 rate on most GPUs. So is a vectorised tile
+kernel (``_v4``) of a kind with an operand staged in runs (gemm.py's ``vec_operands``)
+without a 128-bit load (NOVEC: the vector path compiled away or was never built). Exit
+status 1 if any is reported, or a kernel spills; 0 otherwise.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 F64 = re.compile(r"^\s*(?!//)\S*\.f64\b", re.M)  # an instruction on .f64 operands (not a comment)
+V128 = re.compile(r"\bld\.global(?:\.nc)?\.v(?:4\.f32|2\.f64)\b")  # a 128-bit global load
 
 
 def record_signatures(path: Path) -> None:
@@ -75,14 +79,25 @@ def record_signatures(path: Path) -> None:
     path.write_text(json.dumps(sorted(seen)))
 
 
+def tile_kind(module: str, name: str):
+    """(kind, tile) of a gemm.py tile kernel ``_<kind>_<tile name>``, else None."""
+    from cnn_numba.kernels.cuda import gemm
+
+    if not module.endswith(".gemm"):
+        return None
+    for k in gemm.KINDS:
+        if name.startswith(f"_{k}_") and name[len(k) + 2:][:1].isdigit():
+            return k, gemm.Tile.parse(name[len(k) + 2:])
+    return None
+
+
 def expand_tiles(entries):
     """Each gemm.py tile kernel once per real candidate tile (the simulator launched its own)."""
     from cnn_numba.kernels.cuda import gemm
 
     out = []
     for module, name, descs in entries:
-        kind = next((k for k in gemm.KINDS if module.endswith(".gemm") and name.startswith(f"_{k}_")
-                     and name[len(k) + 2:][:1].isdigit()), None)
+        kind = (tile_kind(module, name) or (None,))[0]
         dtype = next(d[1] for d in json.loads(descs) if d[0] == "array")
         names = [name] if kind is None else [f"_{kind}_{t.name}" for t in gemm.CANDIDATES if t.fits(dtype)]
         out += [(module, n, descs) for n in names]
@@ -122,6 +137,7 @@ def check(entries, cc, ptxas):
     from numba import cuda
     from numba.cuda import dispatcher
 
+    from cnn_numba.kernels.cuda import gemm
     from cuda_typecheck import signature
 
     # Device functions ask the current device for its compute capability while compiling.
@@ -139,6 +155,9 @@ def check(entries, cc, ptxas):
             rows.append(row)
             continue
         row["f64_instructions"] = len(F64.findall(ptx))
+        row["v128_loads"] = len(V128.findall(ptx))
+        kt = tile_kind(module, name)
+        row["expects_v128"] = bool(kt and any(gemm.vec_operands(*kt)))
         row["s64_divisions"] = len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx))
         if ptxas:
             row.update(ptxas_stats(ptx, ptxas, f"sm_{cc[0]}{cc[1]}"))
@@ -170,12 +189,14 @@ def main(argv=None) -> int:
         f32 = "<f8" not in r["dtypes"]
         flag = ("ERROR" if "error" in r or "ptxas_error" in r else
                 "F64" if f32 and r["f64_instructions"] else
+                "NOVEC" if r["expects_v128"] and not r["v128_loads"] else
                 "SPILL" if r.get("spill_stores") or r.get("spill_loads") else "")
         if flag:
             bad.append(r)
         print(f"{flag or 'ok':5} {r['kernel']:40} {'/'.join(r['dtypes']):8} regs {r.get('registers', '?'):>3} "
               f"stack {r.get('stack_bytes', '?'):>4} spills {r.get('spill_stores', '?')}/{r.get('spill_loads', '?')} "
-              f"f64 {r.get('f64_instructions', '?'):>3} div64 {r.get('s64_divisions', '?'):>3}"
+              f"f64 {r.get('f64_instructions', '?'):>3} div64 {r.get('s64_divisions', '?'):>3} "
+              f"v128 {r.get('v128_loads', '?'):>2}"
               + (f"  {r.get('error') or r.get('ptxas_error')}" if flag == "ERROR" else ""))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

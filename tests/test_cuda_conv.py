@@ -7,6 +7,8 @@ on a real GPU the last tests add realistic sizes.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -203,6 +205,17 @@ def test_gemm_kernels_are_found_by_name_for_the_typecheck():
     # ptxas refuses more than 48 KiB of static shared memory (bench/ptx_check.py found this one)
     assert gemm.Tile(128, 128, 16, 8, 8).fits(np.float32) and not gemm.Tile(128, 128, 16, 8, 8).fits(np.float64)
     assert all(gemm.DEFAULT.fits(d) for d in (np.float32, np.float64))
+    # vectorised tiles: a name of their own, and only where each thread's share is whole runs of 4
+    assert gemm.Tile.parse("128x128x8_8x8_v4") == gemm.Tile(128, 128, 8, 8, 8, vec=True)
+    assert any(t.vec for t in gemm.CANDIDATES) and not gemm.DEFAULT.vec
+    with pytest.raises(AssertionError):
+        gemm.Tile(64, 64, 8, 4, 4, vec=True)  # 2 elements of each tile per thread
+    # which operands run (bench/ptx_check.py expects 128-bit loads where one does): the views, but
+    # conv_weight's A (K in panels)
+    vec = replace(gemm.DEFAULT, vec=True)
+    assert [gemm.vec_operands(k, vec) for k in ("gemm", "conv", "conv_weight")] == [(True, True), (True, False),
+                                                                                     (False, False)]
+    assert not any(gemm.vec_operands("gemm", gemm.DEFAULT))
 
 
 # ----------------------------------------------------------------------------- per-shape choice
@@ -475,6 +488,101 @@ def test_matmul_split_k_and_degenerate_sizes(rng, m, n, k):
     c = cuda.to_device(np.full((m, n), np.nan, np.float32))
     matmul(cuda.to_device(a), cuda.to_device(b), c, trans_a=True)
     R.assert_close(c.copy_to_host(), a.T.astype(np.float64) @ b, np.float32)
+
+
+# ----------------------------------------------------------------------------- vectorised tiles
+
+# gemm.py's vectorised tiles (its "Vectors") against their scalar twin, bit for bit (the same
+# products in the same order) and against float64, through views that send _fetch_runs down
+# both paths: (m, n, k, A's and B's offset, their rows' padding, B's (and a transposed A's)
+# panels (width, stride) or None, the device arrays one element off their 16-byte alignment).
+VEC_CASES = {
+    "aligned": (16, 32, 24, 0, 0, 0, 0, None, False),   # every run one 128-bit load
+    "odd": (19, 17, 21, 0, 0, 0, 0, None, False),       # rows 21, 19, 17 long: runs on some rows, tile edges
+    "offset": (12, 16, 8, 1, 4, 3, 0, None, False),     # views at offsets 1 and 3: no run aligned
+    "shifted": (12, 16, 8, 0, 0, 0, 0, None, True),     # the arrays' data one element off 16 bytes
+    "panels": (8, 12, 16, 0, 0, 0, 0, (6, 8), False),   # runs across a panel's end, or off 16 bytes in the next
+}
+
+
+def _stored(rng, rows, cols, off, ld, panel, dtype):
+    """A flat buffer holding S (rows, cols) at ``off``, rows ``ld`` apart, its columns cut into
+    ``panel`` = (width, stride) (or None), as gemm.view reads it; and S."""
+    width, stride = panel or (gemm.NO_PANEL, 0)
+    q = np.arange(cols)
+    idx = off + np.arange(rows)[:, None] * ld + (q // width) * stride + q % width
+    buf = random(rng, (int(idx.max()) + 1,), dtype)
+    return buf, buf[idx]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(VEC_CASES), ids=list(VEC_CASES))
+def test_vectorised_tile_same_bits_as_scalar(rng, monkeypatch, case, dtype):
+    from numba import cuda
+
+    m, n, k, off_a, pad_a, off_b, pad_b, panel, shifted = VEC_CASES[case]
+    vec = replace(gemm.DEFAULT, vec=True)
+    loads = []
+    if CUDA_SIMULATED:  # count the 128-bit loads (a GPU runs compiled code)
+        inner = gemm.load4
+        monkeypatch.setattr(gemm, "load4", lambda arr, i: (loads.append(i), inner(arr, i))[1])
+
+    def device(buf):
+        if not shifted:
+            return cuda.to_device(buf)
+        return cuda.to_device(np.concatenate([buf[:1], buf]))[1:]  # (fresh allocations are 16-byte aligned)
+
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            pa, pb = panel if trans_a else None, None if trans_b else panel  # panels where x is the inner index
+            (ra, ca), (rb, cb) = ((k, m) if trans_a else (m, k)), ((n, k) if trans_b else (k, n))
+            a, sa = _stored(rng, ra, ca, off_a, ca + pad_a if pa is None else 2 * ca + pad_a, pa, dtype)
+            b, sb = _stored(rng, rb, cb, off_b, cb + pad_b if pb is None else 2 * cb + pad_b, pb, dtype)
+            ref = (sa.T if trans_a else sa).astype(np.float64) @ (sb.T if trans_b else sb)
+            va = gemm.view(ca + pad_a if pa is None else 2 * ca + pad_a, off_a, trans_a, *(pa or (gemm.NO_PANEL, 0)))
+            vb = gemm.view(cb + pad_b if pb is None else 2 * cb + pad_b, off_b, trans_b, *(pb or (gemm.NO_PANEL, 0)))
+            outs = []
+            for tile in (gemm.DEFAULT, vec):
+                c = cuda.to_device(np.full((m, n), np.nan, dtype))
+                gemm.gemm(m, n, k, device(a), va, device(b), vb, c.reshape(m * n), gemm.view(n), tile=tile)
+                outs.append(c.copy_to_host())
+            what = f"{case} trans_a={trans_a} trans_b={trans_b}"
+            np.testing.assert_array_equal(outs[1], outs[0], what)
+            R.assert_close(outs[1], ref, dtype, what)
+    if CUDA_SIMULATED:
+        bm, bn = gemm.DEFAULT.bm, gemm.DEFAULT.bn
+        if case == "aligned":  # every element of both operands by runs, in each of the 4 products
+            assert len(loads) == 4 * (n // bn * m * k + m // bm * k * n) // 4
+        elif case in ("offset", "shifted"):
+            assert not loads
+        else:
+            assert loads, "no run was aligned"
+
+
+@pytest.mark.parametrize("case", [0, 2], ids=["remainders", "pointwise"])
+def test_vectorised_tile_implicit_gemm_same_bits(rng, case):
+    """The conv kinds stage their A (the weight, a plain view) in runs too: the forward and
+    input-gradient of a vectorised tile equal its scalar twin's bit for bit (K = 30 rows of
+    the weight, runs on every other one; K = 4, every run aligned)."""
+    from numba import cuda
+
+    from cnn_numba import shapes
+    from cnn_numba.kernels.cuda import conv_implicit as CI
+
+    xs, ws, kw = IMPLICIT_CASES[case]
+    x, w = random(rng, xs, np.float32), random(rng, ws, np.float32)
+    geom = shapes.conv2d_geom(xs, ws, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                              kw.get("groups", 1))
+    gy = random(rng, geom.y_shape, np.float32)
+    outs = []
+    for tile in (gemm.DEFAULT, replace(gemm.DEFAULT, vec=True)):
+        y, gx = cuda.device_array(geom.y_shape, np.float32), cuda.device_array(geom.x_shape, np.float32)
+        CI.forward(cuda.to_device(x), cuda.to_device(w), None, y, geom, tile=tile)
+        CI.backward_input(cuda.to_device(gy), cuda.to_device(w), gx, geom, tile=tile)
+        outs.append((y.copy_to_host(), gx.copy_to_host()))
+    for got, ref in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(got, ref)
+    R.assert_close(outs[1][0], R.conv2d(x, w, None, **kw), np.float32, "y")
 
 
 @pytest.mark.parametrize("xs", [(2, 3, 5), (4, 5), (0, 5)], ids=["3d", "2d", "no-rows"])

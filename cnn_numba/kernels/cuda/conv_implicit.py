@@ -61,11 +61,12 @@ def _flip_weight(w, wt):
 # input-gradient): the GEMM's 128-row tile wastes 3/4 of its rows on a 32-channel layer.
 # No GPU measurement exists yet: until bench/gpu_sweep.py has timed CANDIDATES on the
 # table's layers this is only "the smallest candidate M tile that covers M, at least 32
-# rows"; under the simulator the default tile always.
+# rows" (vectorised or not as DEFAULT is); under the simulator the default tile always.
 def tile_for(m: int) -> G.Tile:
     if G.SIMULATOR:
         return G.DEFAULT
-    fits = [t for t in G.CANDIDATES if t.bk == G.DEFAULT.bk and t.bn == 128 and t.bm >= min(max(m, 32), 128)]
+    fits = [t for t in G.CANDIDATES if t.bk == G.DEFAULT.bk and t.bn == 128 and t.vec == G.DEFAULT.vec
+            and t.bm >= min(max(m, 32), 128)]
     return min(fits, key=lambda t: t.bm)
 
 

@@ -49,6 +49,28 @@ are the tiles bench/gpu_sweep.py times on a GPU, one of which may replace DEFAUL
 sweep has said so. Each kernel is also a module attribute, ``_<kind>_<tile name>``
 (``_gemm_128x128x8_8x8``), so tests/cuda_typecheck.py finds it by name.
 
+Vectors (issue 12's "float4 loads where aligned"). A tile with ``vec`` (name ``..._v4``)
+stages the operands that are views (``vec_operands``: both of gemm's, the conv kinds'
+weight; not conv_weight's A, whose K is panelled, nor a gathered B) in runs: thread t's
+elements are RUN = 4 consecutive ones of the staging order, RUN*(t + u*THREADS) + w, which
+lie at consecutive addresses along the stored matrix's inner index (K for a row-major A
+or a transposed B, x otherwise). A run inside the matrix, within one panel and starting
+16-byte aligned is fetched by one 128-bit load (kernels/cuda/vector.py's ``load4``,
+``ld.global.nc.v4.f32``, two ``.v2.f64`` in float64); the alignment is checked per run on
+the element's address, so the array's base, the view's offset, ld and panel stride all
+count and a misaligned view takes the scalar path only where it is misaligned. Other runs
+go element by element: the same values in the same products in the same order, so a vec
+tile's C is its scalar twin's bit for bit. A run along x is stored to shared memory by one
+128-bit store (the vec tiles' shared arrays are 16-byte aligned, rows a multiple of 16
+bytes), one along K down a column of the k-major tile: in float32 both as bank-conflict
+free as the scalar order for every vec candidate (BK = 16 along K 2-way, as before).
+PTX for sm_90 (bench/ptx_check.py): each vec kernel has its vector loads (one per run a
+thread stages), ``_gemm_128x128x8_8x8_v4`` 116 registers against the scalar tile's 124,
+no spills, no .f64 in float32; static 64-bit divisions go from 7 to 25, in the set-up
+(the columns left in a panel) and the element-wise fallback's per-column panel split, off
+the vector path. Whether vec is faster awaits bench/gpu_sweep.py on a GPU: CANDIDATES
+hold vec twins, DEFAULT stays scalar until then.
+
 Kinds. ``gemm``: both operands through views. ``conv``: B is no stored matrix but the
 im2col matrix of an image, each element gathered as it is staged (``column_entry``,
 kernels/cuda/index.py; vb is then its window, b the 4-D image): the implicit-GEMM
@@ -59,11 +81,12 @@ conv_weight, one pixel) at rows a fixed step apart, so it splits its column and 
 once and carries the splits along (``digits_add``): no division per element.
 
 Under the simulator (every thread a Python thread) the default tile is 16x16 with 4x4 per
-thread; kernel code is identical.
+thread (and a vec twin among the candidates); kernel code is identical, vector.py's
+helpers plain Python there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import cuda
@@ -72,6 +95,7 @@ from ...backend import register
 from .elementwise import channel, epilogue, no_epilogue
 from .index import column_origin, column_row, column_value, digits_add
 from .launch import SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
+from .vector import RUN, SHARED_ALIGN, aligned, load4, store4
 
 PAD = 4  # shared rows are BM + PAD (BN + PAD) long
 SHARED_LIMIT = 48 << 10  # bytes of static shared memory a kernel may declare
@@ -79,20 +103,30 @@ SHARED_LIMIT = 48 << 10  # bytes of static shared memory a kernel may declare
 
 @dataclass(frozen=True)
 class Tile:
-    """A block tile: BM x BN outputs per block, K in steps of BK, TM x TN per thread."""
+    """A block tile: BM x BN outputs per block, K in steps of BK, TM x TN per thread;
+    ``vec``: operands that are views staged in runs of RUN by 128-bit loads (see Vectors)."""
     bm: int
     bn: int
     bk: int
     tm: int
     tn: int
+    vec: bool = False
 
     def __post_init__(self):
         # every thread stages whole columns of both tiles (see _gemm's x-minor offsets)
         assert self.threads % self.bn == 0 and self.threads % self.bm == 0 and self.threads % self.bk == 0, self
+        assert not self.vec or self.whole_runs, self
 
     @property
     def threads(self) -> int:
         return (self.bm // self.tm) * (self.bn // self.tn)
+
+    @property
+    def whole_runs(self) -> bool:
+        """Whether it can be vectorised: RUN divides the tile's sides and each thread's share of
+        both tiles."""
+        return all(v % RUN == 0 for v in (self.bm, self.bn, self.bk, self.bm * self.bk // self.threads,
+                                          self.bk * self.bn // self.threads))
 
     def fits(self, dtype) -> bool:
         """Whether the two double-buffered tiles of ``dtype`` fit SHARED_LIMIT (128x128x16
@@ -101,18 +135,19 @@ class Tile:
 
     @property
     def name(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk}_{self.tm}x{self.tn}"
+        return f"{self.bm}x{self.bn}x{self.bk}_{self.tm}x{self.tn}" + ("_v4" if self.vec else "")
 
     @classmethod
     def parse(cls, name: str) -> Tile:
-        """The tile ``name`` spells (``128x128x8_8x8``)."""
-        block, thread = name.split("_")
-        return cls(*map(int, block.split("x")), *map(int, thread.split("x")))
+        """The tile ``name`` spells (``128x128x8_8x8``, ``128x128x8_8x8_v4``)."""
+        block, thread, *vec = name.split("_")
+        assert vec in ([], ["v4"]), name
+        return cls(*map(int, block.split("x")), *map(int, thread.split("x")), vec=bool(vec))
 
 
 if SIMULATOR:
     DEFAULT = Tile(16, 16, 8, 4, 4)
-    CANDIDATES = (DEFAULT, Tile(8, 16, 8, 2, 4), Tile(8, 32, 8, 2, 4))
+    CANDIDATES = (DEFAULT, Tile(8, 16, 8, 2, 4), Tile(8, 32, 8, 2, 4), replace(DEFAULT, vec=True))
     MIN_TILES = 4      # fewer output tiles than this: split K
     MIN_SPLIT_K = 8    # ... into slices of at least this many
 else:
@@ -121,6 +156,8 @@ else:
     # whose groups have 16-64 output channels (the GEMM's M).
     CANDIDATES = (DEFAULT, Tile(128, 128, 16, 8, 8), Tile(128, 64, 8, 8, 8), Tile(64, 128, 8, 8, 8),
                   Tile(64, 64, 8, 4, 4), Tile(64, 64, 8, 8, 4), Tile(32, 128, 8, 4, 8), Tile(16, 128, 8, 2, 8))
+    # ... and the vectorised twins of those that can be (not timed yet)
+    CANDIDATES += tuple(replace(t, vec=True) for t in CANDIDATES if t.whole_runs)
     MIN_TILES = 264    # two waves of an H100's 132 SMs
     MIN_SPLIT_K = 256
 
@@ -191,9 +228,62 @@ def _stage(regs, tile, k_minor, width, count, t, threads, bk):
         tile[p, x] = regs[u]
 
 
+@cuda.jit(device=True, inline=True)
+def _fetch_runs(arr, v, k_minor, width, count, t, threads, bk, x0, k0, xn, kn, inner, left, regs):
+    """_fetch in runs: thread t's run u is elements RUN*(t + u*threads) + w, w < RUN, of the
+    staging order (_tile_coords), RUN consecutive addresses along the stored matrix's inner
+    index (K for ``k_minor``, else x) -- one 128-bit load (``load4``) where the run lies
+    inside (xn, kn), within one panel (``left``: the columns from the thread's first to
+    its panel's end) and starts 16-byte aligned; else element by element as _fetch, same
+    values. ``inner``: the offset of the thread's first column when x is the inner index.
+    No panelled K (conv_weight's A stays on _fetch)."""
+    for u in range(count // RUN):
+        p, x = _tile_coords(RUN * (t + u * threads), k_minor, width, bk)
+        j = u * RUN
+        if k_minor:  # A[x0 + x, k0 + p + w]
+            i = v[0] + (x0 + x) * v[1] + k0 + p
+            whole = x0 + x < xn and k0 + p + RUN <= kn
+        else:        # S[k0 + p, x0 + x + w]
+            i = v[0] + (k0 + p) * v[1] + inner
+            whole = k0 + p < kn and x0 + x + RUN <= xn and left >= RUN
+        if whole and aligned(arr, i):
+            regs[j], regs[j + 1], regs[j + 2], regs[j + 3] = load4(arr, i)
+        else:
+            for w in range(RUN):
+                regs[j + w] = 0
+                if k_minor:
+                    if x0 + x < xn and k0 + p + w < kn:
+                        regs[j + w] = arr[i + w]
+                elif k0 + p < kn and x0 + x + w < xn:  # past its panel's end, column w is in another
+                    regs[j + w] = arr[i + w if w < left else i - inner + _inner(v, x0 + x + w)]
+
+
+@cuda.jit(device=True, inline=True)
+def _stage_runs(regs, tile, k_minor, width, count, t, threads, bk):
+    """_stage for _fetch_runs's order: a run along x is one 128-bit shared store (tile rows
+    are a multiple of 16 bytes, x of RUN), one along K goes down a column of the k-major tile."""
+    for u in range(count // RUN):
+        p, x = _tile_coords(RUN * (t + u * threads), k_minor, width, bk)
+        j = u * RUN
+        if k_minor:
+            for w in range(RUN):
+                tile[p + w, x] = regs[j + w]
+        else:
+            store4(tile, p, x, (regs[j], regs[j + 1], regs[j + 2], regs[j + 3]))
+
+
 # kind -> (A's K cut into panels, B gathered: 0 a view, 1 the im2col matrix, 2 its transpose)
 KINDS = {"gemm": (0, 0), "conv": (0, 1), "conv_weight": (1, 2)}
 _kernels: dict = {}
+
+
+def vec_operands(kind: str, tile: Tile):
+    """(A's, B's): whether the ``kind`` kernel of ``tile`` stages that operand in runs
+    (_fetch_runs): a vectorised tile's operands that are views, but a K cut into panels
+    (conv_weight's A: its runs would need a split per step and element) -- the conv kinds'
+    weight and both of gemm's."""
+    a_panel, b_gather = KINDS[kind]
+    return bool(tile.vec and not a_panel), bool(tile.vec and not b_gather)
 
 
 def kernel(kind: str, tile: Tile):
@@ -223,6 +313,9 @@ def _build(kind: str, tile: Tile):
     B_COLUMNS = B_GATHER == 1       # B gathered a column per thread (x-minor) ...
     B_PIXELS = B_GATHER == 2        # ... or a pixel per thread (k-minor): see _gather
     RS, XS = THREADS // BN, THREADS // BK  # the rows between a thread's elements in x-, k-minor order
+    A_VEC, B_VEC = vec_operands(kind, tile)  # operands staged in runs (_fetch_runs)
+    A_FIRST, B_FIRST = (RUN if A_VEC else 1), (RUN if B_VEC else 1)  # thread t's first x-minor column: FIRST*t
+    ALIGN = SHARED_ALIGN if A_VEC or B_VEC else None  # for 128-bit shared stores (scalar staging: as before)
 
     def product(a, va, b, vb, c, vc, c_split, bias, vbias, ep, relu, m, n, k, k_per_split, accumulate, gs):
         """One BM x BN tile of C over the K slice ``blockIdx.z`` (see the module docstring).
@@ -234,8 +327,8 @@ def _build(kind: str, tile: Tile):
         of the product's groups in turn: group g's A, B (its view's offset or its window's
         first channel), C and bias lie g*gs[0], g*gs[1], g*gs[2], g*gs[3] further on.
         """
-        As = cuda.shared.array((2, BK, A_ROW), a.dtype)  # As[buffer, p, i] = A[i0 + i, k0 + p]
-        Bs = cuda.shared.array((2, BK, B_ROW), a.dtype)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
+        As = cuda.shared.array((2, BK, A_ROW), a.dtype, alignment=ALIGN)  # As[buffer, p, i] = A[i0 + i, k0 + p]
+        Bs = cuda.shared.array((2, BK, B_ROW), a.dtype, alignment=ALIGN)  # Bs[buffer, p, j] = B[k0 + p, j0 + j]
         acc = cuda.local.array((TM, TN), a.dtype)
         ra = cuda.local.array(LOAD_A, a.dtype)
         rb = cuda.local.array(LOAD_B, a.dtype)
@@ -253,9 +346,12 @@ def _build(kind: str, tile: Tile):
         kb = cuda.blockIdx.z * k_per_split
         ke = min(k, kb + k_per_split)
         a_kmin = not va[2]
-        # An x-minor load touches one x per thread (THREADS is a multiple of BM and BN), so
-        # its offset (through the panels, for B) is computed once, not per step.
-        inner_a = 0 if a_kmin else _inner(va, i0 + t % BM)
+        # An x-minor load touches one x (vectorised, one run) per thread (THREADS is a multiple
+        # of BM and BN), so its offset (through the panels) is computed once, not per step;
+        # and, vectorised, the columns left in its panel.
+        xa = i0 + A_FIRST * t % BM
+        inner_a = 0 if a_kmin else _inner(va, xa)
+        left_a = va[3] - xa % va[3] if A_VEC else 0
         # A gathered B's splits are made once and carried along by digits_add: its column
         # (and first row) for B_COLUMNS; its rows (fixed) and pixel (moving by BK) for B_PIXELS.
         if B_COLUMNS:
@@ -268,11 +364,13 @@ def _build(kind: str, tile: Tile):
             xrd, xsd = column_row(xr, vb[9], vb[10]), column_row(XS, vb[9], vb[10])
             kp = kb + t % BK
             kpd, bkd = column_origin(vb, kp), column_origin(vb, BK)
+        xb = j0 + B_FIRST * t % BN
         if B_GATHER:
             b_kmin, inner_b = B_PIXELS, 0
         else:
             b_kmin = vb[2] != 0
-            inner_b = 0 if b_kmin else _inner(vb, j0 + t % BN)
+            inner_b = 0 if b_kmin else _inner(vb, xb)
+        left_b = vb[3] - xb % vb[3] if B_VEC else 0
 
         for ii in range(TM):
             for jj in range(TN):
@@ -282,13 +380,18 @@ def _build(kind: str, tile: Tile):
             cur = s % 2
             if s < steps:  # issue the global loads of step s; they land while step s-1 computes
                 k0 = kb + s * BK
-                _fetch(a, va, a_kmin, A_PANEL, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, ra)
+                if A_VEC:
+                    _fetch_runs(a, va, a_kmin, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, left_a, ra)
+                else:
+                    _fetch(a, va, a_kmin, A_PANEL, BM, LOAD_A, t, THREADS, BK, i0, k0, m, ke, inner_a, ra)
                 if B_COLUMNS:
                     kr, krd = _gather(b, vb, LOAD_B, live, col, kr, krd, RS, rsd, ke, rb)
                 elif B_PIXELS:
                     _gather(b, vb, LOAD_B, kp < ke, kpd, xr, xrd, XS, xsd, n, rb)
                     kp += BK
                     kpd = digits_add(kpd, bkd, vb[11], vb[12])
+                elif B_VEC:
+                    _fetch_runs(b, vb, b_kmin, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, inner_b, left_b, rb)
                 else:
                     _fetch(b, vb, b_kmin, 0, BN, LOAD_B, t, THREADS, BK, j0, k0, n, ke, inner_b, rb)
             if s > 0:  # step s-1, staged in the other buffer
@@ -302,8 +405,14 @@ def _build(kind: str, tile: Tile):
                         for jj in range(TN):
                             acc[ii, jj] += ar[ii] * br[jj]
             if s < steps:  # into the buffer of step s-2, whose readers (iteration s-1) all passed the barrier
-                _stage(ra, As[cur], a_kmin, BM, LOAD_A, t, THREADS, BK)
-                _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t, THREADS, BK)
+                if A_VEC:
+                    _stage_runs(ra, As[cur], a_kmin, BM, LOAD_A, t, THREADS, BK)
+                else:
+                    _stage(ra, As[cur], a_kmin, BM, LOAD_A, t, THREADS, BK)
+                if B_VEC:
+                    _stage_runs(rb, Bs[cur], b_kmin, BN, LOAD_B, t, THREADS, BK)
+                else:
+                    _stage(rb, Bs[cur], b_kmin, BN, LOAD_B, t, THREADS, BK)
             cuda.syncthreads()
 
         coff = vc[0] + gz * gs[2] + cuda.blockIdx.z * c_split
