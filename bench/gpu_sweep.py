@@ -145,7 +145,10 @@ def sweep_conv(record: Record, shapes, reps: int, timeout: float, torch) -> None
                 res = measure(S.numba_conv_pass(shape, p, algo, dev, "cuda"), reps, timeout)
                 out = record.add("conv", {**base, "kind": "algo", "algo": algo, "runs": runs, **res}, ref)
                 ref = out if ref is None else ref
+            kind = "conv_weight" if shape.conv_pass(p) == "backward_weight" else "conv"
             for tile in gemm.CANDIDATES:
+                if tile.vec and not any(gemm.vec_operands(kind, tile)):
+                    continue  # the same kernel as its scalar twin (conv_weight's operands stay scalar)
                 res = measure(implicit_pass(shape, p, dev, tile), reps, timeout)
                 record.add("conv", {**base, "kind": "tile", "algo": "implicit_gemm", "tile": tile.name, **res}, ref)
             if torch is not None:
