@@ -17,6 +17,11 @@ What is timed, float32:
                 cudnn  PyTorch's, where a CUDA PyTorch is installed (TF32 off, benchmark on)
     gemm      the GEMM_N^3 product (4096^3) with each candidate tile, and cuBLAS (TF32 off)
 
+in two rounds: the scalar tiles for every layer and the GEMM, then the vectorised (``_v4``)
+tiles for every layer and the GEMM; their kernels had not run on a GPU when they were
+added, and a fault in one (a misaligned vector access) would end every later launch of
+the process, so they go last.
+
 Each case: one untimed call (compiles, or loads Numba's cache), then ``--reps`` calls, each
 timed by CUDA events (device ms) and by the host's clock up to the events' completion (wall
 ms); the record keeps the minimum and the median of each, and the largest relative
@@ -127,7 +132,20 @@ class Record:
         return out
 
 
-def sweep_conv(record: Record, shapes, reps: int, timeout: float, torch) -> None:
+def _tiles(vec: bool) -> list:
+    """The candidate tiles of one of the two rounds: the scalar ones (DEFAULT first), or the
+    vectorised ones (``vec``). The vectorised round runs last, after every scalar case of the
+    conv layers and the GEMM: its kernels have not run on a GPU yet, and a fault there (a
+    misaligned vector access) ends every later launch of the process."""
+    from cnn_numba.kernels.cuda import gemm
+
+    return [t for t in [gemm.DEFAULT] + [t for t in gemm.CANDIDATES if t != gemm.DEFAULT] if t.vec == vec]
+
+
+def sweep_conv(record: Record, shapes, reps: int, timeout: float, torch, vec: bool = False) -> None:
+    """Per layer and pass: every algorithm of the table, implicit_gemm with every scalar tile
+    and cuDNN; with ``vec``, implicit_gemm with every vectorised tile alone (against the table's
+    first algorithm, run once untimed)."""
     from numba import cuda
 
     from cnn_numba.backend import kernel
@@ -140,23 +158,27 @@ def sweep_conv(record: Record, shapes, reps: int, timeout: float, torch) -> None
         for p in S.CONV_PASSES:
             base = {"layer": shape.name, "describe": shape.describe(), "pass": p, "gflop": shape.flops / 1e9}
             ref = None
-            for algo in table.names:
+            for algo in table.names if not vec else ():
                 runs = table.pick(algo, shape.geom, shape.conv_pass(p)).name
                 res = measure(S.numba_conv_pass(shape, p, algo, dev, "cuda"), reps, timeout)
                 out = record.add("conv", {**base, "kind": "algo", "algo": algo, "runs": runs, **res}, ref)
                 ref = out if ref is None else ref
+            if vec:
+                ref = S.numba_conv_pass(shape, p, table.names[0], dev, "cuda")()
             kind = "conv_weight" if shape.conv_pass(p) == "backward_weight" else "conv"
-            for tile in gemm.CANDIDATES:
+            for tile in _tiles(vec):
                 if tile.vec and not any(gemm.vec_operands(kind, tile)):
                     continue  # the same kernel as its scalar twin (conv_weight's operands stay scalar)
                 res = measure(implicit_pass(shape, p, dev, tile), reps, timeout)
                 record.add("conv", {**base, "kind": "tile", "algo": "implicit_gemm", "tile": tile.name, **res}, ref)
-            if torch is not None:
+            if torch is not None and not vec:
                 res = measure(S.torch_conv_pass(shape, p, host, "cuda"), reps, timeout)
                 record.add("conv", {**base, "kind": "cudnn", "algo": "cudnn", **res}, ref)
 
 
-def sweep_gemm(record: Record, n: int, reps: int, timeout: float, torch) -> None:
+def sweep_gemm(record: Record, n: int, reps: int, timeout: float, torch, vec: bool = False) -> None:
+    """The n^3 GEMM: cuBLAS (the reference) and every scalar tile; with ``vec``, every
+    vectorised tile (against the DEFAULT tile's product, run once untimed)."""
     from numba import cuda
 
     from cnn_numba.kernels.cuda import gemm
@@ -165,10 +187,13 @@ def sweep_gemm(record: Record, n: int, reps: int, timeout: float, torch) -> None
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     da, db = cuda.to_device(a), cuda.to_device(b)
     ref = None
-    if torch is not None:
+    if vec:
+        ref = cuda.device_array((n, n), np.float32)
+        gemm.matmul(da, db, ref)
+    elif torch is not None:
         ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
         ref = record.add("gemm", {"n": n, "kind": "cublas", **measure(lambda: ta @ tb, reps, timeout)})
-    for tile in [gemm.DEFAULT] + [t for t in gemm.CANDIDATES if t != gemm.DEFAULT]:
+    for tile in _tiles(vec):
         dc = cuda.device_array((n, n), np.float32)
         res = measure(lambda: gemm.matmul(da, db, dc, tile=tile), reps, timeout)  # noqa: B023 (called at once)
         out = record.add("gemm", {"n": n, "kind": "tile", "tile": tile.name, **res}, ref)
@@ -221,9 +246,10 @@ def main(argv=None) -> int:
         "torch": None if torch is None else f"{torch.__version__} cuDNN {torch.backends.cudnn.version()}",
         "default_tile": gemm.DEFAULT.name, "candidates": [t.name for t in gemm.CANDIDATES]})
     t0 = time.perf_counter()
-    sweep_conv(record, shapes, args.reps, args.timeout, torch)
-    if not args.no_gemm:
-        sweep_gemm(record, TINY_GEMM_N if args.tiny else GEMM_N, args.reps, args.timeout, torch)
+    for vec in (False, True):  # the untried vectorised kernels last (_tiles)
+        sweep_conv(record, shapes, args.reps, args.timeout, torch, vec)
+        if not args.no_gemm:
+            sweep_gemm(record, TINY_GEMM_N if args.tiny else GEMM_N, args.reps, args.timeout, torch, vec)
     rows = record.data["conv"] + record.data["gemm"]
     failed = [r for r in rows if "error" in r]
     print("\n".join(summary(record.data)))

@@ -311,6 +311,9 @@ def test_gpu_sweep_script_records_every_algorithm_and_tile(tmp_path):
         want = [t.name for t in gemm.CANDIDATES if not (p == "gw" and t.vec)]
         assert [r["tile"] for r in mine if r["kind"] == "tile"] == want
     assert sorted(r["tile"] for r in rec["gemm"] if r["kind"] == "tile") == sorted(tiles)
+    for section in ("conv", "gemm"):  # the untried vectorised kernels run after every other case
+        vec = [r.get("tile", "").endswith("_v4") for r in rec[section]]
+        assert any(vec) and vec == sorted(vec), section
     diffs = [r["max_rel_diff"] for r in rows if "max_rel_diff" in r]
     assert len(diffs) == len(rows) - 3 - 1 and max(diffs) < 1e-5  # all but each reference case
     assert all(r["device_ms_min"] is not None and r["wall_ms_median"] > 0 for r in rows)
