@@ -181,6 +181,98 @@ def test_implicit_gemm_weight_gradient_splits_k_in_order(rng, monkeypatch):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+# The strided input-gradient, one product per phase of gx (conv_implicit's docstring): kernels 1-5,
+# strides 2 and 3, dilation 1 and 2, padding 0-2, groups; odd sizes (phases of different sizes), a
+# plane smaller than the stride (an empty phase plane), phases no tap reaches (a 1x1 stride-2
+# kernel: 3 of 4; k 4 at stride 2 and dilation 2: the odd phases).
+PHASE_CASES = [
+    ((1, 2, 7, 5), (3, 2, 3, 3), dict(stride=2, padding=1)),
+    ((1, 2, 8, 7), (2, 2, 5, 4), dict(stride=(3, 2), padding=(2, 1), dilation=(1, 2))),
+    ((2, 4, 5, 6), (4, 2, 2, 3), dict(stride=3, groups=2, dilation=2)),
+    ((1, 3, 2, 5), (2, 3, 3, 1), dict(stride=3, padding=(1, 0))),
+    ((2, 3, 5, 4), (4, 3, 1, 1), dict(stride=2)),
+    ((1, 4, 9, 7), (2, 2, 4, 2), dict(stride=2, padding=2, dilation=2, groups=2)),
+    ((1, 2, 9, 8), (3, 2, 5, 5), dict(stride=2, padding=2)),
+]
+
+
+def _geom(xs, ws, kw):
+    from cnn_numba import shapes
+    return shapes.conv2d_geom(xs, ws, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                              kw.get("groups", 1))
+
+
+def test_phase_taps_are_the_taps_that_land_on_each_phase():
+    """kernels/index.py's ``phase_taps`` against brute force (every (o, a) with s*o - p + a*d = i)
+    and against the CPU's per-tap plan (conv_stride1._axis_plan): the same taps per phase."""
+    import itertools
+
+    from cnn_numba.kernels.conv_stride1 import _axis_plan
+    from cnn_numba.kernels.index import phase_taps
+
+    for k, s, p, d, size in itertools.product(range(1, 6), range(1, 5), range(3), range(1, 4), (1, 2, 5, 8)):
+        oh = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if oh < 1:
+            continue
+        out_phase = _axis_plan.py_func(k, s, p, d, size, oh, True)[0]
+        for r in range(s):
+            a0, step, taps, lead, dil, u = phase_taps.py_func(r, k, s, p, d, size)
+            assert u == len(range(r, size, s))
+            assert [a0 + j * step for j in range(taps)] == [a for a in range(k) if out_phase[a] == r]
+            for i in range(r, size, s):  # the phase's correlation reads what gx[i] sums, no more
+                want = sorted((o, a) for o in range(oh) for a in range(k) if s * o - p + a * d == i)
+                got = sorted((o, a0 + (taps - 1 - t) * step) for t in range(taps)
+                             for o in [(i - r) // s - lead + t * dil] if 0 <= o < oh)
+                assert got == want, (k, s, p, d, size, r, i)
+
+
+@pytest.mark.parametrize("case", PHASE_CASES, ids=[f"phase{i}" for i in range(len(PHASE_CASES))])
+def test_implicit_gemm_strided_input_gradient_by_phases(rng, case):
+    from numba import cuda
+
+    from cnn_numba.kernels.cuda import conv_implicit as CI
+
+    xs, ws, kw = case
+    geom = _geom(xs, ws, kw)
+    x, w, gy = random(rng, xs, np.float32), random(rng, ws, np.float32), random(rng, geom.y_shape, np.float32)
+    gx = cuda.device_array(geom.x_shape, np.float32)
+    gx[:] = np.nan  # every element must be written, the zeros of the phases no tap reaches too
+    CI.backward_input(cuda.to_device(gy), cuda.to_device(w), gx, geom)
+    R.assert_close(gx.copy_to_host(), R.conv2d_grads(x, w, gy, **kw)[0], np.float32, "gx")
+
+
+@pytest.mark.parametrize("case, products", [
+    (((1, 2, 6, 6), (3, 2, 3, 3), dict(stride=2, padding=1)), [(2, 9, 3), (2, 9, 6), (2, 9, 6), (2, 9, 12)]),
+    (((2, 3, 5, 4), (4, 3, 1, 1), dict(stride=2)), [(3, 2 * 3 * 2, 4)]),  # phase (0, 0) alone
+    (((1, 4, 5, 5), (2, 2, 3, 3), dict(stride=(1, 2), padding=1, groups=2)), [(2, 15, 3), (2, 10, 6)]),
+    (((1, 2, 6, 6), (3, 2, 3, 3), dict(padding=1)), [(2, 36, 27)]),  # stride 1: one product into gx
+], ids=["3x3s2", "1x1s2", "3x3s1x2_groups", "stride1"])
+def test_implicit_gemm_input_gradient_multiplies_no_upsampling_zeros(monkeypatch, rng, case, products):
+    """The input-gradient launches one product (m, n, k) per phase of gx that a tap reaches, whose
+    K sum to CO/G*KH*KW (the stride-1 product's alone), and gathers the phases into gx only when
+    there are several."""
+    from numba import cuda
+
+    from cnn_numba.kernels.cuda import conv_implicit as CI
+    from cnn_numba.kernels.cuda import launch
+
+    xs, ws, kw = case
+    geom = _geom(xs, ws, kw)
+    ran, launched = [], []
+    product = gemm.product
+    monkeypatch.setattr(gemm, "product", lambda kind, tile, m, n, k, *a, **k_: (ran.append((m, n, k)),
+                                                                               product(kind, tile, m, n, k, *a, **k_)))
+    record = launch.record
+    monkeypatch.setattr(launch, "record", lambda kernel, args: (launched.append(kernel.fn.__name__),
+                                                                record and record(kernel, args)))
+    gy, w = random(rng, geom.y_shape, np.float32), random(rng, ws, np.float32)
+    gx = cuda.device_array(geom.x_shape, np.float32)
+    CI.backward_input(cuda.to_device(gy), cuda.to_device(w), gx, geom)
+    assert ran == products and sum(k for _, _, k in ran) == geom.cog * geom.kh * geom.kw
+    assert ("_from_phases" in launched) == (geom.sh * geom.sw > 1), launched
+    R.assert_close(gx.copy_to_host(), R.conv2d_grads(random(rng, xs), w, gy, **kw)[0], np.float32, "gx")
+
+
 def test_implicit_gemm_leaves_depthwise_layers_to_direct():
     from cnn_numba import shapes
     from cnn_numba.kernels.conv_algos import PASSES

@@ -64,6 +64,42 @@ def digits_add(d, s, r1, r0):
 
 
 @njit(cache=True, inline="always")
+def phase_length(r, s, size):
+    """How many of the positions [0, size) are r modulo s (r < s): ceil((size - r)/s)."""
+    return max(0, (size - r + s - 1) // s)
+
+
+@njit(cache=True, inline="always")
+def phase_taps(r, k, s, p, d, size):
+    """Phase ``r`` of one axis of a strided conv's input-gradient as a stride-1 correlation:
+    ``(a0, step, taps, lead, dil, u)``.
+
+    gx[i] = sum over (o, a) with tap(o, s, p, a, d) = i of gy[o] * w[a]. On the phase
+    i = s*u + r (u < ``u``, ``phase_length``; ``size`` gx's length) o = u + (r + p - a*d)/s
+    is whole only for the taps a with a*d = r + p (mod s): none unless gcd(d, s) divides
+    r + p, else a0 (the least, < s), a0 + step, ... < k, ``taps`` of them, step = s/gcd(d, s).
+    Tap j of them reads o = u + (r + p - a0*d)/s - j*dil, dil = d/gcd(d, s); numbered
+    backwards (t = taps-1-j, the phase's sub-kernel flipped) that is o = tap(u, 1, lead, t,
+    dil): a stride-1 correlation of gy with leading padding ``lead`` (any sign), the
+    sub-kernel's ``taps`` and dilation ``dil``. At s = 1: the whole kernel, d, and the full
+    padding d*(k-1) - p. (kernels/conv_stride1._axis_plan lists the same map per tap for the
+    CPU's run buffers; tests/test_cuda_conv.py checks that the two agree.)"""
+    a0 = -1
+    for a in range(min(k, s)):
+        if a0 < 0 and (r + p - a * d) % s == 0:
+            a0 = a
+    g, m = d, s  # gcd(d, s), Euclid's way
+    while m:
+        g, m = m, g % m
+    step, dil = s // g, d // g
+    u = phase_length(r, s, size)
+    if a0 < 0:
+        return 0, step, 0, 0, dil, u
+    taps = (k - 1 - a0) // step + 1
+    return a0, step, taps, dil * (taps - 1) - (r + p - a0 * d) // s, dil, u
+
+
+@njit(cache=True, inline="always")
 def pool_window(o, s, p, k, size_in):
     """Average-pool window of output ``o``: ``(start, end, size_with_padding)``.
 

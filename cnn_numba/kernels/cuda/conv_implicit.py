@@ -13,15 +13,33 @@ double-buffered, with the same register tiles, split-K and epilogue as the GEMM 
                      K = C/G*KH*KW; y written in place through its (N, CO, m) planes
                      (the panelled C view), the bias added as each output is stored,
                      and the fused batch norm and relu (``epilogue=``) applied there.
-    input-gradient   gx_g (C/G, N*H*W) = wt_g (C/G, K) @ cols(up(gy))_g (K, N*H*W)
-                     K = CO/G*KH*KW: the forward's kernel on the transposed problem,
-                     the duality conv.py's direct kernel uses (its ``flip``): gy
-                     upsampled by the stride (zeros between samples), correlated at
-                     stride 1 with the full padding d*(k-1) - p and the flipped filter
-                     with its channel axes swapped, wt[g, c, (o*KH + a)*KW + b] =
-                     w[g*CO/G + o, c, KH-1-a, KW-1-b] (``_flip_weight``, a copy the
-                     size of w). At stride s it multiplies the s_h*s_w - 1 zeros of
-                     every upsampled window too: the price of one kernel for both.
+    input-gradient   gx_g (C/G, N*H*W) = wt_g (C/G, K) @ cols(gy)_g (K, N*H*W)
+                     K = CO/G*KH*KW at stride 1: the forward's kernel on the transposed
+                     problem, the duality conv.py's direct kernel uses (its ``flip``): gy
+                     correlated at stride 1 with the full padding d*(k-1) - p and the
+                     flipped filter with its channel axes swapped, wt[g, c, (o*KH + a)*KW
+                     + b] = w[g*CO/G + o, c, KH-1-a, KW-1-b] (``_phase_weights``, a copy
+                     the size of w), written straight into gx's planes.
+                     At stride s > 1 gx splits into its sh*sw phases gx[..., r::sh, q::sw]
+                     (the CPU's "adjoint" polyphase split, kernels/conv_stride1.py): on
+                     phase (r, q) only the taps a with a*dh = r + ph (mod sh), and b
+                     likewise, land, each at a constant shift into gy, so the phase is a
+                     stride-1 correlation of gy (not upsampled) with that sub-kernel,
+                     flipped: one product of the same kernel per phase,
+                         gx_g[r, q] (C/G, N*U_r*U_q) = wt_g[r, q] (C/G, K_rq) @ cols_rq(gy)_g,
+                     U_r = ceil((H - r)/sh) rows, K_rq = CO/G * (its taps), the taps of
+                     row phase r a0, a0 + sh/gcd(dh, sh), ... read through a window of
+                     dilation dh/gcd(dh, sh) and its own leading padding (``phase_taps``,
+                     kernels/index.py, which derives them; ``window``). The phases' K sum
+                     to CO/G*KH*KW: C/G*N*CO/G*sum_rq(U_r*U_q*K_rq) multiply-adds, where
+                     the stride-1 correlation of the zero-upsampled gy did C/G*N*H*W*CO/G*
+                     KH*KW, of which all but about 1/(sh*sw) were products with its zeros
+                     (resnet_down, 3x3 stride 2 on 32x32: 2.25 taps per gx element on
+                     average instead of 9). The sub-filters lie one after another along
+                     wt's K (``_phase_weights``, one launch); the phases' products go to a
+                     workspace of (N, C, U_r, U_q) planes, which ``_from_phases`` gathers
+                     into gx (0 on a phase no tap reaches: a 1x1 stride-2 kernel reaches
+                     one of four, whose product alone runs).
     weight-gradient  gw_g (CO/G, K) = gy_g (CO/G, N*m) @ cols(x)_g^T (N*m, K)
                      K = C/G*KH*KW columns, reduction over the N*m pixels: gy read in
                      place through panels on its K (gemm.py's ``conv_weight`` kernels),
@@ -35,24 +53,58 @@ from __future__ import annotations
 
 from numba import cuda
 
+from .. import index as _host
 from . import gemm as G
-from .index import column_row
+from .index import column_row, phase_length, phase_taps
 from .launch import blocks, flat, jit, launch
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @jit
-def _flip_weight(w, wt):
-    """wt[g, c, (o*kh + a)*kw + b] = w[g*cog + o, c, kh-1-a, kw-1-b]: each group's filter
-    as the input-gradient's A, wt (G, C/G, CO/G*KH*KW). One thread per element of wt."""
+def _phase_weights(w, wt, sh, sw, ph, pw, dh, dw):
+    """wt (G, C/G, CO/G*KH*KW): each phase's flipped sub-filter (``phase_taps``), the phases
+    (r, q) one after another along K, r-major:
+
+        wt[g, c, k_rq + (o*th + t)*tw + u] = w[g*cog + o, c, a0 + (th-1-t)*step_h, b0 + (tw-1-u)*step_w]
+
+    with phase (r, q)'s th x tw taps from (a0, b0) and k_rq the K of the phases before it.
+    At stride 1: one phase, w[g*cog + o, c, kh-1-a, kw-1-b]. One thread per element of wt."""
     e = cuda.grid(1)
     kh, kw = w.shape[2], w.shape[3]
     k = wt.shape[2]
+    cog = k // (kh * kw)
     if e < wt.size:
         gi, c, row = e // (wt.shape[1] * k), (e // k) % wt.shape[1], e % k
-        o, a, bb = column_row(row, kh, kw)
-        wt[gi, c, row] = w[gi * (k // (kh * kw)) + o, c, kh - 1 - a, kw - 1 - bb]
+        for r in range(sh):
+            a0, sa, th, _, _, _ = phase_taps(r, kh, sh, ph, dh, 0)
+            for q in range(sw):
+                b0, sb, tw, _, _, _ = phase_taps(q, kw, sw, pw, dw, 0)
+                size = cog * th * tw
+                if 0 <= row < size:
+                    o, t, u = column_row(row, th, tw)
+                    wt[gi, c, e % k] = w[gi * cog + o, c, a0 + (th - 1 - t) * sa, b0 + (tw - 1 - u) * sb]
+                row -= size
+
+
+@jit
+def _from_phases(planes, gx, h, wd, sh, sw, rows_reached, cols_reached, phase_size):
+    """gx[n, c, i, j] = phase (i % sh, j % sw)'s plane at (i // sh, j // sw), or 0 where no
+    tap reaches that phase (bit i % sh of ``rows_reached`` or j % sw of ``cols_reached``
+    clear); gx flat, its planes h x wd. ``planes`` holds the phases r-major, phase f's
+    (N, C, U_r, U_q) array from f*phase_size. One thread per element of gx (a gather).
+    The masks come from the launcher: ``phase_taps``' search for the taps here would
+    double the kernel's 64-bit divisions (bench/ptx_check.py)."""
+    e = cuda.grid(1)
+    if e < gx.size:
+        plane, p = e // (h * wd), e % (h * wd)  # plane n*C + c; (n, c) need not be split
+        i, j = p // wd, p % wd
+        r, q = i % sh, j % sw
+        v = gx.dtype.type(0)
+        if (rows_reached >> r) & 1 and (cols_reached >> q) & 1:
+            uh, uw = phase_length(r, sh, h), phase_length(q, sw, wd)
+            v = planes[(r * sw + q) * phase_size + (plane * uh + i // sh) * uw + j // sw]
+        gx[e] = v
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -78,21 +130,29 @@ def supports(geom, pass_: str) -> bool:
     return (geom.cig > 1 or geom.g == 1) and geom.g * blocks(max(geom.cog, geom.cig), 16) <= 65535
 
 
-def window(geom, pass_: str) -> tuple:
+def window(geom, pass_: str, phase=(0, 0)) -> tuple:
     """The window through which ``column_entry`` reads the source of ``pass_`` (from its
     first channel; group g's starts g*C/G further on, the kernels' group step): the
     forward's (and weight-gradient's) x at the layer's stride and padding into (OH, OW);
-    the input-gradient's gy upsampled by the stride, at stride 1 and the full padding,
-    into (H, W)."""
+    the input-gradient's gy, for gx's phase (r, q) = ``phase``, at stride 1 through that
+    phase's sub-kernel (``phase_taps``) into its U_r x U_q plane (at stride 1 the one
+    phase: the whole kernel, the full padding, (H, W))."""
     if pass_ == "backward_input":
-        ph, pw = geom.full_padding
-        return (0, 1, 1, ph, pw, geom.dh, geom.dw, geom.sh, geom.sw, geom.kh, geom.kw, geom.h, geom.w)
+        r, q = phase
+        _, _, th, lh, dh, uh = _host.phase_taps.py_func(r, geom.kh, geom.sh, geom.ph, geom.dh, geom.h)
+        _, _, tw, lw, dw, uw = _host.phase_taps.py_func(q, geom.kw, geom.sw, geom.pw, geom.dw, geom.w)
+        return (0, 1, 1, lh, lw, dh, dw, 1, 1, th, tw, uh, uw)
     return (0, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, 1, 1, geom.kh, geom.kw, geom.oh, geom.ow)
 
 
-def _planes(m, channels):
-    """The (channel, n*m + pixel) matrix view of an (N, channels, m) array."""
-    return G.view(m, panel=m, panel_stride=channels * m)
+def _reached(k, s, p, d) -> int:
+    """The mask (bit r) of one axis's phases r < s that a tap reaches (``phase_taps``)."""
+    return sum(1 << r for r in range(s) if _host.phase_taps.py_func(r, k, s, p, d, 0)[2])
+
+
+def _planes(m, channels, off=0):
+    """The (channel, n*m + pixel) matrix view of an (N, channels, m) array at ``off``."""
+    return G.view(m, off=off, panel=m, panel_stride=channels * m)
 
 
 def forward(x, w, b, y, geom, tile=None, epilogue=None):
@@ -104,12 +164,26 @@ def forward(x, w, b, y, geom, tile=None, epilogue=None):
 
 
 def backward_input(gy, w, gx, geom, tile=None):
-    m, k = geom.h * geom.w, geom.cog * geom.kh * geom.kw
+    k = geom.cog * geom.kh * geom.kw  # wt's row: every phase's K
     wt = G.workspace("implicit-flipped-w", w.size, w.dtype).reshape(geom.g, geom.cig, k)
-    launch(_flip_weight, wt.size, w, wt)
-    G.product("conv", tile or tile_for(geom.cig), geom.cig, geom.n * m, k,
-              flat(wt), G.view(k), gy, window(geom, "backward_input"), flat(gx), _planes(m, geom.c),
-              groups=geom.g, gs=(geom.cig * k, geom.cog, geom.cig * m, 0))
+    launch(_phase_weights, wt.size, w, wt, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw)
+    phases = geom.sh * geom.sw
+    # phase f's (N, C, U_r, U_q) planes at f*phase_size of a workspace; at stride 1 gx itself
+    phase_size = geom.n * geom.c * _host.phase_length.py_func(0, geom.sh, geom.h) * _host.phase_length.py_func(
+        0, geom.sw, geom.w)
+    out = flat(gx) if phases == 1 else G.workspace("implicit-gx-phases", phases * phase_size, gx.dtype)
+    k_rq = 0
+    for f in range(phases):
+        win = window(geom, "backward_input", divmod(f, geom.sw))
+        m, kf = win[11] * win[12], geom.cog * win[9] * win[10]
+        if m and kf:  # a phase no tap reaches is left to _from_phases' zeros
+            G.product("conv", tile or tile_for(geom.cig), geom.cig, geom.n * m, kf,
+                      flat(wt), G.view(k, off=k_rq), gy, win, out, _planes(m, geom.c, f * phase_size),
+                      groups=geom.g, gs=(geom.cig * k, geom.cog, geom.cig * m, 0))
+        k_rq += kf
+    if phases > 1:
+        launch(_from_phases, gx.size, out, flat(gx), geom.h, geom.w, geom.sh, geom.sw,
+               _reached(geom.kh, geom.sh, geom.ph, geom.dh), _reached(geom.kw, geom.sw, geom.pw, geom.dw), phase_size)
 
 
 def backward_weight(x, gy, gw, geom, tile=None):

@@ -14,6 +14,8 @@ pool_window = device_function(_cpu.pool_window)
 adaptive_window = device_function(_cpu.adaptive_window)
 column_row = device_function(_cpu.column_row)
 digits_add = device_function(_cpu.digits_add)
+phase_length = device_function(_cpu.phase_length)
+phase_taps = device_function(_cpu.phase_taps)
 
 
 @cuda.jit(device=True, inline=True)
