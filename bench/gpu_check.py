@@ -55,6 +55,14 @@ def run(cmd: list[str], timeout: int, env=None) -> tuple[int, str, float]:
     return code, out if code == 0 else f"{out}\n{err}", time.perf_counter() - t
 
 
+def _read_json(path: Path):
+    """The JSON a step wrote, or None where it wrote none (or was killed halfway through a write)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def tail(text: str, n: int) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
@@ -75,16 +83,17 @@ def train(device: str, dataset: str, log: Path, data_dir: str | None, limit: int
     return res
 
 
-def _device_ratios(sweep: dict | None) -> tuple:
+def _device_ratios(sweep: dict | None, time: str = "device_ms_min") -> tuple:
     """(geometric mean, worst) over the sweep's layer passes of the fastest CUDA algorithm's
-    device time over cuDNN's: what 'auto' gets once its tuner has timed them all."""
+    device time (or ``time``: ``wall_ms_min``) over cuDNN's: what 'auto' gets once its tuner
+    has timed them all. A sweep cut short by its timeout gives the layers it reached."""
     if not sweep:
         return None, None
     ratios = []
     for layer, p in dict.fromkeys((r["layer"], r["pass"]) for r in sweep.get("conv", [])):
         rows = [r for r in sweep["conv"] if (r["layer"], r["pass"]) == (layer, p) and "error" not in r]
-        ours = [r["device_ms_min"] for r in rows if r["kind"] == "algo"]
-        cudnn = [r["device_ms_min"] for r in rows if r["kind"] == "cudnn"]
+        ours = [r[time] for r in rows if r["kind"] == "algo"]
+        cudnn = [r[time] for r in rows if r["kind"] == "cudnn"]
         if ours and cudnn:
             ratios.append(min(ours) / cudnn[0])
     if not ratios:
@@ -115,7 +124,8 @@ def summary(gpu: str, commit: str, today: str, parts: dict) -> dict:
                     f"{model}_step_ratio": ours / theirs if ours and theirs else None,
                     f"{model}_step_ratio_vs_torch_graph": ours / graph if ours and graph else None})
     out["conv_device_geomean_vs_cudnn"], out["conv_device_worst_vs_cudnn"] = _device_ratios(parts.get("sweep"))
-    out["conv_wall_geomean_vs_cudnn"] = report.get("conv_wall_geomean_vs_cudnn")
+    out["conv_wall_geomean_vs_cudnn"] = report.get("conv_wall_geomean_vs_cudnn",
+                                                   _device_ratios(parts.get("sweep"), "wall_ms_min")[0])
     out["gemm_fraction_of_peak"] = report.get("gemm_fraction_of_peak", _gemm_fraction(parts.get("sweep")))
     out["launch_us"] = host.get("launch_us")
     out["syncs_per_step"] = host.get("syncs_per_step")
@@ -193,10 +203,13 @@ def main(argv=None) -> int:
                       ["bench/gpu_host.py"] if step == "host" else
                       ["bench/gpu_sweep.py"] if step == "sweep" else
                       ["bench/train_speed.py", "--device", "cuda", "--steps", str(args.steps)])
+            part.unlink(missing_ok=True)  # an earlier run's of the same day
             code, out, secs = run([sys.executable, *script, "--json", str(part)], limit)
-            if code == 0 and part.exists():
-                parts[step] = json.loads(part.read_text())
-            lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s", "", tail(out, 60), ""]
+            got = _read_json(part)  # the sweep rewrites its JSON after every case: a timed-out one keeps it
+            if got is not None:
+                parts[step] = got
+            kept = " (its JSON as far as it got)" if got is not None and code else ""
+            lines += [f"## {' '.join(script)}", "", f"exit {code}, {secs:.0f} s{kept}", "", tail(out, 60), ""]
         save()
         print("\n".join(lines), flush=True)
     save()
