@@ -118,3 +118,30 @@ def test_only_the_phases_read_are_loaded(rng):
         gw = np.zeros(ws, np.float32)
         S.backward_weight_flat(x, gy, gw, geom)
         R.assert_close(gw, R.conv2d_grads(x, w, gy, s, p, d)[1], np.float32, f"gw {ws} s{s}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stride_two_phase_planes_are_the_padded_input_split(dtype, rng):
+    """pad_phases at stride 2 (both column phases of a row at once, in vector chunks): every
+    phase plane is the padded input's [r::2, q::2], cropped to the plane, for rows shorter and
+    longer than a chunk, odd widths, paddings 0-3 and crops, a strided view of x (the element
+    loop); nothing past a plane's columns is written."""
+    for h, w, ph, pw in [(32, 32, 1, 1), (7, 70, 2, 3), (5, 1, 0, 1), (9, 33, 1, 0), (6, 40, 0, 2), (8, 12, -1, -1)]:
+        for strided in (False, True):
+            x = rng.standard_normal((3, h, 2 * w if strided else w)).astype(dtype)
+            x = x[..., ::2] if strided else x
+            hp, wp = (h + 2 * max(ph, 0) + 1) // 2 + 1, (w + 2 * max(pw, 0) + 1) // 2 - 1
+            buf = np.full((3, 4, hp, wp + 5), -7.0, dtype)
+            xp = buf[..., :wp]
+            xp[...] = 0
+            S.pad_phases(x, 0, xp, ph, pw, 2, 2)
+            pad = np.zeros((3, h + 2 * abs(ph) + 4, w + 2 * abs(pw) + 4), dtype)
+            if ph >= 0 and pw >= 0:
+                pad[:, ph:ph + h, pw:pw + w] = x
+            else:
+                pad[:, :h + ph, :w + pw] = x[:, -ph:, -pw:]
+            for r in range(2):
+                for q in range(2):
+                    np.testing.assert_array_equal(xp[:, 2 * r + q], pad[:, r::2, q::2][:, :hp, :wp],
+                                                  err_msg=f"{(h, w, ph, pw, strided)} phase {(r, q)}")
+            assert (buf[..., wp:] == -7.0).all()

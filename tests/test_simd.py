@@ -6,8 +6,8 @@ import pytest
 from numba import njit
 from numba.core.errors import TypingError
 
-from cnn_numba.kernels.simd import (LANES, copy_row, vadd, vector_length, vfma, vload, vload_masked, vmul, vrelu,
-                                    vsplat, vstore, vstore_lanes, vstore_masked, vsub, vtranspose8)
+from cnn_numba.kernels.simd import (LANES, copy_row, vadd, vdeinterleave, vector_length, vfma, vload, vload_masked,
+                                    vmul, vrelu, vsplat, vstore, vstore_lanes, vstore_masked, vsub, vtranspose8)
 
 
 @njit
@@ -141,6 +141,20 @@ def test_copy_row_copies_exactly_its_elements(dtype, rng):
     ints = np.zeros(10, np.int64)
     _copy(np.arange(10), 2, ints, 0, 5)
     np.testing.assert_array_equal(ints[:5], np.arange(2, 7))
+
+
+@njit
+def _deinterleave(a, out):
+    even, odd = vdeinterleave(vload(a, 0), vload(a, LANES))
+    vstore(out[0], 0, even)
+    vstore(out[1], 0, odd)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_deinterleave_takes_even_and_odd_lanes(dtype):
+    out = np.zeros((2, LANES), dtype)
+    _deinterleave(np.arange(2 * LANES, dtype=dtype), out)
+    np.testing.assert_array_equal(out, [np.arange(0, 2 * LANES, 2), np.arange(1, 2 * LANES, 2)])
 
 
 @njit

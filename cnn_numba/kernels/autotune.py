@@ -71,8 +71,10 @@ COLD_BYTES = 8 << 20
 # direct kernels hold their accumulators in vector registers (AVX-512). 4: rows are loaded
 # into the padded planes with masked vector copies, strided flat passes load only the input
 # phases they read (the direct kernels' loads 2-4x faster), and the blocked kernel joined.
-# 5: the blocked kernel stores from registers (8-44% faster).
-GENERATION = 5
+# 5: the blocked kernel stores from registers (8-44% faster). 6: stride-2 flat passes split
+# the input's rows into their column phases in vector chunks (strided weight-gradients 30-50%
+# faster).
+GENERATION = 6
 
 
 def enabled() -> bool:

@@ -23,6 +23,7 @@ same sums (each output still adds its pairs in order, one fused multiply-add eac
     v = vrelu(v)                   0 in the lanes below 0, NaN kept
     t = vtranspose8(r0, ..., r7)   eight Vecs as a matrix of 8 rows, transposed in registers
                                    within each group of 8 lanes: t[j][8*h + p] = r_p[8*h + j]
+    e, o = vdeinterleave(a, b)     the even and the odd elements of the 2*LANES values a, b
 
 No bounds checks but under NUMBA_BOUNDSCHECK=1: callers keep every index within arrays they
 sized for whole vectors (``vector_length``). LANES is one register of float32: 16 where
@@ -305,6 +306,20 @@ def vtranspose8(typingctx, r0, r1, r2, r3, r4, r5, r6, r7):
                                         builder.shuffle_vector(regs[p], regs[q], high))
         return context.make_tuple(builder, sig.return_type, regs)
     return types.UniTuple(r0, 8)(*rows), codegen
+
+
+@intrinsic
+def vdeinterleave(typingctx, a, b):
+    """(e, o) with e[c] = (a, b)[2c], o[c] = (a, b)[2c + 1]: the even and the odd elements of
+    the 2*LANES values of a then b, two two-register shuffles (AVX-512: vpermt2ps)."""
+    if not isinstance(a, Vec) or a != b:
+        raise TypingError(f"vdeinterleave: two Vecs of one dtype are needed, got {a} and {b}")
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        picks = [ir.Constant(ir.VectorType(i32, LANES), [2 * c + odd for c in range(LANES)]) for odd in (0, 1)]
+        return context.make_tuple(builder, sig.return_type, [builder.shuffle_vector(*args, m) for m in picks])
+    return types.UniTuple(a, 2)(a, b), codegen
 
 
 def copy_row(src, i, dst, j, n):
