@@ -183,9 +183,10 @@ class ConvGeom:
     @property
     def full_padding(self) -> tuple[int, int]:
         """Leading padding of the flipped stride-1 correlation that computes the input-gradient:
-        gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md);
-        the CUDA direct launcher's. (The CPU's flat kernels derive theirs per phase of gx,
-        kernels/conv_stride1._axis_plan.)"""
+        gx[ih] = sum_a gy[ih + p - a*d] w[a] reads gy padded by d*(k-1) - p (docs/convolution.md).
+        (Strided passes that split gx into its phases derive each phase's own: the CPU's flat
+        kernels in kernels/conv_stride1._axis_plan, the CUDA kernels through
+        kernels/index.phase_taps.)"""
         return self.dh * (self.kh - 1) - self.ph, self.dw * (self.kw - 1) - self.pw
 
 

@@ -226,18 +226,20 @@ def test_phase_taps_are_the_taps_that_land_on_each_phase():
                 assert got == want, (k, s, p, d, size, r, i)
 
 
+@pytest.mark.parametrize("algo", ["implicit_gemm", "direct"])
 @pytest.mark.parametrize("case", PHASE_CASES, ids=[f"phase{i}" for i in range(len(PHASE_CASES))])
-def test_implicit_gemm_strided_input_gradient_by_phases(rng, case):
+def test_strided_input_gradient_by_phases(rng, case, algo):
+    """implicit_gemm's products and direct's correlations per phase of gx, each phase with only
+    its taps: every element of gx written (the zeros of the phases no tap reaches too)."""
     from numba import cuda
-
-    from cnn_numba.kernels.cuda import conv_implicit as CI
 
     xs, ws, kw = case
     geom = _geom(xs, ws, kw)
     x, w, gy = random(rng, xs, np.float32), random(rng, ws, np.float32), random(rng, geom.y_shape, np.float32)
     gx = cuda.device_array(geom.x_shape, np.float32)
-    gx[:] = np.nan  # every element must be written, the zeros of the phases no tap reaches too
-    CI.backward_input(cuda.to_device(gy), cuda.to_device(w), gx, geom)
+    gx[:] = np.nan
+    kernel("conv2d_algorithms", "cuda")().by_name[algo].run("backward_input", geom, cuda.to_device(gy),
+                                                             cuda.to_device(w), gx)
     R.assert_close(gx.copy_to_host(), R.conv2d_grads(x, w, gy, **kw)[0], np.float32, "gx")
 
 
@@ -270,6 +272,34 @@ def test_implicit_gemm_input_gradient_multiplies_no_upsampling_zeros(monkeypatch
     CI.backward_input(cuda.to_device(gy), cuda.to_device(w), gx, geom)
     assert ran == products and sum(k for _, _, k in ran) == geom.cog * geom.kh * geom.kw
     assert ("_from_phases" in launched) == (geom.sh * geom.sw > 1), launched
+    R.assert_close(gx.copy_to_host(), R.conv2d_grads(random(rng, xs), w, gy, **kw)[0], np.float32, "gx")
+
+
+@pytest.mark.parametrize("case, taps", [
+    (((1, 2, 6, 6), (3, 2, 3, 3), dict(stride=2, padding=1)), [(1, 1), (1, 2), (2, 1), (2, 2)]),
+    (((2, 3, 5, 4), (4, 3, 1, 1), dict(stride=2)), [(1, 1), (1, 0), (0, 1), (0, 0)]),
+    # columns: dilation 2 at stride 2 puts every tap on the even phase, none on the odd one
+    (((1, 2, 9, 8), (3, 2, 5, 4), dict(stride=(3, 2), dilation=(1, 2))), [(2, 4), (2, 0), (2, 4), (2, 0),
+                                                                            (1, 4), (1, 0)]),
+    (((1, 2, 6, 6), (3, 2, 3, 3), dict(padding=1)), [(3, 3)]),  # stride 1: one correlation, the whole kernel
+], ids=["3x3s2", "1x1s2", "5x4s3x2d1x2", "stride1"])
+def test_direct_input_gradient_multiplies_no_upsampling_zeros(monkeypatch, rng, case, taps):
+    """The direct input-gradient launches one correlation per phase of gx (r-major) with that
+    phase's (row taps, column taps), which sum to KH*KW over the phases."""
+    from numba import cuda
+
+    from cnn_numba.kernels.cuda import conv, launch
+
+    xs, ws, kw = case
+    geom = _geom(xs, ws, kw)
+    launched = []
+    record = launch.record
+    monkeypatch.setattr(launch, "record", lambda k, args: (launched.append(args[10:12]) if k.fn is conv._correlate.fn
+                                                            else None, record and record(k, args)))
+    gy, w = random(rng, geom.y_shape, np.float32), random(rng, ws, np.float32)
+    gx = cuda.device_array(geom.x_shape, np.float32)
+    conv.TABLE.by_name["direct"].run("backward_input", geom, cuda.to_device(gy), cuda.to_device(w), gx)
+    assert launched == taps and sum(a * b for a, b in launched) == geom.kh * geom.kw
     R.assert_close(gx.copy_to_host(), R.conv2d_grads(random(rng, xs), w, gy, **kw)[0], np.float32, "gx")
 
 

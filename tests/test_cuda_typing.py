@@ -52,9 +52,10 @@ def typecheck(entries, tmp_path):
 def _correlate_entry(bias_ndim):
     """The direct conv kernel's float32 signature, its bias placeholder of ``bias_ndim`` dims."""
     a4 = ["array", "<f4", 4, "C"]
-    # then 15 ints: stride, padding, dilation, upsampling (2 each), groups, the tile (4), flip, has_bias;
-    # then the epilogue: ep (3, CO) and the relu flag
-    args = [a4, a4, ["array", "<f4", bias_ndim, "C"], a4] + [["scalar", "<i8"]] * 15 + [
+    # then 23 ints: stride, padding, dilation, taps, first taps, tap steps, dst's phases and this
+    # launch's phase (2 each), groups, the tile (4), flip, has_bias; then the epilogue: ep (3, CO)
+    # and the relu flag
+    args = [a4, a4, ["array", "<f4", bias_ndim, "C"], a4] + [["scalar", "<i8"]] * 23 + [
         ["array", "<f4", 2, "C"], ["scalar", "<i8"]]
     return ("cnn_numba.kernels.cuda.conv", "_correlate", json.dumps(args))
 

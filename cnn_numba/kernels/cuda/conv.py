@@ -15,13 +15,18 @@ direct   One kernel, ``_correlate``, computes the forward and the input-gradient
          its tile reads (((th-1)*s + (kh-1)*d + 1) x (... w ...), zeros in the padding)
          and the filter slice in shared memory; then each tap is P_T patch loads, C_T
          filter loads (warp-wide broadcasts) and C_T*P_T FMAs, with no bounds test.
-         The input-gradient is the same correlation run on gy *zero-upsampled* by the
-         stride (a gy value every sh rows and sw columns, read as 0 in between), with
-         the kernel flipped and its in/out channels swapped, stride 1, and the
-         leading padding d*(k-1) - p (any sign): gx[ih] = sum_a gy[(ih + p - a*d)/s] w[a]
-         over the a where the division is exact: the zeros read in between stand for
-         the taps that do not divide. (So at stride s it does sh*sw times the FMAs of
-         a gather that skips them: the price of one kernel for both directions.)
+         The input-gradient is the same correlation run on gy with the kernel flipped
+         and its in/out channels swapped, at stride 1, one phase of gx at a time: phase
+         (r, q), gx[..., r::sh, q::sw], reads gy through only the taps that land on it
+         (a0, a0 + s/gcd(d, s), ... at dilation d/gcd(d, s) and a leading padding of its
+         own: ``phase_taps``, kernels/index.py, which the implicit GEMM's phases use too),
+         and writes its plane into every sh-th row and sw-th column of gx: one launch
+         per phase (a phase no tap reaches is a launch that writes its zeros), with the
+         phase's taps, first tap, tap step, padding and dilation as launch scalars (in
+         the constant bank: a version that derived them in the kernel from the block's
+         phase took 150-160 registers, this one 96; bench/ptx_check.py). So at stride s
+         it does the FMAs of a gather (resnet_down, 3x3 stride 2: 2.25 taps per gx
+         element, not the 9 of a correlation of the zero-upsampled gy).
          The weight-gradient is a reduction per block: a block owns one (o, ci) pair
          and up to KT taps, its threads stride over the N*OH*OW positions and tree-sum
          in shared memory; when there are too few blocks for the GPU the positions are
@@ -62,12 +67,13 @@ import numpy as np
 from numba import cuda
 
 from ...backend import register
+from .. import index as _host
 from ..autotune import CudaTuner
 from ..conv_algos import ConvAlgo, ConvTable
 from . import conv_implicit as CI
 from .elementwise import channel, epilogue, no_epilogue
 from .gemm import _sum_partials, gemm, view, workspace
-from .index import column_entry, out_range, sample, sampled, tap
+from .index import column_entry, out_range, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 from .nn import batch_norm_epilogue
 
@@ -97,25 +103,28 @@ def _at(i):
 
 
 @jit
-def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, tiles_w, flip, has_bias, ep, relu):
-    """dst[n, d] = epilogue(b[d] + sum over the group's source channels j and taps (a, bb) of
-    wt[d, j, a, bb] * up(src)[n, j, tap(r, a), tap(q, bb)])   (see the module docstring),
+def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, fh, fw, fr, fq, g, th, tw, cc,
+               tiles_w, flip, has_bias, ep, relu):
+    """dst[n, d, r*fh + fr, q*fw + fq] = epilogue(b[d] + sum over the group's source channels
+    j and taps (a, bb) < (ka, kb) of wt[d, j, a0 + a*sa, b0 + bb*sb] * src[n, j, tap(r, sh,
+    ph, a, dh), tap(q, sw, pw, bb, dw)])   (see the module docstring),
     the epilogue (ep, relu) as elementwise.py's: the forward's fused batch norm and relu, or
     none (ep (3, 0), relu 0).
 
-    The correlation's stride (sh, sw), leading padding (ph, pw), dilation (dh, dw), the
-    source's upsampling (uh, uw) and the groups g. wt is w (flip=0) or, flip=1, w with its
-    two channel axes swapped and its taps reversed. The tile: (th, tw, cc, tiles_w), see
-    ``_tiling``.
+    The correlation: stride (sh, sw), leading padding (ph, pw) (any sign), dilation (dh, dw),
+    ka x kb taps read from w's taps a0 + a*sa, b0 + bb*sb; it fills phase (fr, fq) of dst's
+    phases by (fh, fw). wt is w (flip=0) or, flip=1, w with its two channel axes swapped.
+    The forward: the layer's stride, padding and dilation, the whole kernel, one phase.
+    The input-gradient: stride 1, per phase of gx its taps, backwards (``phase_taps``).
+    The tile: (th, tw, cc, tiles_w), see ``_tiling``. Every scalar is a launch argument,
+    which the compiled code reads from the constant bank: none costs a register.
     """
     patch = cuda.shared.array(PATCH, src.dtype)
     filt = cuda.shared.array(FILTER, src.dtype)
     acc = cuda.local.array((C_T, P_T), src.dtype)
     val = cuda.local.array(P_T, src.dtype)
     base = cuda.local.array(P_T, np.int64)
-    kh, kw = w.shape[2], w.shape[3]
-    taps = kh * kw
-    hd, wd = dst.shape[2], dst.shape[3]
+    taps = ka * kb
     spg, dpg, cog = src.shape[1] // g, dst.shape[1] // g, w.shape[0] // g
     t = cuda.threadIdx.x & (DIRECT_THREADS - 1)  # the mask shows the compiler t >= 0 (no wraparound code)
 
@@ -126,9 +135,9 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
     nd = min(C_T, dpg - dl)
     d0 = gi * dpg + dl
     r0, q0 = (cuda.blockIdx.x // tiles_w) * th, (cuda.blockIdx.x % tiles_w) * tw
-    prow = (tw - 1) * sw + (kw - 1) * dw + 1                   # the patch's row length
-    plane = ((th - 1) * sh + (kh - 1) * dh + 1) * prow
-    ih0, iw0 = tap(r0, sh, ph, 0, dh), tap(q0, sw, pw, 0, dw)  # its origin in up(src)
+    prow = (tw - 1) * sw + (kb - 1) * dw + 1                   # the patch's row length
+    plane = ((th - 1) * sh + (ka - 1) * dh + 1) * prow
+    ih0, iw0 = tap(r0, sh, ph, 0, dh), tap(q0, sw, pw, 0, dw)  # its origin in src
     for u in range(P_T):
         # position p of the tile; tap (a, bb) of it reads patch[base + a*dh*prow + bb*dw]
         p = t + u * DIRECT_THREADS
@@ -141,29 +150,29 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
                 acc[c, u] = 0
                 if has_bias and c < nd:
                     acc[c, u] = b[d0 + c]
-        for j0 in range(0, spg, cc):
+        for j0 in range(0, spg if taps else 0, cc):  # no taps (a phase none reaches): zeros
             ncc = min(cc, spg - j0)
             cuda.syncthreads()  # the previous chunk's readers are done
             for e in range(t, ncc * plane, DIRECT_THREADS):
                 cs = gi * spg + j0 + e // plane
                 i, k = ih0 + (e % plane) // prow, iw0 + e % prow
-                patch[e] = 0  # padding, or a row/column of up(src) between two samples
-                if sampled(i, uh, src.shape[2]) and sampled(k, uw, src.shape[3]):
-                    patch[e] = src[n, cs, sample(i, uh), sample(k, uw)]
-            for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*kh + a)*kw + bb)*C_T + c]
-                c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kw, (e // C_T) % kw
+                patch[e] = 0  # padding
+                if 0 <= i < src.shape[2] and 0 <= k < src.shape[3]:
+                    patch[e] = src[n, cs, i, k]
+            for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*ka + a)*kb + bb)*C_T + c]
+                c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kb, (e // C_T) % kb
                 filt[e] = 0
                 if c < nd:
                     if flip:
-                        filt[e] = w[gi * cog + j0 + j, dl + c, kh - 1 - a, kw - 1 - bb]
+                        filt[e] = w[gi * cog + j0 + j, dl + c, a0 + a * sa, b0 + bb * sb]
                     else:
-                        filt[e] = w[d0 + c, j0 + j, a, bb]
+                        filt[e] = w[d0 + c, j0 + j, a0 + a * sa, b0 + bb * sb]
             cuda.syncthreads()
             for j in range(ncc):
-                for a in range(kh):
-                    for bb in range(kw):
+                for a in range(ka):
+                    for bb in range(kb):
                         off = j * plane + a * dh * prow + bb * dw
-                        f = ((j * kh + a) * kw + bb) * C_T
+                        f = ((j * ka + a) * kb + bb) * C_T
                         for u in range(P_T):
                             val[u] = patch[_at(base[u] + off)]
                         for c in range(C_T):
@@ -172,8 +181,8 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, uh, uw, g, th, tw, cc, ti
                                 acc[c, u] += wv * val[u]
         for u in range(P_T):
             p = t + u * DIRECT_THREADS
-            r, q = r0 + p // tw, q0 + p % tw
-            if p < th * tw and r < hd and q < wd:
+            r, q = (r0 + p // tw) * fh + fr, (q0 + p % tw) * fw + fq
+            if p < th * tw and r < dst.shape[2] and q < dst.shape[3]:
                 for c in range(C_T):
                     if c < nd:
                         dst[n, d0 + c, r, q] = epilogue(acc[c, u], channel(ep, d0 + c), relu)
@@ -303,9 +312,10 @@ def _add_channel_bias(y, b, m):
 
 
 def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
-    """Direct correlation tile (th, tw, cc, tiles_w): up to P_T*DIRECT_THREADS positions,
-    rows of at most 64, halved until the input patch fits PATCH; None when even a single
-    output's receptive field (or the filter slice) does not fit."""
+    """Direct correlation tile (th, tw, cc, tiles_w) over an hd x wd plane: up to
+    P_T*DIRECT_THREADS positions, rows of at most 64, halved until the input patch fits
+    PATCH; None when even a single output's receptive field (or the filter slice) does
+    not fit."""
     if C_T * kh * kw > FILTER:
         return None
     tw = min(wd, 64)
@@ -325,17 +335,35 @@ def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
     return th, tw, cc, blocks(wd, tw)
 
 
+def _phases(k, s, p, d, size):
+    """One axis of the input-gradient's phases of gx: per phase r < s, (taps, first tap, tap
+    step, leading padding, dilation, plane length) of its stride-1 correlation of gy, the taps
+    of w numbered backwards (``phase_taps``)."""
+    out = []
+    for r in range(s):
+        a0, step, taps, lead, dil, u = _host.phase_taps.py_func(r, k, s, p, d, size)
+        out.append((taps, a0 + (taps - 1) * step, -step, lead, dil, u))
+    return out
+
+
 def _correlation(geom, pass_):
     """The direct correlation of a forward or input-gradient pass: (tiling, channel blocks),
     or None when its receptive field does not fit the shared patch, or there are more
     channel blocks than a grid's y dimension holds. The forward correlates x (c channels)
-    into y (oh, ow) with the layer's stride; the input-gradient correlates gy (co channels),
-    upsampled by the stride, into gx (h, w) with stride 1."""
+    into y (oh, ow) with the layer's stride; the input-gradient correlates gy (co channels)
+    into each phase of gx at stride 1 with that phase's taps, the tile sized for the
+    largest phase plane and sub-kernel (``_phases``)."""
     if pass_ == "forward":
         hd, wd, (sh, sw), spg, dpg = geom.oh, geom.ow, geom.stride, geom.cig, geom.cog
+        (kh, kw), (dh, dw) = (geom.kh, geom.kw), geom.dilation
     else:
-        hd, wd, (sh, sw), spg, dpg = geom.h, geom.w, (1, 1), geom.cog, geom.cig
-    tiling = _tiling(hd, wd, geom.kh, geom.kw, sh, sw, geom.dh, geom.dw, spg)
+        (sh, sw), spg, dpg = (1, 1), geom.cog, geom.cig
+        rows, cols = _phases(geom.kh, geom.sh, geom.ph, geom.dh, geom.h), _phases(geom.kw, geom.sw, geom.pw, geom.dw,
+                                                                               geom.w)
+        hd, wd = rows[0][5], cols[0][5]
+        kh, kw = max(r[0] for r in rows), max(c[0] for c in cols)
+        dh, dw = rows[0][4], cols[0][4]
+    tiling = _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg)
     channel_blocks = geom.g * blocks(dpg, C_T)
     return None if tiling is None or channel_blocks > MAX_GRID else (tiling, channel_blocks)
 
@@ -346,20 +374,26 @@ def _direct_supports(geom, pass_):
 
 def _correlate_launch(src, w, b, dst, geom, pass_, epilogue=None):
     """Run _correlate for the forward (x correlated with w at the layer's stride and padding)
-    or the input-gradient (gy upsampled by the stride, correlated with the flipped kernel at
-    stride 1 and the full padding d*(k-1) - p), with the forward's ``epilogue`` = (ep, relu)
-    or none."""
-    tiling, channel_blocks = _correlation(geom, pass_)
-    if pass_ == "forward":
-        (sh, sw), (ph, pw), (uh, uw), flip = geom.stride, (geom.ph, geom.pw), (1, 1), 0
-    else:
-        (sh, sw), (uh, uw), flip = (1, 1), geom.stride, 1
-        ph, pw = geom.full_padding
-    th, tw, cc, tiles_w = tiling
-    grid = (blocks(dst.shape[2], th) * tiles_w, channel_blocks, min(src.shape[0], MAX_GRID))
+    or the input-gradient (gy correlated with the flipped kernel at stride 1, one launch per
+    phase of gx with that phase's taps: one launch at stride 1), with the forward's
+    ``epilogue`` = (ep, relu) or none."""
+    (th, tw, cc, tiles_w), channel_blocks = _correlation(geom, pass_)
     ep, relu = no_epilogue(dst.dtype) if epilogue is None else epilogue
-    launch_grid(_correlate, grid, DIRECT_THREADS, src, w, flat(w) if b is None else b, dst, sh, sw, ph, pw,
-                geom.dh, geom.dw, uh, uw, geom.g, th, tw, cc, tiles_w, flip, int(b is not None), ep, int(relu))
+    bias = flat(w) if b is None else b
+    if pass_ == "forward":
+        rows = [(geom.kh, 0, 1, geom.ph, geom.dh, geom.oh)]
+        cols = [(geom.kw, 0, 1, geom.pw, geom.dw, geom.ow)]
+        (sh, sw), flip = geom.stride, 0
+    else:
+        rows, cols = _phases(geom.kh, geom.sh, geom.ph, geom.dh, geom.h), _phases(geom.kw, geom.sw, geom.pw, geom.dw,
+                                                                               geom.w)
+        (sh, sw), flip = (1, 1), 1
+    for fr, (ka, a0, sa, ph, dh, uh) in enumerate(rows):
+        for fq, (kb, b0, sb, pw, dw, uw) in enumerate(cols):
+            grid = (blocks(uh, th) * blocks(uw, tw), channel_blocks, min(src.shape[0], MAX_GRID))
+            launch_grid(_correlate, grid, DIRECT_THREADS, src, w, bias, dst, sh, sw, ph, pw, dh, dw, ka, kb,
+                        a0, sa, b0, sb, len(rows), len(cols), fr, fq, geom.g, th, tw, cc, blocks(uw, tw),
+                        flip, int(b is not None), ep, int(relu))
 
 
 def _forward_direct(x, w, b, y, geom, epilogue=None):
