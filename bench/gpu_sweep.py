@@ -12,7 +12,9 @@ What is timed, float32:
               reports), each pass (fwd, gx, gw):
                 algo   every algorithm of the CUDA table with its default tiles, through the
                        registered launchers (what ``algo=`` runs; ``runs`` names the entry
-                       that ran, where a name gave way to another)
+                       that ran, where a name gave way to another; an entry timed once
+                       per case: a name that gives way to one timed already copies its
+                       row, ``same_as`` naming it, e.g. 'depthwise' on every other layer)
                 tile   implicit_gemm with each of gemm.CANDIDATES (conv_implicit's launchers)
                 cudnn  PyTorch's, where a CUDA PyTorch is installed (TF32 off, benchmark on)
     gemm      the GEMM_N^3 product (4096^3) with each candidate tile, and cuBLAS (TF32 off)
@@ -58,6 +60,7 @@ TINY_SHAPES = [
     S.ConvShape("tiny", 2, 3, 6, 5, 5, 3, 1, 1),
     S.ConvShape("tiny_grouped_strided", 1, 4, 5, 6, 6, 3, 2, 1, 1, 2),
     S.ConvShape("tiny_transposed", 1, 4, 3, 3, 2, 2, 2, 0, transposed=True),
+    S.ConvShape("tiny_depthwise", 2, 4, 5, 6, 4, 3, 2, 1, 1, 4),
 ]
 TINY_GEMM_N = 20
 
@@ -157,11 +160,16 @@ def sweep_conv(record: Record, shapes, reps: int, timeout: float, torch, vec: bo
         dev = {k: cuda.to_device(v) for k, v in host.items()}
         for p in S.CONV_PASSES:
             base = {"layer": shape.name, "describe": shape.describe(), "pass": p, "gflop": shape.flops / 1e9}
-            ref = None
+            ref, timed = None, {}
             for algo in table.names if not vec else ():
                 runs = table.pick(algo, shape.geom, shape.conv_pass(p)).name
+                if runs in timed:  # a name the table gives to an entry timed already: its row again, untimed
+                    record.add("conv", {**base, "kind": "algo", "algo": algo, "runs": runs, "same_as": timed[runs][0],
+                                        **timed[runs][1]})
+                    continue
                 res = measure(S.numba_conv_pass(shape, p, algo, dev, "cuda"), reps, timeout)
                 out = record.add("conv", {**base, "kind": "algo", "algo": algo, "runs": runs, **res}, ref)
+                timed[runs] = algo, {k: v for k, v in res.items() if k != "out"}
                 ref = out if ref is None else ref
             if vec:
                 ref = S.numba_conv_pass(shape, p, table.names[0], dev, "cuda")()
@@ -204,6 +212,8 @@ def summary(data: dict) -> list[str]:
     """Markdown: per layer and pass the device ms (min) of each algorithm, the fastest tile
     of implicit_gemm and cuDNN; per GEMM tile its TFLOP/s. Failed cases show as 'x'."""
     def ms(row):
+        if row is not None and "same_as" in row:
+            return f"= {row['same_as']}"
         return "x" if row is None or "error" in row else f"{row['device_ms_min']:.3f}"
 
     algos = list(dict.fromkeys(r["algo"] for r in data["conv"] if r["kind"] == "algo"))

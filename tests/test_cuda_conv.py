@@ -49,7 +49,43 @@ TRANSPOSED = [
     ((2, 4, 3, 3), (4, 3, 2, 2), False, dict(groups=2, stride=2)),
     ((1, 2, 3, 3), (2, 1, 2, 2), True, dict(dilation=3, output_padding=2)),
     ((1, 2, 1, 1), (2, 3, 4, 3), True, {}),                                   # 1x1 input
+    ((1, 3, 3, 4), (3, 1, 3, 3), True, dict(groups=3, stride=2, padding=1, output_padding=1)),  # depthwise
 ]
+
+
+# Depthwise layers (one input channel per group), for the table's 'depthwise' entry; its
+# weight-gradient is direct's. Multipliers 1-3, widths not a multiple of its V = 4 outputs per
+# thread (and below it), strides, dilation, 'same', an even kernel, padding wider than the
+# kernel, and a dilation whose window lies wholly in the padding but for one tap.
+DEPTHWISE_CASES = [
+    ((2, 3, 7, 9), (3, 1, 3, 3), True, dict(groups=3, padding=1)),
+    ((1, 2, 6, 5), (6, 1, 3, 2), False, dict(groups=2, stride=2, padding=(1, 0))),
+    ((2, 4, 9, 3), (8, 1, 5, 3), True, dict(groups=4, stride=(3, 1), dilation=(1, 2), padding=2)),
+    ((1, 2, 4, 4), (2, 1, 3, 3), True, dict(groups=2, padding="same", dilation=2)),
+    ((1, 2, 5, 6), (4, 1, 4, 4), True, dict(groups=2, stride=2, padding=3)),
+    ((2, 3, 1, 1), (3, 1, 3, 3), True, dict(groups=3, padding=10000, dilation=10000)),
+]
+
+
+def _depthwise(case) -> bool:
+    """Whether a case's conv (a conv_transpose2d case's too: its w's second axis is then the
+    conv's C/G as well) is depthwise: one input channel per group, G > 1."""
+    return case[1][1] == 1 and case[3].get("groups", 1) > 1
+
+
+def _with_algos(cases, ids, algos=ALGOS, runs_itself=False):
+    """(case, algo) parameters: each algorithm on each case, but 'depthwise' on depthwise layers
+    alone (elsewhere the table gives every pass to direct: the same test twice); with
+    ``runs_itself``, only where the table runs the algorithm itself for the forward."""
+    def runs(case, algo):
+        if not runs_itself:
+            return algo != "depthwise" or _depthwise(case)
+        xs, ws, _, kw = case
+        return kernel("conv2d_algorithms", "cuda")().pick(algo, _geom(xs, ws, kw), "forward").name == algo
+    return [pytest.param(c, a, id=f"{i}-{a}") for c, i in zip(cases, ids) for a in algos if runs(c, a)]
+
+
+GENERAL = [a for a in ALGOS if a != "depthwise"]  # the algorithms that take every layer
 
 
 def _inputs(rng, case, dtype, bias_channels=None):
@@ -77,16 +113,39 @@ def _check_conv(rng, case, dtype, algo):
 # ----------------------------------------------------------------------------- conv2d
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case, algo", _with_algos(CASES, IDS))
 def test_conv2d_forward_and_grads(rng, case, algo):
     _check_conv(rng, case, np.float32, algo)
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("case", [CASES[i] for i in (3, 7)], ids=["strided", "depthwise"])
+@pytest.mark.parametrize("case, algo", _with_algos([CASES[i] for i in (3, 7)], ["strided", "depthwise"]))
 def test_conv2d_float64(rng, case, algo):
     _check_conv(rng, case, np.float64, algo)
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[f"dw{i}" for i in range(len(DEPTHWISE_CASES))])
+def test_depthwise_forward_and_grads(rng, case):
+    _check_conv(rng, case, np.float32, "depthwise")
+
+
+def test_depthwise_runs_its_kernel_per_phase_and_leaves_the_weight_gradient_to_direct(rng, monkeypatch):
+    """'depthwise' runs its own kernel for the forward (one launch) and the input-gradient (one
+    per phase of gx: stride (2, 3), 6), direct's reduction for the weight-gradient; on a layer
+    that is not depthwise, every pass is direct's."""
+    from cnn_numba.kernels.cuda import launch
+
+    launched = []
+    record = launch.record
+    monkeypatch.setattr(launch, "record", lambda k, args: (launched.append(k.fn.__name__), record and record(k, args)))
+    x, w, b, kw = _inputs(rng, ((2, 3, 7, 8), (6, 1, 3, 3), True, dict(groups=3, stride=(2, 3), padding=1)),
+                          np.float32)
+    forward_backward(F.conv2d, (x, w, b), device="cuda", algo="depthwise", **kw)
+    assert launched.count("_depthwise") == 1 + 6 and "_weight_partials" in launched, launched
+    assert "_correlate" not in launched, launched
+    del launched[:]
+    x, w, b, kw = _inputs(rng, CASES[6], np.float32)  # groups of two input channels
+    forward_backward(F.conv2d, (x, w, b), device="cuda", algo="depthwise", **kw)
+    assert "_depthwise" not in launched and launched.count("_correlate") == 2, launched
 
 
 def test_conv2d_auto_and_several_im2col_chunks(rng):
@@ -95,7 +154,7 @@ def test_conv2d_auto_and_several_im2col_chunks(rng):
     _check_conv(rng, ((2, 2, 4, 4), (3, 2, 3, 3), True, dict(padding=1)), np.float32, "auto")
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", GENERAL)
 def test_conv2d_batch_zero(rng, algo):
     x = np.zeros((0, 4, 5, 6), np.float32)
     w, b = random(rng, (6, 2, 3, 2), np.float32), random(rng, (6,), np.float32)
@@ -116,7 +175,7 @@ def test_direct_falls_back_when_the_receptive_field_exceeds_its_patch(rng):
     R.assert_close(y.numpy(), R.conv2d(x, w, dilation=40), np.float32)
 
 
-@pytest.mark.parametrize("algo", ALGOS + ["auto"])
+@pytest.mark.parametrize("algo", GENERAL + ["auto"])
 def test_conv2d_huge_dilation_runs_in_memory_of_the_output(rng, algo):
     """1x1 input, dilation = padding = 10000: a 1x1 output. Direct's shared patch cannot hold
     the receptive field, so its forward and input-gradient fall back to im2col, whose columns
@@ -436,8 +495,11 @@ def test_gpu_sweep_script_records_every_algorithm_and_tile(tmp_path):
     for section in ("conv", "gemm"):  # the untried vectorised kernels run after every other case
         vec = [r.get("tile", "").endswith("_v4") for r in rec[section]]
         assert any(vec) and vec == sorted(vec), section
+    # 'depthwise' gives way to direct on a layer that is not depthwise: direct's row again, untimed
+    same = [(r["pass"], r["algo"], r["same_as"]) for r in rows if "same_as" in r]
+    assert same == [(p, "depthwise", "direct") for p in ("fwd", "gx", "gw")], same
     diffs = [r["max_rel_diff"] for r in rows if "max_rel_diff" in r]
-    assert len(diffs) == len(rows) - 3 - 1 and max(diffs) < 1e-5  # all but each reference case
+    assert len(diffs) == len(rows) - 3 - 1 - len(same) and max(diffs) < 1e-5  # all but each reference case
     assert all(r["device_ms_min"] is not None and r["wall_ms_median"] > 0 for r in rows)
 
 
@@ -451,6 +513,7 @@ FUSED_CASES = [
     ((2, 4, 5, 5), (6, 2, 3, 3), True, dict(groups=2, padding=1)),
     ((1, 3, 7, 6), (5, 3, 3, 2), False, dict(stride=(2, 1), padding=(1, 2))),
     ((1, 3, 5, 5), (19, 3, 3, 3), True, dict(padding=2, dilation=2)),
+    ((2, 4, 5, 6), (8, 1, 3, 3), True, dict(groups=4, padding=1, stride=(1, 2))),  # depthwise
 ]
 
 
@@ -490,8 +553,8 @@ def _unfused_cuda(y, stats, relu):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", range(len(FUSED_CASES)), ids=[f"case{i}" for i in range(len(FUSED_CASES))])
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("case, algo", _with_algos(FUSED_CASES, [f"case{i}" for i in range(len(FUSED_CASES))],
+                                                runs_itself=True))
 def test_conv2d_bn_relu_fused_equals_unfused(rng, algo, case, dtype, fused_calls):
     """conv2d_bn_relu on "cuda" under no_grad runs the conv with the batch norm and relu in its
     store (no batch-norm kernel runs) and gives the bits of conv2d, batch_norm (eval), relu one
@@ -500,10 +563,9 @@ def test_conv2d_bn_relu_fused_equals_unfused(rng, algo, case, dtype, fused_calls
     from cnn_numba import shapes
 
     calls, launched = fused_calls
-    xs, ws, has_bias, kw = FUSED_CASES[case]
+    xs, ws, has_bias, kw = case
     geom = shapes.conv2d_geom(xs, ws, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
                               kw.get("groups", 1))
-    assert kernel("conv2d_algorithms", "cuda")().pick(algo, geom, "forward").name == algo  # no fallback
     x, w = random(rng, xs, dtype), random(rng, ws, dtype)
     b = random(rng, ws[:1], dtype) if has_bias else None
     xd, wd, bd = _cuda(x, w, b)
@@ -512,7 +574,7 @@ def test_conv2d_bn_relu_fused_equals_unfused(rng, algo, case, dtype, fused_calls
         del launched[:]
         conv = F.conv2d(xd, wd, bd, algo=algo, **kw)
         split = "_sum_partials" in launched  # K cut into slices: the fused sums must follow
-        assert split == (case == 1 and algo != "direct")  # one sample, no bias: the simulator splits
+        assert split == (case is FUSED_CASES[1] and algo != "direct")  # one sample, no bias: the simulator splits
         ref_conv = R.conv2d(x, w, b, **kw)
         for bn, relu in (("affine", True), ("affine", False), ("plain", True), (None, True)):
             stats = None if bn is None else _bn_stats(rng, ws[0], dtype, affine=bn == "affine")
@@ -528,7 +590,7 @@ def test_conv2d_bn_relu_fused_equals_unfused(rng, algo, case, dtype, fused_calls
     assert len(calls) == 4
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", GENERAL)
 def test_conv2d_bn_relu_non_finite_and_signed_zeros(rng, algo):
     """inf and NaN inputs, and -0.0 outputs, come out of the fused pass as out of the three ops."""
     import cnn_numba as cn
@@ -574,8 +636,7 @@ def test_conv2d_bn_relu_records_the_unfused_ops_when_grad_is_on(rng, fused_calls
 # ----------------------------------------------------------------------------- conv_transpose2d
 
 
-@pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("case", TRANSPOSED, ids=[f"case{i}" for i in range(len(TRANSPOSED))])
+@pytest.mark.parametrize("case, algo", _with_algos(TRANSPOSED, [f"case{i}" for i in range(len(TRANSPOSED))]))
 def test_conv_transpose2d_forward_and_grads(rng, case, algo):
     x, w, b, kw = _inputs(rng, case, np.float32, bias_channels=case[1][1] * case[3].get("groups", 1))
     _check(F.conv_transpose2d, R.conv_transpose2d, R.conv_transpose2d_grads, x, w, b, np.float32, algo=algo, **kw)
@@ -728,12 +789,11 @@ def test_linear_forward_and_grads(rng, xs):
 
 
 @pytest.mark.skipif(CUDA_SIMULATED, reason="realistic sizes need a real GPU")
-@pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize("case, algo", _with_algos([
     ((8, 64, 28, 28), (64, 64, 3, 3), True, dict(padding=1)),
     ((4, 32, 30, 29), (32, 1, 3, 3), True, dict(groups=32, stride=2, padding=1)),
     ((2, 16, 33, 31), (96, 16, 5, 5), False, dict(stride=2, dilation=2, padding=(4, 3))),
-], ids=["resnet", "depthwise", "wide"])
+], ["resnet", "depthwise", "wide"]))
 def test_conv2d_realistic_sizes(rng, case, algo):
     _check_conv(rng, case, np.float32, algo)
 

@@ -47,12 +47,16 @@ im2col   Per chunk of samples (at most COLUMN_ELEMENTS elements of columns):
 implicit_gemm  The same products with no column buffer: gemm.py's kernel gathers the
          columns as it stages them (kernels/cuda/conv_implicit.py, which has the details).
 
+depthwise  Layers with one input channel per group: forward and input-gradient by a kernel
+         of V consecutive outputs per thread reading global memory, the same correlations
+         (kernels/cuda/conv_depthwise.py); the weight-gradient is direct's.
+
 Epilogue: every forward launcher takes ``epilogue=(ep, relu)`` (``conv2d_epilogue`` builds
 it: ep (3, CO) the rows (mean, scale, shift) of an eval-mode batch norm, or (3, 0), and a
 relu flag), which the kernel that stores y applies to each output (elementwise.py's
 ``epilogue``, the batch-norm kernel's own expression: the fused output has the unfused
 ops' bits): y = relu(batch_norm_eval(conv + b)) in one pass, as on the CPU
-(functional.conv2d_bn_relu). Direct applies it where it stores its accumulators, im2col
+(functional.conv2d_bn_relu). Direct and depthwise apply it where they store their accumulators, im2col
 and implicit_gemm in the GEMM's store (gemm.py), or where it adds the K slices of a split
 product.
 
@@ -63,17 +67,19 @@ its ``auto_algo``, or on a real GPU the timed choice of its tuner (kernels/autot
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import cuda
 
 from ...backend import register
-from .. import index as _host
 from ..autotune import CudaTuner
 from ..conv_algos import ConvAlgo, ConvTable
+from . import conv_depthwise as CD
 from . import conv_implicit as CI
 from .elementwise import channel, epilogue, no_epilogue
 from .gemm import _sum_partials, gemm, view, workspace
-from .index import column_entry, out_range, tap
+from .index import column_entry, correlations, out_range, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 from .nn import batch_norm_epilogue
 
@@ -335,37 +341,21 @@ def _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg):
     return th, tw, cc, blocks(wd, tw)
 
 
-def _phases(k, s, p, d, size):
-    """One axis of the input-gradient's phases of gx: per phase r < s, (taps, first tap, tap
-    step, leading padding, dilation, plane length) of its stride-1 correlation of gy, the taps
-    of w numbered backwards (``phase_taps``)."""
-    out = []
-    for r in range(s):
-        a0, step, taps, lead, dil, u = _host.phase_taps.py_func(r, k, s, p, d, size)
-        out.append((taps, a0 + (taps - 1) * step, -step, lead, dil, u))
-    return out
-
-
+@functools.lru_cache(maxsize=4096)  # every call of a layer asks again: host time per launch counts
 def _correlation(geom, pass_):
-    """The direct correlation of a forward or input-gradient pass: (tiling, channel blocks),
-    or None when its receptive field does not fit the shared patch, or there are more
-    channel blocks than a grid's y dimension holds. The forward correlates x (c channels)
-    into y (oh, ow) with the layer's stride; the input-gradient correlates gy (co channels)
-    into each phase of gx at stride 1 with that phase's taps, the tile sized for the
-    largest phase plane and sub-kernel (``_phases``)."""
-    if pass_ == "forward":
-        hd, wd, (sh, sw), spg, dpg = geom.oh, geom.ow, geom.stride, geom.cig, geom.cog
-        (kh, kw), (dh, dw) = (geom.kh, geom.kw), geom.dilation
-    else:
-        (sh, sw), spg, dpg = (1, 1), geom.cog, geom.cig
-        rows, cols = _phases(geom.kh, geom.sh, geom.ph, geom.dh, geom.h), _phases(geom.kw, geom.sw, geom.pw, geom.dw,
-                                                                               geom.w)
-        hd, wd = rows[0][5], cols[0][5]
-        kh, kw = max(r[0] for r in rows), max(c[0] for c in cols)
-        dh, dw = rows[0][4], cols[0][4]
+    """The direct correlations of a forward or input-gradient pass (``correlations``): (them,
+    the tiling, channel blocks), or None when a receptive field does not fit the shared
+    patch, or there are more channel blocks than a grid's y dimension holds. The forward
+    correlates x (c channels) into y; the input-gradient correlates gy (co channels) into
+    each phase of gx, one tiling for all: the largest phase plane and sub-kernel."""
+    plan = correlations(geom, pass_)
+    (sh, sw, _, _, dh, dw, *_), _ = plan[0]
+    hd, wd = max(p[1][0] for p in plan), max(p[1][1] for p in plan)
+    kh, kw = max(p[0][6] for p in plan), max(p[0][7] for p in plan)
+    spg, dpg = (geom.cig, geom.cog) if pass_ == "forward" else (geom.cog, geom.cig)
     tiling = _tiling(hd, wd, kh, kw, sh, sw, dh, dw, spg)
     channel_blocks = geom.g * blocks(dpg, C_T)
-    return None if tiling is None or channel_blocks > MAX_GRID else (tiling, channel_blocks)
+    return None if tiling is None or channel_blocks > MAX_GRID else (plan, tiling, channel_blocks)
 
 
 def _direct_supports(geom, pass_):
@@ -377,23 +367,13 @@ def _correlate_launch(src, w, b, dst, geom, pass_, epilogue=None):
     or the input-gradient (gy correlated with the flipped kernel at stride 1, one launch per
     phase of gx with that phase's taps: one launch at stride 1), with the forward's
     ``epilogue`` = (ep, relu) or none."""
-    (th, tw, cc, tiles_w), channel_blocks = _correlation(geom, pass_)
+    plan, (th, tw, cc, _), channel_blocks = _correlation(geom, pass_)
     ep, relu = no_epilogue(dst.dtype) if epilogue is None else epilogue
     bias = flat(w) if b is None else b
-    if pass_ == "forward":
-        rows = [(geom.kh, 0, 1, geom.ph, geom.dh, geom.oh)]
-        cols = [(geom.kw, 0, 1, geom.pw, geom.dw, geom.ow)]
-        (sh, sw), flip = geom.stride, 0
-    else:
-        rows, cols = _phases(geom.kh, geom.sh, geom.ph, geom.dh, geom.h), _phases(geom.kw, geom.sw, geom.pw, geom.dw,
-                                                                               geom.w)
-        (sh, sw), flip = (1, 1), 1
-    for fr, (ka, a0, sa, ph, dh, uh) in enumerate(rows):
-        for fq, (kb, b0, sb, pw, dw, uw) in enumerate(cols):
-            grid = (blocks(uh, th) * blocks(uw, tw), channel_blocks, min(src.shape[0], MAX_GRID))
-            launch_grid(_correlate, grid, DIRECT_THREADS, src, w, bias, dst, sh, sw, ph, pw, dh, dw, ka, kb,
-                        a0, sa, b0, sb, len(rows), len(cols), fr, fq, geom.g, th, tw, cc, blocks(uw, tw),
-                        flip, int(b is not None), ep, int(relu))
+    for scalars, (uh, uw) in plan:
+        grid = (blocks(uh, th) * blocks(uw, tw), channel_blocks, min(src.shape[0], MAX_GRID))
+        launch_grid(_correlate, grid, DIRECT_THREADS, src, w, bias, dst, *scalars, geom.g, th, tw, cc, blocks(uw, tw),
+                    int(pass_ != "forward"), int(b is not None), ep, int(relu))
 
 
 def _forward_direct(x, w, b, y, geom, epilogue=None):
@@ -498,7 +478,8 @@ def auto_algo(geom, pass_):
     GEMM streams the columns), and no GPU has timed the two. On a
     real GPU 'auto' is the tuner's choice anyway (``CudaTuner``: every algorithm timed per
     shape, dtype and pass); this rule is what runs without it (``CNN_NUMBA_AUTOTUNE=0``),
-    and bench/gpu_sweep.py's record decides whether it should name implicit_gemm."""
+    and bench/gpu_sweep.py's record decides whether it should name implicit_gemm, and
+    depthwise for depthwise layers (which the tuner times against direct and im2col)."""
     return "direct" if geom.cog <= 32 or geom.cig * geom.kh * geom.kw < 16 else "im2col"
 
 
@@ -507,6 +488,7 @@ TABLE = ConvTable([
     ConvAlgo("direct", _forward_direct, _backward_input_direct, _backward_weight_direct, supports=_direct_supports),
     ConvAlgo("im2col", _forward_im2col, _backward_input_im2col, _backward_weight_im2col),
     ConvAlgo("implicit_gemm", CI.forward, CI.backward_input, CI.backward_weight, supports=CI.supports),
+    ConvAlgo("depthwise", CD.forward, CD.backward_input, None, supports=CD.supports),
 ], auto_algo, tuner=CudaTuner())
 
 register("conv2d_algorithms", "cuda")(lambda: TABLE)

@@ -2,7 +2,10 @@
 functions compiled for the device, so CPU and GPU kernels share one copy of the
 window arithmetic (``i = o*s - p + t*d`` and what follows from it); and, built on them,
 the one element of an im2col matrix that the CUDA column kernels and the implicit GEMM
-(which never stores the matrix) both read through ``column_entry``."""
+(which never stores the matrix) both read through ``column_entry``; and, on the host, the
+correlations (per phase of the output) that the two direct kernels launch, ``correlations``."""
+import functools
+
 from numba import cuda
 
 from .. import index as _cpu
@@ -66,3 +69,37 @@ def column_entry(src, win, row, col):
     up(src) is src upsampled by (uh, uw): a sample every uh rows and uw columns, zeros
     between (the input-gradient's view of gy, see kernels/cuda/conv.py)."""
     return column_value(src, win, column_row(row, win[9], win[10]), column_origin(win, col))
+
+
+@functools.lru_cache(maxsize=4096)  # asked at every launch of a layer: host time per launch counts
+def correlations(geom, pass_: str) -> tuple:
+    """The direct kernels' correlations for the forward or the input-gradient of ``geom``
+    (host code): one per phase of the output, each ``(scalars, (uh, uw))``, the scalars
+
+        (sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, fh, fw, fr, fq)
+
+    as kernels/cuda/conv.py's ``_correlate`` and conv_depthwise.py's ``_depthwise`` take
+    them: output (fr + r*fh, fq + q*fw) for (r, q) in the phase's uh x uw plane sums the
+    ka x kb taps (a, b) of the source at (tap(r, sh, ph, a, dh), tap(q, sw, pw, b, dw))
+    times w's tap (a0 + a*sa, b0 + b*sb). The forward: the layer's stride, padding and
+    dilation, the whole kernel, one phase (oh, ow). The input-gradient: gx's fh x fw phases
+    (the layer's stride), each at stride 1 with only the taps that land on it, numbered
+    backwards (``phase_taps``): no zeros of an upsampled gy multiplied."""
+    if pass_ == "forward":
+        rows = [(geom.kh, 0, 1, geom.ph, geom.dh, geom.oh)]
+        cols = [(geom.kw, 0, 1, geom.pw, geom.dw, geom.ow)]
+        sh, sw = geom.stride
+    else:
+        rows = [_flipped_phase(r, geom.kh, geom.sh, geom.ph, geom.dh, geom.h) for r in range(geom.sh)]
+        cols = [_flipped_phase(q, geom.kw, geom.sw, geom.pw, geom.dw, geom.w) for q in range(geom.sw)]
+        sh = sw = 1
+    return tuple(((sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, len(rows), len(cols), fr, fq), (uh, uw))
+                 for fr, (ka, a0, sa, ph, dh, uh) in enumerate(rows)
+                 for fq, (kb, b0, sb, pw, dw, uw) in enumerate(cols))
+
+
+def _flipped_phase(r, k, s, p, d, size):
+    """Phase r of one axis of the input-gradient (``phase_taps``) as (taps, first tap, tap step,
+    leading padding, dilation, plane length), its taps of w numbered backwards."""
+    a0, step, taps, lead, dil, u = _cpu.phase_taps.py_func(r, k, s, p, d, size)
+    return taps, a0 + (taps - 1) * step, -step, lead, dil, u
