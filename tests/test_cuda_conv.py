@@ -59,7 +59,7 @@ TRANSPOSED = [
 # kernel, and a dilation whose window lies wholly in the padding but for one tap.
 DEPTHWISE_CASES = [
     ((2, 3, 7, 9), (3, 1, 3, 3), True, dict(groups=3, padding=1)),
-    ((1, 2, 6, 5), (6, 1, 3, 2), False, dict(groups=2, stride=2, padding=(1, 0))),
+    ((2, 2, 6, 5), (6, 1, 3, 2), False, dict(groups=2, stride=2, padding=(1, 0))),
     ((2, 4, 9, 3), (8, 1, 5, 3), True, dict(groups=4, stride=(3, 1), dilation=(1, 2), padding=2)),
     ((1, 2, 4, 4), (2, 1, 3, 3), True, dict(groups=2, padding="same", dilation=2)),
     ((1, 2, 5, 6), (4, 1, 4, 4), True, dict(groups=2, stride=2, padding=3)),
@@ -126,6 +126,14 @@ def test_conv2d_float64(rng, case, algo):
 @pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=[f"dw{i}" for i in range(len(DEPTHWISE_CASES))])
 def test_depthwise_forward_and_grads(rng, case):
     _check_conv(rng, case, np.float32, "depthwise")
+
+
+def test_depthwise_launches_per_chunk_of_samples(rng, monkeypatch):
+    """Past grid.y's limit of samples (here made 1) the depthwise kernel runs a launch per chunk."""
+    from cnn_numba.kernels.cuda import conv_depthwise
+
+    monkeypatch.setattr(conv_depthwise, "MAX_GRID", 1)
+    _check_conv(rng, DEPTHWISE_CASES[1], np.float32, "depthwise")
 
 
 def test_depthwise_runs_its_kernel_per_phase_and_leaves_the_weight_gradient_to_direct(rng, monkeypatch):

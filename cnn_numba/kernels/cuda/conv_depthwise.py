@@ -32,18 +32,19 @@ from .index import correlations, tap
 from .launch import BLOCK, blocks, flat, jit, launch_grid
 
 V = 4             # consecutive outputs of a row per thread
-MAX_GRID = 65535  # grid.z (samples) limit
+MAX_GRID = 65535  # grid.y (samples) limit: a launch per 65535 samples
 
 
 @jit
 def _depthwise(src, w, b, dst, sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, fh, fw, fr, fq, uh, uw, m,
-               flip, has_bias, ep, relu):
+               flip, has_bias, ep, relu, n0):
     """dst[n, d, r*fh + fr, q*fw + fq] for (r, q) in the phase's uh x uw plane, V consecutive q
     per thread: epilogue(b[d] + sum over source channels, taps (a, bb) < (ka, kb) of
     w[o, 0, a0 + a*sa, b0 + bb*sb] * src[n, c, tap(r, sh, ph, a, dh), tap(q, sw, pw, bb, dw)])
     with (c, o) = (d // m, d) for the forward (flip=0: one source channel) and (d*m + k, d*m + k)
     for k < m for the input-gradient (flip=1). The scalars are kernels/cuda/index.py's
-    ``correlations``. Grid: (channels x rows x runs of V, samples)."""
+    ``correlations``. Grid: (channels x rows x runs of V, samples n0 + [0, grid.y)): one sample per
+    thread (a loop over samples here took 72 registers, this 56: bench/ptx_check.py)."""
     acc = cuda.local.array(V, dst.dtype)
     runs = (uw + V - 1) // V
     e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -52,25 +53,25 @@ def _depthwise(src, w, b, dst, sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, f
         r, q0 = p // runs, (p % runs) * V
         sources = m if flip else 1
         chan = channel(ep, d)
-        for n in range(cuda.blockIdx.y, dst.shape[0], cuda.gridDim.y):
-            for v in range(V):
-                acc[v] = 0
-                if has_bias:
-                    acc[v] = b[d]
-            for k in range(sources):
-                c, o = (d * m + k, d * m + k) if flip else (d // m, d)
-                for a in range(ka):
-                    i = tap(r, sh, ph, a, dh)
-                    if 0 <= i < src.shape[2]:
-                        for bb in range(kb):
-                            wv = w[o, 0, a0 + a * sa, b0 + bb * sb]
-                            for v in range(V):
-                                j = tap(q0 + v, sw, pw, bb, dw)
-                                if 0 <= j < src.shape[3]:
-                                    acc[v] += wv * src[n, c, i, j]
-            for v in range(V):
-                if q0 + v < uw:
-                    dst[n, d, r * fh + fr, (q0 + v) * fw + fq] = epilogue(acc[v], chan, relu)
+        n = n0 + cuda.blockIdx.y
+        for v in range(V):
+            acc[v] = 0
+            if has_bias:
+                acc[v] = b[d]
+        for k in range(sources):
+            c, o = (d * m + k, d * m + k) if flip else (d // m, d)
+            for a in range(ka):
+                i = tap(r, sh, ph, a, dh)
+                if 0 <= i < src.shape[2]:
+                    for bb in range(kb):
+                        wv = w[o, 0, a0 + a * sa, b0 + bb * sb]
+                        for v in range(V):
+                            j = tap(q0 + v, sw, pw, bb, dw)
+                            if 0 <= j < src.shape[3]:
+                                acc[v] += wv * src[n, c, i, j]
+        for v in range(V):
+            if q0 + v < uw:
+                dst[n, d, r * fh + fr, (q0 + v) * fw + fq] = epilogue(acc[v], chan, relu)
 
 
 def supports(geom, pass_: str) -> bool:
@@ -82,9 +83,10 @@ def _launch(src, w, b, dst, geom, pass_, epilogue=None):
     ep, relu = no_epilogue(dst.dtype) if epilogue is None else epilogue
     bias = flat(w) if b is None else b
     for scalars, (uh, uw) in correlations(geom, pass_):
-        grid = (blocks(dst.shape[1] * uh * blocks(uw, V), BLOCK), min(dst.shape[0], MAX_GRID))
-        launch_grid(_depthwise, grid, BLOCK, src, w, bias, dst, *scalars, uh, uw, geom.cog,
-                    int(pass_ != "forward"), int(b is not None), ep, int(relu))
+        for n0 in range(0, dst.shape[0], MAX_GRID):
+            grid = (blocks(dst.shape[1] * uh * blocks(uw, V), BLOCK), min(dst.shape[0] - n0, MAX_GRID))
+            launch_grid(_depthwise, grid, BLOCK, src, w, bias, dst, *scalars, uh, uw, geom.cog,
+                        int(pass_ != "forward"), int(b is not None), ep, int(relu), n0)
 
 
 def forward(x, w, b, y, geom, epilogue=None):
