@@ -122,8 +122,9 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, f
     phases by (fh, fw). wt is w (flip=0) or, flip=1, w with its two channel axes swapped.
     The forward: the layer's stride, padding and dilation, the whole kernel, one phase.
     The input-gradient: stride 1, per phase of gx its taps, backwards (``phase_taps``).
-    The tile: (th, tw, cc, tiles_w), see ``_tiling``. Every scalar is a launch argument,
-    which the compiled code reads from the constant bank: none costs a register.
+    The tile: (th, tw, cc, tiles_w), see ``_tiling``. The scalars are launch arguments,
+    which the compiled code reads from the constant bank as it needs them (values the
+    kernel derived itself would hold registers: see the module docstring).
     """
     patch = cuda.shared.array(PATCH, src.dtype)
     filt = cuda.shared.array(FILTER, src.dtype)
