@@ -48,6 +48,13 @@ def column_row(row, kh, kw):
 
 
 @njit(cache=True, inline="always")
+def digits(i, r1, r0):
+    """The digits of i in the mixed radix (any, r1, r0): (i // (r1*r0), i // r0 % r1, i % r0),
+    the form ``digits_add`` carries along."""
+    return i // (r1 * r0), (i % (r1 * r0)) // r0, i % r0
+
+
+@njit(cache=True, inline="always")
 def digits_add(d, s, r1, r0):
     """The digits of i + j in the mixed radix (any, r1, r0) from those of i (``d``) and j
     (``s``), each digit below its radix: a split such as ``column_row``'s carried along by a

@@ -79,7 +79,7 @@ from . import conv_depthwise as CD
 from . import conv_implicit as CI
 from .elementwise import channel, epilogue, no_epilogue
 from .gemm import _sum_partials, gemm, view, workspace
-from .index import column_entry, correlations, out_range, tap
+from .index import column_entry, correlations, digits, digits_add, out_range, tap
 from .launch import BLOCK, SIMULATOR, blocks, empty, flat, jit, launch, launch_grid
 from .nn import batch_norm_epilogue
 
@@ -230,14 +230,20 @@ def _weight_partials(x, gy, sh, sw, ph, pw, dh, dw, g, kh, kw, part, per_split):
         acc[k] = 0
         ta[k], tb[k] = (tp0 + k) // kw, (tp0 + k) % kw
     start = cuda.blockIdx.z * per_split
-    for p in range(start + t, min(start + per_split, gy.shape[0] * m), REDUCE_THREADS):
-        i, r, q = p // m, (p % m) // ow, p % ow
+    end = min(start + per_split, gy.shape[0] * m)
+    # position p's (n, oh, ow), split once and carried along by the fixed step: no division per position
+    p = start + t
+    at, step = digits(p, oh, ow), digits(REDUCE_THREADS, oh, ow)
+    while p < end:
+        i, r, q = at
         gv = gy[i, o, r, q]
         for k in range(KT):
             if k < nt:
                 ih, iw = tap(r, sh, ph, ta[k], dh), tap(q, sw, pw, tb[k], dw)
                 if 0 <= ih < h and 0 <= iw < wd:
                     acc[k] += gv * x[i, c, ih, iw]
+        p += REDUCE_THREADS
+        at = digits_add(at, step, oh, ow)
     for k in range(KT):
         red[k, t] = acc[k]
     _tree_sum(red, t, KT)
@@ -253,9 +259,14 @@ def _bias_partials(gy, part, per_split):
     t = cuda.threadIdx.x & (REDUCE_THREADS - 1)
     o, m = cuda.blockIdx.x, gy.shape[2]
     start = cuda.blockIdx.z * per_split
+    end = min(start + per_split, gy.shape[0] * m)
+    p = start + t
+    at, step = digits(p, 1, m), digits(REDUCE_THREADS, 1, m)  # (n, 0, pixel), carried as above
     red[0, t] = 0
-    for p in range(start + t, min(start + per_split, gy.shape[0] * m), REDUCE_THREADS):
-        red[0, t] += gy[p // m, o, p % m]
+    while p < end:
+        red[0, t] += gy[at[0], o, at[2]]
+        p += REDUCE_THREADS
+        at = digits_add(at, step, 1, m)
     _tree_sum(red, t, 1)
     if t == 0:
         part[cuda.blockIdx.z, o] = red[0, 0]

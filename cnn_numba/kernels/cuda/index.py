@@ -16,6 +16,7 @@ out_range = device_function(_cpu.out_range)
 pool_window = device_function(_cpu.pool_window)
 adaptive_window = device_function(_cpu.adaptive_window)
 column_row = device_function(_cpu.column_row)
+digits = device_function(_cpu.digits)
 digits_add = device_function(_cpu.digits_add)
 phase_length = device_function(_cpu.phase_length)
 phase_taps = device_function(_cpu.phase_taps)
@@ -41,8 +42,7 @@ def column_origin(win, col):
     """(n, r, q) of column ``col`` of an im2col matrix read through ``win`` (see
     ``column_entry``): its sample and output position, the digits of col in the radix
     (any, hd, wd)."""
-    m = win[11] * win[12]
-    return col // m, (col % m) // win[12], col % win[12]
+    return digits(col, win[11], win[12])
 
 
 @cuda.jit(device=True, inline=True)
