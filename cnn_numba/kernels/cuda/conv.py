@@ -143,7 +143,8 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, f
     d0 = gi * dpg + dl
     r0, q0 = (cuda.blockIdx.x // tiles_w) * th, (cuda.blockIdx.x % tiles_w) * tw
     prow = (tw - 1) * sw + (kb - 1) * dw + 1                   # the patch's row length
-    plane = ((th - 1) * sh + (ka - 1) * dh + 1) * prow
+    rows = (th - 1) * sh + (ka - 1) * dh + 1
+    plane = rows * prow
     ih0, iw0 = tap(r0, sh, ph, 0, dh), tap(q0, sw, pw, 0, dw)  # its origin in src
     for u in range(P_T):
         # position p of the tile; tap (a, bb) of it reads patch[base + a*dh*prow + bb*dw]
@@ -160,12 +161,24 @@ def _correlate(src, w, b, dst, sh, sw, ph, pw, dh, dw, ka, kb, a0, sa, b0, sb, f
         for j0 in range(0, spg if taps else 0, cc):  # no taps (a phase none reaches): zeros
             ncc = min(cc, spg - j0)
             cuda.syncthreads()  # the previous chunk's readers are done
+            # element e of the patch is (channel cs, row pr, column pc): split once and carried
+            # along the thread's step, no division per element (digits_add's carries written
+            # out; with a three-digit step the kernel took 30 more registers)
+            cs, pr, pc = gi * spg + j0 + t // plane, (t % plane) // prow, t % prow
+            sr, sc = DIRECT_THREADS // prow, DIRECT_THREADS % prow
             for e in range(t, ncc * plane, DIRECT_THREADS):
-                cs = gi * spg + j0 + e // plane
-                i, k = ih0 + (e % plane) // prow, iw0 + e % prow
                 patch[e] = 0  # padding
+                i, k = ih0 + pr, iw0 + pc
                 if 0 <= i < src.shape[2] and 0 <= k < src.shape[3]:
                     patch[e] = src[n, cs, i, k]
+                pc += sc
+                pr += sr
+                if pc >= prow:
+                    pc -= prow
+                    pr += 1
+                while pr >= rows:  # once at most, unless a step spans more than a channel's rows
+                    pr -= rows
+                    cs += 1
             for e in range(t, C_T * ncc * taps, DIRECT_THREADS):  # filt[((j*ka + a)*kb + bb)*C_T + c]
                 c, j, a, bb = e % C_T, e // (C_T * taps), (e // C_T) % taps // kb, (e // C_T) % kb
                 filt[e] = 0
