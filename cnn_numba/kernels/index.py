@@ -41,17 +41,17 @@ def out_range(t, s, p, d, size_in, size_out):
 
 
 @njit(cache=True, inline="always")
-def column_row(row, kh, kw):
-    """``(c, a, b)`` of row ``row`` of an im2col matrix, whose rows run over (channel,
-    tap row, tap column) with the tap column fastest."""
-    return row // (kh * kw), (row // kw) % kh, row % kw
-
-
-@njit(cache=True, inline="always")
 def digits(i, r1, r0):
     """The digits of i in the mixed radix (any, r1, r0): (i // (r1*r0), i // r0 % r1, i % r0),
     the form ``digits_add`` carries along."""
     return i // (r1 * r0), (i % (r1 * r0)) // r0, i % r0
+
+
+@njit(cache=True, inline="always")
+def column_row(row, kh, kw):
+    """``(c, a, b)`` of row ``row`` of an im2col matrix, whose rows run over (channel,
+    tap row, tap column) with the tap column fastest: its ``digits`` in the radix (any, kh, kw)."""
+    return digits(row, kh, kw)
 
 
 @njit(cache=True, inline="always")

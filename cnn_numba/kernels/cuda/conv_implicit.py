@@ -53,9 +53,8 @@ from __future__ import annotations
 
 from numba import cuda
 
-from .. import index as _host
 from . import gemm as G
-from .index import column_row, phase_length, phase_taps
+from .index import column_row, correlations, phase_length, phase_taps
 from .launch import blocks, flat, jit, launch
 
 # ----------------------------------------------------------------------------- kernels
@@ -135,19 +134,19 @@ def window(geom, pass_: str, phase=(0, 0)) -> tuple:
     first channel; group g's starts g*C/G further on, the kernels' group step): the
     forward's (and weight-gradient's) x at the layer's stride and padding into (OH, OW);
     the input-gradient's gy, for gx's phase (r, q) = ``phase``, at stride 1 through that
-    phase's sub-kernel (``phase_taps``) into its U_r x U_q plane (at stride 1 the one
+    phase's sub-kernel (``correlations``) into its U_r x U_q plane (at stride 1 the one
     phase: the whole kernel, the full padding, (H, W))."""
     if pass_ == "backward_input":
-        r, q = phase
-        _, _, th, lh, dh, uh = _host.phase_taps.py_func(r, geom.kh, geom.sh, geom.ph, geom.dh, geom.h)
-        _, _, tw, lw, dw, uw = _host.phase_taps.py_func(q, geom.kw, geom.sw, geom.pw, geom.dw, geom.w)
+        (_, _, lh, lw, dh, dw, th, tw, *_), (uh, uw) = correlations(geom, pass_)[phase[0] * geom.sw + phase[1]]
         return (0, 1, 1, lh, lw, dh, dw, 1, 1, th, tw, uh, uw)
     return (0, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw, 1, 1, geom.kh, geom.kw, geom.oh, geom.ow)
 
 
-def _reached(k, s, p, d) -> int:
-    """The mask (bit r) of one axis's phases r < s that a tap reaches (``phase_taps``)."""
-    return sum(1 << r for r in range(s) if _host.phase_taps.py_func(r, k, s, p, d, 0)[2])
+def _reached(geom) -> tuple[int, int]:
+    """The masks (bit r) of the row phases and of the column phases of gx that a tap reaches
+    (``correlations``' taps per phase)."""
+    plan = [scalars for scalars, _ in correlations(geom, "backward_input")]
+    return sum(1 << r for r in range(geom.sh) if plan[r * geom.sw][6]), sum(1 << q for q in range(geom.sw) if plan[q][7])
 
 
 def _planes(m, channels, off=0):
@@ -169,8 +168,8 @@ def backward_input(gy, w, gx, geom, tile=None):
     launch(_phase_weights, wt.size, w, wt, geom.sh, geom.sw, geom.ph, geom.pw, geom.dh, geom.dw)
     phases = geom.sh * geom.sw
     # phase f's (N, C, U_r, U_q) planes at f*phase_size of a workspace; at stride 1 gx itself
-    phase_size = geom.n * geom.c * _host.phase_length.py_func(0, geom.sh, geom.h) * _host.phase_length.py_func(
-        0, geom.sw, geom.w)
+    (_, (u0, v0)), *_ = correlations(geom, "backward_input")  # phase (0, 0)'s plane, the largest
+    phase_size = geom.n * geom.c * u0 * v0
     out = flat(gx) if phases == 1 else G.workspace("implicit-gx-phases", phases * phase_size, gx.dtype)
     k_rq = 0
     for f in range(phases):
@@ -183,7 +182,7 @@ def backward_input(gy, w, gx, geom, tile=None):
         k_rq += kf
     if phases > 1:
         launch(_from_phases, gx.size, out, flat(gx), geom.h, geom.w, geom.sh, geom.sw,
-               _reached(geom.kh, geom.sh, geom.ph, geom.dh), _reached(geom.kw, geom.sw, geom.pw, geom.dw), phase_size)
+               *_reached(geom), phase_size)
 
 
 def backward_weight(x, gy, gw, geom, tile=None):
